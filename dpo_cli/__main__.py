@@ -1,0 +1,3 @@
+from dpo_cli.cli import main
+
+main()

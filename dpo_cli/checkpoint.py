@@ -1,0 +1,103 @@
+"""Resumable checkpoints (checkpoints/step-N/) and the final Hugging Face model (final/).
+
+A checkpoint holds everything accelerate tracks (model, optimizer, registered objects such as
+the LR scheduler, every process's RNG states) plus trainer_state.json with the step and data
+position. It is written under a temporary name and renamed when complete, so `latest` never
+picks up a checkpoint that a crash cut short.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+from dpo_cli.errors import UserError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints in `run_dir`, oldest first."""
+    found = []
+    root = checkpoints_dir(run_dir)
+    if root.is_dir():
+        for d in root.iterdir():
+            m = _STEP_DIR.match(d.name)
+            if m and (d / STATE_FILE).is_file():
+                found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def save(accelerator: Any, run_dir: Path, step: int, state: dict, keep: Optional[int]) -> Path:
+    """Save the full training state after optimizer step `step`; keep the newest `keep`.
+
+    Every process calls this: each writes its own RNG state, and sharded strategies (FSDP,
+    DeepSpeed) gather through collectives inside save_state.
+    """
+    final = checkpoints_dir(run_dir) / f"step-{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # all processes have written their part
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if keep is not None:
+            for old in complete_checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old)
+        log.info("saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
+    """The checkpoint to resume from: None, `auto` (latest complete one in run_dir, if any),
+    or an explicit checkpoint directory."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(run_dir)
+        if not found:
+            log.info("train.resume=auto: no checkpoint in %s, starting from scratch", checkpoints_dir(run_dir))
+            return None
+        return found[-1]
+    path = Path(resume).expanduser()
+    if not (path / STATE_FILE).is_file():
+        raise UserError(
+            f"train.resume={resume!r} is not a complete checkpoint (no {STATE_FILE}); "
+            f"use train.resume=auto or a checkpoints/step-N directory"
+        )
+    return path
+
+
+def load(accelerator: Any, path: Path) -> dict:
+    """Restore the state saved by `save` and return its trainer_state.json."""
+    accelerator.load_state(str(path))
+    state = json.loads((path / STATE_FILE).read_text())
+    log.info("resumed from %s (step %d)", path, state["step"])
+    return state
+
+
+def save_final(accelerator: Any, model: Any, tokenizer: Any, out_dir: Path) -> None:
+    """The trained policy in Hugging Face format, loadable with from_pretrained."""
+    state_dict = accelerator.get_state_dict(model)  # gathers sharded weights; every process calls
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+        log.info("saved final model to %s", out_dir)
+    accelerator.wait_for_everyone()

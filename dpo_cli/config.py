@@ -1,0 +1,291 @@
+"""Config schemas (Hydra ConfigStore) and whole-config validation.
+
+The dataclasses below make an unknown key or a wrongly typed value fail when Hydra composes the
+config. `validate` then checks what types cannot express (ranges, cross-field rules, that a
+`_target_` exists and accepts the given keys) and reports every problem at once, before any
+weights are loaded. Comments on the meaning of each key live in the YAML files under `conf/`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from dpo_cli.errors import ConfigError
+
+MODES = ("train", "eval")
+PRECISIONS = ("no", "bf16", "fp16")
+DTYPES = ("float32", "bfloat16", "float16")
+WANDB_MODES = ("online", "offline", "disabled")
+TRUNCATION_MODES = ("keep_end", "keep_start")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    gguf_file: Optional[str] = None
+    tokenizer: Optional[str] = None
+    random_init: Optional[dict[str, Any]] = None
+    dtype: str = "float32"
+    attn_implementation: Optional[str] = None
+    trust_remote_code: bool = False
+    disable_dropout: bool = True
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class SyntheticConfig:
+    num_train: int = 4096
+    num_eval: int = 256
+    min_digits: int = 3
+    max_digits: int = 8
+
+
+@dataclass
+class DataConfig:
+    format: str = MISSING
+    hub_id: Optional[str] = None
+    path: Optional[str] = None
+    eval_path: Optional[str] = None
+    train_split: str = "train"
+    eval_split: Optional[str] = None
+    eval_holdout: int = 256
+    max_train_pairs: Optional[int] = None
+    max_eval_pairs: Optional[int] = None
+    max_length: int = 512
+    max_prompt_length: int = 256
+    truncation_mode: str = "keep_end"
+    synthetic: Optional[SyntheticConfig] = None
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine"
+    warmup_steps: Optional[int] = None
+    warmup_ratio: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64
+    micro_batch_size: int = 8
+    max_steps: Optional[int] = None
+    epochs: int = 1
+    eval_every: Optional[int] = 100
+    save_every: Optional[int] = 500
+    keep_checkpoints: Optional[int] = 2
+    resume: Optional[str] = None
+    seed: int = 42
+    mixed_precision: str = "no"
+    max_grad_norm: Optional[float] = 1.0
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "online"
+    project: str = "dpo-cli"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    log_every: int = 1
+    progress: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    mode: str = "train"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # Loss and optimizer are `_target_` nodes whose keys depend on the target class, so their
+    # keys are checked against the target's signature in `validate` rather than by a schema.
+    loss: dict[str, Any] = MISSING
+    optimizer: dict[str, Any] = MISSING
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def register_configs() -> None:
+    """Register the schema that `conf/config.yaml` names first in its defaults list."""
+    ConfigStore.instance().store(name="dpo_cli_schema", node=Config)
+
+
+def _choice(problems: list[str], key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        problems.append(f"{key}={value!r} is not one of {', '.join(allowed)}; set {key}=<one of them>")
+
+
+def _positive(problems: list[str], key: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        problems.append(f"{key}={value!r} must be > 0")
+
+
+def _import_target(path: str) -> Callable[..., Any]:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _check_target(problems: list[str], key: str, node: Any) -> None:
+    """Check that `node._target_` imports and accepts every other key, with values of the
+    same kind as the parameter's default (a number where the default is a number)."""
+    if not isinstance(node, (dict, DictConfig)) or "_target_" not in node:
+        problems.append(f"{key} must be a mapping with a _target_ (see conf/{key}/)")
+        return
+    try:
+        target = _import_target(str(node["_target_"]))
+    except (ImportError, AttributeError, ValueError):
+        problems.append(f"{key}._target_={node['_target_']!r} cannot be imported; check the dotted path")
+        return
+    params = inspect.signature(target).parameters
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for name, value in node.items():
+        if name in ("_target_", "_partial_"):
+            continue
+        if name not in params:
+            if not takes_kwargs:
+                allowed = ", ".join(p for p in params if p not in ("self", "params"))
+                problems.append(f"{key}.{name} is not a parameter of {node['_target_']}; allowed: {allowed}")
+            continue
+        default = params[name].default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, numbers.Real):
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        else:
+            ok = True
+        if not ok:
+            problems.append(
+                f"{key}.{name}={value!r} has the wrong type; expected a {type(default).__name__} "
+                f"like the default {default!r}"
+            )
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the whole composed config; raise one ConfigError listing every problem found."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError([f"{k} is required (it is ??? in the config); set {k}=<value>" for k in missing])
+    p: list[str] = []
+    _choice(p, "mode", cfg.mode, MODES)
+
+    m = cfg.model
+    if (m.name_or_path is None) == (m.random_init is None):
+        p.append(
+            "set exactly one of model.name_or_path (pretrained weights) and model.random_init "
+            "(an architecture to initialise randomly), e.g. model=llama or model=tiny"
+        )
+    if m.random_init is not None and "model_type" not in m.random_init:
+        p.append("model.random_init needs a model_type (e.g. llama, gpt2, qwen2)")
+    if m.gguf_file is not None and m.name_or_path is None:
+        p.append("model.gguf_file needs model.name_or_path (the directory or hub id holding the file)")
+    _choice(p, "model.dtype", m.dtype, DTYPES)
+
+    d = cfg.data
+    from dpo_cli.data import FORMATS  # imported here: data imports heavy libraries
+
+    _choice(p, "data.format", d.format, tuple(FORMATS))
+    if d.format == "synthetic" and d.synthetic is None:
+        p.append("data.format=synthetic needs a data.synthetic section (see conf/data/synthetic.yaml)")
+    if d.format != "synthetic" and d.path is None and d.hub_id is None:
+        p.append(f"data: set data.path (a local file) or data.hub_id for format {d.format!r}")
+    _positive(p, "data.max_length", d.max_length)
+    _positive(p, "data.max_prompt_length", d.max_prompt_length)
+    if d.max_length is not None and d.max_prompt_length is not None and d.max_prompt_length >= d.max_length:
+        p.append(
+            f"data.max_prompt_length={d.max_prompt_length} must be smaller than "
+            f"data.max_length={d.max_length}, leaving room for the response"
+        )
+    _choice(p, "data.truncation_mode", d.truncation_mode, TRUNCATION_MODES)
+    _positive(p, "data.max_train_pairs", d.max_train_pairs, allow_none=True)
+    _positive(p, "data.max_eval_pairs", d.max_eval_pairs, allow_none=True)
+    if d.eval_holdout < 0:
+        p.append(f"data.eval_holdout={d.eval_holdout} must be >= 0")
+    if d.synthetic is not None:
+        s = d.synthetic
+        _positive(p, "data.synthetic.num_train", s.num_train)
+        _positive(p, "data.synthetic.num_eval", s.num_eval)
+        if not 2 <= s.min_digits <= s.max_digits:
+            p.append(
+                f"data.synthetic needs 2 <= min_digits <= max_digits, got {s.min_digits}, {s.max_digits}"
+            )
+
+    _check_target(p, "loss", cfg.loss)
+    _check_target(p, "optimizer", cfg.optimizer)
+    if isinstance(cfg.optimizer, DictConfig):
+        if not cfg.optimizer.get("_partial_", False):
+            p.append("optimizer._partial_ must be true: the parameters are passed at run time")
+        lr = cfg.optimizer.get("lr")
+        if isinstance(lr, numbers.Real) and lr <= 0:
+            p.append(f"optimizer.lr={lr} must be > 0")
+
+    s = cfg.scheduler
+    _choice(p, "scheduler.name", s.name, SCHEDULERS)
+    if s.warmup_steps is not None and s.warmup_steps < 0:
+        p.append(f"scheduler.warmup_steps={s.warmup_steps} must be >= 0")
+    if not 0 <= s.warmup_ratio < 1:
+        p.append(f"scheduler.warmup_ratio={s.warmup_ratio} must be in [0, 1)")
+
+    t = cfg.train
+    _positive(p, "train.batch_size", t.batch_size)
+    _positive(p, "train.micro_batch_size", t.micro_batch_size)
+    if t.batch_size > 0 and t.micro_batch_size > 0 and t.batch_size % t.micro_batch_size:
+        p.append(
+            f"train.batch_size={t.batch_size} must be a multiple of "
+            f"train.micro_batch_size={t.micro_batch_size} (x the number of processes)"
+        )
+    _positive(p, "train.max_steps", t.max_steps, allow_none=True)
+    _positive(p, "train.epochs", t.epochs)
+    _positive(p, "train.eval_every", t.eval_every, allow_none=True)
+    _positive(p, "train.save_every", t.save_every, allow_none=True)
+    _positive(p, "train.keep_checkpoints", t.keep_checkpoints, allow_none=True)
+    _positive(p, "train.max_grad_norm", t.max_grad_norm, allow_none=True)
+    _choice(p, "train.mixed_precision", t.mixed_precision, PRECISIONS)
+
+    lg = cfg.logger
+    _positive(p, "logger.log_every", lg.log_every)
+    _choice(p, "logger.wandb.mode", lg.wandb.mode, WANDB_MODES)
+
+    if not p:
+        # The loss checks its own value ranges (e.g. beta > 0) when it is built.
+        from hydra.utils import instantiate
+
+        try:
+            instantiate(cfg.loss)
+        except Exception as e:  # noqa: BLE001 - any construction failure is a config problem
+            cause = e.__cause__ or e
+            p.append(f"loss: {cause}")
+    if p:
+        raise ConfigError(p)
+
+
+def check_world(cfg: DictConfig, world_size: int) -> int:
+    """Return gradient-accumulation steps so that batch = micro x accumulation x processes."""
+    per_step = cfg.train.micro_batch_size * world_size
+    if cfg.train.batch_size % per_step:
+        raise ConfigError(
+            [
+                f"train.batch_size={cfg.train.batch_size} must be a multiple of "
+                f"train.micro_batch_size x processes = {cfg.train.micro_batch_size} x {world_size}"
+            ]
+        )
+    return cfg.train.batch_size // per_step
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

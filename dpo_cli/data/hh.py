@@ -1,0 +1,34 @@
+"""Anthropic HH-RLHF (Bai et al., 2022): rows {"chosen": str, "rejected": str}.
+
+Each side is a whole dialogue, "\\n\\nHuman: ... \\n\\nAssistant: ...". The prompt is the shared
+dialogue up to and including the last "\\n\\nAssistant:"; the responses are what follows.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+ASSISTANT = "\n\nAssistant:"
+
+
+def split_pair(chosen: str, rejected: str) -> Optional[dict[str, str]]:
+    """Split one HH row into {prompt, chosen, rejected}, or None when it cannot be split safely.
+
+    None when: there is no assistant turn, either response is empty (or only white space), or
+    the two dialogues differ before the last assistant turn (then no single prompt is shared,
+    and cutting at the same offset would mis-attribute text to the responses).
+    """
+    cut = chosen.rfind(ASSISTANT)
+    if cut < 0:
+        return None
+    prompt = chosen[: cut + len(ASSISTANT)]
+    if rejected.rfind(ASSISTANT) != cut or not rejected.startswith(prompt):
+        return None
+    chosen_response, rejected_response = chosen[len(prompt) :], rejected[len(prompt) :]
+    if not chosen_response.strip() or not rejected_response.strip():
+        return None
+    return {"prompt": prompt, "chosen": chosen_response, "rejected": rejected_response}
+
+
+def normalize(row: dict) -> Optional[dict[str, str]]:
+    return split_pair(row["chosen"], row["rejected"])

@@ -1,0 +1,73 @@
+"""Pairs of text -> token ids, with the truncation rules of the original DPO code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+Tokenized = dict[str, list[int]]  # prompt_ids, chosen_ids, rejected_ids
+
+
+@dataclass
+class TruncationStats:
+    prompts: int = 0
+    responses: int = 0
+
+
+def truncate(
+    prompt: list[int],
+    chosen: list[int],
+    rejected: list[int],
+    max_length: int,
+    max_prompt_length: int,
+    keep_end: bool,
+    bos_id: int | None,
+    stats: TruncationStats | None = None,
+) -> Tokenized:
+    """Fit prompt + the longer response into `max_length` tokens.
+
+    First the prompt is cut to `max_prompt_length` (keeping its end for dialogues, where the
+    last turns matter, or its start), keeping a leading BOS token; then, if still too long,
+    both responses are cut to what is left. Nothing is cut when the pair already fits.
+    """
+    stats = stats if stats is not None else TruncationStats()
+    longer = max(len(chosen), len(rejected))
+    if len(prompt) + longer > max_length and len(prompt) > max_prompt_length:
+        stats.prompts += 1
+        if not keep_end:
+            prompt = prompt[:max_prompt_length]
+        elif bos_id is not None and prompt[0] == bos_id:
+            prompt = [bos_id] + prompt[len(prompt) - max_prompt_length + 1 :]
+        else:
+            prompt = prompt[len(prompt) - max_prompt_length :]
+    if len(prompt) + longer > max_length:
+        stats.responses += 1
+        room = max_length - len(prompt)
+        chosen, rejected = chosen[:room], rejected[:room]
+    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+
+
+def tokenize_pairs(
+    pairs: list[dict[str, str]],
+    tokenizer: Any,
+    max_length: int,
+    max_prompt_length: int,
+    truncation_mode: str = "keep_end",
+) -> tuple[list[Tokenized], TruncationStats]:
+    """Token ids for each pair: the prompt with the tokenizer's special tokens (e.g. BOS),
+    each response without them and ending with EOS so the model learns where to stop."""
+    stats = TruncationStats()
+    if not pairs:
+        return [], stats
+    prompts = tokenizer([p["prompt"] for p in pairs], add_special_tokens=True)["input_ids"]
+    chosen = tokenizer([p["chosen"] for p in pairs], add_special_tokens=False)["input_ids"]
+    rejected = tokenizer([p["rejected"] for p in pairs], add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id]
+    out = [
+        truncate(
+            p, c + eos, r + eos, max_length, max_prompt_length,
+            keep_end=truncation_mode == "keep_end", bos_id=tokenizer.bos_token_id, stats=stats,
+        )
+        for p, c, r in zip(prompts, chosen, rejected)
+    ]
+    return out, stats

@@ -1,0 +1,101 @@
+"""Metric sinks: metrics.jsonl, a console progress bar, and Weights & Biases.
+
+Only the main process opens sinks; rows arrive already averaged over processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+
+
+class JsonlSink:
+    """One JSON object per line: {"step": N, ...metrics}. Flushed per row so a crash loses nothing."""
+
+    def __init__(self, path: Path, resume_step: Optional[int] = None):
+        if resume_step is not None and path.exists():
+            # Rows logged after the checkpoint we resume from will be logged again: drop them
+            # so that the file reads like one uninterrupted run.
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.file = path.open("a")
+
+    def log(self, row: Row) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class ProgressSink:
+    """A tqdm bar over optimizer steps with loss, accuracy and ETA; eval rows go to the log."""
+
+    def __init__(self, total: int, initial: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def log(self, row: Row) -> None:
+        if "eval_loss" in row:
+            return
+        self.bar.update(row["step"] - self.bar.n)
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.3f}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def wandb_credentials() -> bool:
+    """Whether an API key is configured (env var or netrc), so online mode will not prompt."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+class WandbSink:
+    def __init__(self, mode: str, project: str, entity: Optional[str], name: Optional[str],
+                 group: Optional[str], tags: list[str], config: dict, run_dir: Path):
+        import wandb
+
+        if mode == "online" and not wandb_credentials():
+            log.warning("wandb: no API key configured (WANDB_API_KEY or `wandb login`); logging offline to %s", run_dir / "wandb")
+            mode = "offline"
+        self.run = wandb.init(
+            mode=mode, project=project, entity=entity, name=name or run_dir.name, group=group,
+            tags=list(tags), config=config, dir=str(run_dir),
+        )
+
+    def log(self, row: Row) -> None:
+        self.run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MetricLogger:
+    """Fans rows out to every sink; does nothing on processes other than the main one."""
+
+    def __init__(self, sinks: list[Any]):
+        self.sinks = sinks
+
+    def log(self, row: Row) -> None:
+        for sink in self.sinks:
+            sink.log(row)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()

@@ -1,0 +1,173 @@
+"""`run(cfg)`: build everything from the config, then one training loop, top to bottom."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dpo_cli import checkpoint, config
+from dpo_cli.data import load_pairs
+from dpo_cli.data.batching import micro_batches, position, step_indices, steps_per_epoch
+from dpo_cli.data.collate import collate
+from dpo_cli.data.tokenize import tokenize_pairs
+from dpo_cli.errors import DataError
+from dpo_cli.evaluate import PAIR_METRICS, batch_loss, evaluate, means
+from dpo_cli.metrics import JsonlSink, MetricLogger, ProgressSink, WandbSink
+from dpo_cli.modeling import count_parameters, load_model, load_tokenizer
+from dpo_cli.reference import FrozenReference
+
+log = logging.getLogger(__name__)
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """Hydra's output directory for this job (the current directory outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(os.getcwd())
+
+
+def _open_sinks(cfg: DictConfig, run_dir: Path, accelerator: Any, n_steps: int, start: int, resumed: bool) -> MetricLogger:
+    if not accelerator.is_main_process:
+        return MetricLogger([])
+    sinks: list[Any] = [JsonlSink(run_dir / "metrics.jsonl", resume_step=start if resumed else None)]
+    if cfg.logger.progress:
+        sinks.append(ProgressSink(total=n_steps, initial=start))
+    w = cfg.logger.wandb
+    if w.mode != "disabled":
+        sinks.append(WandbSink(w.mode, w.project, w.entity, w.name, w.group, w.tags, config.to_container(cfg), run_dir))
+    return MetricLogger(sinks)
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train the policy described by `cfg`; return the last train and eval metrics."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from hydra.utils import instantiate
+    from transformers import get_scheduler
+
+    config.validate(cfg)
+    run_dir = run_dir_of(cfg)
+    t = cfg.train
+    accelerator = Accelerator(mixed_precision=t.mixed_precision)
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)  # messages once, from the main process
+    accum = config.check_world(cfg, accelerator.num_processes)
+    set_seed(t.seed)
+    log.info("run directory: %s", run_dir)
+    log.info(
+        "processes: %d | device: %s | mixed precision: %s | model dtype: %s | batch %d = micro %d x accumulation %d x processes %d",
+        accelerator.num_processes, accelerator.device, t.mixed_precision, cfg.model.dtype,
+        t.batch_size, t.micro_batch_size, accum, accelerator.num_processes,
+    )
+    log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+
+    # Data before weights: a bad dataset fails before minutes of model loading.
+    tokenizer = load_tokenizer(cfg.model)
+    pairs = load_pairs(cfg.data, t.seed)
+    lengths = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length, truncation_mode=cfg.data.truncation_mode)
+    train_set, trunc = tokenize_pairs(pairs.train, tokenizer, **lengths)
+    eval_set, _ = tokenize_pairs(pairs.eval, tokenizer, **lengths)
+    log.info(
+        "data: %d train pairs, %d eval pairs, dropped (could not split): %s, truncated prompts: %d, truncated responses: %d",
+        len(train_set), len(eval_set), pairs.dropped or 0, trunc.prompts, trunc.responses,
+    )
+    per_epoch = steps_per_epoch(len(train_set), t.batch_size)
+    if per_epoch == 0:
+        raise DataError(f"train.batch_size={t.batch_size} is larger than the {len(train_set)} training pairs; lower it")
+    n_steps = t.max_steps or t.epochs * per_epoch
+
+    loss_fn = instantiate(cfg.loss)
+    policy = load_model(cfg.model, tokenizer, t.seed)
+    # The reference is the policy before any update; on resume it is rebuilt the same way
+    # (same weights or same seed) and the checkpoint then overwrites only the policy.
+    reference = FrozenReference(policy).to(accelerator.device) if loss_fn.requires_reference else None
+    trainable, total = count_parameters(policy)
+    log.info("model: %s | %.2fM trainable / %.2fM parameters | loss: %r", type(policy).__name__, trainable / 1e6, total / 1e6, loss_fn)
+    optimizer = instantiate(cfg.optimizer)(params=[p for p in policy.parameters() if p.requires_grad])
+    warmup = cfg.scheduler.warmup_steps if cfg.scheduler.warmup_steps is not None else math.ceil(cfg.scheduler.warmup_ratio * n_steps)
+    scheduler = get_scheduler(cfg.scheduler.name, optimizer, num_warmup_steps=warmup, num_training_steps=n_steps)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    # The scheduler is stepped by hand once per optimizer step; registering it (instead of
+    # preparing it) keeps it in checkpoints without accelerate stepping it once per process.
+    accelerator.register_for_checkpointing(scheduler)
+
+    start = 0
+    resume_from = checkpoint.resolve_resume(t.resume, run_dir)
+    if resume_from is not None:
+        start = checkpoint.load(accelerator, resume_from)["step"]
+    metrics = _open_sinks(cfg, run_dir, accelerator, n_steps, start, resumed=resume_from is not None)
+    unwrapped = accelerator.unwrap_model(policy)
+    pad_id = tokenizer.pad_token_id
+    last: dict[str, float] = {}
+
+    def run_eval(step: int) -> None:
+        if not eval_set:
+            return
+        row = {"step": step, **evaluate(unwrapped, reference, loss_fn, eval_set, accelerator, t.micro_batch_size, pad_id)}
+        metrics.log(row)
+        last.update(row)
+        log.info("eval step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"))
+
+    policy.train()
+    for step in range(start, n_steps):
+        started = time.perf_counter()
+        indices = step_indices(step, len(train_set), t.batch_size, t.seed)
+        sums = torch.zeros(len(PAIR_METRICS), device=accelerator.device)
+        tokens = torch.zeros((), device=accelerator.device)
+        shards = micro_batches(indices, accelerator.process_index, accelerator.num_processes, t.micro_batch_size)
+        for i, idx in enumerate(shards):
+            batch = {k: v.to(accelerator.device) for k, v in collate([train_set[j] for j in idx], pad_id).items()}
+            # Gradients are all-reduced across processes only on the last micro batch.
+            sync = i == len(shards) - 1
+            with nullcontext() if sync else accelerator.no_sync(policy), accelerator.autocast():
+                loss, batch_sums = batch_loss(policy, reference, loss_fn, batch)
+                # Each micro batch's loss is a mean over its pairs; dividing by the number of
+                # micro batches makes the accumulated gradient the mean over this process's
+                # share, and DDP's all-reduce then averages over processes.
+                accelerator.backward(loss / accum)
+            sums += batch_sums
+            tokens += batch["attention_mask"].sum()
+        max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        if done % cfg.logger.log_every == 0 or done == n_steps:
+            n_pairs = torch.tensor(float(t.batch_size), device=accelerator.device)
+            elapsed = time.perf_counter() - started
+            total_tokens = accelerator.reduce(tokens, "sum").item()
+            row = {
+                "step": done,
+                "epoch": round(done / per_epoch, 4),
+                **means(accelerator.reduce(sums, "sum"), n_pairs),
+                "grad_norm": float(grad_norm),
+                "lr": lr,
+                "tokens_per_s": total_tokens / elapsed,
+                "pairs_per_s": t.batch_size / elapsed,
+            }
+            metrics.log(row)
+            last.update(row)
+        if t.eval_every and done % t.eval_every == 0 and done != n_steps:
+            run_eval(done)
+        if t.save_every and done % t.save_every == 0:
+            epoch, batch_in_epoch = position(done, len(train_set), t.batch_size)
+            checkpoint.save(accelerator, run_dir, done, {"epoch": epoch, "batch_in_epoch": batch_in_epoch}, t.keep_checkpoints)
+
+    run_eval(n_steps)
+    checkpoint.save_final(accelerator, policy, tokenizer, run_dir / "final")
+    metrics.close()
+    log.info("done: %s", " ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith("eval_")))
+    accelerator.end_training()  # tears down the process group so processes exit cleanly
+    return last
+
