@@ -12,6 +12,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli.config import register_configs
+from dpo_cli.distributed import broadcast_from_main
 from dpo_cli.errors import UserError
 
 log = logging.getLogger("dpo_cli")
@@ -41,17 +42,6 @@ def run_stamp() -> str:
     return _run_stamp
 
 
-def _agree_on_run_stamp() -> None:
-    global _run_stamp
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-
-    PartialState()  # joins the process group that train.run's Accelerator will reuse
-    _run_stamp = broadcast_object_list([run_stamp()], from_process=0)[0]
-
-
 def register() -> None:
     """Config schema and resolvers: called before any compose (CLI and tests alike)."""
     register_configs()
@@ -72,8 +62,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    global _run_stamp
     register()
-    _agree_on_run_stamp()
+    _run_stamp = broadcast_from_main(run_stamp())
     if int(os.environ.get("RANK", "0")) != 0:
         # Only the main process writes the run directory's .hydra/ (same content, one writer).
         sys.argv.append("hydra.output_subdir=null")

@@ -18,6 +18,7 @@ from dpo_cli.data import load_pairs
 from dpo_cli.data.batching import micro_batches, position, step_indices, steps_per_epoch
 from dpo_cli.data.collate import collate
 from dpo_cli.data.tokenize import tokenize_pairs
+from dpo_cli.distributed import cpu_only
 from dpo_cli.errors import DataError
 from dpo_cli.evaluate import PAIR_METRICS, batch_loss, evaluate, means
 from dpo_cli.metrics import JsonlSink, MetricLogger, ProgressSink, WandbSink
@@ -56,7 +57,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     config.validate(cfg)
     run_dir = run_dir_of(cfg)
     t = cfg.train
-    accelerator = Accelerator(mixed_precision=t.mixed_precision)
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=cpu_only())
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)  # messages once, from the main process
     accum = config.check_world(cfg, accelerator.num_processes)

@@ -1,0 +1,50 @@
+# dpo-cli developer commands. `make help` lists them.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch, installed first where there is no NVIDIA GPU, so that the
+# dependency resolver does not pull a CUDA build of several GB.
+TORCH_CPU ?= torch==2.13.0
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-all lint format bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(BIN)/dpo-train: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: torch comes from the default index"; \
+	else \
+		echo "no GPU: installing the CPU build of torch ($(TORCH_CPU))"; \
+		$(BIN)/pip install "$(TORCH_CPU)"; \
+	fi
+	$(BIN)/pip install -e ".[dev]"
+	@touch $@
+
+install: $(BIN)/dpo-train ## create .venv and install dpo-cli (editable) with dev tools
+
+train: install ## train the built-in tiny model on the built-in task (a minute on a laptop CPU)
+	$(BIN)/dpo-train $(ARGS)
+
+test: install ## run the test suite (offline, a few minutes on 2 CPU cores)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-all: install ## the test suite including slow tests
+	$(BIN)/pytest -m "slow or not slow" $(PYTEST_ARGS)
+
+lint: install ## ruff checks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install ## apply ruff's formatting and import order
+	$(BIN)/ruff check --fix --select I .
+	$(BIN)/ruff format .
+
+bench: install ## print throughput and memory figures (scripts/bench.py)
+	$(BIN)/python scripts/bench.py $(ARGS)
+
+clean: ## remove run outputs and caches (keeps .venv)
+	rm -rf outputs multirun .pytest_cache .ruff_cache

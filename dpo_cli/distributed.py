@@ -1,0 +1,33 @@
+"""Process-group helpers shared by the CLI (before Hydra starts) and the training loop."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+
+def world_size_from_env() -> int:
+    """Processes in this launch, as torchrun / accelerate launch announce it (1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def cpu_only() -> bool:
+    """True when no accelerator is present. accelerate then needs `cpu=True` to run a
+    multi-process launch as gloo CPU processes; without it each process trains alone."""
+    accel = getattr(torch, "accelerator", None)
+    if accel is not None:
+        return not accel.is_available()
+    return not torch.cuda.is_available()
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """`value` as the main process has it, on every process (joins the process group)."""
+    if world_size_from_env() <= 1:
+        return value
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    PartialState(cpu=cpu_only())  # the Accelerator built later in train.run reuses this state
+    return broadcast_object_list([value], from_process=0)[0]
