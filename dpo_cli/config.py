@@ -225,7 +225,18 @@ def validate(cfg: DictConfig) -> None:
                 f"data.synthetic needs 2 <= min_digits <= max_digits, got {s.min_digits}, {s.max_digits}"
             )
 
+    n_problems = len(p)
     _check_target(p, "loss", cfg.loss)
+    if len(p) == n_problems:
+        # The loss checks its own value ranges (e.g. beta > 0) when it is built. It is built
+        # whenever its node is well-formed, so these problems are listed with all the others.
+        from hydra.utils import instantiate
+
+        try:
+            instantiate(cfg.loss)
+        except Exception as e:  # noqa: BLE001 - any construction failure is a config problem
+            cause = e.__cause__ or e
+            p.append(f"loss: {cause}")
     _check_target(p, "optimizer", cfg.optimizer)
     if isinstance(cfg.optimizer, DictConfig):
         if not cfg.optimizer.get("_partial_", False):
@@ -261,15 +272,6 @@ def validate(cfg: DictConfig) -> None:
     _positive(p, "logger.log_every", lg.log_every)
     _choice(p, "logger.wandb.mode", lg.wandb.mode, WANDB_MODES)
 
-    if not p:
-        # The loss checks its own value ranges (e.g. beta > 0) when it is built.
-        from hydra.utils import instantiate
-
-        try:
-            instantiate(cfg.loss)
-        except Exception as e:  # noqa: BLE001 - any construction failure is a config problem
-            cause = e.__cause__ or e
-            p.append(f"loss: {cause}")
     if p:
         raise ConfigError(p)
 

@@ -56,7 +56,7 @@ class DPOLoss:
         problems = []
         if not beta > 0:
             problems.append(f"beta={beta} must be > 0 (typical: 0.01 to 0.5)")
-        if not 0 <= label_smoothing < 0.5:
+        if not 0 <= label_smoothing <= 0.5:
             problems.append(f"label_smoothing={label_smoothing} must be in [0, 0.5)")
         if problems:
             raise ValueError("; ".join(problems))

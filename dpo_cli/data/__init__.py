@@ -74,15 +74,8 @@ def _normalize(rows: Any, normalize: Callable[[dict], Optional[Pair]], what: str
     return pairs, dropped
 
 
-def load_pairs(data: Any, seed: int) -> Pairs:
-    """Train and eval pairs for the `data` config section.
-
-    Eval pairs come from `data.eval_path`, else the hub's `data.eval_split`, else the last
-    `data.eval_holdout` pairs of a seeded shuffle of the training pairs (removed from training).
-    """
-    if data.format == "synthetic":
-        train, evals = synthetic.load(data.synthetic, seed)
-        return Pairs(train=train, eval=evals)
+def _load_rows(data: Any, seed: int) -> tuple[list[Pair], list[Pair], dict[str, int]]:
+    """Train and eval pairs, and dropped-row counts, of a format that reads rows."""
     normalize = FORMATS[data.format]
     assert normalize is not None
     rows = _read_rows(data.path, data.hub_id, data.train_split, "data.path")
@@ -95,6 +88,21 @@ def load_pairs(data: Any, seed: int) -> Pairs:
         random.Random(seed).shuffle(train)
         n_eval = min(data.eval_holdout, len(train) // 2)
         train, evals = train[: len(train) - n_eval], train[len(train) - n_eval :]
+    return train, evals, dropped
+
+
+def load_pairs(data: Any, seed: int) -> Pairs:
+    """Train and eval pairs for the `data` config section.
+
+    Eval pairs come from `data.eval_path`, else the hub's `data.eval_split`, else the last
+    `data.eval_holdout` pairs of a seeded shuffle of the training pairs (removed from training).
+    `data.max_train_pairs` and `data.max_eval_pairs` then cap every format, synthetic included.
+    """
+    if data.format == "synthetic":
+        train, evals = synthetic.load(data.synthetic, seed)
+        dropped: dict[str, int] = {}
+    else:
+        train, evals, dropped = _load_rows(data, seed)
     if data.max_train_pairs is not None:
         train = train[: data.max_train_pairs]
     if data.max_eval_pairs is not None:

@@ -1,0 +1,208 @@
+"""Every file in every conf/ group composes and validates; typos and bad values are caught; every
+key in every YAML file carries a comment."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dpo_cli import cli
+from dpo_cli.config import validate
+from dpo_cli.errors import ConfigError
+
+CONF = Path(cli.config_dir())
+GROUPS = sorted(d.name for d in CONF.iterdir() if d.is_dir())
+GROUP_FILES = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
+YAML_FILES = sorted(CONF.rglob("*.yaml"))
+
+# Files that need a value the user must supply (`???`) to compose into a valid config.
+REQUIRED = {("model", "pretrained"): ["model.name_or_path=x/y"]}
+
+
+def _default_groups() -> set[str]:
+    """Groups named in conf/config.yaml's defaults list (others need `+group=name`)."""
+    groups = set()
+    for entry in OmegaConf.load(CONF / "config.yaml").defaults:
+        if not isinstance(entry, str):
+            groups.update(str(k) for k in entry)
+    return groups
+
+
+@pytest.fixture(scope="module")
+def compose_cfg():
+    """compose(overrides) against the real conf/ with the schema and resolvers registered."""
+    cli.register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield lambda overrides=(): compose(config_name="config", overrides=list(overrides))
+
+
+def test_groups_found():
+    assert {"model", "data", "loss", "optimizer", "scheduler", "logger"} <= set(GROUPS)
+    assert ("model", "tiny") in GROUP_FILES and ("data", "hh") in GROUP_FILES
+
+
+def _leaves(node, prefix=""):
+    """(dotted key, value) for every leaf of a plain container from a YAML file."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], node
+
+
+@pytest.mark.parametrize("group, name", GROUP_FILES, ids=[f"{g}={n}" for g, n in GROUP_FILES])
+def test_every_group_file_composes_and_validates(compose_cfg, group, name):
+    prefix = "" if group in _default_groups() else "+"
+    overrides = [f"{prefix}{group}={name}", *REQUIRED.get((group, name), [])]
+    if group != "model":
+        # model=tiny (the default) also sets optimizer.lr and train sizes; a pretrained model
+        # sets nothing outside model/, so every value of the file under test shows through.
+        overrides += ["model=pretrained", *REQUIRED[("model", "pretrained")]]
+    cfg = compose_cfg(overrides)
+    validate(cfg)
+    # The file's own values are in the composed config, where its package puts them.
+    path = CONF / group / f"{name}.yaml"
+    global_package = "# @package _global_" in path.read_text()
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    raw.pop("defaults", None)
+    root = "" if global_package else f"{group}."
+    for key, value in _leaves(raw):
+        if value == "???":
+            continue
+        assert OmegaConf.select(cfg, root + key) == value, (root + key, value)
+
+
+def test_default_config_validates(compose_cfg):
+    cfg = compose_cfg()
+    validate(cfg)
+    assert cfg.data.format == "synthetic" and cfg.model.random_init.model_type == "llama"
+
+
+@pytest.mark.parametrize("override", ["train.bath_size=3", "loss.bta=0.1", "model.nam_or_path=x/y"])
+def test_unknown_key_fails_at_compose(compose_cfg, override):
+    with pytest.raises((HydraException, OmegaConfBaseException)):
+        compose_cfg([override])
+
+
+@pytest.mark.parametrize("override", ["train.batch_size=abc", "data.max_length=1.5", "model.trust_remote_code=maybe"])
+def test_wrong_type_fails_at_compose(compose_cfg, override):
+    with pytest.raises((HydraException, OmegaConfBaseException)):
+        compose_cfg([override])
+
+
+def test_validate_collects_every_problem(compose_cfg):
+    cfg = compose_cfg(
+        [
+            "loss.beta=-1",
+            "train.batch_size=10",
+            "train.micro_batch_size=4",
+            "data.max_prompt_length=32",  # data=synthetic has max_length 32
+            "optimizer.lr=0",
+            "scheduler.name=bogus",
+        ]
+    )
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    problems = info.value.problems
+    expected = {
+        "loss": "beta=-1",
+        "train.batch_size": "train.batch_size=10",
+        "data.max_prompt_length": "data.max_prompt_length=32",
+        "optimizer.lr": "optimizer.lr=0",
+        "scheduler.name": "scheduler.name='bogus'",
+    }
+    for key, text in expected.items():
+        hits = [p for p in problems if text in p and p.startswith(key.split(".")[0])]
+        assert len(hits) == 1, (key, problems)
+    assert len(problems) == len(expected), problems
+    assert str(len(problems)) in str(info.value)
+
+
+def test_validate_reports_loss_key_typo(compose_cfg):
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg(["+loss.bta=0.1"]))
+    (problem,) = info.value.problems
+    assert "loss.bta" in problem and "beta" in problem  # names the typo and the allowed keys
+
+
+def test_validate_reports_loss_wrong_type(compose_cfg):
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg(["loss.beta=abc"]))
+    (problem,) = info.value.problems
+    assert "loss.beta" in problem and "abc" in problem
+
+
+def test_validate_reports_missing_required_value(compose_cfg):
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg(["model=pretrained"]))
+    assert any("model.name_or_path" in p for p in info.value.problems)
+
+
+def test_validate_rejects_two_model_sources(compose_cfg):
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg(["model.name_or_path=x/y"]))  # model=tiny also sets random_init
+    (problem,) = info.value.problems
+    assert "model.name_or_path" in problem and "model.random_init" in problem
+
+
+# --- every key has a comment ---------------------------------------------------------------------
+
+KEY_LINE = re.compile(r"^(?P<indent>\s*)(?P<key>[A-Za-z_][\w-]*)\s*:(?P<rest>.*)$")
+
+
+def uncommented_keys(text: str) -> list[str]:
+    """Lines of a YAML file that define a key without a `# comment` on the same line.
+
+    List items and the entries of a Hydra `defaults:` list are not keys; nested section
+    headers (`train:`) are, and need a comment like any other key.
+    """
+    bad = []
+    defaults_indent = None
+    for n, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        indent = len(line) - len(line.lstrip())
+        if defaults_indent is not None:
+            if indent > defaults_indent or stripped.startswith("- "):
+                continue
+            defaults_indent = None
+        if stripped.startswith("- "):
+            continue
+        m = KEY_LINE.match(line)
+        if m is None:
+            continue
+        if m["key"] == "defaults":
+            defaults_indent = indent
+            continue
+        if not re.search(r"(^|\s)#", m["rest"]):
+            bad.append(f"{n}: {line}")
+    return bad
+
+
+def test_uncommented_keys_detector():
+    text = (
+        "# header\n"
+        "defaults:\n"
+        "  - base\n"
+        "  - _self_\n"
+        "a: 1  # fine\n"
+        "b: 2\n"
+        "section:\n"
+        "  c: x   # fine\n"
+        "  d: [1, 2]\n"
+        "  e:\n"
+        "    - 1\n"
+    )
+    assert uncommented_keys(text) == ["6: b: 2", "7: section:", "9:   d: [1, 2]", "10:   e:"]
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=[str(p.relative_to(CONF)) for p in YAML_FILES])
+def test_every_key_has_a_comment(path):
+    assert uncommented_keys(path.read_text()) == []
