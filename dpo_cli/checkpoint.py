@@ -13,7 +13,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from dpo_cli.errors import UserError
 
@@ -39,7 +39,7 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return [d for _, d in sorted(found)]
 
 
-def save(accelerator: Any, run_dir: Path, step: int, state: dict, keep: Optional[int]) -> Path:
+def save(accelerator: Any, run_dir: Path, step: int, state: dict, keep: int | None) -> Path:
     """Save the full training state after optimizer step `step`; keep the newest `keep`.
 
     Every process calls this: each writes its own RNG state, and sharded strategies (FSDP,
@@ -65,7 +65,7 @@ def save(accelerator: Any, run_dir: Path, step: int, state: dict, keep: Optional
     return final
 
 
-def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     """The checkpoint to resume from: None, `auto` (latest complete one in run_dir, if any),
     or an explicit checkpoint directory."""
     if resume is None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -221,9 +222,7 @@ def validate(cfg: DictConfig) -> None:
         _positive(p, "data.synthetic.num_train", s.num_train)
         _positive(p, "data.synthetic.num_eval", s.num_eval)
         if not 2 <= s.min_digits <= s.max_digits:
-            p.append(
-                f"data.synthetic needs 2 <= min_digits <= max_digits, got {s.min_digits}, {s.max_digits}"
-            )
+            p.append(f"data.synthetic needs 2 <= min_digits <= max_digits, got {s.min_digits}, {s.max_digits}")
 
     n_problems = len(p)
     _check_target(p, "loss", cfg.loss)
@@ -236,7 +235,7 @@ def validate(cfg: DictConfig) -> None:
             instantiate(cfg.loss)
         except Exception as e:  # noqa: BLE001 - any construction failure is a config problem
             cause = e.__cause__ or e
-            p.append(f"loss: {cause}")
+            p.extend(f"loss.{line}" for line in str(cause).splitlines())
     _check_target(p, "optimizer", cfg.optimizer)
     if isinstance(cfg.optimizer, DictConfig):
         if not cfg.optimizer.get("_partial_", False):

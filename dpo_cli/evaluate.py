@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ PAIR_METRICS = (
 
 def batch_loss(
     policy: torch.nn.Module,
-    reference: Optional[Callable[[dict], Any]],
+    reference: Callable[[dict], Any] | None,
     loss_fn: Callable[..., LossOutput],
     batch: dict[str, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,13 +57,13 @@ def batch_loss(
 def means(sums: torch.Tensor, n_pairs: torch.Tensor, prefix: str = "") -> dict[str, float]:
     """PAIR_METRICS averaged over pairs (sums and n_pairs already reduced over processes)."""
     values = (sums / n_pairs.clamp(min=1)).tolist()
-    return {prefix + name: v for name, v in zip(PAIR_METRICS, values)}
+    return {prefix + name: v for name, v in zip(PAIR_METRICS, values, strict=True)}
 
 
 @torch.no_grad()
 def evaluate(
     policy: torch.nn.Module,
-    reference: Optional[Callable[[dict], Any]],
+    reference: Callable[[dict], Any] | None,
     loss_fn: Callable[..., LossOutput],
     pairs: list[Tokenized],
     accelerator: Any,

@@ -31,9 +31,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     logits = logits[:, :-1, :].float()
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    token_logps = -F.cross_entropy(
-        logits.transpose(1, 2), targets.masked_fill(~mask, 0), reduction="none"
-    )
+    token_logps = -F.cross_entropy(logits.transpose(1, 2), targets.masked_fill(~mask, 0), reduction="none")
     token_logps = token_logps * mask
     return token_logps.sum(-1), mask.sum(-1).float()
 

@@ -9,7 +9,6 @@ Adding a variant means a new class here plus a YAML file in `conf/loss/`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,14 +55,14 @@ class DPOLoss:
         problems = []
         if not beta > 0:
             problems.append(f"beta={beta} must be > 0 (typical: 0.01 to 0.5)")
-        if not 0 <= label_smoothing <= 0.5:
+        if not 0 <= label_smoothing < 0.5:
             problems.append(f"label_smoothing={label_smoothing} must be in [0, 0.5)")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))  # one problem per line, each "name=value ..."
         self.beta = float(beta)
         self.label_smoothing = float(label_smoothing)
 
-    def __call__(self, policy: SequenceLogps, reference: Optional[SequenceLogps]) -> LossOutput:
+    def __call__(self, policy: SequenceLogps, reference: SequenceLogps | None) -> LossOutput:
         assert reference is not None, "DPOLoss requires reference log-probs"
         chosen_ratio = policy.chosen - reference.chosen
         rejected_ratio = policy.rejected - reference.rejected

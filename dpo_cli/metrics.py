@@ -10,7 +10,7 @@ import logging
 import netrc
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ Row = dict[str, Any]
 class JsonlSink:
     """One JSON object per line: {"step": N, ...metrics}. Flushed per row so a crash loses nothing."""
 
-    def __init__(self, path: Path, resume_step: Optional[int] = None):
+    def __init__(self, path: Path, resume_step: int | None = None):
         if resume_step is not None and path.exists():
             # Rows logged after the checkpoint we resume from will be logged again: drop them
             # so that the file reads like one uninterrupted run.
@@ -67,16 +67,34 @@ def wandb_credentials() -> bool:
 
 
 class WandbSink:
-    def __init__(self, mode: str, project: str, entity: Optional[str], name: Optional[str],
-                 group: Optional[str], tags: list[str], config: dict, run_dir: Path):
+    def __init__(
+        self,
+        mode: str,
+        project: str,
+        entity: str | None,
+        name: str | None,
+        group: str | None,
+        tags: list[str],
+        config: dict,
+        run_dir: Path,
+    ):
         import wandb
 
         if mode == "online" and not wandb_credentials():
-            log.warning("wandb: no API key configured (WANDB_API_KEY or `wandb login`); logging offline to %s", run_dir / "wandb")
+            log.warning(
+                "wandb: no API key configured (WANDB_API_KEY or `wandb login`); logging offline to %s",
+                run_dir / "wandb",
+            )
             mode = "offline"
         self.run = wandb.init(
-            mode=mode, project=project, entity=entity, name=name or run_dir.name, group=group,
-            tags=list(tags), config=config, dir=str(run_dir),
+            mode=mode,
+            project=project,
+            entity=entity,
+            name=name or run_dir.name,
+            group=group,
+            tags=list(tags),
+            config=config,
+            dir=str(run_dir),
         )
 
     def log(self, row: Row) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -40,7 +40,7 @@ def byte_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def _source_kwargs(name: str, revision: Optional[str], filename: str, what: str) -> dict[str, Any]:
+def _source_kwargs(name: str, revision: str | None, filename: str, what: str) -> dict[str, Any]:
     """Extra from_pretrained kwargs for `name`, or a ModelLoadError when it cannot be had."""
     if looks_like_path(name):
         if not os.path.isdir(os.path.expanduser(name)):

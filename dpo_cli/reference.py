@@ -23,7 +23,7 @@ class FrozenReference:
         self.model.requires_grad_(False)
         self.model.eval()
 
-    def to(self, device: torch.device) -> "FrozenReference":
+    def to(self, device: torch.device) -> FrozenReference:
         self.model.to(device)
         return self
 

@@ -18,8 +18,8 @@ from dpo_cli.data import load_pairs
 from dpo_cli.data.batching import micro_batches, position, step_indices, steps_per_epoch
 from dpo_cli.data.collate import collate
 from dpo_cli.data.tokenize import tokenize_pairs
-from dpo_cli.distributed import cpu_only
-from dpo_cli.errors import DataError
+from dpo_cli.distributed import cpu_only, world_size_from_env
+from dpo_cli.errors import ConfigError, DataError, UserError
 from dpo_cli.evaluate import PAIR_METRICS, batch_loss, evaluate, means
 from dpo_cli.metrics import JsonlSink, MetricLogger, ProgressSink, WandbSink
 from dpo_cli.modeling import count_parameters, load_model, load_tokenizer
@@ -35,7 +35,9 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(os.getcwd())
 
 
-def _open_sinks(cfg: DictConfig, run_dir: Path, accelerator: Any, n_steps: int, start: int, resumed: bool) -> MetricLogger:
+def _open_sinks(
+    cfg: DictConfig, run_dir: Path, accelerator: Any, n_steps: int, start: int, resumed: bool
+) -> MetricLogger:
     if not accelerator.is_main_process:
         return MetricLogger([])
     sinks: list[Any] = [JsonlSink(run_dir / "metrics.jsonl", resume_step=start if resumed else None)]
@@ -50,6 +52,7 @@ def _open_sinks(cfg: DictConfig, run_dir: Path, accelerator: Any, n_steps: int, 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train the policy described by `cfg`; return the last train and eval metrics."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from hydra.utils import instantiate
     from transformers import get_scheduler
@@ -57,28 +60,56 @@ def run(cfg: DictConfig) -> dict[str, float]:
     config.validate(cfg)
     run_dir = run_dir_of(cfg)
     t = cfg.train
+    if t.mixed_precision == "fp16" and cpu_only():
+        raise ConfigError(
+            ["train.mixed_precision=fp16 needs a GPU (fp16 autocast does not run on CPUs); use bf16 or no"]
+        )
+    if world_size_from_env() == 1:
+        # accelerate keeps its state for the whole process; the jobs of a Hydra sweep each
+        # start from a clean one so that they may differ in precision or device.
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=cpu_only())
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)  # messages once, from the main process
     accum = config.check_world(cfg, accelerator.num_processes)
+    resume_from = checkpoint.resolve_resume(t.resume, run_dir)
+    if t.resume is None and (run_dir / "metrics.jsonl").exists():
+        raise UserError(
+            f"{run_dir} already holds a run (metrics.jsonl); continue it with train.resume=auto "
+            f"or choose another hydra.run.dir"
+        )
     set_seed(t.seed)
     log.info("run directory: %s", run_dir)
     log.info(
         "processes: %d | device: %s | mixed precision: %s | model dtype: %s | batch %d = micro %d x accumulation %d x processes %d",
-        accelerator.num_processes, accelerator.device, t.mixed_precision, cfg.model.dtype,
-        t.batch_size, t.micro_batch_size, accum, accelerator.num_processes,
+        accelerator.num_processes,
+        accelerator.device,
+        t.mixed_precision,
+        cfg.model.dtype,
+        t.batch_size,
+        t.micro_batch_size,
+        accum,
+        accelerator.num_processes,
     )
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
 
     # Data before weights: a bad dataset fails before minutes of model loading.
     tokenizer = load_tokenizer(cfg.model)
     pairs = load_pairs(cfg.data, t.seed)
-    lengths = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length, truncation_mode=cfg.data.truncation_mode)
+    lengths = dict(
+        max_length=cfg.data.max_length,
+        max_prompt_length=cfg.data.max_prompt_length,
+        truncation_mode=cfg.data.truncation_mode,
+    )
     train_set, trunc = tokenize_pairs(pairs.train, tokenizer, **lengths)
     eval_set, _ = tokenize_pairs(pairs.eval, tokenizer, **lengths)
     log.info(
         "data: %d train pairs, %d eval pairs, dropped (could not split): %s, truncated prompts: %d, truncated responses: %d",
-        len(train_set), len(eval_set), pairs.dropped or 0, trunc.prompts, trunc.responses,
+        len(train_set),
+        len(eval_set),
+        pairs.dropped or 0,
+        trunc.prompts,
+        trunc.responses,
     )
     per_epoch = steps_per_epoch(len(train_set), t.batch_size)
     if per_epoch == 0:
@@ -91,20 +122,27 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # (same weights or same seed) and the checkpoint then overwrites only the policy.
     reference = FrozenReference(policy).to(accelerator.device) if loss_fn.requires_reference else None
     trainable, total = count_parameters(policy)
-    log.info("model: %s | %.2fM trainable / %.2fM parameters | loss: %r", type(policy).__name__, trainable / 1e6, total / 1e6, loss_fn)
+    log.info(
+        "model: %s | %.2fM trainable / %.2fM parameters | loss: %r",
+        type(policy).__name__,
+        trainable / 1e6,
+        total / 1e6,
+        loss_fn,
+    )
     optimizer = instantiate(cfg.optimizer)(params=[p for p in policy.parameters() if p.requires_grad])
-    warmup = cfg.scheduler.warmup_steps if cfg.scheduler.warmup_steps is not None else math.ceil(cfg.scheduler.warmup_ratio * n_steps)
+    warmup = (
+        cfg.scheduler.warmup_steps
+        if cfg.scheduler.warmup_steps is not None
+        else math.ceil(cfg.scheduler.warmup_ratio * n_steps)
+    )
     scheduler = get_scheduler(cfg.scheduler.name, optimizer, num_warmup_steps=warmup, num_training_steps=n_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     # The scheduler is stepped by hand once per optimizer step; registering it (instead of
     # preparing it) keeps it in checkpoints without accelerate stepping it once per process.
     accelerator.register_for_checkpointing(scheduler)
 
-    start = 0
-    resume_from = checkpoint.resolve_resume(t.resume, run_dir)
-    if resume_from is not None:
-        start = checkpoint.load(accelerator, resume_from)["step"]
-    metrics = _open_sinks(cfg, run_dir, accelerator, n_steps, start, resumed=resume_from is not None)
+    start = checkpoint.load(accelerator, resume_from)["step"] if resume_from is not None else 0
+    metrics = _open_sinks(cfg, run_dir, accelerator, n_steps, start, resumed=t.resume is not None)
     unwrapped = accelerator.unwrap_model(policy)
     pad_id = tokenizer.pad_token_id
     last: dict[str, float] = {}
@@ -112,7 +150,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     def run_eval(step: int) -> None:
         if not eval_set:
             return
-        row = {"step": step, **evaluate(unwrapped, reference, loss_fn, eval_set, accelerator, t.micro_batch_size, pad_id)}
+        row = {
+            "step": step,
+            **evaluate(unwrapped, reference, loss_fn, eval_set, accelerator, t.micro_batch_size, pad_id),
+        }
         metrics.log(row)
         last.update(row)
         log.info("eval step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"))
@@ -163,7 +204,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
             run_eval(done)
         if t.save_every and done % t.save_every == 0:
             epoch, batch_in_epoch = position(done, len(train_set), t.batch_size)
-            checkpoint.save(accelerator, run_dir, done, {"epoch": epoch, "batch_in_epoch": batch_in_epoch}, t.keep_checkpoints)
+            checkpoint.save(
+                accelerator, run_dir, done, {"epoch": epoch, "batch_in_epoch": batch_in_epoch}, t.keep_checkpoints
+            )
 
     run_eval(n_steps)
     checkpoint.save_final(accelerator, policy, tokenizer, run_dir / "final")
@@ -171,4 +214,3 @@ def run(cfg: DictConfig) -> dict[str, float]:
     log.info("done: %s", " ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith("eval_")))
     accelerator.end_training()  # tears down the process group so processes exit cleanly
     return last
-

@@ -54,6 +54,4 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float 
     """Run a command from the venv's bin/ (dpo-train, accelerate, torchrun) as a user would."""
     full_env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **(env or {})}
     exe = str(BIN / args[0]) if (BIN / args[0]).exists() else args[0]
-    return subprocess.run(
-        [exe, *args[1:]], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([exe, *args[1:]], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

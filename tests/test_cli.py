@@ -32,10 +32,16 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
 
 def test_bad_values_are_reported_together_before_loading(tmp_path):
     proc = run_cli(
-        ["dpo-train", "loss.beta=-1", "train.batch_size=10", "data.max_prompt_length=64", f"hydra.run.dir={tmp_path}/r"],
+        [
+            "dpo-train",
+            "loss.beta=-1",
+            "train.batch_size=10",
+            "data.max_prompt_length=64",
+            f"hydra.run.dir={tmp_path}/r",
+        ],
         cwd=tmp_path,
     )
-    assert_one_clear_error(proc, "loss: beta=-1", "train.batch_size=10", "data.max_prompt_length=64")
+    assert_one_clear_error(proc, "loss.beta=-1 must be > 0", "train.batch_size=10", "data.max_prompt_length=64")
     assert proc.returncode == 2
     assert not (tmp_path / "r" / "final").exists()
 
@@ -96,7 +102,7 @@ def test_two_processes_match_one(launcher, tmp_path, train_run):
     _, one_dir = train_run(["train.max_steps=4"], tmp_path / "single")
     one = read_metrics(one_dir)
     assert [r["step"] for r in two] == [r["step"] for r in one]
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         for key in ("loss", "eval_loss", "rewards/margins", "eval_rewards/accuracies", "grad_norm"):
             if key in a:
                 assert abs(a[key] - b[key]) < 1e-4, (key, a, b)

@@ -23,9 +23,21 @@ def test_short_run_trains_every_parameter_and_writes_outputs(train_run):
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
     assert [r["step"] for r in eval_rows] == [2, 4]
     for r in train_rows:
-        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                    "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "grad_norm", "lr",
-                    "tokens_per_s", "pairs_per_s"):
+        for key in (
+            "loss",
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+            "logits/chosen",
+            "logits/rejected",
+            "grad_norm",
+            "lr",
+            "tokens_per_s",
+            "pairs_per_s",
+        ):
             assert math.isfinite(r[key]), (key, r)
     # Policy equals reference before the first update: the first loss is exactly log 2.
     assert abs(train_rows[0]["loss"] - math.log(2)) < 1e-6
@@ -60,7 +72,7 @@ def test_resume_reproduces_an_uninterrupted_run(train_run, tmp_path):
 
     resumed = read_metrics(resumed_dir)
     assert [r["step"] for r in resumed] == [r["step"] for r in full]
-    for a, b in zip(full, resumed):
+    for a, b in zip(full, resumed, strict=True):
         for key in a.keys() - THROUGHPUT:
             assert a[key] == b[key] or abs(a[key] - b[key]) < 1e-6, (key, a, b)
     final_a = AutoModelForCausalLM.from_pretrained(full_dir / "final").state_dict()

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 from dpo_cli.data import hh, synthetic
 from dpo_cli.errors import DataError
@@ -22,7 +23,7 @@ Pair = dict[str, str]
 
 # Row formats: name -> function turning one source row into a pair (None = drop the row).
 # `synthetic` generates its pairs instead of reading rows.
-FORMATS: dict[str, Optional[Callable[[dict], Optional[Pair]]]] = {
+FORMATS: dict[str, Callable[[dict], Pair | None] | None] = {
     "synthetic": None,
     "hh": hh.normalize,
 }
@@ -35,7 +36,7 @@ class Pairs:
     dropped: dict[str, int] = field(default_factory=dict)  # split -> rows that could not be split
 
 
-def _read_rows(path: Optional[str], hub_id: Optional[str], split: str, what: str) -> Any:
+def _read_rows(path: str | None, hub_id: str | None, split: str, what: str) -> Any:
     """Rows from a local JSON-lines file (optionally .gz) or a hub dataset split."""
     import datasets
 
@@ -60,7 +61,7 @@ def _read_rows(path: Optional[str], hub_id: Optional[str], split: str, what: str
         raise DataError(f"dataset {hub_id!r} split {split!r} could not be loaded: {e}") from None
 
 
-def _normalize(rows: Any, normalize: Callable[[dict], Optional[Pair]], what: str) -> tuple[list[Pair], int]:
+def _normalize(rows: Any, normalize: Callable[[dict], Pair | None], what: str) -> tuple[list[Pair], int]:
     pairs, dropped = [], 0
     for i, row in enumerate(rows):
         try:

@@ -24,7 +24,7 @@ def collate(pairs: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     label_ids = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, lab) in enumerate(zip(rows, labels)):
+    for i, (r, lab) in enumerate(zip(rows, labels, strict=True)):
         input_ids[i, : len(r)] = torch.tensor(r)
         label_ids[i, : len(lab)] = torch.tensor(lab)
         attention_mask[i, : len(r)] = 1

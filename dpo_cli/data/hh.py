@@ -6,12 +6,10 @@ dialogue up to and including the last "\\n\\nAssistant:"; the responses are what
 
 from __future__ import annotations
 
-from typing import Optional
-
 ASSISTANT = "\n\nAssistant:"
 
 
-def split_pair(chosen: str, rejected: str) -> Optional[dict[str, str]]:
+def split_pair(chosen: str, rejected: str) -> dict[str, str] | None:
     """Split one HH row into {prompt, chosen, rejected}, or None when it cannot be split safely.
 
     None when: there is no assistant turn, either response is empty (or only white space), or
@@ -30,5 +28,5 @@ def split_pair(chosen: str, rejected: str) -> Optional[dict[str, str]]:
     return {"prompt": prompt, "chosen": chosen_response, "rejected": rejected_response}
 
 
-def normalize(row: dict) -> Optional[dict[str, str]]:
+def normalize(row: dict) -> dict[str, str] | None:
     return split_pair(row["chosen"], row["rejected"])

@@ -65,9 +65,15 @@ def tokenize_pairs(
     eos = [tokenizer.eos_token_id]
     out = [
         truncate(
-            p, c + eos, r + eos, max_length, max_prompt_length,
-            keep_end=truncation_mode == "keep_end", bos_id=tokenizer.bos_token_id, stats=stats,
+            p,
+            c + eos,
+            r + eos,
+            max_length,
+            max_prompt_length,
+            keep_end=truncation_mode == "keep_end",
+            bos_id=tokenizer.bos_token_id,
+            stats=stats,
         )
-        for p, c, r in zip(prompts, chosen, rejected)
+        for p, c, r in zip(prompts, chosen, rejected, strict=True)
     ]
     return out, stats
