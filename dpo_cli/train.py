@@ -24,6 +24,7 @@ from dpo_cli.evaluate import PAIR_METRICS, batch_loss, evaluate, means
 from dpo_cli.metrics import JsonlSink, MetricLogger, ProgressSink, WandbSink
 from dpo_cli.modeling import count_parameters, load_model, load_tokenizer
 from dpo_cli.reference import FrozenReference
+from dpo_cli.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     run_eval(n_steps)
     checkpoint.save_final(accelerator, policy, tokenizer, run_dir / "final")
     metrics.close()
+    if accelerator.is_main_process:
+        write_report(run_dir / "metrics.jsonl", run_dir / "report.png")
     log.info("done: %s", " ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith("eval_")))
     accelerator.end_training()  # tears down the process group so processes exit cleanly
     return last

@@ -53,6 +53,7 @@ def test_short_run_trains_every_parameter_and_writes_outputs(train_run):
         assert not torch.equal(p, trained[name]), f"{name} did not change"
 
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run_dir / "checkpoints" / "step-4" / "trainer_state.json").is_file()
 
 
