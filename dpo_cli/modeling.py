@@ -6,6 +6,7 @@ local nor reachable fails in seconds with a message saying how to point at a loc
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any
@@ -122,7 +123,12 @@ def load_model(model: Any, tokenizer: Any, seed: int) -> torch.nn.Module:
         if model.gguf_file:
             # A GGUF load is dequantized into a model that still carries its GGUF origin;
             # rebuilding from the config gives a plain model that save_pretrained accepts.
-            plain = AutoModelForCausalLM.from_config(policy.config).to(dtype)
+            # The config's quantization_config must go too: saved into final/, it would make
+            # the reloaded model GGUF-"quantized" again, and save_pretrained would refuse it.
+            plain_config = copy.deepcopy(policy.config)
+            if hasattr(plain_config, "quantization_config"):
+                del plain_config.quantization_config
+            plain = AutoModelForCausalLM.from_config(plain_config).to(dtype)
             plain.load_state_dict(policy.state_dict())
             policy = plain
     if model.disable_dropout:

