@@ -26,7 +26,7 @@ $(BIN)/dpo-train: pyproject.toml
 
 install: $(BIN)/dpo-train ## create .venv and install dpo-cli (editable) with dev tools
 
-train: install ## train the built-in tiny model on the built-in task (a minute on a laptop CPU)
+train: install ## train the built-in tiny model on the built-in task (seconds on a laptop CPU)
 	$(BIN)/dpo-train $(ARGS)
 
 test: install ## run the test suite (offline, a few minutes on 2 CPU cores)

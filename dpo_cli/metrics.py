@@ -42,8 +42,12 @@ class ProgressSink:
 
     def __init__(self, total: int, initial: int):
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+        # Console log lines (eval results, checkpoints) are printed above the bar, not through it.
+        self._redirect = logging_redirect_tqdm()
+        self._redirect.__enter__()
 
     def log(self, row: Row) -> None:
         if "eval_loss" in row:
@@ -52,6 +56,7 @@ class ProgressSink:
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.3f}", refresh=False)
 
     def close(self) -> None:
+        self._redirect.__exit__(None, None, None)
         self.bar.close()
 
 
