@@ -73,7 +73,11 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     if resume == "auto":
         found = complete_checkpoints(run_dir)
         if not found:
-            log.info("train.resume=auto: no checkpoint in %s, starting from scratch", checkpoints_dir(run_dir))
+            log.warning(
+                "train.resume=auto: no complete checkpoint in %s, starting from scratch "
+                "(to continue an earlier run, pass its directory as hydra.run.dir)",
+                checkpoints_dir(run_dir),
+            )
             return None
         return found[-1]
     path = Path(resume).expanduser()
@@ -83,6 +87,19 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
             f"use train.resume=auto or a checkpoints/step-N directory"
         )
     return path
+
+
+def check_compatible(path: Path, expected: dict) -> None:
+    """Refuse to resume from `path` when what a run's data order and learning-rate schedule
+    depend on (`expected`: batch size, run length, seed, data size) has changed since."""
+    state = json.loads((path / STATE_FILE).read_text())
+    changed = [f"{k}: {state.get(k)} -> {v}" for k, v in expected.items() if state.get(k) != v]
+    if changed:
+        raise UserError(
+            f"cannot resume from {path}: the run has changed since it was written ({'; '.join(changed)}); "
+            "resume with the same train.batch_size, train.max_steps/epochs, train.seed and data, "
+            "or start a new run directory"
+        )
 
 
 def load(accelerator: Any, path: Path) -> dict:

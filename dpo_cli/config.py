@@ -20,7 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from dpo_cli.errors import ConfigError
 
-MODES = ("train", "eval")
+MODES = ("train",)  # inspect and eval come later
 PRECISIONS = ("no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -177,6 +177,27 @@ def _check_target(problems: list[str], key: str, node: Any) -> None:
             )
 
 
+def _check_random_init(arch: Any) -> list[str]:
+    """Problems with model.random_init: its model_type and kwargs must build a transformers config."""
+    arch = dict(arch)
+    if "model_type" not in arch:
+        return ["model.random_init needs a model_type (e.g. llama, gpt2, qwen2)"]
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    model_type = arch.pop("model_type")
+    if model_type not in CONFIG_MAPPING:
+        return [
+            f"model.random_init.model_type={model_type!r} is not a transformers model type (e.g. llama, gpt2, qwen2, mistral)"
+        ]
+    try:
+        AutoConfig.for_model(model_type, **arch)
+    except Exception as e:  # noqa: BLE001 - config classes raise their own validation errors
+        cause = e.__cause__ or e
+        first = next((line.strip() for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
+        return [f"model.random_init does not build a transformers config: {first[:300]}"]
+    return []
+
+
 def validate(cfg: DictConfig) -> None:
     """Check the whole composed config; raise one ConfigError listing every problem found."""
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -191,8 +212,8 @@ def validate(cfg: DictConfig) -> None:
             "set exactly one of model.name_or_path (pretrained weights) and model.random_init "
             "(an architecture to initialise randomly), e.g. model=llama or model=tiny"
         )
-    if m.random_init is not None and "model_type" not in m.random_init:
-        p.append("model.random_init needs a model_type (e.g. llama, gpt2, qwen2)")
+    if m.random_init is not None:
+        p.extend(_check_random_init(m.random_init))
     if m.gguf_file is not None and m.name_or_path is None:
         p.append("model.gguf_file needs model.name_or_path (the directory or hub id holding the file)")
     _choice(p, "model.dtype", m.dtype, DTYPES)
@@ -266,6 +287,11 @@ def validate(cfg: DictConfig) -> None:
     _positive(p, "train.keep_checkpoints", t.keep_checkpoints, allow_none=True)
     _positive(p, "train.max_grad_norm", t.max_grad_norm, allow_none=True)
     _choice(p, "train.mixed_precision", t.mixed_precision, PRECISIONS)
+    if t.mixed_precision == "fp16" and m.dtype != "float32":
+        p.append(
+            f"train.mixed_precision=fp16 needs model.dtype=float32 (got {m.dtype}): the fp16 loss "
+            "scaler cannot unscale half-precision gradients; set model.dtype=float32"
+        )
 
     lg = cfg.logger
     _positive(p, "logger.log_every", lg.log_every)

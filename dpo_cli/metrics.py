@@ -18,6 +18,14 @@ log = logging.getLogger(__name__)
 Row = dict[str, Any]
 
 
+def _step_of(line: str, default: int) -> int:
+    """The step of a metrics.jsonl line; `default` for a line a crash cut short."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return default
+
+
 class JsonlSink:
     """One JSON object per line: {"step": N, ...metrics}. Flushed per row so a crash loses nothing."""
 
@@ -25,7 +33,9 @@ class JsonlSink:
         if resume_step is not None and path.exists():
             # Rows logged after the checkpoint we resume from will be logged again: drop them
             # so that the file reads like one uninterrupted run.
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            kept = [
+                line for line in path.read_text().splitlines() if _step_of(line, default=resume_step + 1) <= resume_step
+            ]
             path.write_text("".join(line + "\n" for line in kept))
         self.file = path.open("a")
 
@@ -110,10 +120,17 @@ class WandbSink:
 
 
 class MetricLogger:
-    """Fans rows out to every sink; does nothing on processes other than the main one."""
+    """Fans rows out to every sink; does nothing on processes other than the main one.
+    A context manager, so that sinks are closed (and the console restored) on errors too."""
 
     def __init__(self, sinks: list[Any]):
         self.sinks = sinks
+
+    def __enter__(self) -> MetricLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def log(self, row: Row) -> None:
         for sink in self.sinks:

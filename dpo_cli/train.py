@@ -50,10 +50,71 @@ def _open_sinks(
     return MetricLogger(sinks)
 
 
+def _make_accelerator(t: DictConfig) -> Any:
+    """The Accelerator for `train.mixed_precision`, or a ConfigError for what it cannot run."""
+    from accelerate import Accelerator, DistributedType
+    from accelerate.state import AcceleratorState
+
+    if t.mixed_precision == "fp16" and cpu_only():
+        raise ConfigError(
+            ["train.mixed_precision=fp16 needs a GPU (fp16 autocast does not run on CPUs); use bf16 or no"]
+        )
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher != "no" and launcher != t.mixed_precision:
+        log.warning(
+            "accelerate launch asked for mixed precision %r; dpo-cli uses train.mixed_precision=%r",
+            launcher,
+            t.mixed_precision,
+        )
+    if world_size_from_env() == 1:
+        # accelerate keeps its state for the whole process; the jobs of a Hydra sweep each
+        # start from a clean one so that they may differ in precision or device.
+        AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=cpu_only())
+    except ValueError as e:  # e.g. bf16 on a GPU without bf16 support
+        raise ConfigError([f"train.mixed_precision={t.mixed_precision}: {e}"]) from None
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise UserError(
+            f"{accelerator.distributed_type.value} launches are not supported yet: evaluation, "
+            "the reference copy and checkpoints assume whole (DDP) models; use --multi_gpu"
+        )
+    return accelerator
+
+
+def _resume_point(t: DictConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from, after refusing to mix a new run into an old run dir."""
+    resume_from = checkpoint.resolve_resume(t.resume, run_dir)
+    if resume_from is None and (run_dir / "metrics.jsonl").exists():
+        how = (
+            "train.resume=auto found no complete checkpoint there"
+            if t.resume == "auto"
+            else "continue it with train.resume=auto"
+        )
+        raise UserError(
+            f"{run_dir} already holds a run (metrics.jsonl); {how}. Choose another hydra.run.dir, "
+            "or delete that run directory to start it over"
+        )
+    return resume_from
+
+
+def _warmup_steps(scheduler: DictConfig, n_steps: int) -> int:
+    warmup = scheduler.warmup_steps
+    if warmup is None:
+        warmup = math.ceil(scheduler.warmup_ratio * n_steps)
+    if warmup >= n_steps:
+        raise ConfigError(
+            [
+                f"warmup takes {warmup} of the run's {n_steps} optimizer steps, so the learning rate "
+                "never reaches optimizer.lr; lower scheduler.warmup_steps / scheduler.warmup_ratio "
+                "or raise train.max_steps"
+            ]
+        )
+    return warmup
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train the policy described by `cfg`; return the last train and eval metrics."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from hydra.utils import instantiate
     from transformers import get_scheduler
@@ -61,24 +122,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     config.validate(cfg)
     run_dir = run_dir_of(cfg)
     t = cfg.train
-    if t.mixed_precision == "fp16" and cpu_only():
-        raise ConfigError(
-            ["train.mixed_precision=fp16 needs a GPU (fp16 autocast does not run on CPUs); use bf16 or no"]
-        )
-    if world_size_from_env() == 1:
-        # accelerate keeps its state for the whole process; the jobs of a Hydra sweep each
-        # start from a clean one so that they may differ in precision or device.
-        AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=cpu_only())
+    accelerator = _make_accelerator(t)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)  # messages once, from the main process
     accum = config.check_world(cfg, accelerator.num_processes)
-    resume_from = checkpoint.resolve_resume(t.resume, run_dir)
-    if t.resume is None and (run_dir / "metrics.jsonl").exists():
-        raise UserError(
-            f"{run_dir} already holds a run (metrics.jsonl); continue it with train.resume=auto "
-            f"or choose another hydra.run.dir"
-        )
+    resume_from = _resume_point(t, run_dir)
     set_seed(t.seed)
     log.info("run directory: %s", run_dir)
     log.info(
@@ -116,12 +164,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if per_epoch == 0:
         raise DataError(f"train.batch_size={t.batch_size} is larger than the {len(train_set)} training pairs; lower it")
     n_steps = t.max_steps or t.epochs * per_epoch
+    warmup = _warmup_steps(cfg.scheduler, n_steps)
+    # What a checkpoint must agree on to continue the same run (same batches, same schedule).
+    run_shape = {"batch_size": t.batch_size, "n_steps": n_steps, "seed": t.seed, "train_pairs": len(train_set)}
+    if resume_from is not None:
+        checkpoint.check_compatible(resume_from, run_shape)
 
     loss_fn = instantiate(cfg.loss)
     policy = load_model(cfg.model, tokenizer, t.seed)
-    # The reference is the policy before any update; on resume it is rebuilt the same way
-    # (same weights or same seed) and the checkpoint then overwrites only the policy.
-    reference = FrozenReference(policy).to(accelerator.device) if loss_fn.requires_reference else None
     trainable, total = count_parameters(policy)
     log.info(
         "model: %s | %.2fM trainable / %.2fM parameters | loss: %r",
@@ -131,87 +181,90 @@ def run(cfg: DictConfig) -> dict[str, float]:
         loss_fn,
     )
     optimizer = instantiate(cfg.optimizer)(params=[p for p in policy.parameters() if p.requires_grad])
-    warmup = (
-        cfg.scheduler.warmup_steps
-        if cfg.scheduler.warmup_steps is not None
-        else math.ceil(cfg.scheduler.warmup_ratio * n_steps)
-    )
     scheduler = get_scheduler(cfg.scheduler.name, optimizer, num_warmup_steps=warmup, num_training_steps=n_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     # The scheduler is stepped by hand once per optimizer step; registering it (instead of
     # preparing it) keeps it in checkpoints without accelerate stepping it once per process.
     accelerator.register_for_checkpointing(scheduler)
-
-    start = checkpoint.load(accelerator, resume_from)["step"] if resume_from is not None else 0
-    metrics = _open_sinks(cfg, run_dir, accelerator, n_steps, start, resumed=t.resume is not None)
     unwrapped = accelerator.unwrap_model(policy)
+    # The reference is the policy before any update, copied on its device. On resume it is
+    # rebuilt the same way (same weights or same seed); the checkpoint then overwrites only
+    # the policy, the optimizer and the scheduler.
+    reference = FrozenReference(unwrapped) if loss_fn.requires_reference else None
+    start = checkpoint.load(accelerator, resume_from)["step"] if resume_from is not None else 0
     pad_id = tokenizer.pad_token_id
     last: dict[str, float] = {}
 
-    def run_eval(step: int) -> None:
-        if not eval_set:
-            return
-        row = {
-            "step": step,
-            **evaluate(unwrapped, reference, loss_fn, eval_set, accelerator, t.micro_batch_size, pad_id),
-        }
-        metrics.log(row)
-        last.update(row)
-        log.info("eval step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"))
+    with _open_sinks(cfg, run_dir, accelerator, n_steps, start, resumed=resume_from is not None) as metrics:
 
-    policy.train()
-    for step in range(start, n_steps):
-        started = time.perf_counter()
-        indices = step_indices(step, len(train_set), t.batch_size, t.seed)
-        sums = torch.zeros(len(PAIR_METRICS), device=accelerator.device)
-        tokens = torch.zeros((), device=accelerator.device)
-        shards = micro_batches(indices, accelerator.process_index, accelerator.num_processes, t.micro_batch_size)
-        for i, idx in enumerate(shards):
-            batch = {k: v.to(accelerator.device) for k, v in collate([train_set[j] for j in idx], pad_id).items()}
-            # Gradients are all-reduced across processes only on the last micro batch.
-            sync = i == len(shards) - 1
-            with nullcontext() if sync else accelerator.no_sync(policy), accelerator.autocast():
-                loss, batch_sums = batch_loss(policy, reference, loss_fn, batch)
-                # Each micro batch's loss is a mean over its pairs; dividing by the number of
-                # micro batches makes the accumulated gradient the mean over this process's
-                # share, and DDP's all-reduce then averages over processes.
-                accelerator.backward(loss / accum)
-            sums += batch_sums
-            tokens += batch["attention_mask"].sum()
-        max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
-        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        done = step + 1
-        if done % cfg.logger.log_every == 0 or done == n_steps:
-            n_pairs = torch.tensor(float(t.batch_size), device=accelerator.device)
-            elapsed = time.perf_counter() - started
-            total_tokens = accelerator.reduce(tokens, "sum").item()
+        def run_eval(step: int) -> None:
+            if not eval_set:
+                return
             row = {
-                "step": done,
-                "epoch": round(done / per_epoch, 4),
-                **means(accelerator.reduce(sums, "sum"), n_pairs),
-                "grad_norm": float(grad_norm),
-                "lr": lr,
-                "tokens_per_s": total_tokens / elapsed,
-                "pairs_per_s": t.batch_size / elapsed,
+                "step": step,
+                **evaluate(unwrapped, reference, loss_fn, eval_set, accelerator, t.micro_batch_size, pad_id),
             }
             metrics.log(row)
             last.update(row)
-        if t.eval_every and done % t.eval_every == 0 and done != n_steps:
-            run_eval(done)
-        if t.save_every and done % t.save_every == 0:
-            epoch, batch_in_epoch = position(done, len(train_set), t.batch_size)
-            checkpoint.save(
-                accelerator, run_dir, done, {"epoch": epoch, "batch_in_epoch": batch_in_epoch}, t.keep_checkpoints
-            )
+            log.info("eval step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"))
 
-    run_eval(n_steps)
+        # Pair metrics, tokens and time accumulate over the logging window (logger.log_every steps).
+        window_sums = torch.zeros(len(PAIR_METRICS), device=accelerator.device)
+        window_tokens = torch.zeros((), device=accelerator.device)
+        window_steps, window_start = 0, time.perf_counter()
+        policy.train()
+        for step in range(start, n_steps):
+            indices = step_indices(step, len(train_set), t.batch_size, t.seed)
+            shards = micro_batches(indices, accelerator.process_index, accelerator.num_processes, t.micro_batch_size)
+            for i, idx in enumerate(shards):
+                batch = {k: v.to(accelerator.device) for k, v in collate([train_set[j] for j in idx], pad_id).items()}
+                # Gradients are all-reduced across processes only on the last micro batch.
+                sync = i == len(shards) - 1
+                with nullcontext() if sync else accelerator.no_sync(policy), accelerator.autocast():
+                    loss, batch_sums = batch_loss(policy, reference, loss_fn, batch)
+                    # Each micro batch's loss is a mean over its pairs; dividing by the number of
+                    # micro batches makes the accumulated gradient the mean over this process's
+                    # share, and DDP's all-reduce then averages over processes.
+                    accelerator.backward(loss / accum)
+                window_sums += batch_sums
+                window_tokens += batch["attention_mask"].sum()
+            max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
+            grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the step did not happen
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            window_steps += 1
+
+            done = step + 1
+            if done % cfg.logger.log_every == 0 or done == n_steps:
+                elapsed = time.perf_counter() - window_start
+                n_pairs = torch.tensor(float(t.batch_size * window_steps), device=accelerator.device)
+                row = {
+                    "step": done,
+                    "epoch": round(done / per_epoch, 4),
+                    **means(accelerator.reduce(window_sums, "sum"), n_pairs),
+                    "grad_norm": float(grad_norm),
+                    "lr": lr,
+                    "tokens_per_s": accelerator.reduce(window_tokens, "sum").item() / elapsed,
+                    "pairs_per_s": t.batch_size * window_steps / elapsed,
+                }
+                metrics.log(row)
+                last.update(row)
+                window_sums.zero_()
+                window_tokens.zero_()
+                window_steps, window_start = 0, time.perf_counter()
+            if t.eval_every and done % t.eval_every == 0 and done != n_steps:
+                run_eval(done)
+            if t.save_every and done % t.save_every == 0:
+                epoch, batch_in_epoch = position(done, len(train_set), t.batch_size)
+                state = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, **run_shape}
+                checkpoint.save(accelerator, run_dir, done, state, t.keep_checkpoints)
+
+        if start < n_steps:  # a run resumed at its last step was already evaluated
+            run_eval(n_steps)
     checkpoint.save_final(accelerator, policy, tokenizer, run_dir / "final")
-    metrics.close()
     if accelerator.is_main_process:
         write_report(run_dir / "metrics.jsonl", run_dir / "report.png")
     log.info("done: %s", " ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith("eval_")))

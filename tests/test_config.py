@@ -206,3 +206,22 @@ def test_uncommented_keys_detector():
 @pytest.mark.parametrize("path", YAML_FILES, ids=[str(p.relative_to(CONF)) for p in YAML_FILES])
 def test_every_key_has_a_comment(path):
     assert uncommented_keys(path.read_text()) == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["mode=eval"], "mode='eval' is not one of train"),
+        (
+            ["model.random_init.model_type=llamaa"],
+            "model.random_init.model_type='llamaa' is not a transformers model type",
+        ),
+        (["+model.random_init.bogus_kwarg=[1,2]", "model.random_init.hidden_size=-1"], "model.random_init"),
+        (["train.mixed_precision=fp16", "model.dtype=float16"], "train.mixed_precision=fp16 needs model.dtype=float32"),
+    ],
+    ids=["mode", "model-type", "bad-arch", "fp16-half-weights"],
+)
+def test_validate_rejects_before_weights(compose_cfg, overrides, needle):
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg(overrides))
+    assert any(needle in p for p in info.value.problems), info.value.problems

@@ -40,7 +40,7 @@ def _read_rows(path: str | None, hub_id: str | None, split: str, what: str) -> A
     """Rows from a local JSON-lines file (optionally .gz) or a hub dataset split."""
     import datasets
 
-    from dpo_cli.hub import hub_reachable
+    from dpo_cli.hub import hub_reachable, offline_mode
 
     if path is not None:
         path = os.path.expanduser(path)
@@ -50,15 +50,16 @@ def _read_rows(path: str | None, hub_id: str | None, split: str, what: str) -> A
             return datasets.load_dataset("json", data_files=path, split="train")
         except Exception as e:  # noqa: BLE001 - any parse failure is a problem with that file
             raise DataError(f"{what}={path!r} could not be read as JSON lines: {e}") from None
-    if not hub_reachable():
-        raise DataError(
-            f"dataset {hub_id!r} cannot be downloaded: the Hugging Face Hub is not reachable "
-            f"(offline?). Download it elsewhere and set data.path=/path/to/{split}.jsonl.gz"
-        )
+    fix = f"download it where there is network and set data.path=/path/to/{split}.jsonl.gz"
+    # In offline mode (HF_HUB_OFFLINE=1) the datasets library reads its cache, so try it;
+    # otherwise an unreachable Hub would only be retried for half a minute, so fail now.
+    if not offline_mode() and not hub_reachable():
+        raise DataError(f"dataset {hub_id!r} cannot be downloaded: the Hugging Face Hub is not reachable; {fix}")
     try:
         return datasets.load_dataset(hub_id, split=split)
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"dataset {hub_id!r} split {split!r} could not be loaded: {e}") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"dataset {hub_id!r} split {split!r} could not be loaded ({first}); {fix}") from None
 
 
 def _normalize(rows: Any, normalize: Callable[[dict], Pair | None], what: str) -> tuple[list[Pair], int]:

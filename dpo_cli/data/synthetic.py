@@ -1,17 +1,44 @@
-"""A built-in preference task that a tiny model learns in a minute on a CPU.
+"""A built-in preference task that a tiny model learns in under a minute on a CPU.
 
-Each prompt asks to sort a string of digits. The chosen response is the digits in ascending
-order; the rejected response is that order with two unequal digits swapped, so it differs in
-as few as two positions. The two responses have the same tokens and the same length, so neither
-length nor vocabulary gives the answer away: the policy has to learn the rule "each digit is at
-least the previous one" from the preferences.
-Evaluation pairs come from a separate random stream, so held-out accuracy measures whether the
-rule was learned, not whether pairs were memorised (chance is 0.5).
+Each prompt asks to sort a string of digits ("sort 3917:"). The chosen response is the digits in
+ascending order (" 1379"). The rejected response, with equal odds, is either
+- misordered: the same digits with two unequal ones swapped (" 1739"), or
+- miscopied: still sorted, but one digit replaced by another (" 1369").
+Both responses always have the same length. A misordered one can be spotted from the response
+alone ("each digit is at least the previous one"); a miscopied one only by comparing the
+response with the prompt, which a model has to learn to attend to. So the task is neither
+solved by a length or vocabulary shortcut nor in a single step.
+Evaluation pairs come from a separate random stream and never share a prompt with training, so
+held-out accuracy measures whether the rules were learned, not memorised (chance is 0.5).
 """
 
 from __future__ import annotations
 
 import random
+
+
+def _misorder(ordered: list[str], rng: random.Random) -> list[str] | None:
+    """The sorted digits with two unequal ones swapped: right digits, wrong order."""
+    i, j = sorted(rng.sample(range(len(ordered)), 2))
+    if ordered[i] == ordered[j]:  # swapping equal digits changes nothing: not a preference
+        return None
+    out = ordered[:]
+    out[i], out[j] = out[j], out[i]
+    return out
+
+
+def _miscopy(ordered: list[str], rng: random.Random) -> list[str] | None:
+    """The sorted digits with one replaced by another digit that keeps them sorted: right order,
+    wrong digits. Telling this apart needs the prompt, not just the response."""
+    k = rng.randrange(len(ordered))
+    low = ordered[k - 1] if k > 0 else "0"
+    high = ordered[k + 1] if k + 1 < len(ordered) else "9"
+    options = [d for d in "0123456789" if low <= d <= high and d != ordered[k]]
+    if not options:
+        return None
+    out = ordered[:]
+    out[k] = rng.choice(options)
+    return out
 
 
 def make_pairs(
@@ -26,12 +53,10 @@ def make_pairs(
         if "".join(digits) in exclude:
             continue
         ordered = sorted(digits)
-        i, j = sorted(rng.sample(range(len(ordered)), 2))
-        if ordered[i] == ordered[j]:  # swapping equal digits changes nothing: not a preference
+        rejected = _misorder(ordered, rng) if rng.random() < 0.5 else _miscopy(ordered, rng)
+        if rejected is None:
             continue
-        swapped = ordered[:]
-        swapped[i], swapped[j] = swapped[j], swapped[i]
-        chosen, rejected = "".join(ordered), "".join(swapped)
+        chosen, rejected = "".join(ordered), "".join(rejected)
         pairs.append({"prompt": f"sort {''.join(digits)}:", "chosen": f" {chosen}", "rejected": f" {rejected}"})
     return pairs
 
