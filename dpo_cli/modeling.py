@@ -104,7 +104,7 @@ def load_model(model: Any, tokenizer: Any, seed: int) -> torch.nn.Module:
             **arch,
         )
         torch.manual_seed(seed)
-        policy = AutoModelForCausalLM.from_config(config).to(dtype)
+        policy = AutoModelForCausalLM.from_config(config, attn_implementation=model.attn_implementation).to(dtype)
     else:
         name = model.name_or_path
         kwargs = _source_kwargs(name, model.revision, model.gguf_file or "config.json", "model.name_or_path")
