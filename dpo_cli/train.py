@@ -267,6 +267,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     checkpoint.save_final(accelerator, policy, tokenizer, run_dir / "final")
     if accelerator.is_main_process:
         write_report(run_dir / "metrics.jsonl", run_dir / "report.png")
-    log.info("done: %s", " ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith("eval_")))
+    evals = " ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith("eval_"))
+    log.info("done: %d steps; final model in %s; %s", n_steps, run_dir / "final", evals)
     accelerator.end_training()  # tears down the process group so processes exit cleanly
     return last
