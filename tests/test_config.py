@@ -159,16 +159,22 @@ KEY_LINE = re.compile(r"^(?P<indent>\s*)(?P<key>[A-Za-z_][\w-]*)\s*:(?P<rest>.*)
 def uncommented_keys(text: str) -> list[str]:
     """Lines of a YAML file that define a key without a `# comment` on the same line.
 
-    List items and the entries of a Hydra `defaults:` list are not keys; nested section
-    headers (`train:`) are, and need a comment like any other key.
+    List items, the entries of a Hydra `defaults:` list and the text of a block scalar
+    (`header: |-`) are not keys; nested section headers (`train:`) are, and need a comment
+    like any other key.
     """
     bad = []
     defaults_indent = None
+    block_indent = None
     for n, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
         indent = len(line) - len(line.lstrip())
+        if block_indent is not None:
+            if indent > block_indent:
+                continue
+            block_indent = None
         if defaults_indent is not None:
             if indent > defaults_indent or stripped.startswith("- "):
                 continue
@@ -183,6 +189,8 @@ def uncommented_keys(text: str) -> list[str]:
             continue
         if not re.search(r"(^|\s)#", m["rest"]):
             bad.append(f"{n}: {line}")
+        if re.match(r"\s*[|>][-+]?(\s|$)", m["rest"]):
+            block_indent = indent
     return bad
 
 
@@ -199,8 +207,11 @@ def test_uncommented_keys_detector():
         "  d: [1, 2]\n"
         "  e:\n"
         "    - 1\n"
+        "  f: |-  # fine\n"
+        "    Usage: text, not a key\n"
+        "  g: 3\n"
     )
-    assert uncommented_keys(text) == ["6: b: 2", "7: section:", "9:   d: [1, 2]", "10:   e:"]
+    assert uncommented_keys(text) == ["6: b: 2", "7: section:", "9:   d: [1, 2]", "10:   e:", "14:   g: 3"]
 
 
 @pytest.mark.parametrize("path", YAML_FILES, ids=[str(p.relative_to(CONF)) for p in YAML_FILES])
