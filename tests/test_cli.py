@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -125,17 +124,13 @@ def test_wheel_ships_conf_and_runs_from_any_directory(tmp_path):
     subprocess.run([str(BIN / "pip"), "install", "-q", "--no-deps", "--target", str(site), str(wheel)], check=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = "import dpo_cli.cli as c; print(c.config_dir()); c.main()"
-    proc = subprocess.run(
-        [sys.executable, "-c", code, "--cfg", "job"],
-        cwd=elsewhere,
-        env={"PYTHONPATH": str(site), "PATH": str(BIN)},
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[0] == str(site / "dpo_cli" / "conf")
-    assert "model_type: llama" in proc.stdout
+    env = {"PYTHONPATH": str(site), "PATH": str(BIN)}
+    dpo_train = str(site / "bin" / "dpo-train")  # the console script the wheel installed
+    job = subprocess.run([dpo_train, "--cfg", "job"], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert job.returncode == 0, job.stderr
+    assert "model_type: llama" in job.stdout
+    info = subprocess.run([dpo_train, "--info", "searchpath"], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert f"file://{site / 'dpo_cli' / 'conf'}" in info.stdout, info.stdout
 
 
 def _readme_commands() -> list[list[str]]:
