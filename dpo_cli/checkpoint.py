@@ -89,16 +89,46 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     return path
 
 
+# Keys that may change between a run and its resume: they decide where things are written or
+# how often, not what is computed.
+RESUMABLE_CHANGES = (
+    "train.resume",
+    "train.eval_every",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "logger.progress",
+    "logger.wandb",
+)
+
+
+def settings(cfg: Any) -> dict[str, Any]:
+    """The resolved config as flat `key: value` pairs, without the keys a resume may change."""
+    from omegaconf import OmegaConf
+
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if prefix.rstrip(".") in RESUMABLE_CHANGES:
+            return
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            flat[prefix.rstrip(".")] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
 def check_compatible(path: Path, expected: dict) -> None:
-    """Refuse to resume from `path` when what a run's data order and learning-rate schedule
-    depend on (`expected`: batch size, run length, seed, data size) has changed since."""
+    """Refuse to resume from `path` when anything that decides the computation (the config
+    apart from RESUMABLE_CHANGES, the run length, the tokenized training data) has changed."""
     state = json.loads((path / STATE_FILE).read_text())
-    changed = [f"{k}: {state.get(k)} -> {v}" for k, v in expected.items() if state.get(k) != v]
+    changed = [f"{k}: {state.get(k)!r} -> {v!r}" for k, v in expected.items() if state.get(k) != v]
     if changed:
         raise UserError(
             f"cannot resume from {path}: the run has changed since it was written ({'; '.join(changed)}); "
-            "resume with the same train.batch_size, train.max_steps/epochs, train.seed and data, "
-            "or start a new run directory"
+            "resume with the same settings and data, or start a new run directory"
         )
 
 

@@ -18,6 +18,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from dpo_cli.distributed import cpu_only
 from dpo_cli.errors import ConfigError
 
 MODES = ("train",)  # inspect and eval come later
@@ -190,12 +191,16 @@ def _check_random_init(arch: Any) -> list[str]:
             f"model.random_init.model_type={model_type!r} is not a transformers model type (e.g. llama, gpt2, qwen2, mistral)"
         ]
     try:
-        AutoConfig.for_model(model_type, **arch)
+        built = AutoConfig.for_model(model_type, **arch)
     except Exception as e:  # noqa: BLE001 - config classes raise their own validation errors
         cause = e.__cause__ or e
         first = next((line.strip() for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
         return [f"model.random_init does not build a transformers config: {first[:300]}"]
-    return []
+    # Config classes keep unknown kwargs as plain attributes (a typo would pass silently);
+    # known ones are either in the defaults or consumed (e.g. rope_theta into rope_parameters).
+    known = CONFIG_MAPPING[model_type]().to_dict()
+    unknown = sorted(k for k in arch if k not in known and k in vars(built))
+    return [f"model.random_init.{k} is not a {model_type} config key; check the spelling" for k in unknown]
 
 
 def validate(cfg: DictConfig) -> None:
@@ -285,9 +290,17 @@ def validate(cfg: DictConfig) -> None:
     _positive(p, "train.eval_every", t.eval_every, allow_none=True)
     _positive(p, "train.save_every", t.save_every, allow_none=True)
     _positive(p, "train.keep_checkpoints", t.keep_checkpoints, allow_none=True)
+    sc = cfg.scheduler
+    if t.max_steps and sc.warmup_steps is not None and sc.warmup_steps >= t.max_steps:
+        p.append(
+            f"scheduler.warmup_steps={sc.warmup_steps} is not below train.max_steps={t.max_steps}: "
+            "the learning rate would never reach optimizer.lr"
+        )
     _positive(p, "train.max_grad_norm", t.max_grad_norm, allow_none=True)
     _choice(p, "train.mixed_precision", t.mixed_precision, PRECISIONS)
-    if t.mixed_precision == "fp16" and m.dtype != "float32":
+    if t.mixed_precision == "fp16" and cpu_only():
+        p.append("train.mixed_precision=fp16 needs a GPU (fp16 autocast does not run on CPUs); use bf16 or no")
+    elif t.mixed_precision == "fp16" and m.dtype != "float32":
         p.append(
             f"train.mixed_precision=fp16 needs model.dtype=float32 (got {m.dtype}): the fp16 loss "
             "scaler cannot unscale half-precision gradients; set model.dtype=float32"
@@ -295,6 +308,11 @@ def validate(cfg: DictConfig) -> None:
 
     lg = cfg.logger
     _positive(p, "logger.log_every", lg.log_every)
+    if t.save_every and lg.log_every and lg.log_every > 0 and t.save_every % lg.log_every:
+        p.append(
+            f"train.save_every={t.save_every} must be a multiple of logger.log_every={lg.log_every}, so that "
+            "a resumed run logs the same averaged rows as an uninterrupted one"
+        )
     _choice(p, "logger.wandb.mode", lg.wandb.mode, WANDB_MODES)
 
     if p:

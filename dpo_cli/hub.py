@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import urllib.request
 from urllib.parse import urlparse
 
 
@@ -24,16 +25,19 @@ def offline_mode() -> bool:
 def hub_reachable(timeout: float = 5.0) -> bool:
     """Whether a TCP connection to the Hub endpoint (HF_ENDPOINT) opens within `timeout` s.
 
-    Behind an HTTP(S) proxy a direct connection says nothing, so the Hub client is trusted.
+    Where an HTTP(S) proxy serves the endpoint (HTTPS_PROXY and friends, minus NO_PROXY), the
+    proxy is what has to answer, so that is where the connection is tried.
     """
     if offline_mode():
         return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
-        return True
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = url.port or (443 if url.scheme == "https" else 80)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxy_url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_url.hostname, proxy_url.port or 8080
     try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False

@@ -43,7 +43,7 @@ class JsonlSink:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.file.close()
 
 
@@ -65,7 +65,7 @@ class ProgressSink:
         self.bar.update(row["step"] - self.bar.n)
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.3f}", refresh=False)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self._redirect.__exit__(None, None, None)
         self.bar.close()
 
@@ -115,8 +115,8 @@ class WandbSink:
     def log(self, row: Row) -> None:
         self.run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class MetricLogger:
@@ -129,13 +129,13 @@ class MetricLogger:
     def __enter__(self) -> MetricLogger:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(failed=exc_type is not None)
 
     def log(self, row: Row) -> None:
         for sink in self.sinks:
             sink.log(row)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         for sink in self.sinks:
-            sink.close()
+            sink.close(failed)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -17,7 +16,7 @@ from dpo_cli import checkpoint, config
 from dpo_cli.data import load_pairs
 from dpo_cli.data.batching import micro_batches, position, step_indices, steps_per_epoch
 from dpo_cli.data.collate import collate
-from dpo_cli.data.tokenize import tokenize_pairs
+from dpo_cli.data.tokenize import fingerprint, tokenize_pairs
 from dpo_cli.distributed import cpu_only, world_size_from_env
 from dpo_cli.errors import ConfigError, DataError, UserError
 from dpo_cli.evaluate import PAIR_METRICS, batch_loss, evaluate, means
@@ -42,11 +41,11 @@ def _open_sinks(
     if not accelerator.is_main_process:
         return MetricLogger([])
     sinks: list[Any] = [JsonlSink(run_dir / "metrics.jsonl", resume_step=start if resumed else None)]
-    if cfg.logger.progress:
-        sinks.append(ProgressSink(total=n_steps, initial=start))
     w = cfg.logger.wandb
     if w.mode != "disabled":
         sinks.append(WandbSink(w.mode, w.project, w.entity, w.name, w.group, w.tags, config.to_container(cfg), run_dir))
+    if cfg.logger.progress:  # last: it takes over the console handlers until closed
+        sinks.append(ProgressSink(total=n_steps, initial=start))
     return MetricLogger(sinks)
 
 
@@ -55,10 +54,6 @@ def _make_accelerator(t: DictConfig) -> Any:
     from accelerate import Accelerator, DistributedType
     from accelerate.state import AcceleratorState
 
-    if t.mixed_precision == "fp16" and cpu_only():
-        raise ConfigError(
-            ["train.mixed_precision=fp16 needs a GPU (fp16 autocast does not run on CPUs); use bf16 or no"]
-        )
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if launcher != "no" and launcher != t.mixed_precision:
         log.warning(
@@ -101,7 +96,7 @@ def _resume_point(t: DictConfig, run_dir: Path) -> Path | None:
 def _warmup_steps(scheduler: DictConfig, n_steps: int) -> int:
     warmup = scheduler.warmup_steps
     if warmup is None:
-        warmup = math.ceil(scheduler.warmup_ratio * n_steps)
+        warmup = int(scheduler.warmup_ratio * n_steps)
     if warmup >= n_steps:
         raise ConfigError(
             [
@@ -166,7 +161,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     n_steps = t.max_steps or t.epochs * per_epoch
     warmup = _warmup_steps(cfg.scheduler, n_steps)
     # What a checkpoint must agree on to continue the same run (same batches, same schedule).
-    run_shape = {"batch_size": t.batch_size, "n_steps": n_steps, "seed": t.seed, "train_pairs": len(train_set)}
+    run_shape = {"n_steps": n_steps, "data": fingerprint(train_set), **checkpoint.settings(cfg)}
     if resume_from is not None:
         checkpoint.check_compatible(resume_from, run_shape)
 
@@ -255,15 +250,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 window_sums.zero_()
                 window_tokens.zero_()
                 window_steps, window_start = 0, time.perf_counter()
-            if t.eval_every and done % t.eval_every == 0 and done != n_steps:
-                run_eval(done)
+            if (t.eval_every and done % t.eval_every == 0) or done == n_steps:
+                run_eval(done)  # before the checkpoint, so that a resume never repeats it
             if t.save_every and done % t.save_every == 0:
                 epoch, batch_in_epoch = position(done, len(train_set), t.batch_size)
                 state = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, **run_shape}
                 checkpoint.save(accelerator, run_dir, done, state, t.keep_checkpoints)
 
-        if start < n_steps:  # a run resumed at its last step was already evaluated
-            run_eval(n_steps)
+    if start == n_steps:
+        log.info("the run had already finished at step %d; nothing left to train", n_steps)
     checkpoint.save_final(accelerator, policy, tokenizer, run_dir / "final")
     if accelerator.is_main_process:
         write_report(run_dir / "metrics.jsonl", run_dir / "report.png")

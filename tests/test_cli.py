@@ -182,3 +182,19 @@ def test_readme_lists_every_metric_written(train_run):
     keys = {k for row in read_metrics(run_dir) for k in row}
     missing = sorted(k for k in keys if f"`{k}`" not in readme and f"`{k.removeprefix('eval_')}`" not in readme)
     assert not missing, f"metrics written but not documented in README: {missing}"
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
+    ids=["offline-mode", "unreachable"],
+)
+def test_uncached_hub_dataset_fails_fast_with_a_fix(tmp_path, env):
+    start = time.monotonic()
+    proc = run_cli(
+        ["dpo-train", "data=hh", f"hydra.run.dir={tmp_path}/r"],
+        cwd=tmp_path,
+        env={"HF_HOME": str(tmp_path / "hf"), **env},
+    )
+    assert_one_clear_error(proc, "Anthropic/hh-rlhf", "data.path=/path/to/train.jsonl.gz")
+    assert time.monotonic() - start < 60

@@ -227,10 +227,16 @@ def test_every_key_has_a_comment(path):
             ["model.random_init.model_type=llamaa"],
             "model.random_init.model_type='llamaa' is not a transformers model type",
         ),
-        (["+model.random_init.bogus_kwarg=[1,2]", "model.random_init.hidden_size=-1"], "model.random_init"),
-        (["train.mixed_precision=fp16", "model.dtype=float16"], "train.mixed_precision=fp16 needs model.dtype=float32"),
+        (["+model.random_init.hiden_size=128"], "model.random_init.hiden_size is not a llama config key"),
+        (
+            ["model.random_init.hidden_size=-1"],
+            "model.random_init does not build a transformers config: The hidden size (-1) is not a multiple",
+        ),
+        (["train.mixed_precision=fp16", "model.dtype=float16"], "train.mixed_precision=fp16 needs "),
+        (["train.max_steps=4", "scheduler.warmup_steps=4"], "scheduler.warmup_steps=4 is not below train.max_steps=4"),
+        (["train.save_every=3", "logger.log_every=2"], "train.save_every=3 must be a multiple of logger.log_every=2"),
     ],
-    ids=["mode", "model-type", "bad-arch", "fp16-half-weights"],
+    ids=["mode", "model-type", "arch-typo", "arch-invalid", "fp16", "warmup", "log-window"],
 )
 def test_validate_rejects_before_weights(compose_cfg, overrides, needle):
     with pytest.raises(ConfigError) as info:

@@ -421,3 +421,10 @@ def test_eval_batches_cover_every_index_once():
     for world in (1, 2, 3):
         seen = [i for r in range(world) for m in batching.eval_batches(n, r, world, 2) for i in m]
         assert sorted(seen) == list(range(n))
+
+
+def test_synthetic_small_prompt_space_is_an_error_not_a_hang():
+    from dpo_cli.errors import DataError
+
+    with pytest.raises(DataError, match="data.synthetic: could not draw 50 pairs"):
+        synthetic.load(SyntheticConfig(num_train=2000, num_eval=50, min_digits=2, max_digits=2), seed=0)

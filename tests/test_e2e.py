@@ -60,17 +60,22 @@ def test_short_run_trains_every_parameter_and_writes_outputs(train_run):
 
 
 def test_resume_reproduces_an_uninterrupted_run(train_run, tmp_path):
-    args = ["train.max_steps=6", "train.save_every=3", "train.eval_every=3", "train.keep_checkpoints=null"]
+    args = [
+        "train.max_steps=6",
+        "train.save_every=3",
+        "train.eval_every=3",
+        "train.keep_checkpoints=null",
+        "logger.log_every=3",  # logged rows average over 3 steps: the window must restart alike
+    ]
     _, full_dir = train_run(args, tmp_path / "full")
 
-    # A second run that only got as far as the step-3 checkpoint, then resumes.
+    # A second run that logged everything but whose last checkpoint is step 3 (it died while
+    # saving step 6), then resumes: rows after step 3 are dropped and computed again.
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(full_dir / "checkpoints" / "step-3", resumed_dir / "checkpoints" / "step-3")
     full = read_metrics(full_dir)
-    (resumed_dir / "metrics.jsonl").write_text(
-        "".join(line + "\n" for line in (full_dir / "metrics.jsonl").read_text().splitlines()[:4])
-    )
+    shutil.copy(full_dir / "metrics.jsonl", resumed_dir / "metrics.jsonl")
     train_run([*args, "train.resume=auto"], resumed_dir)
 
     resumed = read_metrics(resumed_dir)
@@ -123,10 +128,26 @@ def test_a_used_run_dir_is_not_overwritten(train_run, tmp_path):
     assert (run_dir / "metrics.jsonl").read_text() == before
 
 
-def test_resume_refuses_a_changed_run(train_run, tmp_path):
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (["train.max_steps=6"], "n_steps: 4 -> 6"),
+        (["optimizer.lr=0.05"], "optimizer.lr: 0.001 -> 0.05"),
+        (["data.synthetic.num_train=257"], "data: "),
+    ],
+    ids=["length", "lr", "data"],
+)
+def test_resume_refuses_a_changed_run(train_run, tmp_path, change, needle):
     _, run_dir = train_run(["train.max_steps=4", "train.save_every=2"], tmp_path / "r")
-    with pytest.raises(UserError, match=r"n_steps: 4 -> 6"):
-        train_run(["train.max_steps=6", "train.save_every=2", "train.resume=auto"], run_dir)
+    with pytest.raises(UserError, match=needle):
+        train_run(["train.max_steps=4", "train.save_every=2", *change, "train.resume=auto"], run_dir)
+
+
+def test_resume_may_change_where_and_how_often_it_writes(train_run, tmp_path):
+    _, run_dir = train_run(["train.max_steps=4", "train.save_every=2", "train.keep_checkpoints=null"], tmp_path / "r")
+    shutil.rmtree(run_dir / "checkpoints" / "step-4")
+    train_run(["train.max_steps=4", "train.save_every=1", "train.eval_every=1", "train.resume=auto"], run_dir)
+    assert (run_dir / "checkpoints" / "step-3").is_dir()
 
 
 def test_resume_tolerates_a_metrics_line_cut_short(train_run, tmp_path):
@@ -140,5 +161,11 @@ def test_resume_tolerates_a_metrics_line_cut_short(train_run, tmp_path):
 
 
 def test_warmup_longer_than_the_run_is_refused_before_loading(train_run):
-    with pytest.raises(ConfigError, match="warmup takes 5 of the run's 4"):
-        train_run(["train.max_steps=4", "scheduler.warmup_steps=5"])
+    # 256 pairs / 8 per step = 32 steps in one epoch, known only once the data is loaded.
+    with pytest.raises(ConfigError, match="warmup takes 40 of the run's 32"):
+        train_run(["scheduler.warmup_steps=40"])
+
+
+def test_one_step_runs_with_the_default_warmup(train_run):
+    result, _ = train_run(["train.max_steps=1"])
+    assert result["lr"] > 0  # 10% of one step rounds down to no warmup

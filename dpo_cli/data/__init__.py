@@ -50,7 +50,10 @@ def _read_rows(path: str | None, hub_id: str | None, split: str, what: str) -> A
             return datasets.load_dataset("json", data_files=path, split="train")
         except Exception as e:  # noqa: BLE001 - any parse failure is a problem with that file
             raise DataError(f"{what}={path!r} could not be read as JSON lines: {e}") from None
-    fix = f"download it where there is network and set data.path=/path/to/{split}.jsonl.gz"
+    fix = (
+        f"download it where there is network and set data.path=/path/to/{split}.jsonl.gz "
+        "(or, if it is in your Hugging Face cache, set HF_HUB_OFFLINE=1)"
+    )
     # In offline mode (HF_HUB_OFFLINE=1) the datasets library reads its cache, so try it;
     # otherwise an unreachable Hub would only be retried for half a minute, so fail now.
     if not offline_mode() and not hub_reachable():

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import random
 
+from dpo_cli.errors import DataError
+
 
 def _misorder(ordered: list[str], rng: random.Random) -> list[str] | None:
     """The sorted digits with two unequal ones swapped: right digits, wrong order."""
@@ -48,7 +50,9 @@ def make_pairs(
     prompts is in `exclude`."""
     rng = random.Random(seed)
     pairs = []
-    while len(pairs) < n:
+    for _ in range(100 * n + 10_000):  # bounded: a small prompt space may run out of new prompts
+        if len(pairs) == n:
+            break
         digits = [rng.choice("0123456789") for _ in range(rng.randint(min_digits, max_digits))]
         if "".join(digits) in exclude:
             continue
@@ -58,6 +62,11 @@ def make_pairs(
             continue
         chosen, rejected = "".join(ordered), "".join(rejected)
         pairs.append({"prompt": f"sort {''.join(digits)}:", "chosen": f" {chosen}", "rejected": f" {rejected}"})
+    if len(pairs) < n:
+        raise DataError(
+            f"data.synthetic: could not draw {n} pairs with prompts unused in training (found {len(pairs)}); "
+            "allow longer digit strings (data.synthetic.max_digits) or fewer pairs"
+        )
     return pairs
 
 

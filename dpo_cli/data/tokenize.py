@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,3 +79,14 @@ def tokenize_pairs(
         for p, c, r in zip(prompts, chosen, rejected, strict=True)
     ]
     return out, stats
+
+
+def fingerprint(pairs: list[Tokenized]) -> str:
+    """A short hash of the token ids of `pairs`, in order: equal only for the same data,
+    tokenizer and truncation (checked when a run resumes)."""
+    h = hashlib.sha256()
+    for p in pairs:
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            h.update(array("q", p[key]).tobytes())
+            h.update(b"|")
+    return h.hexdigest()[:16]
