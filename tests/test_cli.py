@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import time
 import zipfile
@@ -71,10 +72,28 @@ def test_missing_local_data_file_is_a_clear_error(tmp_path):
     assert_one_clear_error(proc, "data.path='nowhere.jsonl'", "no such file")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _two_process_run(launcher: list[str], tmp_path: Path) -> Path:
     run_root = tmp_path / "outputs"
+    # A port of its own, so that a run never collides with a previous one's socket.
+    port_flag = "--main_process_port" if launcher[0] == "accelerate" else "--master_port"
     proc = run_cli(
-        [*launcher, "-m", "dpo_cli", "train.max_steps=4", *QUIET, *FAST, f"hydra.run.dir={run_root}/${{run_stamp:}}"],
+        [
+            *launcher,
+            port_flag,
+            str(_free_port()),
+            "-m",
+            "dpo_cli",
+            "train.max_steps=4",
+            *QUIET,
+            *FAST,
+            f"hydra.run.dir={run_root}/${{run_stamp:}}",
+        ],
         cwd=tmp_path,
         timeout=600,
     )
