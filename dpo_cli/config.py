@@ -290,10 +290,9 @@ def validate(cfg: DictConfig) -> None:
     _positive(p, "train.eval_every", t.eval_every, allow_none=True)
     _positive(p, "train.save_every", t.save_every, allow_none=True)
     _positive(p, "train.keep_checkpoints", t.keep_checkpoints, allow_none=True)
-    sc = cfg.scheduler
-    if t.max_steps and sc.warmup_steps is not None and sc.warmup_steps >= t.max_steps:
+    if t.max_steps and s.warmup_steps is not None and s.warmup_steps >= t.max_steps:
         p.append(
-            f"scheduler.warmup_steps={sc.warmup_steps} is not below train.max_steps={t.max_steps}: "
+            f"scheduler.warmup_steps={s.warmup_steps} is not below train.max_steps={t.max_steps}: "
             "the learning rate would never reach optimizer.lr"
         )
     _positive(p, "train.max_grad_norm", t.max_grad_norm, allow_none=True)
