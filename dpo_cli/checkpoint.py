@@ -120,11 +120,41 @@ def settings(cfg: Any) -> dict[str, Any]:
     return flat
 
 
+def added_default(key: str, settings: dict[str, Any]) -> Any:
+    """The default of a setting that a later version added, or a sentinel when there is none.
+
+    A loss parameter's default is its class's (the `_target_` beside it in `settings`); any
+    other key's comes from the config schema. A checkpoint written before the key existed
+    computed exactly what that default computes, so resuming with the default is safe.
+    """
+    import inspect
+
+    from dpo_cli import config
+
+    node, _, name = key.rpartition(".")
+    target = settings.get(f"{node}._target_")
+    if target is not None:
+        try:
+            param = inspect.signature(config.import_target(str(target))).parameters.get(name)
+        except (ImportError, AttributeError, ValueError):
+            param = None
+        return param.default if param is not None else _NO_DEFAULT
+    return config.schema_default(key, _NO_DEFAULT)
+
+
+_NO_DEFAULT = object()
+
+
 def check_compatible(path: Path, expected: dict) -> None:
     """Refuse to resume from `path` when anything that decides the computation (the config
-    apart from RESUMABLE_CHANGES, the run length, the tokenized training data) has changed."""
+    apart from RESUMABLE_CHANGES, the run length, the tokenized training data) has changed.
+    Keys the checkpoint predates are fine while they keep their defaults (`added_default`)."""
     state = json.loads((path / STATE_FILE).read_text())
-    changed = [f"{k}: {state.get(k)!r} -> {v!r}" for k, v in expected.items() if state.get(k) != v]
+    changed = [
+        f"{k}: {state.get(k)!r} -> {v!r}"
+        for k, v in expected.items()
+        if (state[k] != v if k in state else added_default(k, expected) != v)
+    ]
     if changed:
         raise UserError(
             f"cannot resume from {path}: the run has changed since it was written ({'; '.join(changed)}); "

@@ -138,7 +138,17 @@ def _positive(problems: list[str], key: str, value: Any, allow_none: bool = Fals
         problems.append(f"{key}={value!r} must be > 0")
 
 
-def _import_target(path: str) -> Callable[..., Any]:
+def schema_default(key: str, missing: Any) -> Any:
+    """The schema's default for a dotted key (e.g. train.seed), or `missing` if it has none."""
+    node: Any = OmegaConf.structured(Config)
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node or OmegaConf.is_missing(node, part):
+            return missing
+        node = node[part]
+    return OmegaConf.to_container(node) if isinstance(node, DictConfig) else node
+
+
+def import_target(path: str) -> Callable[..., Any]:
     module, _, name = path.rpartition(".")
     return getattr(importlib.import_module(module), name)
 
@@ -150,7 +160,7 @@ def _check_target(problems: list[str], key: str, node: Any) -> None:
         problems.append(f"{key} must be a mapping with a _target_ (see conf/{key}/)")
         return
     try:
-        target = _import_target(str(node["_target_"]))
+        target = import_target(str(node["_target_"]))
     except (ImportError, AttributeError, ValueError):
         problems.append(f"{key}._target_={node['_target_']!r} cannot be imported; check the dotted path")
         return
@@ -203,6 +213,52 @@ def _check_random_init(arch: Any) -> list[str]:
     return [f"model.random_init.{k} is not a {model_type} config key; check the spelling" for k in unknown]
 
 
+def _build(problems: list[str], key: str, node: Any) -> Any:
+    """Instantiate a well-formed `_target_` node; the object checks its own value ranges (e.g.
+    beta > 0) and each line of its ValueError becomes a problem prefixed with `key`."""
+    from hydra.utils import instantiate
+
+    n_problems = len(problems)
+    _check_target(problems, key, node)
+    if len(problems) > n_problems:
+        return None
+    try:
+        return instantiate(node)
+    except Exception as e:  # noqa: BLE001 - any construction failure is a config problem
+        cause = e.__cause__ or e
+        problems.extend(f"{key}.{line}" for line in str(cause).splitlines())
+        return None
+
+
+def _check_loss(problems: list[str], node: Any, unpaired: bool, micro_batch_size: int) -> None:
+    """The loss (each term of a combination on its own, so that a problem names its term's
+    key), then what it needs of the data: pairs, and two examples per micro batch for KTO."""
+    from dpo_cli.logprobs import KL_ROWS
+
+    if isinstance(node, DictConfig) and "terms" in node:
+        n_problems = len(problems)
+        terms = node.terms if isinstance(node.terms, DictConfig) else {}
+        for name, term in terms.items():
+            _build(problems, f"loss.terms.{name}", term)
+        if len(problems) > n_problems:
+            return
+    loss = _build(problems, "loss", node)
+    if loss is None:
+        return
+    terms = getattr(loss, "terms", {"": loss})
+    if unpaired and loss.paired:
+        paired = [name or type(t).__name__ for name, t in terms.items() if t.paired]
+        problems.append(
+            f"loss: {', '.join(paired)} needs preference pairs, but data.format holds unpaired "
+            "prompt/completion/label examples; use loss=kto (or loss=sft), or paired data"
+        )
+    if KL_ROWS in loss.needs and micro_batch_size < 2:
+        problems.append(
+            f"train.micro_batch_size={micro_batch_size}: KTO estimates its KL reference point from "
+            "mismatched prompt/completion pairs of a micro batch, so it needs >= 2 examples per micro batch"
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     """Check the whole composed config; raise one ConfigError listing every problem found."""
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -224,7 +280,7 @@ def validate(cfg: DictConfig) -> None:
     _choice(p, "model.dtype", m.dtype, DTYPES)
 
     d = cfg.data
-    from dpo_cli.data import FORMATS  # imported here: data imports heavy libraries
+    from dpo_cli.data import FORMATS, UNPAIRED_FORMATS  # imported here: data imports heavy libraries
 
     _choice(p, "data.format", d.format, tuple(FORMATS))
     if d.format == "synthetic" and d.synthetic is None:
@@ -250,18 +306,7 @@ def validate(cfg: DictConfig) -> None:
         if not 2 <= s.min_digits <= s.max_digits:
             p.append(f"data.synthetic needs 2 <= min_digits <= max_digits, got {s.min_digits}, {s.max_digits}")
 
-    n_problems = len(p)
-    _check_target(p, "loss", cfg.loss)
-    if len(p) == n_problems:
-        # The loss checks its own value ranges (e.g. beta > 0) when it is built. It is built
-        # whenever its node is well-formed, so these problems are listed with all the others.
-        from hydra.utils import instantiate
-
-        try:
-            instantiate(cfg.loss)
-        except Exception as e:  # noqa: BLE001 - any construction failure is a config problem
-            cause = e.__cause__ or e
-            p.extend(f"loss.{line}" for line in str(cause).splitlines())
+    _check_loss(p, cfg.loss, unpaired=d.format in UNPAIRED_FORMATS, micro_batch_size=cfg.train.micro_batch_size)
     _check_target(p, "optimizer", cfg.optimizer)
     if isinstance(cfg.optimizer, DictConfig):
         if not cfg.optimizer.get("_partial_", False):

@@ -1,4 +1,5 @@
-"""Loss and metrics of one batch, and evaluation over the held-out split."""
+"""Loss and metrics of one batch, metric averaging across batches and processes, and evaluation
+over the held-out split."""
 
 from __future__ import annotations
 
@@ -10,81 +11,135 @@ import torch
 from dpo_cli.data.batching import eval_batches
 from dpo_cli.data.collate import collate
 from dpo_cli.data.tokenize import Tokenized
-from dpo_cli.logprobs import concatenated_forward
-from dpo_cli.losses import LossOutput
+from dpo_cli.logprobs import KL, KL_ROWS, batch_logps
+from dpo_cli.losses import Loss
+from dpo_cli.losses.base import Reduce, local
 
-# Metric names follow TRL's DPOTrainer so curves compare across tools.
-PAIR_METRICS = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "logits/chosen",
-    "logits/rejected",
-)
+Parts = dict[str, tuple[torch.Tensor, torch.Tensor]]  # metric name -> (sum, count)
 
 
 def batch_loss(
     policy: torch.nn.Module,
-    reference: Callable[[dict], Any] | None,
-    loss_fn: Callable[..., LossOutput],
+    reference: Callable[..., Any] | None,
+    loss_fn: Loss,
     batch: dict[str, torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean loss of the batch (with grad) and the per-batch sums of PAIR_METRICS (no grad)."""
-    fwd = concatenated_forward(policy, batch)
-    ref = reference(batch) if loss_fn.requires_reference else None
-    out = loss_fn(fwd.logps, ref)
+    reduce: Reduce = local,
+) -> tuple[torch.Tensor, Parts]:
+    """The batch's loss (with grad) and its metrics as (sum, count) parts (no grad).
+
+    Metric names and definitions follow TRL's DPOTrainer, so curves compare across tools:
+    rewards/* and logps/* are means over sequences of that role; logits/* are means over all
+    response tokens of that role in the batch (token-weighted); rewards/accuracies and
+    rewards/margins are over pairs (unpaired data: margins = mean chosen - mean rejected
+    reward, no accuracy). The loss is weighted by the batch's examples (pairs, or unpaired
+    examples), so the mean over batches is the mean over examples.
+    """
+    fwd = batch_logps(policy, batch, loss_fn.needs)
+    ref = reference(batch, loss_fn.needs) if loss_fn.requires_reference else None
+    out = loss_fn(fwd.logps, ref, reduce)
+    lp = fwd.logps
     with torch.no_grad():
-        sums = torch.stack(
-            [
-                out.losses.sum(),
-                out.chosen_rewards.sum(),
-                out.rejected_rewards.sum(),
-                (out.chosen_rewards > out.rejected_rewards).float().sum(),
-                (out.chosen_rewards - out.rejected_rewards).sum(),
-                fwd.logps.chosen.sum(),
-                fwd.logps.rejected.sum(),
-                fwd.mean_logits_chosen.sum(),
-                fwd.mean_logits_rejected.sum(),
-            ]
-        ).float()
-    return out.losses.mean(), sums
+        n_examples, paired = examples_in(batch)
+        count = torch.tensor(float(n_examples), device=out.loss.device)
+
+        def mean_of(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return values.float().sum(), torch.tensor(float(values.numel()), device=values.device)
+
+        parts: Parts = {
+            "loss": (out.loss.detach().float() * count, count),
+            "rewards/chosen": mean_of(out.chosen_rewards),
+            "rewards/rejected": mean_of(out.rejected_rewards),
+            "logps/chosen": mean_of(lp.chosen),
+            "logps/rejected": mean_of(lp.rejected),
+            "logits/chosen": (fwd.logit_sums_chosen.sum(), lp.chosen_tokens.sum()),
+            "logits/rejected": (fwd.logit_sums_rejected.sum(), lp.rejected_tokens.sum()),
+        }
+        if paired:
+            parts["rewards/accuracies"] = mean_of(out.chosen_rewards > out.rejected_rewards)
+            parts["rewards/margins"] = mean_of(out.chosen_rewards - out.rejected_rewards)
+        for name, value in out.metrics.items():
+            parts[name] = (value.float() * count, count)
+    return out.loss, parts
 
 
-def means(sums: torch.Tensor, n_pairs: torch.Tensor, prefix: str = "") -> dict[str, float]:
-    """PAIR_METRICS averaged over pairs (sums and n_pairs already reduced over processes)."""
-    values = (sums / n_pairs.clamp(min=1)).tolist()
-    return {prefix + name: v for name, v in zip(PAIR_METRICS, values, strict=True)}
+def examples_in(batch: dict[str, torch.Tensor]) -> tuple[int, bool]:
+    """(number of examples, whether they are pairs): a pair gives two non-KL rows, an unpaired
+    example one."""
+    rows = batch["example"][batch["role"] != KL]
+    n = int(rows.unique().numel())
+    return n, rows.numel() == 2 * n
+
+
+class Averages:
+    """Metric sums and counts accumulated over batches; `reduce` sums them over processes and
+    divides, so every metric is a mean over all examples (or tokens) that every process saw."""
+
+    def __init__(self) -> None:
+        self.parts: Parts = {}
+
+    def add(self, parts: Parts, scale: float = 1.0) -> None:
+        for name, (s, c) in parts.items():
+            s, c = s * scale, c * scale
+            if name in self.parts:
+                old_s, old_c = self.parts[name]
+                self.parts[name] = (old_s + s, old_c + c)
+            else:
+                self.parts[name] = (s.clone(), c.clone())
+
+    def reduce(self, accelerator: Any, prefix: str = "") -> dict[str, float]:
+        # Every process holds the same names (they depend only on the loss and the data's kind),
+        # so one stacked all-reduce serves them all.
+        names = sorted(self.parts)
+        if not names:
+            return {}
+        stacked = torch.stack([torch.stack([s.float(), c.float()]) for s, c in (self.parts[n] for n in names)])
+        totals = accelerator.reduce(stacked, "sum").tolist()
+        row = {prefix + n: s / c for n, (s, c) in zip(names, totals, strict=True) if c > 0}
+        if (
+            prefix + "rewards/margins" not in row
+            and {prefix + "rewards/chosen", prefix + "rewards/rejected"} <= row.keys()
+        ):
+            row[prefix + "rewards/margins"] = row[prefix + "rewards/chosen"] - row[prefix + "rewards/rejected"]
+        return row
+
+    def clear(self) -> None:
+        self.parts = {}
+
+
+def make_batch(examples: list[Tokenized], pad_id: int, loss_fn: Loss, device: Any) -> dict[str, torch.Tensor]:
+    """collate() for this loss (with KL rows when it needs them), moved to `device`."""
+    batch = collate(examples, pad_id, kl=KL_ROWS in loss_fn.needs)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 @torch.no_grad()
 def evaluate(
     policy: torch.nn.Module,
-    reference: Callable[[dict], Any] | None,
-    loss_fn: Callable[..., LossOutput],
-    pairs: list[Tokenized],
+    reference: Callable[..., Any] | None,
+    loss_fn: Loss,
+    examples: list[Tokenized],
     accelerator: Any,
     micro_batch_size: int,
     pad_id: int,
 ) -> dict[str, float]:
-    """`eval_`-prefixed PAIR_METRICS over all of `pairs`, each pair seen by one process.
+    """`eval_`-prefixed metrics over all of `examples`, each seen by one process.
 
     `policy` should be the unwrapped model: processes may hold different numbers of eval
-    batches, and a DDP-wrapped forward could wait on a collective the others never join.
-    The only synchronization is the final reduce.
+    batches, and a DDP-wrapped forward (or a loss reducing a statistic over processes) could
+    wait on a collective the others never join. So batch statistics stay local here (KTO's
+    KL estimate is per batch) and the only synchronization is the final reduce.
     """
     was_training = policy.training
     policy.eval()
-    sums = torch.zeros(len(PAIR_METRICS), device=accelerator.device)
-    count = torch.zeros((), device=accelerator.device)
-    for idx in eval_batches(len(pairs), accelerator.process_index, accelerator.num_processes, micro_batch_size):
-        batch = {k: v.to(accelerator.device) for k, v in collate([pairs[i] for i in idx], pad_id).items()}
+    sums = Averages()
+    batches = eval_batches(len(examples), accelerator.process_index, accelerator.num_processes, micro_batch_size)
+    # A process with no eval examples (fewer than processes) still needs every metric name for
+    # the reduce: it scores one example with weight 0.
+    scale = 1.0 if batches else 0.0
+    for idx in batches or [[0] * min(2, len(examples))]:
+        batch = make_batch([examples[i] for i in idx], pad_id, loss_fn, accelerator.device)
         with accelerator.autocast():
-            _, batch_sums = batch_loss(policy, reference, loss_fn, batch)
-        sums += batch_sums
-        count += len(idx)
+            _, parts = batch_loss(policy, reference, loss_fn, batch)
+        sums.add(parts, scale)
     policy.train(was_training)
-    return means(accelerator.reduce(sums, "sum"), accelerator.reduce(count, "sum"), prefix="eval_")
+    return sums.reduce(accelerator, prefix="eval_")

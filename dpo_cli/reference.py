@@ -1,8 +1,8 @@
 """The reference model's log-probs.
 
-Today the reference is a frozen copy of the policy taken before training starts. Other
-sources (a LoRA adapter switched off, a precomputed cache, none) fit behind the same call:
-`reference(batch) -> SequenceLogps`.
+Today the reference is a frozen copy of the policy taken before training starts, or nothing
+when no loss term needs one. Other sources (a LoRA adapter switched off, a precomputed cache)
+fit behind the same call: `reference(batch, extras) -> SequenceLogps`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import copy
 
 import torch
 
-from dpo_cli.logprobs import concatenated_forward
-from dpo_cli.losses import SequenceLogps
+from dpo_cli.logprobs import SequenceLogps, batch_logps
 
 
 class FrozenReference:
@@ -27,6 +26,18 @@ class FrozenReference:
         self.model.to(device)
         return self
 
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def describe(self) -> str:
+        return f"frozen copy of the initial policy ({self.num_parameters() / 1e6:.2f}M parameters)"
+
     @torch.no_grad()
-    def __call__(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
-        return concatenated_forward(self.model, batch).logps
+    def __call__(self, batch: dict[str, torch.Tensor], extras: frozenset[str] = frozenset()) -> SequenceLogps:
+        return batch_logps(self.model, batch, extras).logps
+
+
+def build_reference(requires_reference: bool, policy: torch.nn.Module) -> FrozenReference | None:
+    """The reference for a run: a frozen copy of `policy` when the loss needs one, else None,
+    so that reference-free runs hold one model in memory, not two."""
+    return FrozenReference(policy) if requires_reference else None

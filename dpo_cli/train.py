@@ -15,14 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 from dpo_cli import checkpoint, config
 from dpo_cli.data import load_pairs
 from dpo_cli.data.batching import micro_batches, position, step_indices, steps_per_epoch
-from dpo_cli.data.collate import collate
 from dpo_cli.data.tokenize import fingerprint, tokenize_pairs
 from dpo_cli.distributed import cpu_only, world_size_from_env
 from dpo_cli.errors import ConfigError, DataError, UserError
-from dpo_cli.evaluate import PAIR_METRICS, batch_loss, evaluate, means
+from dpo_cli.evaluate import Averages, batch_loss, evaluate, make_batch
 from dpo_cli.metrics import JsonlSink, MetricLogger, ProgressSink, WandbSink
 from dpo_cli.modeling import count_parameters, load_model, load_tokenizer
-from dpo_cli.reference import FrozenReference
+from dpo_cli.reference import build_reference
 from dpo_cli.report import write_report
 
 log = logging.getLogger(__name__)
@@ -185,10 +184,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # The reference is the policy before any update, copied on its device. On resume it is
     # rebuilt the same way (same weights or same seed); the checkpoint then overwrites only
     # the policy, the optimizer and the scheduler.
-    reference = FrozenReference(unwrapped) if loss_fn.requires_reference else None
+    reference = build_reference(loss_fn.requires_reference, unwrapped)
+    log.info("reference: %s", reference.describe() if reference else "none (no loss term needs one)")
     start = checkpoint.load(accelerator, resume_from)["step"] if resume_from is not None else 0
     pad_id = tokenizer.pad_token_id
     last: dict[str, float] = {}
+
+    def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
+        # A batch statistic a loss uses (KTO's KL estimate): every process joins this reduce on
+        # every micro batch, since all of them step through the same number of micro batches.
+        return accelerator.reduce(x, "mean")
 
     with _open_sinks(cfg, run_dir, accelerator, n_steps, start, resumed=resume_from is not None) as metrics:
 
@@ -203,8 +208,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             last.update(row)
             log.info("eval step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"))
 
-        # Pair metrics, tokens and time accumulate over the logging window (logger.log_every steps).
-        window_sums = torch.zeros(len(PAIR_METRICS), device=accelerator.device)
+        # Metrics, tokens and time accumulate over the logging window (logger.log_every steps).
+        window = Averages()
         window_tokens = torch.zeros((), device=accelerator.device)
         window_steps, window_start = 0, time.perf_counter()
         policy.train()
@@ -212,16 +217,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
             indices = step_indices(step, len(train_set), t.batch_size, t.seed)
             shards = micro_batches(indices, accelerator.process_index, accelerator.num_processes, t.micro_batch_size)
             for i, idx in enumerate(shards):
-                batch = {k: v.to(accelerator.device) for k, v in collate([train_set[j] for j in idx], pad_id).items()}
+                batch = make_batch([train_set[j] for j in idx], pad_id, loss_fn, accelerator.device)
                 # Gradients are all-reduced across processes only on the last micro batch.
                 sync = i == len(shards) - 1
                 with nullcontext() if sync else accelerator.no_sync(policy), accelerator.autocast():
-                    loss, batch_sums = batch_loss(policy, reference, loss_fn, batch)
+                    loss, parts = batch_loss(policy, reference, loss_fn, batch, mean_over_processes)
                     # Each micro batch's loss is a mean over its pairs; dividing by the number of
                     # micro batches makes the accumulated gradient the mean over this process's
                     # share, and DDP's all-reduce then averages over processes.
                     accelerator.backward(loss / accum)
-                window_sums += batch_sums
+                window.add(parts)
                 window_tokens += batch["attention_mask"].sum()
             max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
             grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
@@ -235,11 +240,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
             done = step + 1
             if done % cfg.logger.log_every == 0 or done == n_steps:
                 elapsed = time.perf_counter() - window_start
-                n_pairs = torch.tensor(float(t.batch_size * window_steps), device=accelerator.device)
                 row = {
                     "step": done,
                     "epoch": round(done / per_epoch, 4),
-                    **means(accelerator.reduce(window_sums, "sum"), n_pairs),
+                    **window.reduce(accelerator),
                     "grad_norm": float(grad_norm),
                     "lr": lr,
                     "tokens_per_s": accelerator.reduce(window_tokens, "sum").item() / elapsed,
@@ -247,7 +251,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 }
                 metrics.log(row)
                 last.update(row)
-                window_sums.zero_()
+                window.clear()
                 window_tokens.zero_()
                 window_steps, window_start = 0, time.perf_counter()
             if (t.eval_every and done % t.eval_every == 0) or done == n_steps:

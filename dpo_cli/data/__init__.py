@@ -14,19 +14,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpo_cli.data import hh, synthetic
+from dpo_cli.data import hh, kto, synthetic
 from dpo_cli.errors import DataError
 
 log = logging.getLogger(__name__)
 
-Pair = dict[str, str]
+Pair = dict[str, Any]  # {prompt, chosen, rejected} strings, or unpaired {prompt, completion, label}
 
 # Row formats: name -> function turning one source row into a pair (None = drop the row).
 # `synthetic` generates its pairs instead of reading rows.
 FORMATS: dict[str, Callable[[dict], Pair | None] | None] = {
     "synthetic": None,
     "hh": hh.normalize,
+    "kto": kto.normalize,
 }
+# Formats whose examples are unpaired completions with a desirable/undesirable label: only
+# losses that do not need pairs (KTO, SFT) train on them.
+UNPAIRED_FORMATS = frozenset({"kto"})
 
 
 @dataclass

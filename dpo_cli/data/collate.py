@@ -1,31 +1,74 @@
-"""Token ids -> padded tensors with chosen rows first, then rejected rows."""
+"""Examples -> one batch of sequences, each with a role, padded into (N, T) tensors.
+
+A batch holds *sequences*, not pairs: each row is one prompt + response, tagged with its role
+(CHOSEN, REJECTED or KL) and the index of the example it came from. Every loss reads the same
+shape (see DESIGN.md, "One batch shape"): paired losses pair the i-th CHOSEN row with the i-th
+REJECTED row, KTO reads desirable completions as CHOSEN rows, undesirable ones as REJECTED
+rows, and its KL reference point from the KL rows. Rows are ordered CHOSEN, then REJECTED,
+then KL; `logprobs` groups per-sequence values by role, so only the order within a role matters.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from dpo_cli.data.tokenize import Tokenized
-from dpo_cli.logprobs import IGNORE_INDEX
+from dpo_cli.logprobs import CHOSEN, IGNORE_INDEX, KL, REJECTED
 
 
-def collate(pairs: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
-    """Batch B pairs into (2B, T) tensors: rows [0, B) are prompt + chosen, rows [B, 2B)
-    prompt + rejected, right-padded to the longest row.
+def _sequences(examples: list[Tokenized]) -> list[tuple[list[int], list[int], int, int, int]]:
+    """(prompt ids, response ids, role, example index, shared length) for every non-KL sequence.
 
-    labels copy input_ids on response tokens and are IGNORE_INDEX on prompt and padding,
-    so only response tokens count in the log-probs.
+    A pair gives a CHOSEN and a REJECTED sequence whose shared length is the shorter of the two
+    responses (LD-DPO weights the tokens past it); an unpaired example ({prompt_ids,
+    completion_ids, label}) gives one sequence, CHOSEN if desirable, whose shared length is its
+    own length.
     """
-    rows, labels = [], []
-    for side in ("chosen_ids", "rejected_ids"):
-        for p in pairs:
-            rows.append(p["prompt_ids"] + p[side])
-            labels.append([IGNORE_INDEX] * len(p["prompt_ids"]) + p[side])
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    label_ids = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, lab) in enumerate(zip(rows, labels, strict=True)):
-        input_ids[i, : len(r)] = torch.tensor(r)
-        label_ids[i, : len(lab)] = torch.tensor(lab)
-        attention_mask[i, : len(r)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
+    chosen, rejected = [], []
+    for i, ex in enumerate(examples):
+        if "completion_ids" in ex:
+            seq = (ex["prompt_ids"], ex["completion_ids"], CHOSEN if ex["label"] else REJECTED, i)
+            (chosen if ex["label"] else rejected).append((*seq, len(ex["completion_ids"])))
+        else:
+            shared = min(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
+            chosen.append((ex["prompt_ids"], ex["chosen_ids"], CHOSEN, i, shared))
+            rejected.append((ex["prompt_ids"], ex["rejected_ids"], REJECTED, i, shared))
+    return chosen + rejected
+
+
+def collate(examples: list[Tokenized], pad_id: int, kl: bool = False) -> dict[str, torch.Tensor]:
+    """Batch examples (pairs or unpaired completions) into right-padded (N, T) tensors.
+
+    Keys: input_ids, attention_mask, labels (input ids on response tokens, IGNORE_INDEX on the
+    prompt and padding, so only response tokens count), role (N,), example (N,) (index into
+    `examples`) and shared_tokens (N,).
+
+    With `kl=True`, KTO's mismatched sequences follow: the j-th KL row is the j-th sequence's
+    prompt followed by the response of sequence j - 1 (cyclically), as in TRL's KTOTrainer. For
+    pairs, chosen responses come first and rejected ones after, so every KL row mixes two
+    different examples once there are at least two of them.
+    """
+    seqs = _sequences(examples)
+    if kl:
+        seqs += [
+            (prompt, seqs[j - 1][1], KL, example, len(seqs[j - 1][1]))
+            for j, (prompt, _, _, example, _) in enumerate(list(seqs))
+        ]
+    width = max(len(p) + len(r) for p, r, *_ in seqs)
+    n = len(seqs)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    for row, (prompt, response, *_) in enumerate(seqs):
+        ids = torch.tensor(prompt + response, dtype=torch.long)
+        input_ids[row, : len(ids)] = ids
+        labels[row, len(prompt) : len(ids)] = ids[len(prompt) :]
+        attention_mask[row, : len(ids)] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "role": torch.tensor([s[2] for s in seqs], dtype=torch.long),
+        "example": torch.tensor([s[3] for s in seqs], dtype=torch.long),
+        "shared_tokens": torch.tensor([s[4] for s in seqs], dtype=torch.long),
+    }

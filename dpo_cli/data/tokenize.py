@@ -7,7 +7,9 @@ from array import array
 from dataclasses import dataclass
 from typing import Any
 
-Tokenized = dict[str, list[int]]  # prompt_ids, chosen_ids, rejected_ids
+# A tokenized pair {prompt_ids, chosen_ids, rejected_ids}, or an unpaired example
+# {prompt_ids, completion_ids, label} (label 1 = desirable, 0 = undesirable).
+Tokenized = dict[str, Any]
 
 
 @dataclass
@@ -62,9 +64,17 @@ def tokenize_pairs(
     if not pairs:
         return [], stats
     prompts = tokenizer([p["prompt"] for p in pairs], add_special_tokens=True)["input_ids"]
+    eos = [tokenizer.eos_token_id]
+    keep_end = truncation_mode == "keep_end"
+    if "completion" in pairs[0]:  # unpaired examples: truncated like a pair of two equal responses
+        completions = tokenizer([p["completion"] for p in pairs], add_special_tokens=False)["input_ids"]
+        out = []
+        for p, c, row in zip(prompts, completions, pairs, strict=True):
+            t = truncate(p, c + eos, [], max_length, max_prompt_length, keep_end, tokenizer.bos_token_id, stats)
+            out.append({"prompt_ids": t["prompt_ids"], "completion_ids": t["chosen_ids"], "label": int(row["label"])})
+        return out, stats
     chosen = tokenizer([p["chosen"] for p in pairs], add_special_tokens=False)["input_ids"]
     rejected = tokenizer([p["rejected"] for p in pairs], add_special_tokens=False)["input_ids"]
-    eos = [tokenizer.eos_token_id]
     out = [
         truncate(
             p,
@@ -72,7 +82,7 @@ def tokenize_pairs(
             r + eos,
             max_length,
             max_prompt_length,
-            keep_end=truncation_mode == "keep_end",
+            keep_end=keep_end,
             bos_id=tokenizer.bos_token_id,
             stats=stats,
         )
@@ -86,7 +96,13 @@ def fingerprint(pairs: list[Tokenized]) -> str:
     tokenizer and truncation (checked when a run resumes)."""
     h = hashlib.sha256()
     for p in pairs:
-        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
-            h.update(array("q", p[key]).tobytes())
+        keys = (
+            ("prompt_ids", "chosen_ids", "rejected_ids")
+            if "chosen_ids" in p
+            else ("prompt_ids", "completion_ids", "label")
+        )
+        for key in keys:
+            value = p[key]
+            h.update(array("q", value if isinstance(value, list) else [value]).tobytes())
             h.update(b"|")
     return h.hexdigest()[:16]
