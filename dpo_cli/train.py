@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli import checkpoint, config
-from dpo_cli.data import load_pairs
+from dpo_cli.data import UNPAIRED_FORMATS, load_pairs
 from dpo_cli.data.batching import micro_batches, position, step_indices, steps_per_epoch
 from dpo_cli.data.tokenize import fingerprint, tokenize_pairs
 from dpo_cli.distributed import cpu_only, world_size_from_env
@@ -147,8 +147,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     train_set, trunc = tokenize_pairs(pairs.train, tokenizer, **lengths)
     eval_set, _ = tokenize_pairs(pairs.eval, tokenizer, **lengths)
     log.info(
-        "data: %d train pairs, %d eval pairs, dropped (could not split): %s, truncated prompts: %d, truncated responses: %d",
+        "data: %d train %s, %d eval, dropped (could not split): %s, truncated prompts: %d, truncated responses: %d",
         len(train_set),
+        "examples" if cfg.data.format in UNPAIRED_FORMATS else "pairs",
         len(eval_set),
         pairs.dropped or 0,
         trunc.prompts,

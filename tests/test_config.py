@@ -22,7 +22,11 @@ GROUP_FILES = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.ya
 YAML_FILES = sorted(CONF.rglob("*.yaml"))
 
 # Files that need a value the user must supply (`???`) to compose into a valid config.
-REQUIRED = {("model", "pretrained"): ["model.name_or_path=x/y"]}
+REQUIRED = {
+    ("model", "pretrained"): ["model.name_or_path=x/y"],
+    ("loss", "combo"): ["+loss@loss.terms.dpo=dpo"],  # a combination's terms
+    ("data", "kto"): ["data.path=x.jsonl", "loss=kto"],  # unpaired data trains with KTO
+}
 
 
 def _default_groups() -> set[str]:

@@ -16,6 +16,7 @@ from dpo_cli.data import batching, hh, load_pairs, synthetic
 from dpo_cli.data.collate import collate
 from dpo_cli.data.tokenize import TruncationStats, tokenize_pairs, truncate
 from dpo_cli.errors import DataError
+from dpo_cli.logprobs import CHOSEN, KL, REJECTED
 from dpo_cli.modeling import byte_tokenizer
 
 HH_SAMPLE = Path(__file__).parent / "fixtures" / "hh_sample.jsonl"
@@ -36,7 +37,10 @@ def test_collate_exact_tensors():
         {"prompt_ids": [1, 12], "chosen_ids": [21, 22, 23, 2], "rejected_ids": [32, 2]},
     ]
     batch = collate(pairs, pad_id=0)
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "role", "example", "shared_tokens"}
+    assert batch["role"].tolist() == [CHOSEN, CHOSEN, REJECTED, REJECTED]
+    assert batch["example"].tolist() == [0, 1, 0, 1]
+    assert batch["shared_tokens"].tolist() == [2, 2, 2, 2]  # the shorter response of each pair
     expected_ids = torch.tensor(
         [
             [1, 10, 11, 20, 2, 0],
@@ -71,6 +75,57 @@ def test_collate_pads_with_pad_id():
     batch = collate(pairs, pad_id=258)
     assert torch.equal(batch["input_ids"], torch.tensor([[5, 6, 258, 258], [5, 7, 8, 9]]))
     assert torch.equal(batch["labels"], torch.tensor([[X, 6, X, X], [X, 7, 8, 9]]))
+
+
+def test_collate_unpaired_examples_with_kl_rows():
+    """Three unpaired examples: 0 desirable, 1 undesirable, 2 desirable. Rows: the desirable
+    completions (examples 0, 2) as CHOSEN, then the undesirable one (1) as REJECTED, then one
+    KL row per sequence: the prompt of sequence j with the completion of sequence j - 1
+    (cyclically over the rows above): [p0 + c1], [p2 + c0], [p1 + c2]."""
+    examples = [
+        {"prompt_ids": [1, 10], "completion_ids": [20, 2], "label": 1},
+        {"prompt_ids": [1, 11], "completion_ids": [21, 22, 2], "label": 0},
+        {"prompt_ids": [1, 12], "completion_ids": [23, 2], "label": 1},
+    ]
+    batch = collate(examples, pad_id=0, kl=True)
+    assert batch["role"].tolist() == [CHOSEN, CHOSEN, REJECTED, KL, KL, KL]
+    assert batch["example"].tolist() == [0, 2, 1, 0, 2, 1]
+    expected_ids = torch.tensor(
+        [
+            [1, 10, 20, 2, 0],
+            [1, 12, 23, 2, 0],
+            [1, 11, 21, 22, 2],
+            [1, 10, 21, 22, 2],
+            [1, 12, 20, 2, 0],
+            [1, 11, 23, 2, 0],
+        ]
+    )
+    expected_labels = torch.tensor(
+        [
+            [X, X, 20, 2, X],
+            [X, X, 23, 2, X],
+            [X, X, 21, 22, 2],
+            [X, X, 21, 22, 2],
+            [X, X, 20, 2, X],
+            [X, X, 23, 2, X],
+        ]
+    )
+    assert torch.equal(batch["input_ids"], expected_ids)
+    assert torch.equal(batch["labels"], expected_labels)
+    assert torch.equal(batch["attention_mask"], (expected_ids != 0).long())
+
+
+def test_collate_pairs_with_kl_rows_never_match_their_prompt():
+    """KTO on pairs: chosen c0, c1 then rejected r0, r1; KL rows take the previous sequence's
+    response: p0 + r1, p1 + c0, p0 + c1, p1 + r0. With two or more pairs no KL row pairs a
+    prompt with its own response."""
+    pairs = [
+        {"prompt_ids": [1, 10], "chosen_ids": [20], "rejected_ids": [30]},
+        {"prompt_ids": [1, 11], "chosen_ids": [21], "rejected_ids": [31]},
+    ]
+    batch = collate(pairs, pad_id=0, kl=True)
+    kl_rows = batch["input_ids"][batch["role"] == KL].tolist()
+    assert kl_rows == [[1, 10, 31], [1, 11, 20], [1, 10, 21], [1, 11, 30]]
 
 
 # --- truncation ------------------------------------------------------------------------------

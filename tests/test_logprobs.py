@@ -1,4 +1,4 @@
-"""sequence_logps and concatenated_forward on examples small enough to do by hand."""
+"""sequence_logps and batch_logps on examples small enough to do by hand."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import torch
 from torch.testing import assert_close
 
-from dpo_cli.logprobs import IGNORE_INDEX, concatenated_forward, sequence_logps
+from dpo_cli.data.collate import collate
+from dpo_cli.logprobs import CHOSEN, IGNORE_INDEX, KL, REJECTED, SHARED, WPO, batch_logps, sequence_logps
 
 # One sequence of 4 positions over a vocabulary of 3. The logits are log-probabilities, so
 # log_softmax returns them unchanged and every expected value is the log of a number below.
@@ -108,7 +109,7 @@ class FixedLogits(torch.nn.Module):
         return SimpleNamespace(logits=self.logits)
 
 
-def test_concatenated_forward_splits_chosen_and_rejected():
+def test_batch_logps_groups_rows_by_role():
     """B = 2 pairs, so rows 0 and 1 are chosen, rows 2 and 3 rejected. T = 5, V = 3.
 
     Row r has r + 1 response tokens at the end of the row and constant logits c_r at the
@@ -116,7 +117,8 @@ def test_concatenated_forward_splits_chosen_and_rejected():
     holds 100 (also uniform, but it would move the mean logit if it were counted).
         logps:       -(r + 1) log 3  ->  chosen [-log 3, -2 log 3], rejected [-3 log 3, -4 log 3]
         tokens:      r + 1           ->  chosen [1, 2], rejected [3, 4]
-        mean logit:  c_r             ->  chosen [c_0, c_1], rejected [c_2, c_3]
+        logit sums:  (r + 1) c_r     ->  chosen [c_0, 2 c_1], rejected [3 c_2, 4 c_3]
+    (TRL's logits/chosen is then sum of logit sums / sum of tokens: token-weighted.)
     """
     b, t, v = 2, 5, 3
     c = [1.0, -2.0, 3.0, 0.5]
@@ -130,17 +132,92 @@ def test_concatenated_forward_splits_chosen_and_rejected():
         "input_ids": torch.arange(2 * b * t).reshape(2 * b, t),
         "attention_mask": torch.ones(2 * b, t, dtype=torch.long),
         "labels": labels,
+        "role": torch.tensor([CHOSEN, CHOSEN, REJECTED, REJECTED]),
+        "shared_tokens": torch.tensor([1, 2, 1, 2]),
     }
     model = FixedLogits(logits)
-    out = concatenated_forward(model, batch)
+    out = batch_logps(model, batch)
 
     assert len(model.calls) == 1, "chosen and rejected rows go through one forward pass"
-    assert model.calls[0]["input_ids"] is batch["input_ids"]
+    assert model.calls[0]["input_ids"] is batch["input_ids"], "no copy of the batch without KL rows"
     assert model.calls[0]["attention_mask"] is batch["attention_mask"]
     log3 = math.log(3)
     assert_close(out.logps.chosen, torch.tensor([-log3, -2 * log3]))
     assert_close(out.logps.rejected, torch.tensor([-3 * log3, -4 * log3]))
     assert_close(out.logps.chosen_tokens, torch.tensor([1.0, 2.0]))
     assert_close(out.logps.rejected_tokens, torch.tensor([3.0, 4.0]))
-    assert_close(out.mean_logits_chosen, torch.tensor(c[:2]))
-    assert_close(out.mean_logits_rejected, torch.tensor(c[2:]))
+    assert_close(out.logit_sums_chosen, torch.tensor([c[0], 2 * c[1]]))
+    assert_close(out.logit_sums_rejected, torch.tensor([3 * c[2], 4 * c[3]]))
+    assert out.logps.kl is None and out.logps.chosen_shared is None and out.logps.chosen_wpo is None
+
+
+class BigramLM(torch.nn.Module):
+    """A causal LM whose next-token distribution depends only on the current token:
+    logits[t] = log P[input_ids[t]], so every log-prob below is the log of a table entry."""
+
+    def __init__(self, probs: torch.Tensor):
+        super().__init__()
+        self.log_probs = torch.nn.Parameter(probs.log())
+        self.calls = 0
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        self.calls += 1
+        return SimpleNamespace(logits=self.log_probs[input_ids])
+
+
+# P[current token] -> distribution over the next token (vocabulary of 4).
+BIGRAM = torch.tensor(
+    [
+        [0.1, 0.2, 0.3, 0.4],
+        [0.5, 0.25, 0.125, 0.125],
+        [0.25, 0.25, 0.25, 0.25],
+        [0.4, 0.3, 0.2, 0.1],
+    ]
+)
+
+
+def test_kl_rows_are_scored_without_gradients_in_a_second_pass():
+    """Two unpaired examples, prompt [0] each: desirable completion [1, 2], undesirable [3].
+
+    Rows: CHOSEN [0, 1, 2], REJECTED [0, 3], then KL rows (prompt j + response of j - 1):
+    KL 0 = [0] + [3], KL 1 = [0] + [1, 2].
+        chosen   log P[0][1] + log P[1][2] = log 0.2 + log 0.125 = log 0.025
+        rejected log P[0][3] = log 0.4
+        kl       [log 0.4, log 0.025]
+    """
+    examples = [
+        {"prompt_ids": [0], "completion_ids": [1, 2], "label": 1},
+        {"prompt_ids": [0], "completion_ids": [3], "label": 0},
+    ]
+    batch = collate(examples, pad_id=0, kl=True)
+    assert batch["role"].tolist() == [CHOSEN, REJECTED, KL, KL]
+    model = BigramLM(BIGRAM)
+    out = batch_logps(model, batch)
+    assert model.calls == 2
+    assert_close(out.logps.chosen, torch.tensor([math.log(0.025)]))
+    assert_close(out.logps.rejected, torch.tensor([math.log(0.4)]))
+    assert_close(out.logps.kl, torch.tensor([math.log(0.4), math.log(0.025)]))
+    assert out.logps.chosen.requires_grad and not out.logps.kl.requires_grad
+
+
+def test_shared_and_wpo_extras():
+    """One pair, prompt [0]; chosen [1, 2, 3], rejected [3]: the shared length is 1.
+
+        chosen tokens: P[0][1] = 0.2, P[1][2] = 0.125, P[2][3] = 0.25
+        chosen_shared = log 0.2 (first token only); rejected_shared = rejected = log P[0][3] = log 0.4
+    WPO aligns each token by log sum_v p(v)^2 at its position:
+        row 0: 0.01 + 0.04 + 0.09 + 0.16 = 0.3;  row 1: 0.25 + 0.0625 + 2 * 0.015625 = 0.34375
+        row 2: 4 * 0.0625 = 0.25
+        chosen_wpo = mean(log 0.2 - log 0.3, log 0.125 - log 0.34375, log 0.25 - log 0.25)
+        rejected_wpo = log 0.4 - log 0.3
+    """
+    batch = collate([{"prompt_ids": [0], "chosen_ids": [1, 2, 3], "rejected_ids": [3]}], pad_id=0)
+    assert batch["shared_tokens"].tolist() == [1, 1]
+    out = batch_logps(BigramLM(BIGRAM), batch, frozenset({SHARED, WPO})).logps
+    assert_close(out.chosen_shared, torch.tensor([math.log(0.2)]))
+    assert_close(out.rejected_shared, torch.tensor([math.log(0.4)]))
+    ln = math.log
+    expected = (ln(0.2 / 0.3) + ln(0.125 / 0.34375) + ln(0.25 / 0.25)) / 3
+    assert_close(out.chosen_wpo, torch.tensor([expected]))
+    assert_close(out.rejected_wpo, torch.tensor([ln(0.4 / 0.3)]))
+    assert not out.chosen_wpo.requires_grad

@@ -19,7 +19,10 @@ Modifiers every loss here accepts:
 The losses that TRL 1.16 lists as built on the reward difference also take an f-divergence
 (`f_divergence`; Wang et al., 2023, "Beyond Reverse KL"): h is replaced by f'(exp(h)) before the
 difference: reverse_kl h (DPO), forward_kl 1 - exp(-h), js_divergence log 2 + log sigmoid(h),
-alpha_divergence (exp((alpha - 1) h) - 1) / (alpha - 1).
+alpha_divergence (exp((alpha - 1) h) - 1) / (alpha - 1). `f_alpha` follows TRL's
+`f_alpha_divergence_coef` convention (its code): f_alpha = 1 gives reverse KL and 0 forward KL,
+so it is 1 minus the paper's alpha (whose f'(u) = (1 - u^-alpha) / alpha); the two agree at the
+default 0.5.
 """
 
 from __future__ import annotations
@@ -119,8 +122,8 @@ class FDivergenceLoss(PairedLoss):
             return math.log(2) + F.logsigmoid(h)
         if self.f_divergence == "alpha_divergence" and abs(self.f_alpha - 1) > 1e-6:
             # Clamped as TRL does, so that exp stays finite in float32.
-            t = torch.clamp((self.f_alpha - 1) * h.float(), max=80.0)
-            return ((torch.exp(t) - 1) / (self.f_alpha - 1)).to(h.dtype)
+            t = torch.clamp((self.f_alpha - 1) * h, max=80.0)
+            return (torch.exp(t) - 1) / (self.f_alpha - 1)
         return h  # reverse_kl, and alpha_divergence's limit at alpha = 1
 
     def delta(self, r: Ratios) -> torch.Tensor:

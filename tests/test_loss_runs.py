@@ -1,0 +1,189 @@
+"""Every loss as a user runs it: each conf/loss file trains the built-in task and lowers its
+loss; combinations, KTO (paired and unpaired data) and reference-free runs from the CLI; bad
+loss settings are one clear message before any weights load."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import FAST, QUIET, REPO, read_metrics, run_cli
+from test_cli import assert_one_clear_error
+
+from dpo_cli import cli, reference, train
+from dpo_cli.errors import ConfigError
+
+LOSS_FILES = sorted(p.stem for p in (Path(cli.config_dir()) / "loss").glob("*.yaml"))
+# What a file needs beyond `loss=NAME` to be a runnable loss: combo starts with no terms.
+EXTRA = {"combo": ["+loss@loss.terms.dpo=dpo", "+loss@loss.terms.sft=sft", "+loss.weights.sft=0.5"]}
+REFERENCE_FREE = {"simpo", "cpo", "orpo", "simper", "sft"}
+KTO_FIXTURE = REPO / "tests" / "fixtures" / "kto_sample.jsonl"
+
+
+def _train_rows(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir) if "loss" in r]
+
+
+@pytest.fixture
+def built_references(monkeypatch):
+    """Every reference a run builds (None when it builds none)."""
+    built = []
+
+    def recording(requires: bool, policy):
+        ref = reference.build_reference(requires, policy)
+        built.append((ref, sum(p.numel() for p in policy.parameters())))
+        return ref
+
+    monkeypatch.setattr(train, "build_reference", recording)
+    return built
+
+
+@pytest.mark.parametrize("name", LOSS_FILES)
+def test_every_loss_file_trains_and_lowers_its_loss(train_run, name, built_references, tmp_path):
+    """A few dozen steps of the built-in task: every logged value is finite and the loss of
+    the last steps is below that of the first ones. A reference model exists exactly when a
+    term needs one."""
+    args = [f"loss={name}", *EXTRA.get(name, []), "train.max_steps=24", "train.eval_every=null", "train.save_every=null"]
+    _, run_dir = train_run(args, tmp_path / name)
+    rows = _train_rows(run_dir)
+    assert len(rows) == 24
+    for r in rows:
+        for key, value in r.items():
+            assert math.isfinite(value), (name, key, r)
+    first = sum(r["loss"] for r in rows[:4]) / 4
+    last = sum(r["loss"] for r in rows[-4:]) / 4
+    assert last < first, (name, first, last)
+
+    (ref, policy_params), *_ = built_references
+    if name in REFERENCE_FREE:
+        assert ref is None
+    else:
+        assert ref is not None and ref.num_parameters() == policy_params
+
+
+def test_reference_free_run_holds_no_reference_and_says_so(train_run, built_references, caplog):
+    caplog.set_level("INFO", logger="dpo_cli.train")
+    train_run(["loss=simpo", "train.max_steps=2"])
+    assert built_references[0][0] is None
+    assert "reference: none (no loss term needs one)" in caplog.text
+
+
+def test_combination_logs_each_term_and_weights_add_up(tmp_path):
+    """loss = 1.0 * dpo + 0.5 * sft, from the documented command line; the first step's policy
+    equals the reference, so loss/dpo is exactly log 2."""
+    proc = run_cli(
+        [
+            "dpo-train",
+            "loss=combo",
+            "+loss@loss.terms.dpo=dpo",
+            "+loss@loss.terms.sft=sft",
+            "+loss.weights.sft=0.5",
+            "train.max_steps=3",
+            *QUIET,
+            *FAST,
+            f"hydra.run.dir={tmp_path}/r",
+        ],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = _train_rows(tmp_path / "r")
+    assert abs(rows[0]["loss/dpo"] - math.log(2)) < 1e-6
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["loss/dpo"] + 0.5 * r["loss/sft"], rel=1e-6)
+
+
+def test_recipe_terms_and_weights_are_overridable(train_run):
+    _, run_dir = train_run(["loss=rpo", "loss.weights.sft=0.25", "loss.terms.dpo.beta=0.05", "train.max_steps=2"])
+    row = _train_rows(run_dir)[0]
+    assert row["loss"] == pytest.approx(row["loss/dpo"] + 0.25 * row["loss/sft"], rel=1e-6)
+
+
+def test_kto_trains_on_unpaired_and_on_paired_data_from_the_cli(tmp_path):
+    unpaired = run_cli(
+        [
+            "dpo-train",
+            "data=kto",
+            f"data.path={KTO_FIXTURE}",
+            "loss=kto",
+            "train.max_steps=3",
+            "train.batch_size=8",
+            "train.micro_batch_size=4",
+            *QUIET,
+            f"hydra.run.dir={tmp_path}/unpaired",
+        ],
+        cwd=tmp_path,
+    )
+    assert unpaired.returncode == 0, unpaired.stderr
+    rows = _train_rows(tmp_path / "unpaired")
+    assert all(math.isfinite(r["loss"]) and r["kl"] >= 0 for r in rows)
+    assert "rewards/accuracies" not in rows[-1]  # unpaired examples have no pair to compare
+
+    paired = run_cli(
+        ["dpo-train", "loss=kto", "train.max_steps=3", *QUIET, *FAST, f"hydra.run.dir={tmp_path}/paired"], cwd=tmp_path
+    )
+    assert paired.returncode == 0, paired.stderr
+    rows = _train_rows(tmp_path / "paired")
+    assert all(math.isfinite(r["loss"]) and r["kl"] >= 0 for r in rows)
+    assert 0 <= rows[-1]["rewards/accuracies"] <= 1
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["loss=exo_pair", "loss.epsilon=0"], ["loss.epsilon=0 must be in (0, 1)"]),
+        (["loss.ld_alpha=1.5"], ["loss.ld_alpha=1.5 must be in [0, 1]"]),
+        (["loss=robust", "loss.label_smoothing=0.5"], ["loss.label_smoothing=0.5 must be in [0, 0.5)"]),
+        (["loss.f_divergence=kl"], ["loss.f_divergence='kl' is not one of reverse_kl"]),
+        (["loss=rpo", "+loss.weights.sfft=0.5"], ["loss.weights.sfft=0.5 names no term; the terms are: dpo, sft"]),
+        (["loss=rpo", "loss.terms.dpo.beta=0"], ["loss.terms.dpo.beta=0 must be > 0"]),
+        (["loss=combo"], ["loss.terms is empty"]),
+        (
+            ["data=kto", f"data.path={KTO_FIXTURE}", "loss=rpo"],
+            ["loss: dpo needs preference pairs, but data.format holds unpaired"],
+        ),
+        (["loss=kto", "train.micro_batch_size=1"], ["train.micro_batch_size=1: KTO estimates its KL"]),
+    ],
+    ids=["exo-eps", "ld-alpha", "robust-eps", "f-div", "weights", "term-beta", "no-terms", "kto-data", "kto-micro"],
+)
+def test_bad_loss_settings_are_one_clear_error(tmp_path, args, needles):
+    proc = run_cli(["dpo-train", *args, *QUIET, f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path)
+    assert_one_clear_error(proc, "invalid config", *needles)
+    assert proc.returncode == 2
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_resume_from_a_checkpoint_written_before_new_loss_keys(train_run, tmp_path):
+    """A checkpoint from before the loss modifiers existed (no loss.f_divergence, ld_alpha, ...
+    in its state) resumes while they keep their defaults, and is refused when one changed."""
+    args = ["train.max_steps=4", "train.save_every=2", "train.keep_checkpoints=null"]
+    _, run_dir = train_run(args, tmp_path / "r")
+    shutil.rmtree(run_dir / "checkpoints" / "step-4")
+    state_file = run_dir / "checkpoints" / "step-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    for key in ("loss.f_divergence", "loss.f_alpha", "loss.ld_alpha", "loss.wpo"):
+        del state[key]
+    state_file.write_text(json.dumps(state))
+    backup = tmp_path / "backup"
+    shutil.copytree(run_dir, backup)
+
+    with pytest.raises(Exception, match="loss.wpo: None -> True"):
+        train_run([*args, "loss.wpo=true", "train.resume=auto"], run_dir)
+    shutil.rmtree(run_dir)
+    shutil.copytree(backup, run_dir)
+    train_run([*args, "train.resume=auto"], run_dir)
+    assert [r["step"] for r in _train_rows(run_dir)] == [1, 2, 3, 4]
+
+
+def test_validation_names_every_problem_of_a_combination():
+    from conftest import make_config
+
+    from dpo_cli.config import validate
+
+    cfg = make_config(QUIET + ["loss=mpo", "loss.terms.dpo.beta=-1", "loss.terms.bco_pair.beta=0"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert any(p.startswith("loss.terms.dpo.beta=-1") for p in e.value.problems)
+    assert any(p.startswith("loss.terms.bco_pair.beta=0") for p in e.value.problems)
