@@ -259,15 +259,7 @@ def _check_loss(problems: list[str], node: Any, unpaired: bool, micro_batch_size
         )
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check the whole composed config; raise one ConfigError listing every problem found."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError([f"{k} is required (it is ??? in the config); set {k}=<value>" for k in missing])
-    p: list[str] = []
-    _choice(p, "mode", cfg.mode, MODES)
-
-    m = cfg.model
+def _check_model(p: list[str], m: Any) -> None:
     if (m.name_or_path is None) == (m.random_init is None):
         p.append(
             "set exactly one of model.name_or_path (pretrained weights) and model.random_init "
@@ -279,8 +271,9 @@ def validate(cfg: DictConfig) -> None:
         p.append("model.gguf_file needs model.name_or_path (the directory or hub id holding the file)")
     _choice(p, "model.dtype", m.dtype, DTYPES)
 
-    d = cfg.data
-    from dpo_cli.data import FORMATS, UNPAIRED_FORMATS  # imported here: data imports heavy libraries
+
+def _check_data(p: list[str], d: Any) -> None:
+    from dpo_cli.data import FORMATS  # imported here: data imports heavy libraries
 
     _choice(p, "data.format", d.format, tuple(FORMATS))
     if d.format == "synthetic" and d.synthetic is None:
@@ -306,7 +299,9 @@ def validate(cfg: DictConfig) -> None:
         if not 2 <= s.min_digits <= s.max_digits:
             p.append(f"data.synthetic needs 2 <= min_digits <= max_digits, got {s.min_digits}, {s.max_digits}")
 
-    _check_loss(p, cfg.loss, unpaired=d.format in UNPAIRED_FORMATS, micro_batch_size=cfg.train.micro_batch_size)
+
+def _check_optimization(p: list[str], cfg: DictConfig) -> None:
+    """optimizer, scheduler and train sections (they constrain each other)."""
     _check_target(p, "optimizer", cfg.optimizer)
     if isinstance(cfg.optimizer, DictConfig):
         if not cfg.optimizer.get("_partial_", False):
@@ -344,21 +339,39 @@ def validate(cfg: DictConfig) -> None:
     _choice(p, "train.mixed_precision", t.mixed_precision, PRECISIONS)
     if t.mixed_precision == "fp16" and cpu_only():
         p.append("train.mixed_precision=fp16 needs a GPU (fp16 autocast does not run on CPUs); use bf16 or no")
-    elif t.mixed_precision == "fp16" and m.dtype != "float32":
+    elif t.mixed_precision == "fp16" and cfg.model.dtype != "float32":
         p.append(
-            f"train.mixed_precision=fp16 needs model.dtype=float32 (got {m.dtype}): the fp16 loss "
+            f"train.mixed_precision=fp16 needs model.dtype=float32 (got {cfg.model.dtype}): the fp16 loss "
             "scaler cannot unscale half-precision gradients; set model.dtype=float32"
         )
 
-    lg = cfg.logger
+
+def _check_logger(p: list[str], lg: Any, save_every: int | None) -> None:
     _positive(p, "logger.log_every", lg.log_every)
-    if t.save_every and lg.log_every and lg.log_every > 0 and t.save_every % lg.log_every:
+    if save_every and lg.log_every and lg.log_every > 0 and save_every % lg.log_every:
         p.append(
-            f"train.save_every={t.save_every} must be a multiple of logger.log_every={lg.log_every}, so that "
+            f"train.save_every={save_every} must be a multiple of logger.log_every={lg.log_every}, so that "
             "a resumed run logs the same averaged rows as an uninterrupted one"
         )
     _choice(p, "logger.wandb.mode", lg.wandb.mode, WANDB_MODES)
 
+
+def validate(cfg: DictConfig) -> None:
+    """Check the whole composed config; raise one ConfigError listing every problem found.
+    Each section checks itself; the loss is built here so that its own range checks run."""
+    from dpo_cli.data import UNPAIRED_FORMATS
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError([f"{k} is required (it is ??? in the config); set {k}=<value>" for k in missing])
+    p: list[str] = []
+    _choice(p, "mode", cfg.mode, MODES)
+    _check_model(p, cfg.model)
+    _check_data(p, cfg.data)
+    unpaired = cfg.data.format in UNPAIRED_FORMATS
+    _check_loss(p, cfg.loss, unpaired=unpaired, micro_batch_size=cfg.train.micro_batch_size)
+    _check_optimization(p, cfg)
+    _check_logger(p, cfg.logger, cfg.train.save_every)
     if p:
         raise ConfigError(p)
 

@@ -28,7 +28,8 @@ def batch_loss(
     """The batch's loss (with grad) and its metrics as (sum, count) parts (no grad).
 
     Metric names and definitions follow TRL's DPOTrainer, so curves compare across tools:
-    rewards/* and logps/* are means over sequences of that role; logits/* are means over all
+    rewards/* and logps/* are means over sequences of that role (logps/* are the log-probs the
+    loss works with: summed, or per-token means for SimPO and ORPO); logits/* are means over all
     response tokens of that role in the batch (token-weighted); rewards/accuracies and
     rewards/margins are over pairs (unpaired data: margins = mean chosen - mean rejected
     reward, no accuracy). The loss is weighted by the batch's examples (pairs, or unpaired
@@ -49,8 +50,8 @@ def batch_loss(
             "loss": (out.loss.detach().float() * count, count),
             "rewards/chosen": mean_of(out.chosen_rewards),
             "rewards/rejected": mean_of(out.rejected_rewards),
-            "logps/chosen": mean_of(lp.chosen),
-            "logps/rejected": mean_of(lp.rejected),
+            "logps/chosen": mean_of(lp.chosen if out.chosen_logps is None else out.chosen_logps),
+            "logps/rejected": mean_of(lp.rejected if out.rejected_logps is None else out.rejected_logps),
             "logits/chosen": (fwd.logit_sums_chosen.sum(), lp.chosen_tokens.sum()),
             "logits/rejected": (fwd.logit_sums_rejected.sum(), lp.rejected_tokens.sum()),
         }

@@ -22,6 +22,7 @@ CHOSEN, REJECTED, KL = 0, 1, 2  # sequence roles (batch["role"])
 SHARED = "shared"  # summed log-probs of the first shared_tokens response tokens (LD-DPO)
 WPO = "wpo"  # WPO's length-normalised, aligned sequence log-prob (no grad)
 KL_ROWS = "kl"  # the batch carries KTO's mismatched KL rows
+WHOLE = "whole"  # log-probs over prompt and response tokens too (ORPO's NLL, as TRL and the ORPO code)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +64,8 @@ class SequenceLogps:
         tokens only (LD-DPO), when asked for.
     chosen_wpo, rejected_wpo: WPO's mean over response tokens of log p(y_t) - log sum_v p(v)^2,
         detached, when asked for.
+    chosen_whole, chosen_whole_tokens: log-probs summed over every token of the chosen
+        sequences but the first (prompt and response), and how many, when asked for.
     """
 
     chosen: torch.Tensor
@@ -74,6 +77,8 @@ class SequenceLogps:
     rejected_shared: torch.Tensor | None = None
     chosen_wpo: torch.Tensor | None = None
     rejected_wpo: torch.Tensor | None = None
+    chosen_whole: torch.Tensor | None = None
+    chosen_whole_tokens: torch.Tensor | None = None
 
 
 @dataclass
@@ -94,10 +99,20 @@ def _row_values(
     def select(t: torch.Tensor) -> torch.Tensor:
         return t if rows is None else t[rows]
 
-    out = model(input_ids=select(batch["input_ids"]), attention_mask=select(batch["attention_mask"]), use_cache=False)
+    input_ids, attention_mask = select(batch["input_ids"]), select(batch["attention_mask"])
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     labels = select(batch["labels"])
-    token_logps, mask = _token_logps(out.logits, labels)
+    if WHOLE in extras:
+        # Every real token as a target: one log-softmax serves the response and the whole sequence.
+        targets = torch.where(labels != IGNORE_INDEX, labels, input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX))
+        all_logps, all_mask = _token_logps(out.logits, targets)
+        mask = labels[:, 1:] != IGNORE_INDEX
+        token_logps = all_logps * mask
+    else:
+        token_logps, mask = _token_logps(out.logits, labels)
     values = {"logps": token_logps.sum(-1), "tokens": mask.sum(-1).float()}
+    if WHOLE in extras:
+        values["whole"], values["whole_tokens"] = all_logps.sum(-1), all_mask.sum(-1).float()
     with torch.no_grad():
         per_token_mean = torch.mean(out.logits[:, :-1], dim=-1, dtype=torch.float32)
         values["logit_sums"] = (per_token_mean * mask).sum(-1)
@@ -146,5 +161,7 @@ def batch_logps(
         rejected_shared=opt("shared", r),
         chosen_wpo=opt("wpo", c),
         rejected_wpo=opt("wpo", r),
+        chosen_whole=opt("whole", c),
+        chosen_whole_tokens=opt("whole_tokens", c),
     )
     return ForwardOutput(logps, values["logit_sums"][c], values["logit_sums"][r])

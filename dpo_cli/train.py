@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 from dpo_cli import checkpoint, config
 from dpo_cli.data import UNPAIRED_FORMATS, load_pairs
 from dpo_cli.data.batching import micro_batches, position, step_indices, steps_per_epoch
-from dpo_cli.data.tokenize import fingerprint, tokenize_pairs
+from dpo_cli.data.tokenize import Tokenized, fingerprint, tokenize_pairs
 from dpo_cli.distributed import cpu_only, world_size_from_env
 from dpo_cli.errors import ConfigError, DataError, UserError
 from dpo_cli.evaluate import Averages, batch_loss, evaluate, make_batch
+from dpo_cli.losses import Loss
 from dpo_cli.metrics import JsonlSink, MetricLogger, ProgressSink, WandbSink
 from dpo_cli.modeling import count_parameters, load_model, load_tokenizer
-from dpo_cli.reference import build_reference
+from dpo_cli.reference import FrozenReference, build_reference
 from dpo_cli.report import write_report
 
 log = logging.getLogger(__name__)
@@ -107,8 +109,61 @@ def _warmup_steps(scheduler: DictConfig, n_steps: int) -> int:
     return warmup
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Train the policy described by `cfg`; return the last train and eval metrics."""
+@dataclass
+class Run:
+    """Everything the training loop needs, built from the config by `build`."""
+
+    run_dir: Path
+    accelerator: Any
+    accum: int  # gradient-accumulation micro batches per optimizer step
+    train_set: list[Tokenized]
+    eval_set: list[Tokenized]
+    per_epoch: int  # optimizer steps per pass over train_set
+    n_steps: int
+    run_shape: dict[str, Any]  # what a checkpoint must agree on to continue this run
+    tokenizer: Any
+    loss_fn: Loss
+    policy: Any  # prepared by accelerate (DDP-wrapped under several processes)
+    unwrapped: Any
+    optimizer: Any
+    scheduler: Any
+    reference: FrozenReference | None
+    start: int  # the optimizer step to start from (0, or the resumed checkpoint's)
+    resumed: bool
+
+
+def _load_data(cfg: DictConfig, tokenizer: Any) -> tuple[list[Tokenized], list[Tokenized], int, int]:
+    """Tokenized train and eval examples, steps per epoch and the run's length."""
+    t = cfg.train
+    pairs = load_pairs(cfg.data, t.seed)
+    lengths = dict(
+        max_length=cfg.data.max_length,
+        max_prompt_length=cfg.data.max_prompt_length,
+        truncation_mode=cfg.data.truncation_mode,
+    )
+    train_set, trunc = tokenize_pairs(pairs.train, tokenizer, **lengths)
+    eval_set, _ = tokenize_pairs(pairs.eval, tokenizer, **lengths)
+    unit = "examples" if cfg.data.format in UNPAIRED_FORMATS else "pairs"
+    log.info(
+        "data: %d train %s, %d eval, dropped (could not split): %s, truncated prompts: %d, truncated responses: %d",
+        len(train_set),
+        unit,
+        len(eval_set),
+        pairs.dropped or 0,
+        trunc.prompts,
+        trunc.responses,
+    )
+    per_epoch = steps_per_epoch(len(train_set), t.batch_size)
+    if per_epoch == 0:
+        raise DataError(
+            f"train.batch_size={t.batch_size} is larger than the {len(train_set)} training {unit}; lower it"
+        )
+    return train_set, eval_set, per_epoch, t.max_steps or t.epochs * per_epoch
+
+
+def build(cfg: DictConfig) -> Run:
+    """Validate the config, then build the run's parts: data before weights, so that a bad
+    dataset fails before minutes of model loading; the resume point before any training."""
     from accelerate.utils import set_seed
     from hydra.utils import instantiate
     from transformers import get_scheduler
@@ -136,31 +191,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     )
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
 
-    # Data before weights: a bad dataset fails before minutes of model loading.
     tokenizer = load_tokenizer(cfg.model)
-    pairs = load_pairs(cfg.data, t.seed)
-    lengths = dict(
-        max_length=cfg.data.max_length,
-        max_prompt_length=cfg.data.max_prompt_length,
-        truncation_mode=cfg.data.truncation_mode,
-    )
-    train_set, trunc = tokenize_pairs(pairs.train, tokenizer, **lengths)
-    eval_set, _ = tokenize_pairs(pairs.eval, tokenizer, **lengths)
-    log.info(
-        "data: %d train %s, %d eval, dropped (could not split): %s, truncated prompts: %d, truncated responses: %d",
-        len(train_set),
-        "examples" if cfg.data.format in UNPAIRED_FORMATS else "pairs",
-        len(eval_set),
-        pairs.dropped or 0,
-        trunc.prompts,
-        trunc.responses,
-    )
-    per_epoch = steps_per_epoch(len(train_set), t.batch_size)
-    if per_epoch == 0:
-        raise DataError(f"train.batch_size={t.batch_size} is larger than the {len(train_set)} training pairs; lower it")
-    n_steps = t.max_steps or t.epochs * per_epoch
+    train_set, eval_set, per_epoch, n_steps = _load_data(cfg, tokenizer)
     warmup = _warmup_steps(cfg.scheduler, n_steps)
-    # What a checkpoint must agree on to continue the same run (same batches, same schedule).
     run_shape = {"n_steps": n_steps, "data": fingerprint(train_set), **checkpoint.settings(cfg)}
     if resume_from is not None:
         checkpoint.check_compatible(resume_from, run_shape)
@@ -188,7 +221,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
     reference = build_reference(loss_fn.requires_reference, unwrapped)
     log.info("reference: %s", reference.describe() if reference else "none (no loss term needs one)")
     start = checkpoint.load(accelerator, resume_from)["step"] if resume_from is not None else 0
-    pad_id = tokenizer.pad_token_id
+    return Run(
+        run_dir, accelerator, accum, train_set, eval_set, per_epoch, n_steps, run_shape, tokenizer,
+        loss_fn, policy, unwrapped, optimizer, scheduler, reference, start, resume_from is not None,
+    )  # fmt: skip
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train the policy described by `cfg`; return the last train and eval metrics."""
+    r = build(cfg)
+    t = cfg.train
+    accelerator, policy, loss_fn, reference = r.accelerator, r.policy, r.loss_fn, r.reference
+    pad_id = r.tokenizer.pad_token_id
     last: dict[str, float] = {}
 
     def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
@@ -196,14 +240,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
         # every micro batch, since all of them step through the same number of micro batches.
         return accelerator.reduce(x, "mean")
 
-    with _open_sinks(cfg, run_dir, accelerator, n_steps, start, resumed=resume_from is not None) as metrics:
+    with _open_sinks(cfg, r.run_dir, accelerator, r.n_steps, r.start, r.resumed) as metrics:
 
         def run_eval(step: int) -> None:
-            if not eval_set:
+            if not r.eval_set:
                 return
             row = {
                 "step": step,
-                **evaluate(unwrapped, reference, loss_fn, eval_set, accelerator, t.micro_batch_size, pad_id),
+                **evaluate(r.unwrapped, reference, loss_fn, r.eval_set, accelerator, t.micro_batch_size, pad_id),
             }
             metrics.log(row)
             last.update(row)
@@ -214,11 +258,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
         window_tokens = torch.zeros((), device=accelerator.device)
         window_steps, window_start = 0, time.perf_counter()
         policy.train()
-        for step in range(start, n_steps):
-            indices = step_indices(step, len(train_set), t.batch_size, t.seed)
+        for step in range(r.start, r.n_steps):
+            indices = step_indices(step, len(r.train_set), t.batch_size, t.seed)
             shards = micro_batches(indices, accelerator.process_index, accelerator.num_processes, t.micro_batch_size)
             for i, idx in enumerate(shards):
-                batch = make_batch([train_set[j] for j in idx], pad_id, loss_fn, accelerator.device)
+                batch = make_batch([r.train_set[j] for j in idx], pad_id, loss_fn, accelerator.device)
                 # Gradients are all-reduced across processes only on the last micro batch.
                 sync = i == len(shards) - 1
                 with nullcontext() if sync else accelerator.no_sync(policy), accelerator.autocast():
@@ -226,24 +270,24 @@ def run(cfg: DictConfig) -> dict[str, float]:
                     # Each micro batch's loss is a mean over its pairs; dividing by the number of
                     # micro batches makes the accumulated gradient the mean over this process's
                     # share, and DDP's all-reduce then averages over processes.
-                    accelerator.backward(loss / accum)
+                    accelerator.backward(loss / r.accum)
                 window.add(parts)
                 window_tokens += batch["attention_mask"].sum()
             max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
             grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            lr = r.scheduler.get_last_lr()[0]
+            r.optimizer.step()
             if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the step did not happen
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                r.scheduler.step()
+            r.optimizer.zero_grad(set_to_none=True)
             window_steps += 1
 
             done = step + 1
-            if done % cfg.logger.log_every == 0 or done == n_steps:
+            if done % cfg.logger.log_every == 0 or done == r.n_steps:
                 elapsed = time.perf_counter() - window_start
                 row = {
                     "step": done,
-                    "epoch": round(done / per_epoch, 4),
+                    "epoch": round(done / r.per_epoch, 4),
                     **window.reduce(accelerator),
                     "grad_norm": float(grad_norm),
                     "lr": lr,
@@ -255,19 +299,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 window.clear()
                 window_tokens.zero_()
                 window_steps, window_start = 0, time.perf_counter()
-            if (t.eval_every and done % t.eval_every == 0) or done == n_steps:
+            if (t.eval_every and done % t.eval_every == 0) or done == r.n_steps:
                 run_eval(done)  # before the checkpoint, so that a resume never repeats it
             if t.save_every and done % t.save_every == 0:
-                epoch, batch_in_epoch = position(done, len(train_set), t.batch_size)
-                state = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, **run_shape}
-                checkpoint.save(accelerator, run_dir, done, state, t.keep_checkpoints)
+                epoch, batch_in_epoch = position(done, len(r.train_set), t.batch_size)
+                state = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, **r.run_shape}
+                checkpoint.save(accelerator, r.run_dir, done, state, t.keep_checkpoints)
 
-    if start == n_steps:
-        log.info("the run had already finished at step %d; nothing left to train", n_steps)
-    checkpoint.save_final(accelerator, policy, tokenizer, run_dir / "final")
+    if r.start == r.n_steps:
+        log.info("the run had already finished at step %d; nothing left to train", r.n_steps)
+    checkpoint.save_final(accelerator, policy, r.tokenizer, r.run_dir / "final")
     if accelerator.is_main_process:
-        write_report(run_dir / "metrics.jsonl", run_dir / "report.png")
+        write_report(r.run_dir / "metrics.jsonl", r.run_dir / "report.png")
     evals = " ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith("eval_"))
-    log.info("done: %d steps; final model in %s; %s", n_steps, run_dir / "final", evals)
+    log.info("done: %d steps; final model in %s; %s", r.n_steps, r.run_dir / "final", evals)
     accelerator.end_training()  # tears down the process group so processes exit cleanly
     return last

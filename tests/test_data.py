@@ -80,8 +80,8 @@ def test_collate_pads_with_pad_id():
 def test_collate_unpaired_examples_with_kl_rows():
     """Three unpaired examples: 0 desirable, 1 undesirable, 2 desirable. Rows: the desirable
     completions (examples 0, 2) as CHOSEN, then the undesirable one (1) as REJECTED, then one
-    KL row per sequence: the prompt of sequence j with the completion of sequence j - 1
-    (cyclically over the rows above): [p0 + c1], [p2 + c0], [p1 + c2]."""
+    KL row per example, in example order: example j's prompt with example j - 1's completion
+    (cyclically): [p0 + c2], [p1 + c0], [p2 + c1]."""
     examples = [
         {"prompt_ids": [1, 10], "completion_ids": [20, 2], "label": 1},
         {"prompt_ids": [1, 11], "completion_ids": [21, 22, 2], "label": 0},
@@ -89,15 +89,15 @@ def test_collate_unpaired_examples_with_kl_rows():
     ]
     batch = collate(examples, pad_id=0, kl=True)
     assert batch["role"].tolist() == [CHOSEN, CHOSEN, REJECTED, KL, KL, KL]
-    assert batch["example"].tolist() == [0, 2, 1, 0, 2, 1]
+    assert batch["example"].tolist() == [0, 2, 1, 0, 1, 2]
     expected_ids = torch.tensor(
         [
             [1, 10, 20, 2, 0],
             [1, 12, 23, 2, 0],
             [1, 11, 21, 22, 2],
-            [1, 10, 21, 22, 2],
-            [1, 12, 20, 2, 0],
-            [1, 11, 23, 2, 0],
+            [1, 10, 23, 2, 0],
+            [1, 11, 20, 2, 0],
+            [1, 12, 21, 22, 2],
         ]
     )
     expected_labels = torch.tensor(
@@ -105,9 +105,9 @@ def test_collate_unpaired_examples_with_kl_rows():
             [X, X, 20, 2, X],
             [X, X, 23, 2, X],
             [X, X, 21, 22, 2],
-            [X, X, 21, 22, 2],
-            [X, X, 20, 2, X],
             [X, X, 23, 2, X],
+            [X, X, 20, 2, X],
+            [X, X, 21, 22, 2],
         ]
     )
     assert torch.equal(batch["input_ids"], expected_ids)

@@ -9,7 +9,7 @@ import torch
 from torch.testing import assert_close
 
 from dpo_cli.data.collate import collate
-from dpo_cli.logprobs import CHOSEN, IGNORE_INDEX, KL, REJECTED, SHARED, WPO, batch_logps, sequence_logps
+from dpo_cli.logprobs import CHOSEN, IGNORE_INDEX, KL, REJECTED, SHARED, WHOLE, WPO, batch_logps, sequence_logps
 
 # One sequence of 4 positions over a vocabulary of 3. The logits are log-probabilities, so
 # log_softmax returns them unchanged and every expected value is the log of a number below.
@@ -221,3 +221,20 @@ def test_shared_and_wpo_extras():
     assert_close(out.chosen_wpo, torch.tensor([expected]))
     assert_close(out.rejected_wpo, torch.tensor([ln(0.4 / 0.3)]))
     assert not out.chosen_wpo.requires_grad
+
+
+def test_whole_sequence_extra_counts_prompt_tokens_but_not_the_first_or_padding():
+    """One pair, prompt [0, 1]; chosen [2], rejected [3, 0] (padding after the chosen row).
+
+    chosen response: log P[1][2] = log 0.125 (1 token)
+    chosen whole:    log P[0][1] + log P[1][2] = log 0.2 + log 0.125 = log 0.025 (2 tokens;
+                     token 0 has nothing predicting it, the padding is not a token)
+    """
+    batch = collate([{"prompt_ids": [0, 1], "chosen_ids": [2], "rejected_ids": [3, 0]}], pad_id=0)
+    out = batch_logps(BigramLM(BIGRAM), batch, frozenset({WHOLE})).logps
+    assert_close(out.chosen, torch.tensor([math.log(0.125)]))
+    assert_close(out.chosen_whole, torch.tensor([math.log(0.025)]))
+    assert_close(out.chosen_whole_tokens, torch.tensor([2.0]))
+    plain = batch_logps(BigramLM(BIGRAM), batch).logps
+    assert_close(plain.chosen, out.chosen)
+    assert_close(plain.rejected, out.rejected)

@@ -46,7 +46,13 @@ def test_every_loss_file_trains_and_lowers_its_loss(train_run, name, built_refer
     """A few dozen steps of the built-in task: every logged value is finite and the loss of
     the last steps is below that of the first ones. A reference model exists exactly when a
     term needs one."""
-    args = [f"loss={name}", *EXTRA.get(name, []), "train.max_steps=24", "train.eval_every=null", "train.save_every=null"]
+    args = [
+        f"loss={name}",
+        *EXTRA.get(name, []),
+        "train.max_steps=24",
+        "train.eval_every=null",
+        "train.save_every=null",
+    ]
     _, run_dir = train_run(args, tmp_path / name)
     rows = _train_rows(run_dir)
     assert len(rows) == 24

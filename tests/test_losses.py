@@ -135,8 +135,11 @@ def free_pairs(grad: bool = False) -> SequenceLogps:
     The NLL term is the token mean over the batch's chosen responses:
     NLL = (2 + 12) / (2 + 4) = 2.3333333, and pair i's share is -pi_w,i * B / sum |y_w|:
     2 * 2 / 6 = 0.6666667 and 12 * 2 / 6 = 4, whose mean is that NLL.
+    The whole-sequence log-probs (ORPO's NLL span) equal the response's here: an empty prompt.
     """
-    return seqs([-2.0, -12.0], [-6.0, -4.0], [2.0, 4.0], [3.0, 2.0], grad=grad)
+    s = seqs([-2.0, -12.0], [-6.0, -4.0], [2.0, 4.0], [3.0, 2.0], grad=grad)
+    s.chosen_whole, s.chosen_whole_tokens = s.chosen * 1.0, s.chosen_tokens
+    return s
 
 
 NLL_SHARES = [2 * 2 / 6, 12 * 2 / 6]
@@ -769,6 +772,23 @@ def test_orpo_hand_worked():
     check_rewards(out, [-0.1, -0.3], [-0.2, -0.2])
 
 
+def test_orpo_nll_spans_prompt_and_response_unless_told_otherwise():
+    """The same pairs with 2 prompt tokens each of log-probs -4 and -6 (every token but the
+    first counts): whole chosen log-probs (-6, -18) over (4, 6) tokens, so
+    NLL = (6 + 18) / (4 + 6) = 2.4 and the loss rises by 2.4 - 2.3333333 = 0.0666667 to
+    2.4810639; with prompt_nll=False the prompt is ignored (2.4143972)."""
+    policy = free_pairs()
+    policy.chosen_whole = policy.chosen + torch.tensor([-4.0, -6.0], dtype=F64)
+    policy.chosen_whole_tokens = policy.chosen_tokens + 2
+    whole = ORPOLoss(beta=0.1)(policy, None)
+    assert_close(whole.metrics["nll_loss"], torch.tensor(2.4, dtype=F64), rtol=0, atol=1e-12)
+    assert_close(whole.loss, torch.tensor(2.4810639, dtype=F64), rtol=0, atol=1e-7)
+    response_only = ORPOLoss(beta=0.1, prompt_nll=False)(policy, None)
+    assert_close(response_only.loss, torch.tensor(2.4143972, dtype=F64), rtol=0, atol=1e-7)
+    assert ORPOLoss().needs == frozenset({logprobs.WHOLE})
+    assert ORPOLoss(prompt_nll=False).needs == frozenset()
+
+
 def test_simper_hand_worked():
     """SimPER: loss = -exp(a_w) + exp(a_l).
 
@@ -996,6 +1016,7 @@ def test_rewards_carry_no_gradient_loss_does(make):
     shared = {"chosen_shared": [-6.0, -20.0], "rejected_shared": [-14.0, -11.0]}
     policy, reference = pairs(grad=True, kl=[-5.0, -7.0], chosen_wpo=[-0.5, -1.0], rejected_wpo=[-1.0, -0.5], **shared)
     reference.kl, reference.chosen_shared, reference.rejected_shared = t(-6.0, -8.0), t(-8.0, -18.0), t(-11.0, -20.0)
+    policy.chosen_whole, policy.chosen_whole_tokens = policy.chosen - 3.0, policy.chosen_tokens + 2
     out = loss(policy, reference if loss.requires_reference else None)
     assert out.loss.requires_grad and out.loss.dim() == 0
     assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad
@@ -1027,7 +1048,7 @@ def test_needs():
     assert IPOLoss(ld_alpha=0.0, wpo=True).needs == frozenset({logprobs.SHARED, logprobs.WPO})
     assert AOTLoss(ld_alpha=1.0).needs == frozenset({logprobs.SHARED})
     for cls in REFERENCE_FREE:
-        assert cls().needs == frozenset()
+        assert cls().needs == (frozenset({logprobs.WHOLE}) if cls is ORPOLoss else frozenset())
 
 
 def test_combination_flags():

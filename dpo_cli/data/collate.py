@@ -43,16 +43,19 @@ def collate(examples: list[Tokenized], pad_id: int, kl: bool = False) -> dict[st
     prompt and padding, so only response tokens count), role (N,), example (N,) (index into
     `examples`) and shared_tokens (N,).
 
-    With `kl=True`, KTO's mismatched sequences follow: the j-th KL row is the j-th sequence's
-    prompt followed by the response of sequence j - 1 (cyclically), as in TRL's KTOTrainer. For
-    pairs, chosen responses come first and rejected ones after, so every KL row mixes two
-    different examples once there are at least two of them.
+    With `kl=True`, KTO's mismatched sequences follow: for unpaired examples the j-th KL row
+    is example j's prompt followed by example j - 1's completion (cyclically), as in TRL's
+    KTOTrainer. For pairs the rotation runs over the rows (chosen responses, then rejected
+    ones), so every KL row mixes two different pairs once there are at least two of them.
     """
     seqs = _sequences(examples)
     if kl:
+        # Unpaired examples rotate in example order (as TRL's KTOTrainer does); pairs in row
+        # order, chosen responses first, so that no prompt meets its own responses.
+        order = sorted(seqs, key=lambda q: q[3]) if "completion_ids" in examples[0] else list(seqs)
         seqs += [
-            (prompt, seqs[j - 1][1], KL, example, len(seqs[j - 1][1]))
-            for j, (prompt, _, _, example, _) in enumerate(list(seqs))
+            (prompt, order[j - 1][1], KL, example, len(order[j - 1][1]))
+            for j, (prompt, _, _, example, _) in enumerate(order)
         ]
     width = max(len(p) + len(r) for p, r, *_ in seqs)
     n = len(seqs)

@@ -28,6 +28,9 @@ class LossOutput:
         sequence; their meaning is each loss's own (its docstring says).
     metrics: extra detached scalars logged under these names (`kl`, `loss/<term>`, ...).
     losses: the per-example values whose mean is `loss` (None for combinations).
+    chosen_logps, rejected_logps: the policy log-probs the loss works with, when they are not
+        the plain summed ones (per-token means, LD-weighted sums), so that `logps/*` logs what
+        TRL logs for the same loss; None = the summed log-probs.
     """
 
     loss: torch.Tensor
@@ -35,18 +38,27 @@ class LossOutput:
     rejected_rewards: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     losses: torch.Tensor | None = None
+    chosen_logps: torch.Tensor | None = None
+    rejected_logps: torch.Tensor | None = None
 
 
 def output(
-    losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, **metrics: torch.Tensor
+    losses: torch.Tensor,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    logps: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **metrics: torch.Tensor,
 ) -> LossOutput:
-    """A LossOutput whose loss is the mean of the per-example `losses`."""
+    """A LossOutput whose loss is the mean of the per-example `losses`; `logps` = the (chosen,
+    rejected) log-probs to log when they are not the summed ones."""
     return LossOutput(
         loss=losses.mean(),
         chosen_rewards=chosen_rewards.detach(),
         rejected_rewards=rejected_rewards.detach(),
         metrics={k: v.detach() for k, v in metrics.items()},
         losses=losses,
+        chosen_logps=None if logps is None else logps[0].detach(),
+        rejected_logps=None if logps is None else logps[1].detach(),
     )
 
 
@@ -77,6 +89,14 @@ def chosen_nll(policy: SequenceLogps) -> torch.Tensor:
     """
     n = policy.chosen.shape[0]
     return -policy.chosen * n / policy.chosen_tokens.sum().clamp(min=1)
+
+
+def chosen_whole_nll(policy: SequenceLogps) -> torch.Tensor:
+    """`chosen_nll` over every token of the chosen sequences but the first (prompt and
+    response), as TRL's ORPOTrainer and the ORPO authors' code take it by default."""
+    assert policy.chosen_whole is not None and policy.chosen_whole_tokens is not None, "needs logprobs.WHOLE"
+    n = policy.chosen_whole.shape[0]
+    return -policy.chosen_whole * n / policy.chosen_whole_tokens.sum().clamp(min=1)
 
 
 class Loss:

@@ -92,7 +92,9 @@ class PairedLoss(Loss):
         if self.wpo:
             assert policy.chosen_wpo is not None and policy.rejected_wpo is not None
             losses = losses * torch.exp(policy.chosen_wpo) * torch.exp(policy.rejected_wpo)
-        return output(losses, self.beta * r.chosen, self.beta * r.rejected)
+        # With ld_alpha, logps/* are the LD-weighted log-probs, as TRL logs them.
+        logps = (pw, pl) if self.ld_alpha is not None else None
+        return output(losses, self.beta * r.chosen, self.beta * r.rejected, logps)
 
 
 class FDivergenceLoss(PairedLoss):

@@ -13,13 +13,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dpo_cli.logprobs import SequenceLogps
+from dpo_cli.logprobs import WHOLE, SequenceLogps
 from dpo_cli.losses.base import (
     Loss,
     LossOutput,
     Reduce,
     check_beta,
     chosen_nll,
+    chosen_whole_nll,
     local,
     mean_logps,
     output,
@@ -78,7 +79,7 @@ class SimPOLoss(ReferenceFreeLoss):
             nll = chosen_nll(policy)
             losses = losses + self.nll_weight * nll
             metrics["nll_loss"] = nll.mean()
-        return output(losses, self.beta * aw, self.beta * al, **metrics)
+        return output(losses, self.beta * aw, self.beta * al, (aw, al), **metrics)
 
 
 class CPOLoss(ReferenceFreeLoss):
@@ -116,31 +117,37 @@ class ORPOLoss(ReferenceFreeLoss):
     """Odds Ratio Preference Optimization (Hong et al., 2024, Eq. 6 to 8): SFT plus a penalty
     on the log odds ratio, no reference and no separate SFT stage:
 
-        odds(y) = p / (1 - p),  p = exp(a)        (a: per-token mean log-prob)
+        odds(y) = p / (1 - p),  p = exp(a)        (a: per-token mean log-prob of the response)
         log_odds = (a_w - a_l) - (log(1 - exp(a_w)) - log(1 - exp(a_l)))
         loss = NLL - beta log sigmoid(log_odds)
 
-    Per-token **mean** log-probs; no reference; rewards beta * a. Equals TRL's ORPOTrainer
-    (beta = the paper's lambda; the paper uses 0.1). Logs `nll_loss`, `log_odds_ratio`
-    (mean log sigmoid(log_odds)) and `log_odds_chosen` (mean log_odds), as TRL does.
+    Per-token **mean** log-probs; no reference; rewards beta * a. The NLL is the token mean
+    over the chosen sequences' prompt *and* response tokens (every token but the first) by
+    default, as in the ORPO authors' code and TRL; `prompt_nll=false` takes it over response
+    tokens only (the authors' --disable_prompt_loss). Equals TRL's ORPOTrainer (beta = the
+    paper's lambda; the paper uses 0.1). Logs `nll_loss`, `log_odds_ratio` (mean log
+    sigmoid(log_odds)) and `log_odds_chosen` (mean log_odds), as TRL does.
     """
 
-    def __init__(self, beta: float = 0.1):
+    def __init__(self, beta: float = 0.1, prompt_nll: bool = True):
         problems: list[str] = []
         check_beta(problems, beta, typical="0.1 to 1.0")
         raise_problems(problems)
         self.beta = float(beta)
+        self.prompt_nll = bool(prompt_nll)
+        self.needs = frozenset({WHOLE}) if prompt_nll else frozenset()
 
     def __call__(self, policy: SequenceLogps, reference: SequenceLogps | None, reduce: Reduce = local) -> LossOutput:
         aw = mean_logps(policy.chosen, policy.chosen_tokens)
         al = mean_logps(policy.rejected, policy.rejected_tokens)
         log_odds = (aw - al) - (log1mexp(aw) - log1mexp(al))
         ratio = F.logsigmoid(log_odds)
-        nll = chosen_nll(policy)
+        nll = chosen_whole_nll(policy) if self.prompt_nll else chosen_nll(policy)
         return output(
             nll - self.beta * ratio,
             self.beta * aw,
             self.beta * al,
+            (aw, al),
             nll_loss=nll.mean(),
             log_odds_ratio=ratio.mean(),
             log_odds_chosen=log_odds.mean(),
