@@ -136,27 +136,39 @@ def test_kto_trains_on_unpaired_and_on_paired_data_from_the_cli(tmp_path):
     assert 0 <= rows[-1]["rewards/accuracies"] <= 1
 
 
-@pytest.mark.parametrize(
-    ("args", "needles"),
-    [
-        (["loss=exo_pair", "loss.epsilon=0"], ["loss.epsilon=0 must be in (0, 1)"]),
-        (["loss.ld_alpha=1.5"], ["loss.ld_alpha=1.5 must be in [0, 1]"]),
-        (["loss=robust", "loss.label_smoothing=0.5"], ["loss.label_smoothing=0.5 must be in [0, 0.5)"]),
-        (["loss.f_divergence=kl"], ["loss.f_divergence='kl' is not one of reverse_kl"]),
-        (["loss=rpo", "+loss.weights.sfft=0.5"], ["loss.weights.sfft=0.5 names no term; the terms are: dpo, sft"]),
-        (["loss=rpo", "loss.terms.dpo.beta=0"], ["loss.terms.dpo.beta=0 must be > 0"]),
-        (["loss=combo"], ["loss.terms is empty"]),
-        (
-            ["data=kto", f"data.path={KTO_FIXTURE}", "loss=rpo"],
-            ["loss: dpo needs preference pairs, but data.format holds unpaired"],
-        ),
-        (["loss=kto", "train.micro_batch_size=1"], ["train.micro_batch_size=1: KTO estimates its KL"]),
-    ],
-    ids=["exo-eps", "ld-alpha", "robust-eps", "f-div", "weights", "term-beta", "no-terms", "kto-data", "kto-micro"],
-)
-def test_bad_loss_settings_are_one_clear_error(tmp_path, args, needles):
+BAD_SETTINGS = {
+    "exo-eps": (["loss=exo_pair", "loss.epsilon=0"], "loss.epsilon=0 must be in (0, 1)"),
+    "ld-alpha": (["loss.ld_alpha=1.5"], "loss.ld_alpha=1.5 must be in [0, 1]"),
+    "robust-eps": (["loss=robust", "loss.label_smoothing=0.5"], "loss.label_smoothing=0.5 must be in [0, 0.5)"),
+    "f-div": (["loss.f_divergence=kl"], "loss.f_divergence='kl' is not one of reverse_kl"),
+    "weights": (["loss=rpo", "+loss.weights.sfft=0.5"], "loss.weights.sfft=0.5 names no term; the terms are: dpo, sft"),
+    "term-beta": (["loss=rpo", "loss.terms.dpo.beta=0"], "loss.terms.dpo.beta=0 must be > 0"),
+    "no-terms": (["loss=combo"], "loss.terms is empty"),
+    "kto-data": (
+        ["data=kto", f"data.path={KTO_FIXTURE}", "loss=rpo"],
+        "loss: dpo needs preference pairs, but data.format holds unpaired",
+    ),
+    "kto-micro": (["loss=kto", "train.micro_batch_size=1"], "train.micro_batch_size=1: KTO estimates its KL"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SETTINGS)
+def test_bad_loss_settings_are_refused_by_validation(case):
+    from conftest import make_config
+
+    from dpo_cli.config import validate
+
+    args, needle = BAD_SETTINGS[case]
+    with pytest.raises(ConfigError) as e:
+        validate(make_config(QUIET + args))
+    assert any(needle in p for p in e.value.problems), e.value.problems
+
+
+@pytest.mark.parametrize("case", ["weights", "kto-data", "exo-eps"])
+def test_bad_loss_settings_are_one_clear_error_from_the_cli(tmp_path, case):
+    args, needle = BAD_SETTINGS[case]
     proc = run_cli(["dpo-train", *args, *QUIET, f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path)
-    assert_one_clear_error(proc, "invalid config", *needles)
+    assert_one_clear_error(proc, "invalid config", needle)
     assert proc.returncode == 2
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
 

@@ -27,8 +27,9 @@ class KTOLoss(Loss):
     Data: unpaired rows (`data=kto`: prompt, completion, label), or pairs, whose chosen
     response counts as desirable and rejected response as undesirable. A micro batch needs at
     least two examples, or the KL rows would match their own prompts.
-    The paper uses beta = 0.1 and lambda_D n_D / (lambda_U n_U) in [1, 4/3] for n_D desirable
-    and n_U undesirable examples. Equals TRL's KTOTrainer (loss_type="kto").
+    The paper uses beta = 0.1; TRL recommends keeping lambda_D n_D / (lambda_U n_U) in
+    [1, 4/3] for n_D desirable and n_U undesirable examples (the paper's Eq. 8 discussion).
+    Equals TRL's KTOTrainer (loss_type="kto").
     """
 
     paired = False
@@ -40,7 +41,7 @@ class KTOLoss(Loss):
         for name, w in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
             if not w > 0:
                 problems.append(
-                    f"{name}={w} must be > 0 (the paper balances them so that lambda_D n_D / lambda_U n_U is 1 to 4/3)"
+                    f"{name}={w} must be > 0 (balance them so that lambda_D n_D / lambda_U n_U is about 1 to 4/3)"
                 )
         raise_problems(problems)
         self.beta = float(beta)

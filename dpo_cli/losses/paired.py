@@ -470,8 +470,8 @@ class DPOPLoss(PairedLoss):
 
     max(0, -h_w) = max(0, log ref(y_w|x) / pi(y_w|x)). The penalty sits **inside** the sigmoid,
     scaled by beta, as in the paper's Eq. 3 (some implementations add it outside the log-sigmoid
-    instead; that is not what the paper writes). Summed log-probs; needs a reference. The
-    Smaug models used lambda = 50. TRL has no DPOP; checked against hand-worked numbers.
+    instead). Summed log-probs; needs a reference. The paper sets lambda = 50. TRL has no
+    DPOP; checked against hand-worked numbers.
     """
 
     def __init__(self, beta: float = 0.1, dpop_lambda: float = 50.0, ld_alpha: float | None = None, wpo: bool = False):
@@ -514,16 +514,18 @@ class CalDPOLoss(PairedLoss):
     """Calibrated DPO, Cal-DPO (Xiao et al., 2024, Eq. 10): the Bradley-Terry loss on the
     unscaled log-ratios plus a calibration term that pins their scale to +-1/(2 beta):
 
-        loss = -log sigmoid(h_w - h_l) + 1/2 [(h_w - 1/(2 beta))^2 + (h_l + 1/(2 beta))^2]
+        loss = -log sigmoid(h_w - h_l) + (h_w - 1/(2 beta))^2 + (h_l + 1/(2 beta))^2
 
-    Summed log-probs; needs a reference. The factor 1/2 on the calibration term follows the
-    authors' released code (the paper's equation writes the sum without it). Rewards are
-    beta * h as for the other losses. TRL has no Cal-DPO; checked against hand-worked numbers.
+    Summed log-probs; needs a reference. This is the paper's Eq. 10 (the authors confirmed
+    it in their repository's issues); their released training code weights the calibration
+    term by 1/2 instead. Rewards are beta * h as for the other losses. The authors' released
+    config uses beta = 0.002 (calibration targets +-250). TRL has no Cal-DPO; checked against
+    hand-worked numbers.
     """
 
-    def __init__(self, beta: float = 0.1, ld_alpha: float | None = None, wpo: bool = False):
+    def __init__(self, beta: float = 0.002, ld_alpha: float | None = None, wpo: bool = False):
         super().__init__(beta, ld_alpha, wpo)
 
     def pair_losses(self, r: Ratios) -> torch.Tensor:
         target = 1 / (2 * self.beta)
-        return -F.logsigmoid(r.chosen - r.rejected) + 0.5 * ((r.chosen - target) ** 2 + (r.rejected + target) ** 2)
+        return -F.logsigmoid(r.chosen - r.rejected) + (r.chosen - target) ** 2 + (r.rejected + target) ** 2

@@ -54,9 +54,9 @@ class SimPOLoss(ReferenceFreeLoss):
     Per-token **mean** log-probs; no reference. `label_smoothing` gives the conservative
     form; `nll_weight` > 0 adds the NLL of the chosen responses (CPO-SimPO). Rewards are
     beta * a. Equals TRL's CPOTrainer with loss_type="simpo", simpo_gamma=gamma,
-    cpo_alpha=nll_weight. The paper's settings: beta 2.0 to 10 (2.0 to 2.5 for Mistral and
-    Llama-3, 10 for Gemma-2) with gamma/beta 0.3 to 0.8 (about 0.5 for Llama-3), and a
-    learning rate far below DPO's (3e-7 to 1e-6).
+    cpo_alpha=nll_weight. The authors' settings: beta 2.0 to 2.5 (10 for Gemma-2 and their
+    Llama-3-Instruct v0.2), gamma/beta 0.1 to 0.8 (0.5 to 0.55 for Llama-3, 0.1 for
+    Mistral-Instruct), and a learning rate far below DPO's (3e-7 to 1e-6).
     """
 
     def __init__(self, beta: float = 2.0, gamma: float = 1.0, label_smoothing: float = 0.0, nll_weight: float = 0.0):
@@ -114,7 +114,7 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 class ORPOLoss(ReferenceFreeLoss):
-    """Odds Ratio Preference Optimization (Hong et al., 2024, Eq. 6 to 8): SFT plus a penalty
+    """Odds Ratio Preference Optimization (Hong et al., 2024, Eq. 4 to 7): SFT plus a penalty
     on the log odds ratio, no reference and no separate SFT stage:
 
         odds(y) = p / (1 - p),  p = exp(a)        (a: per-token mean log-prob of the response)
