@@ -63,7 +63,10 @@ class ProgressSink:
         if "eval_loss" in row:
             return
         self.bar.update(row["step"] - self.bar.n)
-        self.bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.3f}", refresh=False)
+        shown = {"loss": f"{row['loss']:.4f}"}
+        if "rewards/accuracies" in row:  # pairs only: unpaired data has no accuracy
+            shown["acc"] = f"{row['rewards/accuracies']:.3f}"
+        self.bar.set_postfix(shown, refresh=False)
 
     def close(self, failed: bool = False) -> None:
         self._redirect.__exit__(None, None, None)

@@ -34,3 +34,15 @@ def test_jsonl_resume_drops_later_rows_and_a_cut_line(tmp_path):
         {"step": 1, "loss": 0.7},
         {"step": 2, "loss": 0.5},
     ]
+
+
+def test_progress_bar_shows_what_the_row_has():
+    """Unpaired data (KTO) logs no rewards/accuracies: the bar shows the loss without it."""
+    sink = ProgressSink(total=3, initial=0)
+    try:
+        sink.log({"step": 1, "loss": 0.5, "kl": 0.1})
+        assert "loss=0.5000" in str(sink.bar) and "acc" not in str(sink.bar)
+        sink.log({"step": 2, "loss": 0.4, "rewards/accuracies": 0.75})
+        assert "acc=0.750" in str(sink.bar)
+    finally:
+        sink.close()
