@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import numbers
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -65,6 +66,7 @@ class DataConfig:
     max_length: int = 512
     max_prompt_length: int = 256
     truncation_mode: str = "keep_end"
+    columns: dict[str, str] = field(default_factory=dict)
     synthetic: Optional[SyntheticConfig] = None
 
 
@@ -153,11 +155,22 @@ def import_target(path: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), name)
 
 
-def _check_target(problems: list[str], key: str, node: Any) -> None:
+def _numeric_hint(target: Callable[..., Any], name: str) -> bool:
+    """Whether parameter `name` is annotated as a number (float, int, float | None, ...)."""
+    try:
+        hint = typing.get_type_hints(target).get(name)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: no check
+        return False
+    args = typing.get_args(hint) or (hint,)
+    return any(a in (int, float) for a in args)
+
+
+def _check_target(problems: list[str], key: str, node: Any, group: str | None = None) -> None:
     """Check that `node._target_` imports and accepts every other key, with values of the
-    same kind as the parameter's default (a number where the default is a number)."""
+    same kind as the parameter's default (a number where the default is a number) or, for a
+    None default, its annotation (a number where it says float | None)."""
     if not isinstance(node, (dict, DictConfig)) or "_target_" not in node:
-        problems.append(f"{key} must be a mapping with a _target_ (see conf/{key}/)")
+        problems.append(f"{key} must be a mapping with a _target_ (see conf/{group or key}/)")
         return
     try:
         target = import_target(str(node["_target_"]))
@@ -176,19 +189,21 @@ def _check_target(problems: list[str], key: str, node: Any) -> None:
             continue
         default = params[name].default
         if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, numbers.Real):
+            ok, expected = isinstance(value, bool), f"a bool like the default {default!r}"
+        elif isinstance(default, numbers.Real) or (
+            default is None
+            and value is not None
+            and _numeric_hint(target.__init__ if inspect.isclass(target) else target, name)
+        ):
             ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            expected = "a number or null" if default is None else f"a number like the default {default!r}"
         else:
-            ok = True
+            ok, expected = True, ""
         if not ok:
-            problems.append(
-                f"{key}.{name}={value!r} has the wrong type; expected a {type(default).__name__} "
-                f"like the default {default!r}"
-            )
+            problems.append(f"{key}.{name}={value!r} has the wrong type; expected {expected}")
 
 
-def _check_random_init(arch: Any) -> list[str]:
+def _check_random_init(arch: Any, max_length: Any = None) -> list[str]:
     """Problems with model.random_init: its model_type and kwargs must build a transformers config."""
     arch = dict(arch)
     if "model_type" not in arch:
@@ -210,16 +225,22 @@ def _check_random_init(arch: Any) -> list[str]:
     # known ones are either in the defaults or consumed (e.g. rope_theta into rope_parameters).
     known = CONFIG_MAPPING[model_type]().to_dict()
     unknown = sorted(k for k in arch if k not in known and k in vars(built))
-    return [f"model.random_init.{k} is not a {model_type} config key; check the spelling" for k in unknown]
+    problems = [f"model.random_init.{k} is not a {model_type} config key; check the spelling" for k in unknown]
+    from dpo_cli.modeling import max_positions, position_problem
+
+    limit = max_positions(built)
+    if limit is not None and isinstance(max_length, int) and max_length > limit:
+        problems.append(position_problem(max_length, limit))
+    return problems
 
 
-def _build(problems: list[str], key: str, node: Any) -> Any:
+def _build(problems: list[str], key: str, node: Any, group: str) -> Any:
     """Instantiate a well-formed `_target_` node; the object checks its own value ranges (e.g.
     beta > 0) and each line of its ValueError becomes a problem prefixed with `key`."""
     from hydra.utils import instantiate
 
     n_problems = len(problems)
-    _check_target(problems, key, node)
+    _check_target(problems, key, node, group)
     if len(problems) > n_problems:
         return None
     try:
@@ -230,43 +251,57 @@ def _build(problems: list[str], key: str, node: Any) -> Any:
         return None
 
 
+def _loss_class(node: Any) -> Any:
+    """The class a loss node names, for its capability flags when it could not be built."""
+    try:
+        return import_target(str(node["_target_"]))
+    except Exception:  # noqa: BLE001 - already reported by _check_target
+        return None
+
+
 def _check_loss(problems: list[str], node: Any, unpaired: bool, micro_batch_size: int) -> None:
     """The loss (each term of a combination on its own, so that a problem names its term's
-    key), then what it needs of the data: pairs, and two examples per micro batch for KTO."""
+    key), then what it needs of the data: pairs, and two examples per micro batch for KTO.
+    A loss that does not build still has its data needs checked, from its class."""
     from dpo_cli.logprobs import KL_ROWS
+    from dpo_cli.losses.combination import check_weights
 
     if isinstance(node, DictConfig) and "terms" in node:
-        n_problems = len(problems)
-        terms = node.terms if isinstance(node.terms, DictConfig) else {}
-        for name, term in terms.items():
-            _build(problems, f"loss.terms.{name}", term)
-        if len(problems) > n_problems:
-            return
-    loss = _build(problems, "loss", node)
-    if loss is None:
-        return
-    terms = getattr(loss, "terms", {"": loss})
-    if unpaired and loss.paired:
-        paired = [name or type(t).__name__ for name, t in terms.items() if t.paired]
+        nodes = dict(node.terms) if isinstance(node.terms, DictConfig) else {}
+        terms = {name: _build(problems, f"loss.terms.{name}", n, "loss") for name, n in nodes.items()}
+        if all(t is not None for t in terms.values()):
+            _build(problems, "loss", node, "loss")  # the combination's own checks (weights, ...)
+        else:
+            weights = node.get("weights") or {}
+            problems.extend(f"loss.{p}" for p in check_weights(list(nodes), dict(weights)))
+        parts = {name: t if t is not None else _loss_class(nodes[name]) for name, t in terms.items()}
+    else:
+        loss = _build(problems, "loss", node, "loss")
+        parts = {"": loss if loss is not None else _loss_class(node)}
+    parts = {name: p for name, p in parts.items() if p is not None}
+    paired = [
+        name or getattr(p, "__name__", type(p).__name__) for name, p in parts.items() if getattr(p, "paired", True)
+    ]
+    if unpaired and paired:
         problems.append(
             f"loss: {', '.join(paired)} needs preference pairs, but data.format holds unpaired "
             "prompt/completion/label examples; use loss=kto (or loss=sft), or paired data"
         )
-    if KL_ROWS in loss.needs and micro_batch_size < 2:
+    if any(KL_ROWS in getattr(p, "needs", ()) for p in parts.values()) and micro_batch_size < 2:
         problems.append(
             f"train.micro_batch_size={micro_batch_size}: KTO estimates its KL reference point from "
             "mismatched prompt/completion pairs of a micro batch, so it needs >= 2 examples per micro batch"
         )
 
 
-def _check_model(p: list[str], m: Any) -> None:
+def _check_model(p: list[str], m: Any, max_length: Any) -> None:
     if (m.name_or_path is None) == (m.random_init is None):
         p.append(
             "set exactly one of model.name_or_path (pretrained weights) and model.random_init "
             "(an architecture to initialise randomly), e.g. model=llama or model=tiny"
         )
     if m.random_init is not None:
-        p.extend(_check_random_init(m.random_init))
+        p.extend(_check_random_init(m.random_init, max_length))
     if m.gguf_file is not None and m.name_or_path is None:
         p.append("model.gguf_file needs model.name_or_path (the directory or hub id holding the file)")
     _choice(p, "model.dtype", m.dtype, DTYPES)
@@ -302,7 +337,7 @@ def _check_data(p: list[str], d: Any) -> None:
 
 def _check_optimization(p: list[str], cfg: DictConfig) -> None:
     """optimizer, scheduler and train sections (they constrain each other)."""
-    _check_target(p, "optimizer", cfg.optimizer)
+    _check_target(p, "optimizer", cfg.optimizer, "optimizer")
     if isinstance(cfg.optimizer, DictConfig):
         if not cfg.optimizer.get("_partial_", False):
             p.append("optimizer._partial_ must be true: the parameters are passed at run time")
@@ -366,7 +401,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError([f"{k} is required (it is ??? in the config); set {k}=<value>" for k in missing])
     p: list[str] = []
     _choice(p, "mode", cfg.mode, MODES)
-    _check_model(p, cfg.model)
+    _check_model(p, cfg.model, cfg.data.max_length)
     _check_data(p, cfg.data)
     unpaired = cfg.data.format in UNPAIRED_FORMATS
     _check_loss(p, cfg.loss, unpaired=unpaired, micro_batch_size=cfg.train.micro_batch_size)

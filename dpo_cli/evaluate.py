@@ -11,11 +11,12 @@ import torch
 from dpo_cli.data.batching import eval_batches
 from dpo_cli.data.collate import collate
 from dpo_cli.data.tokenize import Tokenized
-from dpo_cli.logprobs import KL, KL_ROWS, batch_logps
+from dpo_cli.logprobs import KL, KL_ROWS, SHARED, batch_logps
 from dpo_cli.losses import Loss
 from dpo_cli.losses.base import Reduce, local
 
 Parts = dict[str, tuple[torch.Tensor, torch.Tensor]]  # metric name -> (sum, count)
+REFERENCE_EXTRAS = frozenset({SHARED})
 
 
 def batch_loss(
@@ -36,7 +37,9 @@ def batch_loss(
     examples), so the mean over batches is the mean over examples.
     """
     fwd = batch_logps(policy, batch, loss_fn.needs)
-    ref = reference(batch, loss_fn.needs) if loss_fn.requires_reference else None
+    # The reference needs only what losses read from it (LD-DPO's shared part); WPO's weights
+    # and the whole-sequence NLL come from the policy alone.
+    ref = reference(batch, loss_fn.needs & REFERENCE_EXTRAS) if loss_fn.requires_reference else None
     out = loss_fn(fwd.logps, ref, reduce)
     lp = fwd.logps
     with torch.no_grad():
@@ -78,9 +81,11 @@ class Averages:
     def __init__(self) -> None:
         self.parts: Parts = {}
 
-    def add(self, parts: Parts, scale: float = 1.0) -> None:
+    def add(self, parts: Parts, scale: int = 1) -> None:
+        """Add a batch's parts; scale 0 adds its metric names with nothing counted."""
         for name, (s, c) in parts.items():
-            s, c = s * scale, c * scale
+            if scale == 0:  # zeros, not 0 * value: a NaN times 0 is still NaN
+                s, c = torch.zeros_like(s), torch.zeros_like(c)
             if name in self.parts:
                 old_s, old_c = self.parts[name]
                 self.parts[name] = (old_s + s, old_c + c)
@@ -128,7 +133,8 @@ def evaluate(
     `policy` should be the unwrapped model: processes may hold different numbers of eval
     batches, and a DDP-wrapped forward (or a loss reducing a statistic over processes) could
     wait on a collective the others never join. So batch statistics stay local here (KTO's
-    KL estimate is per batch) and the only synchronization is the final reduce.
+    KL estimate is per batch; a last batch of one example scores it on its own prompt) and the
+    only synchronization is the final reduce.
     """
     was_training = policy.training
     policy.eval()
@@ -136,7 +142,7 @@ def evaluate(
     batches = eval_batches(len(examples), accelerator.process_index, accelerator.num_processes, micro_batch_size)
     # A process with no eval examples (fewer than processes) still needs every metric name for
     # the reduce: it scores one example with weight 0.
-    scale = 1.0 if batches else 0.0
+    scale = 1 if batches else 0
     for idx in batches or [[0] * min(2, len(examples))]:
         batch = make_batch([examples[i] for i in idx], pad_id, loss_fn, accelerator.device)
         with accelerator.autocast():

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dpo_cli.errors import ModelLoadError
+from dpo_cli.errors import ConfigError, ModelLoadError
 from dpo_cli.hub import hub_reachable, looks_like_path
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,49 @@ def load_model(model: Any, tokenizer: Any, seed: int) -> torch.nn.Module:
     if model.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     return policy
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest sequence a transformers config's model handles, if the config says."""
+    for key in POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_max_length(model: Any, max_length: int) -> None:
+    """Refuse data.max_length beyond a pretrained model's positions, from its config alone (no
+    weights): running past them fails late with an IndexError, or silently degrades."""
+    from transformers import AutoConfig
+
+    if model.name_or_path is None:
+        return  # random_init: checked in config.validate
+    name = model.name_or_path
+    kwargs = _source_kwargs(name, model.revision, model.gguf_file or "config.json", "model.name_or_path")
+    try:
+        config = AutoConfig.from_pretrained(
+            name,
+            revision=model.revision,
+            gguf_file=model.gguf_file,
+            trust_remote_code=model.trust_remote_code,
+            **kwargs,
+        )
+    except (OSError, ValueError, ImportError) as e:
+        raise ModelLoadError(f"could not load the config of model {name!r}: {e}") from None
+    limit = max_positions(config)
+    if limit is not None and max_length > limit:
+        raise ConfigError([position_problem(max_length, limit)])
+
+
+def position_problem(max_length: int, limit: int) -> str:
+    return (
+        f"data.max_length={max_length} is longer than the model's {limit} positions "
+        f"(max_position_embeddings); set data.max_length<={limit}"
+    )
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from dpo_cli.errors import ConfigError, DataError, UserError
 from dpo_cli.evaluate import Averages, batch_loss, evaluate, make_batch
 from dpo_cli.losses import Loss
 from dpo_cli.metrics import JsonlSink, MetricLogger, ProgressSink, WandbSink
-from dpo_cli.modeling import count_parameters, load_model, load_tokenizer
+from dpo_cli.modeling import check_max_length, count_parameters, load_model, load_tokenizer
 from dpo_cli.reference import FrozenReference, build_reference
 from dpo_cli.report import write_report
 
@@ -145,7 +145,7 @@ def _load_data(cfg: DictConfig, tokenizer: Any) -> tuple[list[Tokenized], list[T
     eval_set, _ = tokenize_pairs(pairs.eval, tokenizer, **lengths)
     unit = "examples" if cfg.data.format in UNPAIRED_FORMATS else "pairs"
     log.info(
-        "data: %d train %s, %d eval, dropped (could not split): %s, truncated prompts: %d, truncated responses: %d",
+        "data: %d train %s, %d eval, dropped rows: %s, truncated prompts: %d, truncated responses: %d",
         len(train_set),
         unit,
         len(eval_set),
@@ -199,6 +199,7 @@ def build(cfg: DictConfig) -> Run:
         checkpoint.check_compatible(resume_from, run_shape)
 
     loss_fn = instantiate(cfg.loss)
+    check_max_length(cfg.model, cfg.data.max_length)  # from the model's config, before its weights
     policy = load_model(cfg.model, tokenizer, t.seed)
     trainable, total = count_parameters(policy)
     log.info(

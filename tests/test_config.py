@@ -26,6 +26,7 @@ REQUIRED = {
     ("model", "pretrained"): ["model.name_or_path=x/y"],
     ("loss", "combo"): ["+loss@loss.terms.dpo=dpo"],  # a combination's terms
     ("data", "kto"): ["data.path=x.jsonl", "loss=kto"],  # unpaired data trains with KTO
+    ("data", "pairs"): ["data.path=x.jsonl"],
 }
 
 

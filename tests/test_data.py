@@ -278,8 +278,16 @@ def test_split_pair_multi_turn_keeps_earlier_turns():
         pytest.param(H + "Hi. Hello.", H + "Hi. Bye.", id="no-assistant-turn"),
     ],
 )
-def test_split_pair_unsplittable_rows_give_none(chosen, rejected):
-    assert hh.split_pair(chosen, rejected) is None
+def test_split_pair_unsplittable_rows_give_the_reason(chosen, rejected, request):
+    case = request.node.callspec.id
+    expected = (
+        hh.NO_TURN
+        if case == "no-assistant-turn"
+        else hh.EMPTY
+        if "space" in case or "empty" in case
+        else hh.DIFFERENT_PROMPTS
+    )
+    assert hh.split_pair(chosen, rejected) == expected
 
 
 # --- load_pairs on a local HH file -----------------------------------------------------------------
@@ -293,7 +301,7 @@ def fixture_pairs() -> list[dict[str, str]]:
     with open(HH_SAMPLE) as f:
         rows = [json.loads(line) for line in f]
     assert len(rows) == HH_ROWS
-    return [p for p in (hh.normalize(r) for r in rows) if p is not None]
+    return [p for p in (hh.normalize(r) for r in rows) if not isinstance(p, str)]
 
 
 def key(pair: dict[str, str]) -> tuple[str, str, str]:
@@ -308,7 +316,8 @@ def test_hh_fixture_counts():
 
 def test_load_pairs_counts_and_holdout():
     out = load_pairs(hh_config(HH_SAMPLE, eval_holdout=3), seed=0)
-    assert out.dropped == {"train": HH_ROWS - HH_USABLE}
+    assert out.dropped == {"train": {hh.EMPTY: 1, hh.DIFFERENT_PROMPTS: 1}}
+    assert sum(out.dropped["train"].values()) == HH_ROWS - HH_USABLE
     assert (len(out.train), len(out.eval)) == (HH_USABLE - 3, 3)
     train, evals = {key(p) for p in out.train}, {key(p) for p in out.eval}
     assert not train & evals, "held-out pairs are removed from training"
@@ -334,8 +343,10 @@ def test_load_pairs_holdout_limits():
 def test_load_pairs_max_pairs():
     out = load_pairs(hh_config(HH_SAMPLE, eval_holdout=4, max_train_pairs=2, max_eval_pairs=3), seed=0)
     full = load_pairs(hh_config(HH_SAMPLE, eval_holdout=4), seed=0)
-    assert out.train == full.train[:2]
-    assert out.eval == full.eval[:3]
+    assert (len(out.train), len(out.eval)) == (2, 3)
+    # A seeded sample (see test_data_loading.py), kept in the order of the full sets.
+    assert out.train == [p for p in full.train if p in out.train]
+    assert out.eval == [p for p in full.eval if p in out.eval]
 
 
 def test_load_pairs_eval_path(tmp_path):
@@ -345,7 +356,10 @@ def test_load_pairs_eval_path(tmp_path):
     out = load_pairs(hh_config(HH_SAMPLE, eval_path=str(eval_file), eval_holdout=3), seed=0)
     assert len(out.train) == HH_USABLE, "with eval_path nothing is held out of training"
     assert len(out.eval) == 2
-    assert out.dropped == {"train": 2, "eval": 2}
+    assert out.dropped == {
+        "train": {hh.EMPTY: 1, hh.DIFFERENT_PROMPTS: 1},
+        "eval": {hh.EMPTY: 1, hh.DIFFERENT_PROMPTS: 1},
+    }
 
 
 def test_load_pairs_gzipped(tmp_path):
@@ -367,7 +381,7 @@ def test_load_pairs_missing_file(tmp_path):
 def test_load_pairs_wrong_keys(tmp_path):
     bad = tmp_path / "qa.jsonl"
     bad.write_text('{"question": "Why?", "answer": "Because."}\n{"question": "How?", "answer": "Thus."}\n')
-    with pytest.raises(DataError, match="row 0"):
+    with pytest.raises(DataError, match="line 1: field 'chosen' is missing"):
         load_pairs(hh_config(bad), seed=0)
 
 
@@ -429,7 +443,8 @@ def test_load_pairs_synthetic_respects_max_pairs():
     capped = OmegaConf.structured(DataConfig(format="synthetic", synthetic=spec, max_train_pairs=25, max_eval_pairs=4))
     out = load_pairs(capped, seed=3)
     assert (len(out.train), len(out.eval)) == (25, 4)
-    assert out.train == full.train[:25] and out.eval == full.eval[:4]
+    assert out.train == [p for p in full.train if p in out.train]
+    assert out.eval == [p for p in full.eval if p in out.eval]
 
 
 # --- batch order ------------------------------------------------------------------------------------------

@@ -205,3 +205,25 @@ def test_validation_names_every_problem_of_a_combination():
         validate(cfg)
     assert any(p.startswith("loss.terms.dpo.beta=-1") for p in e.value.problems)
     assert any(p.startswith("loss.terms.bco_pair.beta=0") for p in e.value.problems)
+
+
+def test_validation_lists_the_loss_and_its_data_needs_together():
+    """A loss that does not build still has its data needs checked (from its class)."""
+    from conftest import make_config
+
+    from dpo_cli.config import validate
+
+    cases = [
+        (["loss=kto", "train.micro_batch_size=1", "loss.beta=-1"], ["loss.beta=-1", "train.micro_batch_size=1"]),
+        (["data=kto", f"data.path={KTO_FIXTURE}", "loss.beta=0"], ["loss.beta=0", "needs preference pairs"]),
+        (
+            ["loss=rpo", "loss.weights.sft=-1", "loss.terms.dpo.beta=0"],
+            ["loss.terms.dpo.beta=0", "loss.weights.sft=-1"],
+        ),
+        (["loss.ld_alpha=abc"], ["loss.ld_alpha='abc' has the wrong type; expected a number or null"]),
+    ]
+    for args, needles in cases:
+        with pytest.raises(ConfigError) as e:
+            validate(make_config(QUIET + args))
+        for needle in needles:
+            assert any(needle in p for p in e.value.problems), (args, needle, e.value.problems)

@@ -1144,3 +1144,17 @@ def test_several_problems_give_one_error_with_a_line_each(make, names):
     lines = problems(make)
     assert len(lines) == len(names)
     assert {line.split("=")[0] for line in lines} == names
+
+
+def test_a_micro_batch_without_desirable_examples_gives_zero_not_nan():
+    """Unpaired data: a micro batch may hold no desirable (CHOSEN) example. SFT has nothing to
+    train on there: its loss is 0 with a graph, not the NaN of an empty mean, alone and in a
+    combination with KTO."""
+    empty = torch.zeros(0, dtype=F64, requires_grad=True)
+    policy = SequenceLogps(empty, t(-3.0), empty, t(2.0), kl=t(-4.0, -5.0))
+    reference = SequenceLogps(empty.detach(), t(-2.0), empty.detach(), t(2.0), kl=t(-4.0, -4.0))
+    out = SFTLoss()(policy, None)
+    assert out.loss.item() == 0.0 and out.loss.requires_grad
+    combo = Combination({"kto": KTOLoss(), "sft": SFTLoss()})(policy, reference)
+    assert math.isfinite(combo.loss.item())
+    assert combo.metrics["loss/sft"].item() == 0.0

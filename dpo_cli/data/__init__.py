@@ -7,25 +7,28 @@ tensors, and `batching` decides which pairs each process sees at each step.
 
 from __future__ import annotations
 
+import itertools
 import logging
-import os
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpo_cli.data import hh, kto, synthetic
+from dpo_cli.data import hh, kto, pairs, synthetic
+from dpo_cli.data.fields import RowError
 from dpo_cli.errors import DataError
 
 log = logging.getLogger(__name__)
 
 Pair = dict[str, Any]  # {prompt, chosen, rejected} strings, or unpaired {prompt, completion, label}
 
-# Row formats: name -> function turning one source row into a pair (None = drop the row).
+# Row formats: name -> function turning one source row into a pair, or the reason it is dropped.
 # `synthetic` generates its pairs instead of reading rows.
-FORMATS: dict[str, Callable[[dict], Pair | None] | None] = {
+FORMATS: dict[str, Callable[[dict], Pair | str] | None] = {
     "synthetic": None,
     "hh": hh.normalize,
+    "pairs": pairs.normalize,
     "kto": kto.normalize,
 }
 # Formats whose examples are unpaired completions with a desirable/undesirable label: only
@@ -37,23 +40,20 @@ UNPAIRED_FORMATS = frozenset({"kto"})
 class Pairs:
     train: list[Pair]
     eval: list[Pair]
-    dropped: dict[str, int] = field(default_factory=dict)  # split -> rows that could not be split
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> reason -> rows dropped
 
 
-def _read_rows(path: str | None, hub_id: str | None, split: str, what: str) -> Any:
-    """Rows from a local JSON-lines file (optionally .gz) or a hub dataset split."""
-    import datasets
-
+def _read_rows(path: str | None, hub_id: str | None, split: str, what: str) -> tuple[Any, list[str] | None]:
+    """Rows from local files (see `sources`), with where each comes from ("'a.jsonl' line 7"),
+    or a hub dataset split (where = None: its 1-based row numbers)."""
+    from dpo_cli.data.sources import read_rows_with_origin
     from dpo_cli.hub import hub_reachable, offline_mode
 
     if path is not None:
-        path = os.path.expanduser(path)
-        if not os.path.isfile(path):
-            raise DataError(f"{what}={path!r}: no such file; point it at a .jsonl or .jsonl.gz file")
-        try:
-            return datasets.load_dataset("json", data_files=path, split="train")
-        except Exception as e:  # noqa: BLE001 - any parse failure is a problem with that file
-            raise DataError(f"{what}={path!r} could not be read as JSON lines: {e}") from None
+        origins = read_rows_with_origin(path, what)
+        return [o.row for o in origins], [o.where() for o in origins]
+    import datasets
+
     fix = (
         f"download it where there is network and set data.path=/path/to/{split}.jsonl.gz "
         "(or, if it is in your Hugging Face cache, set HF_HUB_OFFLINE=1)"
@@ -63,41 +63,89 @@ def _read_rows(path: str | None, hub_id: str | None, split: str, what: str) -> A
     if not offline_mode() and not hub_reachable():
         raise DataError(f"dataset {hub_id!r} cannot be downloaded: the Hugging Face Hub is not reachable; {fix}")
     try:
-        return datasets.load_dataset(hub_id, split=split)
+        return datasets.load_dataset(hub_id, split=split), None
     except Exception as e:  # noqa: BLE001
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"dataset {hub_id!r} split {split!r} could not be loaded ({first}); {fix}") from None
 
 
-def _normalize(rows: Any, normalize: Callable[[dict], Pair | None], what: str) -> tuple[list[Pair], int]:
-    pairs, dropped = [], 0
+def _mapped(row: dict, columns: dict[str, str]) -> dict:
+    """The row with its columns renamed to the format's names (data.columns: name -> column)."""
+    if not columns:
+        return row
+    out = {k: v for k, v in row.items() if k not in columns.values()}
+    out.update({name: row[col] for name, col in columns.items() if col in row})
+    return out
+
+
+def _normalize(
+    source: tuple[Any, list[str] | None], normalize: Callable[[dict], Pair | str], columns: dict[str, str], what: str
+) -> tuple[list[Pair], dict[str, int]]:
+    """Pairs from rows, and how many rows were dropped for each reason. A row that lacks a field
+    or holds the wrong type is a DataError naming the row (file and line, or 1-based row) and
+    the field."""
+    rows, wheres = source
+    pairs, dropped = [], Counter()
     for i, row in enumerate(rows):
         try:
-            pair = normalize(row)
-        except (KeyError, TypeError, AttributeError) as e:
-            raise DataError(f"{what}: row {i} is not in the expected format ({type(e).__name__}: {e})") from None
-        if pair is None:
-            dropped += 1
+            pair = normalize(_mapped(dict(row), columns))
+        except RowError as e:
+            where = f"{what}: {wheres[i]}" if wheres else f"{what} row {i + 1}"
+            raise DataError(
+                f"{where}: {e}; fix the data, or map another column with data.columns.{e.field}=COLUMN"
+            ) from None
+        if isinstance(pair, str):
+            dropped[pair] += 1
         else:
             pairs.append(pair)
-    return pairs, dropped
+    return pairs, dict(dropped)
 
 
-def _load_rows(data: Any, seed: int) -> tuple[list[Pair], list[Pair], dict[str, int]]:
-    """Train and eval pairs, and dropped-row counts, of a format that reads rows."""
+def _load_rows(data: Any, seed: int) -> tuple[list[Pair], list[Pair], dict[str, dict[str, int]], list[dict]]:
+    """Train and eval pairs, dropped-row counts per reason, and the first training rows (for
+    suggesting a format when nothing could be used), of a format that reads rows."""
     normalize = FORMATS[data.format]
     assert normalize is not None
-    rows = _read_rows(data.path, data.hub_id, data.train_split, "data.path")
-    train, dropped_train = _normalize(rows, normalize, "data.path" if data.path else data.hub_id)
+    columns = dict(data.get("columns") or {})
+    source = _read_rows(data.path, data.hub_id, data.train_split, "data.path")
+    sample = [dict(r) for r in itertools.islice(source[0], 3)]
+    where = "data.path" if data.path else f"dataset {data.hub_id!r}"
+    train, dropped_train = _normalize(source, normalize, columns, where)
     dropped = {"train": dropped_train}
     if data.eval_path is not None or (data.path is None and data.eval_split is not None):
-        rows = _read_rows(data.eval_path, data.hub_id, data.eval_split or "test", "data.eval_path")
-        evals, dropped["eval"] = _normalize(rows, normalize, data.eval_path or data.hub_id)
+        source = _read_rows(data.eval_path, data.hub_id, data.eval_split or "test", "data.eval_path")
+        where = "data.eval_path" if data.eval_path else f"dataset {data.hub_id!r}"
+        evals, dropped["eval"] = _normalize(source, normalize, columns, where)
     else:
         random.Random(seed).shuffle(train)
         n_eval = min(data.eval_holdout, len(train) // 2)
         train, evals = train[: len(train) - n_eval], train[len(train) - n_eval :]
-    return train, evals, dropped
+    return train, evals, dropped, sample
+
+
+def _cap(items: list[Pair], n: int | None, seed: int) -> list[Pair]:
+    """At most n items, drawn at random (seeded) and kept in their order: sources are often
+    sorted (a hub dataset concatenates its subsets), so the first n would be one subset."""
+    if n is None or n >= len(items):
+        return items
+    keep = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in keep]
+
+
+def _suggest_format(sample: list[dict]) -> str:
+    """A hint at the data format that fits rows that could not be used."""
+    keys = set().union(*(r.keys() for r in sample)) if sample else set()
+    if {"prompt", "completion", "label"} <= keys:
+        return "; these rows look like unpaired examples: use data=kto with loss=kto"
+    if {"chosen", "rejected"} <= keys:
+        return "; these rows hold chosen/rejected texts: use data=pairs (explicit or implicit prompt)"
+    if keys:
+        return f"; the rows have columns {', '.join(sorted(map(str, keys)))}: map them with data.columns.NAME=COLUMN"
+    return ""
+
+
+def _describe(dropped: dict[str, int]) -> str:
+    return ", ".join(f"{n} rows: {reason}" for reason, n in dropped.items()) or "no rows"
 
 
 def load_pairs(data: Any, seed: int) -> Pairs:
@@ -105,17 +153,22 @@ def load_pairs(data: Any, seed: int) -> Pairs:
 
     Eval pairs come from `data.eval_path`, else the hub's `data.eval_split`, else the last
     `data.eval_holdout` pairs of a seeded shuffle of the training pairs (removed from training).
-    `data.max_train_pairs` and `data.max_eval_pairs` then cap every format, synthetic included.
+    `data.max_train_pairs` and `data.max_eval_pairs` then cap every format, synthetic included,
+    with a seeded random sample.
     """
+    sample: list[dict] = []
     if data.format == "synthetic":
         train, evals = synthetic.load(data.synthetic, seed)
-        dropped: dict[str, int] = {}
+        dropped: dict[str, dict[str, int]] = {}
     else:
-        train, evals, dropped = _load_rows(data, seed)
-    if data.max_train_pairs is not None:
-        train = train[: data.max_train_pairs]
-    if data.max_eval_pairs is not None:
-        evals = evals[: data.max_eval_pairs]
+        train, evals, dropped, sample = _load_rows(data, seed)
+    train = _cap(train, data.max_train_pairs, seed)
+    evals = _cap(evals, data.max_eval_pairs, seed + 1)
     if not train:
-        raise DataError(f"no usable training pairs in {data.path or data.hub_id} (dropped: {dropped})")
+        source = f"data.path={data.path!r}" if data.path else f"dataset {data.hub_id!r}"
+        hint = _suggest_format(sample) if sample else ""
+        raise DataError(
+            f"no usable training pairs in {source} for data.format={data.format} "
+            f"(dropped: {_describe(dropped.get('train', {}))}){hint}"
+        )
     return Pairs(train=train, eval=evals, dropped=dropped)

@@ -6,27 +6,31 @@ dialogue up to and including the last "\\n\\nAssistant:"; the responses are what
 
 from __future__ import annotations
 
+from dpo_cli.data.fields import text_field
+
 ASSISTANT = "\n\nAssistant:"
+NO_TURN = "no '\\n\\nAssistant:' turn"
+EMPTY = "empty response"
+DIFFERENT_PROMPTS = "dialogues differ before the last assistant turn"
 
 
-def split_pair(chosen: str, rejected: str) -> dict[str, str] | None:
-    """Split one HH row into {prompt, chosen, rejected}, or None when it cannot be split safely.
-
-    None when: there is no assistant turn, either response is empty (or only white space), or
-    the two dialogues differ before the last assistant turn (then no single prompt is shared,
-    and cutting at the same offset would mis-attribute text to the responses).
+def split_pair(chosen: str, rejected: str) -> dict[str, str] | str:
+    """Split one HH row into {prompt, chosen, rejected}, or return why it cannot be split safely:
+    there is no assistant turn, either response is empty (or only white space), or the two
+    dialogues differ before the last assistant turn (then no single prompt is shared, and
+    cutting at the same offset would mis-attribute text to the responses).
     """
     cut = chosen.rfind(ASSISTANT)
     if cut < 0:
-        return None
+        return NO_TURN
     prompt = chosen[: cut + len(ASSISTANT)]
     if rejected.rfind(ASSISTANT) != cut or not rejected.startswith(prompt):
-        return None
+        return DIFFERENT_PROMPTS
     chosen_response, rejected_response = chosen[len(prompt) :], rejected[len(prompt) :]
     if not chosen_response.strip() or not rejected_response.strip():
-        return None
+        return EMPTY
     return {"prompt": prompt, "chosen": chosen_response, "rejected": rejected_response}
 
 
-def normalize(row: dict) -> dict[str, str] | None:
-    return split_pair(row["chosen"], row["rejected"])
+def normalize(row: dict) -> dict[str, str] | str:
+    return split_pair(text_field(row, "chosen"), text_field(row, "rejected"))

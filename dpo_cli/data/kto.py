@@ -8,15 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from dpo_cli.data.fields import RowError, field, text_field
 
-def normalize(row: dict) -> dict[str, Any] | None:
-    """The row as {prompt, completion, label}; None when the completion is empty."""
-    prompt, completion, label = row["prompt"], row["completion"], row["label"]
-    for name, value in (("prompt", prompt), ("completion", completion)):
-        if not isinstance(value, str):
-            raise TypeError(f"field {name!r} must be a string, got {type(value).__name__}")
+
+def normalize(row: dict) -> dict[str, Any] | str:
+    """The row as {prompt, completion, label}, or why it is dropped (an empty completion)."""
+    prompt, completion, label = text_field(row, "prompt"), text_field(row, "completion"), field(row, "label")
     if not isinstance(label, bool):
-        raise TypeError(f"field 'label' must be true or false, got {label!r}")
+        raise RowError("label", f"field 'label' must be true or false, got {label!r}")
     if not completion.strip():
-        return None
+        return "empty completion"
     return {"prompt": prompt, "completion": completion, "label": label}

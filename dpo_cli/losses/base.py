@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from dpo_cli.logprobs import SequenceLogps
 
@@ -52,7 +53,9 @@ def output(
     """A LossOutput whose loss is the mean of the per-example `losses`; `logps` = the (chosen,
     rejected) log-probs to log when they are not the summed ones."""
     return LossOutput(
-        loss=losses.mean(),
+        # A micro batch can hold no example a loss reads (SFT on unpaired data with no desirable
+        # example): its loss is 0, not the NaN of an empty mean.
+        loss=losses.mean() if losses.numel() else losses.sum(),
         chosen_rewards=chosen_rewards.detach(),
         rejected_rewards=rejected_rewards.detach(),
         metrics={k: v.detach() for k, v in metrics.items()},
@@ -79,24 +82,42 @@ def mean_logps(logps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logps / tokens.clamp(min=1)
 
 
-def chosen_nll(policy: SequenceLogps) -> torch.Tensor:
-    """Each pair's share of the batch's token-mean NLL of the chosen responses, (B,).
+def nll_shares(logps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Each sequence's share of the batch's token-mean NLL, (B,).
 
-    NLL = -sum_i log pi(y_w,i|x_i) / sum_i |y_w,i|: the mean over all chosen response tokens
-    of the batch, as TRL's `sft` loss and CPO/ORPO's NLL term compute it. Pair i's share is
-    -log pi(y_w,i|x_i) * B / sum_i |y_w,i|, so that the mean over pairs is exactly that NLL and
-    it combines with per-pair losses by a plain mean.
+    NLL = -sum_i logps_i / sum_i tokens_i: the mean over all tokens of the batch, as TRL's `sft`
+    loss and CPO/ORPO's NLL term compute it. Sequence i's share is -logps_i * B / sum tokens,
+    so that the mean over sequences is exactly that NLL and it combines with per-pair losses by
+    a plain mean.
     """
-    n = policy.chosen.shape[0]
-    return -policy.chosen * n / policy.chosen_tokens.sum().clamp(min=1)
+    return -logps * logps.shape[0] / tokens.sum().clamp(min=1)
+
+
+def chosen_nll(policy: SequenceLogps) -> torch.Tensor:
+    """`nll_shares` of the chosen responses' tokens."""
+    return nll_shares(policy.chosen, policy.chosen_tokens)
 
 
 def chosen_whole_nll(policy: SequenceLogps) -> torch.Tensor:
-    """`chosen_nll` over every token of the chosen sequences but the first (prompt and
+    """`nll_shares` over every token of the chosen sequences but the first (prompt and
     response), as TRL's ORPOTrainer and the ORPO authors' code take it by default."""
     assert policy.chosen_whole is not None and policy.chosen_whole_tokens is not None, "needs logprobs.WHOLE"
-    n = policy.chosen_whole.shape[0]
-    return -policy.chosen_whole * n / policy.chosen_whole_tokens.sum().clamp(min=1)
+    return nll_shares(policy.chosen_whole, policy.chosen_whole_tokens)
+
+
+def policy_means(policy: SequenceLogps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token mean log-probs (a_w, a_l) of the chosen and rejected responses."""
+    return mean_logps(policy.chosen, policy.chosen_tokens), mean_logps(policy.rejected, policy.rejected_tokens)
+
+
+def smoothed_sigmoid(logits: torch.Tensor, eps: float) -> torch.Tensor:
+    """-(1 - eps) log sigmoid(x) - eps log sigmoid(-x): cross-entropy against label 1 - eps."""
+    return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+
+
+def check_smoothing(problems: list[str], value: float, name: str = "label_smoothing") -> None:
+    if not 0 <= value < 0.5:
+        problems.append(f"{name}={value} must be in [0, 0.5) (the assumed share of flipped labels)")
 
 
 class Loss:

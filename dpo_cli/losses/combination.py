@@ -8,6 +8,17 @@ from dpo_cli.logprobs import SequenceLogps
 from dpo_cli.losses.base import Loss, LossOutput, Reduce, local, raise_problems
 
 
+def check_weights(terms: list[str], weights: Mapping[str, object]) -> list[str]:
+    """Problems with a combination's weights: each names a term and is a number >= 0."""
+    problems = []
+    for name, w in weights.items():
+        if name not in terms:
+            problems.append(f"weights.{name}={w} names no term; the terms are: {', '.join(terms) or 'none'}")
+        elif isinstance(w, bool) or not (isinstance(w, (int, float)) and w >= 0):
+            problems.append(f"weights.{name}={w!r} must be a number >= 0")
+    return problems
+
+
 class Combination(Loss):
     """loss = sum_k weight_k * loss_k, over named terms, each any single loss.
 
@@ -15,8 +26,8 @@ class Combination(Loss):
     the weighted sum is taken; weights default to 1.0. Reference-based and reference-free terms
     mix freely: a reference is built when any term needs one. Metrics: `loss/<term>` for each
     term's (unweighted) loss beside the total `loss`, and each term's own metrics (a name two
-    terms share is prefixed with the term: `<term>/<metric>`). `rewards/*` are those of the
-    first term.
+    terms share is prefixed with the term: `<term>/<metric>`). `rewards/*` and `logps/*` are
+    those of the first term, so list the term whose rewards you want to watch first.
 
     In YAML (conf/loss/rpo.yaml) the terms are other conf/loss files placed under `terms`:
 
@@ -45,11 +56,7 @@ class Combination(Loss):
                 problems.append(
                     f"terms.{name} is not a loss (a conf/loss file placed with +loss@loss.terms.{name}=NAME)"
                 )
-        for name, w in weights.items():
-            if name not in terms:
-                problems.append(f"weights.{name}={w} names no term; the terms are: {', '.join(terms) or 'none'}")
-            elif not (isinstance(w, (int, float)) and w >= 0):
-                problems.append(f"weights.{name}={w!r} must be a number >= 0")
+        problems += check_weights(list(terms), weights)
         raise_problems(problems)
         self.terms = terms
         self.weights = {name: float(weights.get(name, 1.0)) for name in terms}
@@ -69,7 +76,9 @@ class Combination(Loss):
             for k, v in out.metrics.items():
                 metrics[k if shared.count(k) == 1 else f"{name}/{k}"] = v
         first = next(iter(outs.values()))
-        return LossOutput(total, first.chosen_rewards, first.rejected_rewards, metrics)
+        return LossOutput(
+            total, first.chosen_rewards, first.rejected_rewards, metrics, None, first.chosen_logps, first.rejected_logps
+        )
 
     def __repr__(self) -> str:
         parts = " + ".join(f"{self.weights[n]} * {n}={t!r}" for n, t in self.terms.items())

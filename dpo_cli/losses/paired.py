@@ -34,7 +34,18 @@ import torch
 import torch.nn.functional as F
 
 from dpo_cli.logprobs import SHARED, WPO, SequenceLogps
-from dpo_cli.losses.base import Loss, LossOutput, Reduce, check_beta, local, mean_logps, output, raise_problems
+from dpo_cli.losses.base import (
+    Loss,
+    LossOutput,
+    Reduce,
+    check_beta,
+    check_smoothing,
+    local,
+    mean_logps,
+    output,
+    raise_problems,
+    smoothed_sigmoid,
+)
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
@@ -132,15 +143,9 @@ class FDivergenceLoss(PairedLoss):
         """s(h_w) - s(h_l): h_w - h_l for reverse KL (DPO)."""
         return self.score(r.chosen) - self.score(r.rejected)
 
-
-def _smoothed_sigmoid(logits: torch.Tensor, eps: float) -> torch.Tensor:
-    """-(1 - eps) log sigmoid(x) - eps log sigmoid(-x): cross-entropy against label 1 - eps."""
-    return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
-
-
-def _check_smoothing(problems: list[str], name: str, value: float) -> None:
-    if not 0 <= value < 0.5:
-        problems.append(f"{name}={value} must be in [0, 0.5) (the assumed share of flipped labels)")
+    def mean_delta(self, r: Ratios) -> torch.Tensor:
+        """s(h_w) / |y_w| - s(h_l) / |y_l|: the score difference per response token."""
+        return mean_logps(self.score(r.chosen), r.chosen_tokens) - mean_logps(self.score(r.rejected), r.rejected_tokens)
 
 
 class DPOLoss(FDivergenceLoss):
@@ -164,12 +169,12 @@ class DPOLoss(FDivergenceLoss):
         wpo: bool = False,
     ):
         problems: list[str] = []
-        _check_smoothing(problems, "label_smoothing", label_smoothing)
+        check_smoothing(problems, label_smoothing)
         super().__init__(beta, f_divergence, f_alpha, ld_alpha, wpo, problems)
         self.label_smoothing = float(label_smoothing)
 
     def pair_losses(self, r: Ratios) -> torch.Tensor:
-        return _smoothed_sigmoid(self.beta * self.delta(r), self.label_smoothing)
+        return smoothed_sigmoid(self.beta * self.delta(r), self.label_smoothing)
 
 
 class RobustDPOLoss(FDivergenceLoss):
@@ -192,7 +197,7 @@ class RobustDPOLoss(FDivergenceLoss):
         wpo: bool = False,
     ):
         problems: list[str] = []
-        _check_smoothing(problems, "label_smoothing", label_smoothing)
+        check_smoothing(problems, label_smoothing)
         super().__init__(beta, f_divergence, f_alpha, ld_alpha, wpo, problems)
         self.label_smoothing = float(label_smoothing)
 
@@ -245,8 +250,7 @@ class IPOLoss(FDivergenceLoss):
         super().__init__(beta, f_divergence, f_alpha, ld_alpha, wpo)
 
     def pair_losses(self, r: Ratios) -> torch.Tensor:
-        d = mean_logps(self.score(r.chosen), r.chosen_tokens) - mean_logps(self.score(r.rejected), r.rejected_tokens)
-        return (d - 1 / (2 * self.beta)) ** 2
+        return (self.mean_delta(r) - 1 / (2 * self.beta)) ** 2
 
 
 class SigmoidNormLoss(FDivergenceLoss):
@@ -270,8 +274,7 @@ class SigmoidNormLoss(FDivergenceLoss):
         super().__init__(beta, f_divergence, f_alpha, ld_alpha, wpo)
 
     def pair_losses(self, r: Ratios) -> torch.Tensor:
-        d = mean_logps(self.score(r.chosen), r.chosen_tokens) - mean_logps(self.score(r.rejected), r.rejected_tokens)
-        return -F.logsigmoid(self.beta * d)
+        return -F.logsigmoid(self.beta * self.mean_delta(r))
 
 
 class EXOPairLoss(FDivergenceLoss):
@@ -405,14 +408,14 @@ class AOTLoss(PairedLoss):
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, ld_alpha: float | None = None):
         problems: list[str] = []
-        _check_smoothing(problems, "label_smoothing", label_smoothing)
+        check_smoothing(problems, label_smoothing)
         super().__init__(beta, ld_alpha, False, problems)
         self.label_smoothing = float(label_smoothing)
 
     def pair_losses(self, r: Ratios) -> torch.Tensor:
         m = torch.sort(r.policy_chosen - r.policy_rejected, dim=0).values
         m_ref = torch.sort(r.ref_chosen - r.ref_rejected, dim=0).values
-        return _smoothed_sigmoid(self.beta * (m - m_ref), self.label_smoothing)
+        return smoothed_sigmoid(self.beta * (m - m_ref), self.label_smoothing)
 
 
 class AOTUnpairedLoss(AOTLoss):
@@ -427,7 +430,7 @@ class AOTUnpairedLoss(AOTLoss):
 
     def pair_losses(self, r: Ratios) -> torch.Tensor:
         x = torch.sort(r.chosen, dim=0).values - torch.sort(r.rejected, dim=0).values
-        return _smoothed_sigmoid(self.beta * x, self.label_smoothing)
+        return smoothed_sigmoid(self.beta * x, self.label_smoothing)
 
 
 class APOZeroLoss(PairedLoss):

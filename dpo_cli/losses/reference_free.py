@@ -19,27 +19,20 @@ from dpo_cli.losses.base import (
     LossOutput,
     Reduce,
     check_beta,
+    check_smoothing,
     chosen_nll,
     chosen_whole_nll,
     local,
-    mean_logps,
     output,
+    policy_means,
     raise_problems,
+    smoothed_sigmoid,
 )
-
-
-def _check_smoothing(problems: list[str], value: float) -> None:
-    if not 0 <= value < 0.5:
-        problems.append(f"label_smoothing={value} must be in [0, 0.5) (the assumed share of flipped labels)")
 
 
 def _check_weight(problems: list[str], name: str, value: float) -> None:
     if not value >= 0:
         problems.append(f"{name}={value} must be >= 0 (0 turns the term off)")
-
-
-def _smoothed_sigmoid(logits: torch.Tensor, eps: float) -> torch.Tensor:
-    return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
 
 
 class ReferenceFreeLoss(Loss):
@@ -64,16 +57,15 @@ class SimPOLoss(ReferenceFreeLoss):
         check_beta(problems, beta, typical="2.0 to 10")
         if not gamma >= 0:
             problems.append(f"gamma={gamma} must be >= 0 (the target reward margin; gamma/beta 0.3 to 0.8)")
-        _check_smoothing(problems, label_smoothing)
+        check_smoothing(problems, label_smoothing)
         _check_weight(problems, "nll_weight", nll_weight)
         raise_problems(problems)
         self.beta, self.gamma = float(beta), float(gamma)
         self.label_smoothing, self.nll_weight = float(label_smoothing), float(nll_weight)
 
     def __call__(self, policy: SequenceLogps, reference: SequenceLogps | None, reduce: Reduce = local) -> LossOutput:
-        aw = mean_logps(policy.chosen, policy.chosen_tokens)
-        al = mean_logps(policy.rejected, policy.rejected_tokens)
-        losses = _smoothed_sigmoid(self.beta * (aw - al) - self.gamma, self.label_smoothing)
+        aw, al = policy_means(policy)
+        losses = smoothed_sigmoid(self.beta * (aw - al) - self.gamma, self.label_smoothing)
         metrics = {}
         if self.nll_weight > 0:
             nll = chosen_nll(policy)
@@ -96,13 +88,13 @@ class CPOLoss(ReferenceFreeLoss):
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, nll_weight: float = 1.0):
         problems: list[str] = []
         check_beta(problems, beta)
-        _check_smoothing(problems, label_smoothing)
+        check_smoothing(problems, label_smoothing)
         _check_weight(problems, "nll_weight", nll_weight)
         raise_problems(problems)
         self.beta, self.label_smoothing, self.nll_weight = float(beta), float(label_smoothing), float(nll_weight)
 
     def __call__(self, policy: SequenceLogps, reference: SequenceLogps | None, reduce: Reduce = local) -> LossOutput:
-        losses = _smoothed_sigmoid(self.beta * (policy.chosen - policy.rejected), self.label_smoothing)
+        losses = smoothed_sigmoid(self.beta * (policy.chosen - policy.rejected), self.label_smoothing)
         nll = chosen_nll(policy)
         losses = losses + self.nll_weight * nll
         return output(losses, self.beta * policy.chosen, self.beta * policy.rejected, nll_loss=nll.mean())
@@ -138,8 +130,7 @@ class ORPOLoss(ReferenceFreeLoss):
         self.needs = frozenset({WHOLE}) if prompt_nll else frozenset()
 
     def __call__(self, policy: SequenceLogps, reference: SequenceLogps | None, reduce: Reduce = local) -> LossOutput:
-        aw = mean_logps(policy.chosen, policy.chosen_tokens)
-        al = mean_logps(policy.rejected, policy.rejected_tokens)
+        aw, al = policy_means(policy)
         log_odds = (aw - al) - (log1mexp(aw) - log1mexp(al))
         ratio = F.logsigmoid(log_odds)
         nll = chosen_whole_nll(policy) if self.prompt_nll else chosen_nll(policy)
@@ -169,8 +160,7 @@ class SimPERLoss(ReferenceFreeLoss):
         pass
 
     def __call__(self, policy: SequenceLogps, reference: SequenceLogps | None, reduce: Reduce = local) -> LossOutput:
-        aw = mean_logps(policy.chosen, policy.chosen_tokens)
-        al = mean_logps(policy.rejected, policy.rejected_tokens)
+        aw, al = policy_means(policy)
         return output(-torch.exp(aw) + torch.exp(al), aw, al)
 
 
@@ -191,8 +181,4 @@ class SFTLoss(ReferenceFreeLoss):
         pass
 
     def __call__(self, policy: SequenceLogps, reference: SequenceLogps | None, reduce: Reduce = local) -> LossOutput:
-        return output(
-            chosen_nll(policy),
-            mean_logps(policy.chosen, policy.chosen_tokens),
-            mean_logps(policy.rejected, policy.rejected_tokens),
-        )
+        return output(chosen_nll(policy), *policy_means(policy))

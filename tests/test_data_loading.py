@@ -1,0 +1,142 @@
+"""Loading preference data from files: seeded caps and hold-outs, drop reasons, column mapping,
+the `pairs` format, and limits checked before any weights load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from dpo_cli.data import load_pairs, pairs
+from dpo_cli.errors import ConfigError, DataError
+
+ASSISTANT = "\n\nAssistant:"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def hh_row(subset: str, i: int) -> dict:
+    prompt = f"\n\nHuman: {subset} question {i}?{ASSISTANT}"
+    return {"chosen": prompt + f" good {i}", "rejected": prompt + f" bad {i}"}
+
+
+def data_cfg(**overrides):
+    base = dict(
+        format="hh",
+        hub_id=None,
+        path=None,
+        eval_path=None,
+        train_split="train",
+        eval_split=None,
+        eval_holdout=4,
+        max_train_pairs=None,
+        max_eval_pairs=None,
+        max_length=512,
+        max_prompt_length=256,
+        truncation_mode="keep_end",
+        columns={},
+        synthetic=None,
+    )
+    return OmegaConf.create({**base, **overrides})
+
+
+def test_caps_take_a_seeded_sample_not_the_first_rows(tmp_path):
+    """A file ordered by subset (harmless first, then helpful, as the hub concatenates HH's
+    subsets): capped train and eval sets must draw from both subsets, the same way per seed."""
+    rows = [hh_row("harmless", i) for i in range(20)] + [hh_row("helpful", i) for i in range(20)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    test = write_jsonl(tmp_path / "test.jsonl", rows)
+    cfg = data_cfg(path=str(train), eval_path=str(test), max_train_pairs=10, max_eval_pairs=10)
+    a = load_pairs(cfg, seed=1)
+    for split in (a.train, a.eval):
+        assert len(split) == 10
+        subsets = {("harmless" if "harmless" in p["prompt"] else "helpful") for p in split}
+        assert subsets == {"harmless", "helpful"}, split
+    assert load_pairs(cfg, seed=1).train == a.train
+    assert load_pairs(cfg, seed=2).train != a.train
+
+
+def test_every_row_dropped_names_the_reason_and_a_format_that_fits(tmp_path):
+    """Rows that already hold prompt/chosen/rejected, read as HH: none splits, and the message
+    says why (per reason, with counts) and suggests data=pairs."""
+    rows = [{"prompt": f"Q{i}?", "chosen": "yes", "rejected": "no"} for i in range(5)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        load_pairs(data_cfg(path=str(path)), seed=0)
+    msg = str(e.value)
+    assert "no usable training pairs" in msg
+    assert "5 rows: no '\\n\\nAssistant:' turn" in msg
+    assert "data=pairs" in msg
+
+
+def test_a_row_missing_a_field_names_the_row_and_the_field(tmp_path):
+    rows = [hh_row("a", 0), hh_row("a", 1), {"chosen": "x"}, hh_row("a", 3)]
+    path = write_jsonl(tmp_path / "h.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        load_pairs(data_cfg(path=str(path)), seed=0)
+    msg = str(e.value)
+    assert "data.path: 'h.jsonl' line 3" in msg or f"data.path: '{path}' line 3" in msg, msg
+    assert "'rejected' is missing" in msg and "data.columns.rejected" in msg
+
+
+def test_a_non_string_field_names_the_row_and_the_field(tmp_path):
+    rows = [hh_row("a", 0), {"chosen": None, "rejected": "x"}]
+    path = write_jsonl(tmp_path / "h.jsonl", rows)
+    with pytest.raises(DataError, match=r"line 2: field 'chosen' must be a string, got NoneType"):
+        load_pairs(data_cfg(path=str(path)), seed=0)
+
+
+def test_columns_map_other_names(tmp_path):
+    rows = [{"question": f"Q{i}?", "good": "yes", "bad": "no"} for i in range(10)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    cfg = data_cfg(format="pairs", path=str(path), columns={"prompt": "question", "chosen": "good", "rejected": "bad"})
+    got = load_pairs(cfg, seed=0)
+    assert sorted(p["prompt"] for p in got.train + got.eval) == sorted(f"Q{i}?" for i in range(10))
+    assert {(p["chosen"], p["rejected"]) for p in got.train + got.eval} == {("yes", "no")}
+
+
+def test_pairs_explicit_prompt():
+    assert pairs.normalize({"prompt": "Q?", "chosen": " A", "rejected": " B"}) == {
+        "prompt": "Q?",
+        "chosen": " A",
+        "rejected": " B",
+    }
+
+
+def test_pairs_implicit_prompt_is_the_shared_dialogue_up_to_the_last_turn():
+    """chosen/rejected only: the prompt is the longest common prefix, cut back to the last
+    assistant turn (so that a response starting with the same words is not split)."""
+    chosen = f"\n\nHuman: hi{ASSISTANT} Hello there, friend."
+    rejected = f"\n\nHuman: hi{ASSISTANT} Hello."
+    assert pairs.normalize({"chosen": chosen, "rejected": rejected}) == {
+        "prompt": f"\n\nHuman: hi{ASSISTANT}",
+        "chosen": " Hello there, friend.",
+        "rejected": " Hello.",
+    }
+
+
+def test_pairs_implicit_prompt_without_turn_markers_cuts_at_a_word_boundary():
+    assert pairs.normalize({"chosen": "Capital of France: Paris", "rejected": "Capital of France: Pisa"}) == {
+        "prompt": "Capital of France:",
+        "chosen": " Paris",
+        "rejected": " Pisa",
+    }
+    assert (
+        pairs.normalize({"chosen": "same", "rejected": "other"})
+        == "no shared prompt (chosen and rejected differ from the start)"
+    )
+
+
+def test_max_length_beyond_the_models_positions_is_refused_before_loading():
+    from conftest import make_config
+
+    from dpo_cli.config import validate
+
+    cfg = make_config(["data.max_length=1500"])  # model=tiny has max_position_embeddings: 1024
+    with pytest.raises(ConfigError, match=r"data.max_length=1500 is longer than the model's 1024 positions"):
+        validate(cfg)
