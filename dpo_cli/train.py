@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from dpo_cli import checkpoint, config
 from dpo_cli.data import UNPAIRED_FORMATS, load_pairs
 from dpo_cli.data.batching import micro_batches, position, step_indices, steps_per_epoch
-from dpo_cli.data.tokenize import Tokenized, fingerprint, tokenize_pairs
+from dpo_cli.data.tokenize import Tokenized, check_kept, fingerprint, tokenize_pairs
 from dpo_cli.distributed import cpu_only, world_size_from_env
 from dpo_cli.errors import ConfigError, DataError, UserError
 from dpo_cli.evaluate import Averages, batch_loss, evaluate, make_batch
@@ -142,17 +142,24 @@ def _load_data(cfg: DictConfig, tokenizer: Any) -> tuple[list[Tokenized], list[T
         truncation_mode=cfg.data.truncation_mode,
     )
     train_set, trunc = tokenize_pairs(pairs.train, tokenizer, **lengths)
-    eval_set, _ = tokenize_pairs(pairs.eval, tokenizer, **lengths)
+    eval_set, eval_trunc = tokenize_pairs(pairs.eval, tokenizer, **lengths)
     unit = "examples" if cfg.data.format in UNPAIRED_FORMATS else "pairs"
     log.info(
-        "data: %d train %s, %d eval, dropped rows: %s, truncated prompts: %d, truncated responses: %d",
+        "data: %d train %s, %d eval; rows dropped when reading: %s; dropped after tokenizing: train %s, eval %s; "
+        "truncated prompts: %d, truncated responses: %d, responses tokenized apart from their prompt: %d",
         len(train_set),
         unit,
         len(eval_set),
-        pairs.dropped or 0,
+        pairs.dropped or "none",
+        trunc.dropped or "none",
+        eval_trunc.dropped or "none",
         trunc.prompts,
         trunc.responses,
+        trunc.boundary_fallbacks,
     )
+    # A run whose pairs are mostly degenerate (identical responses, before or after truncation)
+    # would train at a constant loss: refuse it with the reasons.
+    check_kept(len(pairs.train), trunc, f"training {unit}")
     per_epoch = steps_per_epoch(len(train_set), t.batch_size)
     if per_epoch == 0:
         raise DataError(

@@ -140,3 +140,12 @@ def test_max_length_beyond_the_models_positions_is_refused_before_loading():
     cfg = make_config(["data.max_length=1500"])  # model=tiny has max_position_embeddings: 1024
     with pytest.raises(ConfigError, match=r"data.max_length=1500 is longer than the model's 1024 positions"):
         validate(cfg)
+
+
+def test_pairs_truncated_to_identical_responses_are_refused(train_run):
+    """data.max_length=5 cuts every pair of the built-in task to identical responses; that used
+    to train at loss log 2 forever with exit 0."""
+    with pytest.raises(
+        DataError, match=r"pairs dropped \(identical after truncation: 256\), 0 left; raise data.max_length"
+    ):
+        train_run(["data.max_length=5", "data.max_prompt_length=4"])

@@ -1,21 +1,41 @@
-"""Pairs of text -> token ids, with the truncation rules of the original DPO code."""
+"""Pairs of text -> token ids as the model sees them, truncated to fit, degenerate pairs dropped."""
 
 from __future__ import annotations
 
 import hashlib
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from dpo_cli.errors import DataError
 
 # A tokenized pair {prompt_ids, chosen_ids, rejected_ids}, or an unpaired example
 # {prompt_ids, completion_ids, label} (label 1 = desirable, 0 = undesirable).
 Tokenized = dict[str, Any]
 
+# Why a pair or an example is dropped (keys of TruncationStats.dropped).
+IDENTICAL = "identical chosen and rejected"
+IDENTICAL_AFTER_TRUNCATION = "identical after truncation"
+NO_RESPONSE_TOKENS = "no response tokens after truncation"
+NO_COMPLETION_TOKENS = "no completion tokens after truncation"
+
+# What to do about each reason, for check_kept's message.
+_FIXES = {
+    IDENTICAL: "remove pairs with the same chosen and rejected response from the dataset",
+    IDENTICAL_AFTER_TRUNCATION: "raise data.max_length (or lower data.max_prompt_length) so the responses' differences fit",
+    NO_RESPONSE_TOKENS: "raise data.max_length or lower data.max_prompt_length to leave room for the responses",
+    NO_COMPLETION_TOKENS: "raise data.max_length or lower data.max_prompt_length to leave room for the completions",
+}
+
 
 @dataclass
 class TruncationStats:
-    prompts: int = 0
-    responses: int = 0
+    """Counts over one call of `tokenize_pairs`."""
+
+    prompts: int = 0  # pairs whose prompt was cut
+    responses: int = 0  # pairs whose responses were cut
+    boundary_fallbacks: int = 0  # responses tokenized alone: prompt + response merged across the boundary
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> pairs (or examples) left out
 
 
 def truncate(
@@ -28,11 +48,33 @@ def truncate(
     bos_id: int | None,
     stats: TruncationStats | None = None,
 ) -> Tokenized:
-    """Fit prompt + the longer response into `max_length` tokens.
+    """Fit prompt + the longer response into `max_length` tokens, in two steps.
 
-    First the prompt is cut to `max_prompt_length` (keeping its end for dialogues, where the
-    last turns matter, or its start), keeping a leading BOS token; then, if still too long,
-    both responses are cut to what is left. Nothing is cut when the pair already fits.
+    1. Only if the pair is too long (prompt + longer response > `max_length`) and the prompt is
+       longer than `max_prompt_length`, the prompt is cut to `max_prompt_length` tokens: its end
+       when `keep_end` (in dialogues the last turns matter), keeping a leading `bos_id`, or else
+       its start. A prompt within `max_prompt_length` is never cut.
+    2. If the pair is still too long, both responses are cut to the `max_length - len(prompt)`
+       tokens the prompt leaves (a shorter response is left as it is), so the EOS may go; to
+       none when the prompt alone fills `max_length` (only if `max_prompt_length >= max_length`,
+       which the config refuses).
+
+    This is not the original DPO code's rule, which cuts responses to
+    `max_length - max_prompt_length` even when the prompt is shorter than that: here a short
+    prompt leaves its unused room to the responses. Nothing is cut when the pair fits, and
+    nothing is dropped (`tokenize_pairs` drops pairs left degenerate). `stats` counts pairs
+    whose prompt (step 1) and responses (step 2) were cut.
+
+    A 3-token prompt within max_prompt_length=6 gives 8-token responses 10 - 3 = 7 tokens (the
+    original rule would give them 10 - 6 = 4):
+
+    >>> truncate([1, 10, 11], [20, 21, 22, 23, 24, 25, 26, 27], [30, 31, 2], 10, 6, True, 1)
+    {'prompt_ids': [1, 10, 11], 'chosen_ids': [20, 21, 22, 23, 24, 25, 26], 'rejected_ids': [30, 31, 2]}
+
+    A 9-token prompt is cut to BOS + its last 3 tokens, then the responses to the 7 - 4 = 3 left:
+
+    >>> truncate([1, 10, 11, 12, 13, 14, 15, 16, 17], [20, 21, 22, 23, 2], [30, 2], 7, 4, True, 1)
+    {'prompt_ids': [1, 15, 16, 17], 'chosen_ids': [20, 21, 22], 'rejected_ids': [30, 2]}
     """
     stats = stats if stats is not None else TruncationStats()
     longer = max(len(chosen), len(rejected))
@@ -46,9 +88,46 @@ def truncate(
             prompt = prompt[len(prompt) - max_prompt_length :]
     if len(prompt) + longer > max_length:
         stats.responses += 1
-        room = max_length - len(prompt)
+        room = max(max_length - len(prompt), 0)
         chosen, rejected = chosen[:room], rejected[:room]
     return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+
+
+def _suffix_length(tokenizer: Any) -> int:
+    """How many special tokens the tokenizer puts after every text (EOS for some, none for most
+    causal LMs): they belong after the response, not between prompt and response."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return len(full) - start - len(plain)
+    return 0
+
+
+def _responses(
+    tokenizer: Any, prompts: list[str], prompt_ids: list[list[int]], responses: list[str], stats: TruncationStats
+) -> list[list[int]]:
+    """Each response's ids as they occur in tokenize(prompt + response), ending with one EOS.
+
+    Tokenizing a response alone is not what the model sees: SentencePiece tokenizers on the
+    legacy path (Llama-2, Mistral v0.1) prepend "▁" to every text they are given, so a response
+    alone would start with a piece that never follows the prompt at inference. Taking the
+    response as what follows the prompt's ids in the whole is exact whenever the whole starts
+    with the prompt's ids; where a token merges across the boundary it does not, and that
+    response is tokenized alone (counted in `stats.boundary_fallbacks`).
+    """
+    eos = tokenizer.eos_token_id
+    wholes = tokenizer([p + r for p, r in zip(prompts, responses, strict=True)], add_special_tokens=True)["input_ids"]
+    out = []
+    for text, prompt, whole in zip(responses, prompt_ids, wholes, strict=True):
+        if whole[: len(prompt)] == prompt:
+            ids = whole[len(prompt) :]
+        else:
+            stats.boundary_fallbacks += 1
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        # EOS ends every response so the model learns where to stop (once, if the tokenizer put one).
+        out.append(ids if ids and ids[-1] == eos else ids + [eos])
+    return out
 
 
 def tokenize_pairs(
@@ -58,37 +137,68 @@ def tokenize_pairs(
     max_prompt_length: int,
     truncation_mode: str = "keep_end",
 ) -> tuple[list[Tokenized], TruncationStats]:
-    """Token ids for each pair: the prompt with the tokenizer's special tokens (e.g. BOS),
-    each response without them and ending with EOS so the model learns where to stop."""
+    """Token ids for each pair (or unpaired example), in order, and counts of what was done.
+
+    The prompt gets the tokenizer's leading special tokens (e.g. BOS); each response is taken
+    from the prompt + response text tokenized together (see `_responses`) and ends with EOS.
+    Then `truncate` fits each pair into `max_length`. Pairs that would teach nothing are left
+    out and counted by reason in `stats.dropped`: identical chosen and rejected ids, before or
+    after truncation (their loss is log 2 whatever the model does), or a response truncated to
+    nothing; unpaired examples whose completion was truncated to nothing. `check_kept` refuses
+    data that is mostly dropped.
+    """
     stats = TruncationStats()
     if not pairs:
         return [], stats
-    prompts = tokenizer([p["prompt"] for p in pairs], add_special_tokens=True)["input_ids"]
-    eos = [tokenizer.eos_token_id]
+    texts = [p["prompt"] for p in pairs]
+    prompts = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    suffix = _suffix_length(tokenizer)
+    if suffix:  # e.g. a trailing EOS: the model sees it after the response, not after the prompt
+        prompts = [p[: len(p) - suffix] for p in prompts]
     keep_end = truncation_mode == "keep_end"
+    bos = tokenizer.bos_token_id
+    out: list[Tokenized] = []
+
+    def drop(reason: str) -> None:
+        stats.dropped[reason] = stats.dropped.get(reason, 0) + 1
+
     if "completion" in pairs[0]:  # unpaired examples: truncated like a pair of two equal responses
-        completions = tokenizer([p["completion"] for p in pairs], add_special_tokens=False)["input_ids"]
-        out = []
+        completions = _responses(tokenizer, texts, prompts, [p["completion"] for p in pairs], stats)
         for p, c, row in zip(prompts, completions, pairs, strict=True):
-            t = truncate(p, c + eos, [], max_length, max_prompt_length, keep_end, tokenizer.bos_token_id, stats)
+            t = truncate(p, c, [], max_length, max_prompt_length, keep_end, bos, stats)
+            if not t["chosen_ids"]:
+                drop(NO_COMPLETION_TOKENS)
+                continue
             out.append({"prompt_ids": t["prompt_ids"], "completion_ids": t["chosen_ids"], "label": int(row["label"])})
         return out, stats
-    chosen = tokenizer([p["chosen"] for p in pairs], add_special_tokens=False)["input_ids"]
-    rejected = tokenizer([p["rejected"] for p in pairs], add_special_tokens=False)["input_ids"]
-    out = [
-        truncate(
-            p,
-            c + eos,
-            r + eos,
-            max_length,
-            max_prompt_length,
-            keep_end=keep_end,
-            bos_id=tokenizer.bos_token_id,
-            stats=stats,
-        )
-        for p, c, r in zip(prompts, chosen, rejected, strict=True)
-    ]
+    chosen = _responses(tokenizer, texts, prompts, [p["chosen"] for p in pairs], stats)
+    rejected = _responses(tokenizer, texts, prompts, [p["rejected"] for p in pairs], stats)
+    for p, c, r in zip(prompts, chosen, rejected, strict=True):
+        if c == r:
+            drop(IDENTICAL)
+            continue
+        t = truncate(p, c, r, max_length, max_prompt_length, keep_end=keep_end, bos_id=bos, stats=stats)
+        if not t["chosen_ids"] or not t["rejected_ids"]:
+            drop(NO_RESPONSE_TOKENS)
+        elif t["chosen_ids"] == t["rejected_ids"]:
+            drop(IDENTICAL_AFTER_TRUNCATION)
+        else:
+            out.append(t)
     return out, stats
+
+
+def check_kept(n_in: int, stats: TruncationStats, what: str) -> None:
+    """Raise DataError when `tokenize_pairs` dropped more than half of the `n_in` pairs (or
+    examples) it was given, `what` naming them in the message ("training pairs"): a run on what
+    is left would mostly measure the data problem. The message gives the count per reason and
+    the fix."""
+    dropped = sum(stats.dropped.values())
+    if 2 * dropped <= n_in:
+        return
+    reasons = sorted(stats.dropped.items(), key=lambda kv: -kv[1])
+    counts = ", ".join(f"{reason}: {n}" for reason, n in reasons)
+    fixes = "; ".join(dict.fromkeys(_FIXES.get(reason, "check the data") for reason, _ in reasons))
+    raise DataError(f"{dropped} of {n_in} {what} dropped ({counts}), {n_in - dropped} left; {fixes}")
 
 
 def fingerprint(pairs: list[Tokenized]) -> str:
