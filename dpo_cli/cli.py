@@ -1,4 +1,5 @@
-"""Entry points: `dpo-train` and `python -m dpo_cli`. Thin: compose the config, call train.run."""
+"""Entry points: `dpo-train` and `python -m dpo_cli`. Thin: compose the config, call train.run
+(or preflight.run for mode=inspect)."""
 
 from __future__ import annotations
 
@@ -51,10 +52,13 @@ def register() -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
-    from dpo_cli import train
+    from dpo_cli import preflight, train
 
     try:
-        train.run(cfg)
+        if cfg.mode == "inspect":
+            preflight.run(cfg)
+        else:
+            train.run(cfg)
     except UserError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             log.error("%s", e)

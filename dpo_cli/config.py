@@ -22,7 +22,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from dpo_cli.distributed import cpu_only
 from dpo_cli.errors import ConfigError
 
-MODES = ("train",)  # inspect and eval come later
+MODES = ("train", "inspect")  # eval comes later
 PRECISIONS = ("no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -110,8 +110,15 @@ class LoggerConfig:
 
 
 @dataclass
+class InspectConfig:
+    export: Optional[str] = None
+    examples: int = 3
+
+
+@dataclass
 class Config:
     mode: str = "train"
+    inspect: InspectConfig = field(default_factory=InspectConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     # Loss and optimizer are `_target_` nodes whose keys depend on the target class, so their
@@ -401,6 +408,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError([f"{k} is required (it is ??? in the config); set {k}=<value>" for k in missing])
     p: list[str] = []
     _choice(p, "mode", cfg.mode, MODES)
+    if cfg.inspect.examples < 0:
+        p.append(f"inspect.examples={cfg.inspect.examples} must be >= 0")
     _check_model(p, cfg.model, cfg.data.max_length)
     _check_data(p, cfg.data)
     unpaired = cfg.data.format in UNPAIRED_FORMATS

@@ -14,9 +14,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli import checkpoint, config
-from dpo_cli.data import UNPAIRED_FORMATS, load_pairs
 from dpo_cli.data.batching import micro_batches, position, step_indices, steps_per_epoch
-from dpo_cli.data.tokenize import Tokenized, check_kept, fingerprint, tokenize_pairs
+from dpo_cli.data.prepare import prepare
+from dpo_cli.data.summary import report
+from dpo_cli.data.tokenize import Tokenized, fingerprint
 from dpo_cli.distributed import cpu_only, world_size_from_env
 from dpo_cli.errors import ConfigError, DataError, UserError
 from dpo_cli.evaluate import Averages, batch_loss, evaluate, make_batch
@@ -135,37 +136,14 @@ class Run:
 def _load_data(cfg: DictConfig, tokenizer: Any) -> tuple[list[Tokenized], list[Tokenized], int, int]:
     """Tokenized train and eval examples, steps per epoch and the run's length."""
     t = cfg.train
-    pairs = load_pairs(cfg.data, t.seed)
-    lengths = dict(
-        max_length=cfg.data.max_length,
-        max_prompt_length=cfg.data.max_prompt_length,
-        truncation_mode=cfg.data.truncation_mode,
-    )
-    train_set, trunc = tokenize_pairs(pairs.train, tokenizer, **lengths)
-    eval_set, eval_trunc = tokenize_pairs(pairs.eval, tokenizer, **lengths)
-    unit = "examples" if cfg.data.format in UNPAIRED_FORMATS else "pairs"
-    log.info(
-        "data: %d train %s, %d eval; rows dropped when reading: %s; dropped after tokenizing: train %s, eval %s; "
-        "truncated prompts: %d, truncated responses: %d, responses tokenized apart from their prompt: %d",
-        len(train_set),
-        unit,
-        len(eval_set),
-        pairs.dropped or "none",
-        trunc.dropped or "none",
-        eval_trunc.dropped or "none",
-        trunc.prompts,
-        trunc.responses,
-        trunc.boundary_fallbacks,
-    )
-    # A run whose pairs are mostly degenerate (identical responses, before or after truncation)
-    # would train at a constant loss: refuse it with the reasons.
-    check_kept(len(pairs.train), trunc, f"training {unit}")
-    per_epoch = steps_per_epoch(len(train_set), t.batch_size)
+    data = prepare(cfg.data, tokenizer, t.seed)
+    log.info("data (the report mode=inspect prints):\n%s", report(data, tokenizer, t.batch_size))
+    per_epoch = steps_per_epoch(len(data.train), t.batch_size)
     if per_epoch == 0:
         raise DataError(
-            f"train.batch_size={t.batch_size} is larger than the {len(train_set)} training {unit}; lower it"
+            f"train.batch_size={t.batch_size} is larger than the {len(data.train)} training {data.unit}; lower it"
         )
-    return train_set, eval_set, per_epoch, t.max_steps or t.epochs * per_epoch
+    return data.train, data.eval, per_epoch, t.max_steps or t.epochs * per_epoch
 
 
 def build(cfg: DictConfig) -> Run:

@@ -41,6 +41,7 @@ class Pairs:
     train: list[Pair]
     eval: list[Pair]
     dropped: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> reason -> rows dropped
+    rows: dict[str, int] = field(default_factory=dict)  # split -> rows read (none for generated data)
 
 
 def _read_rows(path: str | None, hub_id: str | None, split: str, what: str) -> tuple[Any, list[str] | None]:
@@ -101,9 +102,10 @@ def _normalize(
     return pairs, dict(dropped)
 
 
-def _load_rows(data: Any, seed: int) -> tuple[list[Pair], list[Pair], dict[str, dict[str, int]], list[dict]]:
-    """Train and eval pairs, dropped-row counts per reason, and the first training rows (for
-    suggesting a format when nothing could be used), of a format that reads rows."""
+def _load_rows(data: Any, seed: int) -> tuple[list[Pair], list[Pair], dict[str, dict[str, int]], list[dict], dict]:
+    """Train and eval pairs, dropped-row counts per reason, the first training rows (for
+    suggesting a format when nothing could be used), and rows read per split, of a format that
+    reads rows."""
     normalize = FORMATS[data.format]
     assert normalize is not None
     columns = dict(data.get("columns") or {})
@@ -112,15 +114,17 @@ def _load_rows(data: Any, seed: int) -> tuple[list[Pair], list[Pair], dict[str, 
     where = "data.path" if data.path else f"dataset {data.hub_id!r}"
     train, dropped_train = _normalize(source, normalize, columns, where)
     dropped = {"train": dropped_train}
+    rows = {"train": len(source[0])}
     if data.eval_path is not None or (data.path is None and data.eval_split is not None):
         source = _read_rows(data.eval_path, data.hub_id, data.eval_split or "test", "data.eval_path")
         where = "data.eval_path" if data.eval_path else f"dataset {data.hub_id!r}"
         evals, dropped["eval"] = _normalize(source, normalize, columns, where)
+        rows["eval"] = len(source[0])
     else:
         random.Random(seed).shuffle(train)
         n_eval = min(data.eval_holdout, len(train) // 2)
         train, evals = train[: len(train) - n_eval], train[len(train) - n_eval :]
-    return train, evals, dropped, sample
+    return train, evals, dropped, sample, rows
 
 
 def _cap(items: list[Pair], n: int | None, seed: int) -> list[Pair]:
@@ -157,11 +161,12 @@ def load_pairs(data: Any, seed: int) -> Pairs:
     with a seeded random sample.
     """
     sample: list[dict] = []
+    rows: dict[str, int] = {}
     if data.format == "synthetic":
         train, evals = synthetic.load(data.synthetic, seed)
         dropped: dict[str, dict[str, int]] = {}
     else:
-        train, evals, dropped, sample = _load_rows(data, seed)
+        train, evals, dropped, sample, rows = _load_rows(data, seed)
     train = _cap(train, data.max_train_pairs, seed)
     evals = _cap(evals, data.max_eval_pairs, seed + 1)
     if not train:
@@ -171,4 +176,4 @@ def load_pairs(data: Any, seed: int) -> Pairs:
             f"no usable training pairs in {source} for data.format={data.format} "
             f"(dropped: {_describe(dropped.get('train', {}))}){hint}"
         )
-    return Pairs(train=train, eval=evals, dropped=dropped)
+    return Pairs(train=train, eval=evals, dropped=dropped, rows=rows)

@@ -1,0 +1,85 @@
+"""What the data becomes: the preflight report (`mode=inspect`, and the start of training) and
+the export of the normalized pairs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dpo_cli.data.prepare import Prepared
+from dpo_cli.data.tokenize import Tokenized
+
+PERCENTILES = (50, 90, 99, 100)
+
+
+def _percentiles(values: list[int]) -> str:
+    if not values:
+        return "-"
+    ordered = sorted(values)
+    picks = [ordered[min(len(ordered) - 1, (p * len(ordered)) // 100)] for p in PERCENTILES]
+    return " ".join(f"p{p}={v}" for p, v in zip(PERCENTILES, picks, strict=True)).replace("p100", "max")
+
+
+def _responses(example: Tokenized) -> list[tuple[str, list[int]]]:
+    if "completion_ids" in example:
+        return [("desirable" if example["label"] else "undesirable", example["completion_ids"])]
+    return [("chosen", example["chosen_ids"]), ("rejected", example["rejected_ids"])]
+
+
+def render_example(example: Tokenized, tokenizer: Any) -> str:
+    """One tokenized example as text, with the prompt/response boundary made visible."""
+
+    def text(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=False)
+
+    lines = [f"  [prompt]{text(example['prompt_ids'])}[/prompt]"]
+    lines += [f"  [{name}]{text(ids)}[/{name}]" for name, ids in _responses(example)]
+    return "\n".join(lines)
+
+
+def report(data: Prepared, tokenizer: Any, batch_size: int, n_examples: int = 3) -> str:
+    """The data report: rows read and kept, drops by reason, token-length percentiles, the
+    truncated share, tokens and steps per epoch, and a few examples with their boundaries."""
+    train = data.train
+    rows = data.pairs.rows
+    kept = len(data.pairs.train) + len(data.pairs.eval)
+    lines = [
+        f"rows read: {', '.join(f'{k} {v}' for k, v in rows.items()) or 'generated'}; "
+        f"{data.unit} kept: {len(train)} train, {len(data.eval)} eval (of {kept} normalized)",
+        f"dropped when reading: {data.pairs.dropped or 'none'}",
+        f"dropped after tokenizing: train {data.train_stats.dropped or 'none'}, eval {data.eval_stats.dropped or 'none'}",
+    ]
+    prompt_lens = [len(e["prompt_ids"]) for e in train]
+    lines.append(f"prompt tokens: {_percentiles(prompt_lens)}")
+    names = sorted({name for e in train for name, _ in _responses(e)})
+    for name in names:
+        lengths = [len(ids) for e in train for n, ids in _responses(e) if n == name]
+        lines.append(f"{name} tokens: {_percentiles(lengths)}")
+    n = max(len(train), 1)
+    s = data.train_stats
+    lines.append(
+        f"truncated: prompts {s.prompts} ({100 * s.prompts / n:.1f}%), responses {s.responses} "
+        f"({100 * s.responses / n:.1f}%); responses tokenized apart from their prompt: {s.boundary_fallbacks}"
+    )
+    tokens = sum(len(e["prompt_ids"]) + len(ids) for e in train for _, ids in _responses(e))
+    steps = len(train) // batch_size
+    lines.append(
+        f"per epoch: {tokens} tokens (prompt + response, every sequence), {steps} optimizer steps "
+        f"of {batch_size} {data.unit} (train.batch_size)"
+    )
+    for i, example in enumerate(train[:n_examples]):
+        lines.append(f"example {i + 1}:\n{render_example(example, tokenizer)}")
+    return "\n".join(lines)
+
+
+def export(data: Prepared, path: str) -> Path:
+    """Write the normalized training and eval pairs (the text that is then tokenized) as JSONL:
+    {"split", "prompt", "chosen", "rejected"} (or "completion", "label" for unpaired data)."""
+    out = Path(path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        for split, pairs in (("train", data.pairs.train), ("eval", data.pairs.eval)):
+            for pair in pairs:
+                f.write(json.dumps({"split": split, **pair}, ensure_ascii=False) + "\n")
+    return out

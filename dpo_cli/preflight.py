@@ -1,0 +1,37 @@
+"""`mode=inspect`: the preflight. Validates the config, loads the tokenizer (no model weights)
+and the data, and reports what the data becomes, before a GPU hour is spent on it."""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import DictConfig
+
+from dpo_cli import config
+from dpo_cli.data.prepare import prepare
+from dpo_cli.data.summary import export, report
+from dpo_cli.data.tokenize import check_kept
+from dpo_cli.errors import DataError
+from dpo_cli.modeling import check_max_length, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> str:
+    """The data report for the same overrides as a training run; returns it (and logs it).
+    Data that training would refuse (mostly degenerate pairs) is reported, with the reason,
+    rather than raised, so that the report shows what to fix."""
+    config.validate(cfg)
+    check_max_length(cfg.model, cfg.data.max_length)
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare(cfg.data, tokenizer, cfg.train.seed, check=False)
+    text = report(data, tokenizer, cfg.train.batch_size, cfg.inspect.examples)
+    try:
+        check_kept(len(data.pairs.train), data.train_stats, f"training {data.unit}")
+    except DataError as e:
+        text += f"\ntraining would refuse this data: {e}"
+    if cfg.inspect.export:
+        path = export(data, cfg.inspect.export)
+        text += f"\nnormalized {data.unit} written to {path}"
+    log.info("data report (mode=inspect; no model weights loaded):\n%s", text)
+    return text
