@@ -56,6 +56,8 @@ class SyntheticConfig:
 class DataConfig:
     format: str = MISSING
     hub_id: Optional[str] = None
+    hub_config: Optional[str] = None
+    hub_data_dir: Optional[str] = None
     path: Optional[str] = None
     eval_path: Optional[str] = None
     train_split: str = "train"
@@ -68,6 +70,9 @@ class DataConfig:
     truncation_mode: str = "keep_end"
     columns: dict[str, str] = field(default_factory=dict)
     synthetic: Optional[SyntheticConfig] = None
+    shp_max_pairs_per_post: Optional[int] = None
+    mixture: Optional[dict[str, Any]] = None
+    weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -314,13 +319,54 @@ def _check_model(p: list[str], m: Any, max_length: Any) -> None:
     _choice(p, "model.dtype", m.dtype, DTYPES)
 
 
+def _check_mixture(p: list[str], d: Any) -> None:
+    """data.format=mix: sources are other data configs, all paired or all unpaired; weights
+    name sources and lie in (0, 1]."""
+    from dpo_cli.data import FORMATS, UNPAIRED_FORMATS
+
+    sources = dict(d.mixture or {})
+    if not sources:
+        p.append(
+            "data.format=mix needs sources: add them with +data@data.mixture.NAME=DATA (e.g. +data@data.mixture.hh=hh)"
+        )
+    kinds = set()
+    for name, s in sources.items():
+        fmt = s.get("format") if isinstance(s, DictConfig) else None
+        if fmt not in FORMATS or fmt == "mix":
+            p.append(f"data.mixture.{name}.format={fmt!r} is not one of {', '.join(f for f in FORMATS if f != 'mix')}")
+            continue
+        kinds.add(fmt in UNPAIRED_FORMATS)
+        if fmt != "synthetic" and s.get("path") is None and s.get("hub_id") is None:
+            p.append(f"data.mixture.{name}: set data.mixture.{name}.path (a local file) or its hub_id")
+    if len(kinds) > 1:
+        p.append("data.mixture mixes paired and unpaired (kto) sources; a run trains on one kind")
+    for name, w in dict(d.weights or {}).items():
+        if name not in sources:
+            p.append(f"data.weights.{name}={w} names no source; the sources are: {', '.join(sources) or 'none'}")
+        elif isinstance(w, bool) or not isinstance(w, numbers.Real) or not 0 < w <= 1:
+            p.append(f"data.weights.{name}={w!r} must be in (0, 1]: the share of that source's training pairs used")
+
+
+def unpaired_data(d: Any) -> bool:
+    """Whether the data section yields unpaired (KTO) examples."""
+    from dpo_cli.data import UNPAIRED_FORMATS
+
+    if d.format == "mix":
+        return any(
+            isinstance(s, DictConfig) and s.get("format") in UNPAIRED_FORMATS for s in (d.mixture or {}).values()
+        )
+    return d.format in UNPAIRED_FORMATS
+
+
 def _check_data(p: list[str], d: Any) -> None:
     from dpo_cli.data import FORMATS  # imported here: data imports heavy libraries
 
     _choice(p, "data.format", d.format, tuple(FORMATS))
+    if d.format == "mix":
+        _check_mixture(p, d)
     if d.format == "synthetic" and d.synthetic is None:
         p.append("data.format=synthetic needs a data.synthetic section (see conf/data/synthetic.yaml)")
-    if d.format != "synthetic" and d.path is None and d.hub_id is None:
+    if d.format not in ("synthetic", "mix") and d.path is None and d.hub_id is None:
         p.append(f"data: set data.path (a local file) or data.hub_id for format {d.format!r}")
     _positive(p, "data.max_length", d.max_length)
     _positive(p, "data.max_prompt_length", d.max_prompt_length)
@@ -332,6 +378,7 @@ def _check_data(p: list[str], d: Any) -> None:
     _choice(p, "data.truncation_mode", d.truncation_mode, TRUNCATION_MODES)
     _positive(p, "data.max_train_pairs", d.max_train_pairs, allow_none=True)
     _positive(p, "data.max_eval_pairs", d.max_eval_pairs, allow_none=True)
+    _positive(p, "data.shp_max_pairs_per_post", d.shp_max_pairs_per_post, allow_none=True)
     if d.eval_holdout < 0:
         p.append(f"data.eval_holdout={d.eval_holdout} must be >= 0")
     if d.synthetic is not None:
@@ -401,7 +448,6 @@ def _check_logger(p: list[str], lg: Any, save_every: int | None) -> None:
 def validate(cfg: DictConfig) -> None:
     """Check the whole composed config; raise one ConfigError listing every problem found.
     Each section checks itself; the loss is built here so that its own range checks run."""
-    from dpo_cli.data import UNPAIRED_FORMATS
 
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -412,7 +458,7 @@ def validate(cfg: DictConfig) -> None:
         p.append(f"inspect.examples={cfg.inspect.examples} must be >= 0")
     _check_model(p, cfg.model, cfg.data.max_length)
     _check_data(p, cfg.data)
-    unpaired = cfg.data.format in UNPAIRED_FORMATS
+    unpaired = unpaired_data(cfg.data)
     _check_loss(p, cfg.loss, unpaired=unpaired, micro_batch_size=cfg.train.micro_batch_size)
     _check_optimization(p, cfg)
     _check_logger(p, cfg.logger, cfg.train.save_every)

@@ -27,6 +27,7 @@ REQUIRED = {
     ("loss", "combo"): ["+loss@loss.terms.dpo=dpo"],  # a combination's terms
     ("data", "kto"): ["data.path=x.jsonl", "loss=kto"],  # unpaired data trains with KTO
     ("data", "pairs"): ["data.path=x.jsonl"],
+    ("data", "mix"): ["+data@data.mixture.hh=hh"],
 }
 
 

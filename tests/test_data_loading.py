@@ -149,3 +149,36 @@ def test_pairs_truncated_to_identical_responses_are_refused(train_run):
         DataError, match=r"pairs dropped \(identical after truncation: 256\), 0 left; raise data.max_length"
     ):
         train_run(["data.max_length=5", "data.max_prompt_length=4"])
+
+
+def test_a_mixture_takes_each_sources_share_and_reports_each(tmp_path):
+    """hh (10 usable pairs, 2 held out) at weight 0.5 and pairs (10, 2 held out) at 1.0."""
+    from conftest import make_config
+
+    from dpo_cli.config import validate
+
+    hh_rows = [hh_row("a", i) for i in range(10)]
+    simple = [{"prompt": f"Q{i}?", "chosen": " yes", "rejected": " no"} for i in range(10)]
+    args = [
+        "data=mix",
+        "+data@data.mixture.hh=hh",
+        f"data.mixture.hh.path={write_jsonl(tmp_path / 'hh.jsonl', hh_rows)}",
+        "data.mixture.hh.eval_holdout=2",
+        "+data@data.mixture.simple=pairs",
+        f"data.mixture.simple.path={write_jsonl(tmp_path / 'p.jsonl', simple)}",
+        "data.mixture.simple.eval_holdout=2",
+        "+data.weights.hh=0.5",
+    ]
+    cfg = make_config(args)
+    validate(cfg)
+    got = load_pairs(cfg.data, seed=0)
+    assert got.sources == {"hh": (4, 2), "simple": (8, 2)}
+    assert len(got.train) == 12 and len(got.eval) == 4
+    assert got.rows == {"hh/train": 10, "simple/train": 10}
+    assert sum("a question" in p["prompt"] for p in got.train) == 4
+
+    bad = make_config([*args, "+data.weights.shp=0.5", "data.weights.hh=2"])
+    with pytest.raises(ConfigError) as e:
+        validate(bad)
+    assert any("data.weights.shp=0.5 names no source" in p for p in e.value.problems)
+    assert any("data.weights.hh=2.0 must be in (0, 1]" in p for p in e.value.problems)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpo_cli.data import hh, kto, pairs, synthetic
+from dpo_cli.data import hh, kto, pairs, shp, synthetic, tldr
 from dpo_cli.data.fields import RowError
 from dpo_cli.errors import DataError
 
@@ -27,8 +27,11 @@ Pair = dict[str, Any]  # {prompt, chosen, rejected} strings, or unpaired {prompt
 # `synthetic` generates its pairs instead of reading rows.
 FORMATS: dict[str, Callable[[dict], Pair | str] | None] = {
     "synthetic": None,
+    "mix": None,
     "hh": hh.normalize,
     "pairs": pairs.normalize,
+    "tldr": tldr.normalize,
+    "shp": shp.normalize,
     "kto": kto.normalize,
 }
 # Formats whose examples are unpaired completions with a desirable/undesirable label: only
@@ -42,9 +45,12 @@ class Pairs:
     eval: list[Pair]
     dropped: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> reason -> rows dropped
     rows: dict[str, int] = field(default_factory=dict)  # split -> rows read (none for generated data)
+    sources: dict[str, tuple[int, int]] = field(default_factory=dict)  # mixture source -> (train, eval) kept
 
 
-def _read_rows(path: str | None, hub_id: str | None, split: str, what: str) -> tuple[Any, list[str] | None]:
+def _read_rows(
+    path: str | None, hub_id: str | None, split: str, what: str, hub: dict[str, Any] | None = None
+) -> tuple[Any, list[str] | None]:
     """Rows from local files (see `sources`), with where each comes from ("'a.jsonl' line 7"),
     or a hub dataset split (where = None: its 1-based row numbers)."""
     from dpo_cli.data.sources import read_rows_with_origin
@@ -64,7 +70,7 @@ def _read_rows(path: str | None, hub_id: str | None, split: str, what: str) -> t
     if not offline_mode() and not hub_reachable():
         raise DataError(f"dataset {hub_id!r} cannot be downloaded: the Hugging Face Hub is not reachable; {fix}")
     try:
-        return datasets.load_dataset(hub_id, split=split), None
+        return datasets.load_dataset(hub_id, split=split, **(hub or {})), None
     except Exception as e:  # noqa: BLE001
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"dataset {hub_id!r} split {split!r} could not be loaded ({first}); {fix}") from None
@@ -109,22 +115,37 @@ def _load_rows(data: Any, seed: int) -> tuple[list[Pair], list[Pair], dict[str, 
     normalize = FORMATS[data.format]
     assert normalize is not None
     columns = dict(data.get("columns") or {})
-    source = _read_rows(data.path, data.hub_id, data.train_split, "data.path")
+    hub = {"name": data.get("hub_config"), "data_dir": data.get("hub_data_dir")}
+    hub = {k: v for k, v in hub.items() if v is not None}
+    source = _read_rows(data.path, data.hub_id, data.train_split, "data.path", hub)
     sample = [dict(r) for r in itertools.islice(source[0], 3)]
     where = "data.path" if data.path else f"dataset {data.hub_id!r}"
     train, dropped_train = _normalize(source, normalize, columns, where)
+    train = _finalize(data, train, dropped_train)
     dropped = {"train": dropped_train}
     rows = {"train": len(source[0])}
     if data.eval_path is not None or (data.path is None and data.eval_split is not None):
-        source = _read_rows(data.eval_path, data.hub_id, data.eval_split or "test", "data.eval_path")
+        source = _read_rows(data.eval_path, data.hub_id, data.eval_split or "test", "data.eval_path", hub)
         where = "data.eval_path" if data.eval_path else f"dataset {data.hub_id!r}"
         evals, dropped["eval"] = _normalize(source, normalize, columns, where)
+        evals = _finalize(data, evals, dropped["eval"])
         rows["eval"] = len(source[0])
     else:
         random.Random(seed).shuffle(train)
         n_eval = min(data.eval_holdout, len(train) // 2)
         train, evals = train[: len(train) - n_eval], train[len(train) - n_eval :]
     return train, evals, dropped, sample, rows
+
+
+def _finalize(data: Any, items: list[Pair], dropped: dict[str, int]) -> list[Pair]:
+    """Per-split steps a row-by-row normalize cannot do: SHP's cap on pairs per post."""
+    if data.format != "shp":
+        return items
+    cap = data.get("shp_max_pairs_per_post")
+    items, n = shp.finalize(items, cap)
+    if n:
+        dropped[shp.capped_reason(cap)] = n
+    return items
 
 
 def _cap(items: list[Pair], n: int | None, seed: int) -> list[Pair]:
@@ -139,6 +160,10 @@ def _cap(items: list[Pair], n: int | None, seed: int) -> list[Pair]:
 def _suggest_format(sample: list[dict]) -> str:
     """A hint at the data format that fits rows that could not be used."""
     keys = set().union(*(r.keys() for r in sample)) if sample else set()
+    if {"info", "summaries", "choice"} <= keys:
+        return "; these rows look like TL;DR comparisons: use data=tldr"
+    if {"history", "human_ref_A", "human_ref_B"} <= keys:
+        return "; these rows look like SHP: use data=shp"
     if {"prompt", "completion", "label"} <= keys:
         return "; these rows look like unpaired examples: use data=kto with loss=kto"
     if {"chosen", "rejected"} <= keys:
@@ -152,6 +177,24 @@ def _describe(dropped: dict[str, int]) -> str:
     return ", ".join(f"{n} rows: {reason}" for reason, n in dropped.items()) or "no rows"
 
 
+def _load_mixture(data: Any, seed: int) -> Pairs:
+    """data.format=mix: each source of data.mixture loaded as on its own (its holdout and caps),
+    then data.weights[name] (default 1.0) of its training pairs kept (a seeded sample), as
+    alignment-handbook's dataset mixer weights them; eval pairs are kept whole. Counts are
+    reported per source."""
+    weights = dict(data.get("weights") or {})
+    out = Pairs(train=[], eval=[])
+    for i, (name, source) in enumerate(data.mixture.items()):
+        part = load_pairs(source, seed + i)
+        train = _cap(part.train, max(1, round(weights.get(name, 1.0) * len(part.train))), seed + i)
+        out.train += train
+        out.eval += part.eval
+        out.dropped.update({f"{name}/{split}": d for split, d in part.dropped.items()})
+        out.rows.update({f"{name}/{split}": n for split, n in part.rows.items()})
+        out.sources[name] = (len(train), len(part.eval))
+    return out
+
+
 def load_pairs(data: Any, seed: int) -> Pairs:
     """Train and eval pairs for the `data` config section.
 
@@ -160,6 +203,11 @@ def load_pairs(data: Any, seed: int) -> Pairs:
     `data.max_train_pairs` and `data.max_eval_pairs` then cap every format, synthetic included,
     with a seeded random sample.
     """
+    if data.format == "mix":
+        mixed = _load_mixture(data, seed)
+        mixed.train = _cap(mixed.train, data.max_train_pairs, seed)
+        mixed.eval = _cap(mixed.eval, data.max_eval_pairs, seed + 1)
+        return mixed
     sample: list[dict] = []
     rows: dict[str, int] = {}
     if data.format == "synthetic":
