@@ -69,6 +69,7 @@ class DataConfig:
     max_prompt_length: int = 256
     truncation_mode: str = "keep_end"
     columns: dict[str, str] = field(default_factory=dict)
+    cache_dir: Optional[str] = None
     synthetic: Optional[SyntheticConfig] = None
     shp_max_pairs_per_post: Optional[int] = None
     mixture: Optional[dict[str, Any]] = None

@@ -182,3 +182,41 @@ def test_a_mixture_takes_each_sources_share_and_reports_each(tmp_path):
         validate(bad)
     assert any("data.weights.shp=0.5 names no source" in p for p in e.value.problems)
     assert any("data.weights.hh=2.0 must be in (0, 1]" in p for p in e.value.problems)
+
+
+def test_tokenization_cache_hits_and_misses(tmp_path, monkeypatch):
+    """The second prepare() of the same data, tokenizer and lengths reads the cache (no
+    tokenizer call); changing the data, a length or the tokenizer misses it."""
+    from dpo_cli.data import prepare as prep
+    from dpo_cli.modeling import byte_tokenizer
+
+    rows = [hh_row("a", i) for i in range(12)]
+    cfg = data_cfg(path=str(write_jsonl(tmp_path / "h.jsonl", rows)), cache_dir=str(tmp_path / "cache"))
+    tok = byte_tokenizer()
+    first = prep.prepare(cfg, tok, seed=0)
+    assert not first.cached and len(list((tmp_path / "cache").glob("*.pt"))) == 1
+
+    calls = []
+    real = prep.tokenize_pairs
+    monkeypatch.setattr(prep, "tokenize_pairs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    second = prep.prepare(cfg, tok, seed=0)
+    assert second.cached and calls == []
+    assert second.train == first.train and second.eval == first.eval
+    assert second.train_stats == first.train_stats
+
+    for changed, other_tok in (
+        (data_cfg(**{**cfg, "max_length": 100}), tok),  # a setting that changes the ids
+        (cfg, byte_tokenizer()),  # an equal tokenizer: still a hit
+    ):
+        calls.clear()
+        again = prep.prepare(changed, other_tok, seed=0)
+        assert again.cached is (changed is cfg), changed
+    other = byte_tokenizer()
+    other.add_tokens(["Human"])  # a different tokenizer
+    assert not prep.prepare(cfg, other, seed=0).cached
+    write_jsonl(tmp_path / "h.jsonl", rows[:-1])  # different data
+    assert not prep.prepare(cfg, tok, seed=0).cached
+    (tmp_path / "cache" / "junk.pt").write_text("x")  # a damaged file never breaks a run
+    for f in (tmp_path / "cache").glob("*.pt"):
+        f.write_bytes(b"not a torch file")
+    assert not prep.prepare(cfg, tok, seed=0).cached

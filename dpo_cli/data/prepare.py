@@ -1,13 +1,29 @@
 """Config -> tokenized training and evaluation data: the whole data stage in one call, shared
-by training and the preflight (`mode=inspect`), so that both see exactly the same examples."""
+by training and the preflight (`mode=inspect`), so that both see exactly the same examples.
+
+Tokenized data is cached on disk (`data.cache_dir`), keyed by a fingerprint of the normalized
+pairs, the tokenizer and every setting that changes the ids, so a second run on the same data
+(a sweep, a resume, the preflight then the run) skips tokenization.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from dpo_cli.data import UNPAIRED_FORMATS, Pairs, load_pairs
+from dpo_cli.data import UNPAIRED_FORMATS, Pair, Pairs, load_pairs
 from dpo_cli.data.tokenize import Tokenized, TruncationStats, check_kept, tokenize_pairs
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when tokenization changes what it produces for the same inputs
+CHUNK = 20_000  # pairs per tokenizer call: the progress bar's step on large data
 
 
 @dataclass
@@ -18,6 +34,75 @@ class Prepared:
     train_stats: TruncationStats
     eval_stats: TruncationStats
     unit: str  # "pairs", or "examples" for unpaired data
+    cached: bool = False  # the token ids came from the cache
+
+
+def _tokenize(pairs: list[Pair], tokenizer: Any, lengths: dict[str, Any], what: str) -> tuple[list, TruncationStats]:
+    """tokenize_pairs over chunks, with a progress bar when there is more than one."""
+    if len(pairs) <= CHUNK:
+        return tokenize_pairs(pairs, tokenizer, **lengths)
+    from tqdm.auto import tqdm
+
+    out: list[Tokenized] = []
+    total = TruncationStats()
+    for start in tqdm(range(0, len(pairs), CHUNK), desc=f"tokenizing {what}", unit="chunk"):
+        part, stats = tokenize_pairs(pairs[start : start + CHUNK], tokenizer, **lengths)
+        out += part
+        total.prompts += stats.prompts
+        total.responses += stats.responses
+        total.boundary_fallbacks += stats.boundary_fallbacks
+        for reason, n in stats.dropped.items():
+            total.dropped[reason] = total.dropped.get(reason, 0) + n
+    return out, total
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything in a tokenizer that decides token ids: its serialized model (fast
+    tokenizers) or vocabulary, special tokens and chat template."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(
+        backend.to_str().encode() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+    )
+    special = [type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    h.update(json.dumps([*special, getattr(tokenizer, "chat_template", None)], default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_key(pairs: Pairs, tokenizer: Any, lengths: dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([CACHE_VERSION, lengths, tokenizer_fingerprint(tokenizer)]).encode())
+    for split in (pairs.train, pairs.eval):
+        for pair in split:
+            h.update(json.dumps(pair, sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"|split|")
+    return h.hexdigest()[:24]
+
+
+def _load_cached(path: Path) -> tuple[list, list, TruncationStats, TruncationStats] | None:
+    import torch
+
+    try:
+        saved = torch.load(path, weights_only=True)  # plain lists and dicts only: no code runs
+        return (
+            saved["train"],
+            saved["eval"],
+            TruncationStats(**saved["train_stats"]),
+            TruncationStats(**saved["eval_stats"]),
+        )
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file is a cache miss, not a failure
+        log.warning("ignoring the unreadable tokenization cache %s (%s); tokenizing again", path, e)
+        return None
+
+
+def _save_cached(path: Path, train: list, evals: list, ts: TruncationStats, es: TruncationStats) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    data = {"train": train, "eval": evals, "train_stats": dataclasses.asdict(ts), "eval_stats": dataclasses.asdict(es)}
+    torch.save(data, tmp)
+    tmp.replace(path)  # atomic: another process never reads half a file
 
 
 def prepare(data: Any, tokenizer: Any, seed: int, check: bool = True) -> Prepared:
@@ -28,9 +113,18 @@ def prepare(data: Any, tokenizer: Any, seed: int, check: bool = True) -> Prepare
     lengths = dict(
         max_length=data.max_length, max_prompt_length=data.max_prompt_length, truncation_mode=data.truncation_mode
     )
-    train, train_stats = tokenize_pairs(pairs.train, tokenizer, **lengths)
-    evals, eval_stats = tokenize_pairs(pairs.eval, tokenizer, **lengths)
+    cache_dir = data.get("cache_dir")
+    path = Path(cache_dir).expanduser() / f"{_cache_key(pairs, tokenizer, lengths)}.pt" if cache_dir else None
+    cached = _load_cached(path) if path is not None and path.is_file() else None
+    if cached is not None:
+        train, evals, train_stats, eval_stats = cached
+        log.info("tokenized data from the cache: %s", path)
+    else:
+        train, train_stats = _tokenize(pairs.train, tokenizer, lengths, "train")
+        evals, eval_stats = _tokenize(pairs.eval, tokenizer, lengths, "eval")
+        if path is not None:
+            _save_cached(path, train, evals, train_stats, eval_stats)
     unit = "examples" if data.format in UNPAIRED_FORMATS else "pairs"
     if check:
         check_kept(len(pairs.train), train_stats, f"training {unit}")
-    return Prepared(pairs, train, evals, train_stats, eval_stats, unit)
+    return Prepared(pairs, train, evals, train_stats, eval_stats, unit, cached is not None)

@@ -48,6 +48,11 @@ def report(data: Prepared, tokenizer: Any, batch_size: int, n_examples: int = 3)
         f"rows read: {', '.join(f'{k} {v}' for k, v in rows.items()) or 'generated'}; "
         f"{data.unit} kept: {len(train)} train, {len(data.eval)} eval (of {kept} normalized)",
         f"dropped when reading: {data.pairs.dropped or 'none'}",
+        *(
+            [f"sources: {', '.join(f'{n} {t} train / {e} eval' for n, (t, e) in data.pairs.sources.items())}"]
+            if data.pairs.sources
+            else []
+        ),
         f"dropped after tokenizing: train {data.train_stats.dropped or 'none'}, eval {data.eval_stats.dropped or 'none'}",
     ]
     prompt_lens = [len(e["prompt_ids"]) for e in train]
@@ -68,6 +73,7 @@ def report(data: Prepared, tokenizer: Any, batch_size: int, n_examples: int = 3)
         f"per epoch: {tokens} tokens (prompt + response, every sequence), {steps} optimizer steps "
         f"of {batch_size} {data.unit} (train.batch_size)"
     )
+    lines.append("token ids: " + ("from the tokenization cache" if data.cached else "tokenized now"))
     for i, example in enumerate(train[:n_examples]):
         lines.append(f"example {i + 1}:\n{render_example(example, tokenizer)}")
     return "\n".join(lines)
