@@ -220,3 +220,18 @@ def test_tokenization_cache_hits_and_misses(tmp_path, monkeypatch):
     for f in (tmp_path / "cache").glob("*.pt"):
         f.write_bytes(b"not a torch file")
     assert not prep.prepare(cfg, tok, seed=0).cached
+
+
+def test_cache_packing_round_trips_pairs_and_unpaired_examples():
+    from dpo_cli.data.prepare import _pack, _unpack
+
+    pairs_ = [
+        {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5, 6]},
+        {"prompt_ids": [], "chosen_ids": [7, 8], "rejected_ids": [9]},
+    ]
+    unpaired = [
+        {"prompt_ids": [1], "completion_ids": [2, 3], "label": 1},
+        {"prompt_ids": [4, 5], "completion_ids": [6], "label": 0},
+    ]
+    for examples in (pairs_, unpaired, []):
+        assert _unpack(_pack(examples)) == examples

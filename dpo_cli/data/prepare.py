@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from dpo_cli.data.tokenize import Tokenized, TruncationStats, check_kept, tokeni
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when tokenization changes what it produces for the same inputs
+CACHE_VERSION = 2  # bump when tokenization changes what it produces for the same inputs
 CHUNK = 20_000  # pairs per tokenizer call: the progress bar's step on large data
 
 
@@ -79,14 +80,45 @@ def _cache_key(pairs: Pairs, tokenizer: Any, lengths: dict[str, Any]) -> str:
     return h.hexdigest()[:24]
 
 
+def _pack(examples: list[Tokenized]) -> dict[str, Any]:
+    """Examples as flat int32 tensors (values and lengths per key): torch.load reads tensors at
+    disk speed, while nested Python lists go through its slow safe unpickler."""
+    import torch
+
+    if not examples:
+        return {}
+    packed = {}
+    for key, first in examples[0].items():
+        if isinstance(first, list):
+            packed[f"{key}/lengths"] = torch.tensor([len(e[key]) for e in examples], dtype=torch.int32)
+            packed[f"{key}/values"] = torch.tensor([t for e in examples for t in e[key]], dtype=torch.int32)
+        else:
+            packed[key] = torch.tensor([e[key] for e in examples], dtype=torch.int32)
+    return packed
+
+
+def _unpack(packed: dict[str, Any]) -> list[Tokenized]:
+    columns: dict[str, list] = {}
+    for name, tensor in packed.items():
+        key, _, part = name.partition("/")
+        if not part:
+            columns[key] = tensor.tolist()
+        elif part == "lengths":
+            values, lengths = packed[f"{key}/values"].tolist(), tensor.tolist()
+            ends = list(itertools.accumulate(lengths))
+            columns[key] = [values[end - n : end] for n, end in zip(lengths, ends, strict=True)]
+    n = len(next(iter(columns.values()))) if columns else 0
+    return [{key: col[i] for key, col in columns.items()} for i in range(n)]
+
+
 def _load_cached(path: Path) -> tuple[list, list, TruncationStats, TruncationStats] | None:
     import torch
 
     try:
-        saved = torch.load(path, weights_only=True)  # plain lists and dicts only: no code runs
+        saved = torch.load(path, weights_only=True)  # tensors and plain containers only: no code runs
         return (
-            saved["train"],
-            saved["eval"],
+            _unpack(saved["train"]),
+            _unpack(saved["eval"]),
             TruncationStats(**saved["train_stats"]),
             TruncationStats(**saved["eval_stats"]),
         )
@@ -100,8 +132,8 @@ def _save_cached(path: Path, train: list, evals: list, ts: TruncationStats, es: 
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    data = {"train": train, "eval": evals, "train_stats": dataclasses.asdict(ts), "eval_stats": dataclasses.asdict(es)}
-    torch.save(data, tmp)
+    stats = {"train_stats": dataclasses.asdict(ts), "eval_stats": dataclasses.asdict(es)}
+    torch.save({"train": _pack(train), "eval": _pack(evals), **stats}, tmp)
     tmp.replace(path)  # atomic: another process never reads half a file
 
 
