@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import numbers
+import os
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class DataConfig:
     max_prompt_length: int = 256
     truncation_mode: str = "keep_end"
     columns: dict[str, str] = field(default_factory=dict)
+    chat_template: Optional[str] = None
     cache_dir: Optional[str] = None
     synthetic: Optional[SyntheticConfig] = None
     shp_max_pairs_per_post: Optional[int] = None
@@ -380,6 +382,8 @@ def _check_data(p: list[str], d: Any) -> None:
     _positive(p, "data.max_train_pairs", d.max_train_pairs, allow_none=True)
     _positive(p, "data.max_eval_pairs", d.max_eval_pairs, allow_none=True)
     _positive(p, "data.shp_max_pairs_per_post", d.shp_max_pairs_per_post, allow_none=True)
+    if d.chat_template is not None and not os.path.isfile(os.path.expanduser(d.chat_template)):
+        p.append(f"data.chat_template={d.chat_template!r}: no such file; point it at a Jinja chat template file")
     if d.eval_holdout < 0:
         p.append(f"data.eval_holdout={d.eval_holdout} must be >= 0")
     if d.synthetic is not None:

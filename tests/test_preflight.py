@@ -89,3 +89,33 @@ def test_inspect_of_a_bad_file_is_one_clear_error(tmp_path):
     )
     assert_one_clear_error(proc, "line 2 is not valid JSON")
     assert proc.returncode == 2
+
+
+def test_ultrafeedback_trains_with_a_chat_template_file_and_exports_the_templated_text(tmp_path, train_run):
+    from test_chat import CHATML
+
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML)
+    fixture = REPO / "tests" / "fixtures" / "ultrafeedback_sample.jsonl"
+    args = [
+        "data=ultrafeedback",
+        f"data.path={fixture}",
+        f"data.chat_template={template}",
+        "data.eval_holdout=2",
+        "data.cache_dir=null",
+        "train.batch_size=2",
+        "train.micro_batch_size=2",
+        "train.max_steps=2",
+    ]
+    result, _ = train_run(args, fast=False)
+    assert result["step"] == 2 and result["loss"] == result["loss"]  # finite: NaN != NaN
+
+    from conftest import make_config
+
+    from dpo_cli import preflight
+
+    cfg = make_config([*QUIET, *args, "mode=inspect", f"inspect.export={tmp_path}/uf.jsonl"])
+    text = preflight.run(cfg)
+    assert "[prompt]<s><|im_start|>" in text and "<|im_start|>assistant\n[/prompt]" in text
+    rows = [json.loads(line) for line in (tmp_path / "uf.jsonl").read_text().splitlines()]
+    assert rows and all(r["prompt"].endswith("<|im_start|>assistant\n") and "templated" not in r for r in rows)

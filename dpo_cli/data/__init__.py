@@ -15,13 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpo_cli.data import hh, kto, pairs, shp, synthetic, tldr
+from dpo_cli.data import hh, kto, pairs, shp, synthetic, tldr, ultrafeedback
 from dpo_cli.data.fields import RowError
 from dpo_cli.errors import DataError
 
 log = logging.getLogger(__name__)
 
-Pair = dict[str, Any]  # {prompt, chosen, rejected} strings, or unpaired {prompt, completion, label}
+# {prompt, chosen, rejected}, or unpaired {prompt, completion, label}; fields are strings or
+# lists of {role, content} messages (rendered with the chat template before tokenizing, after
+# which a pair carries "templated": True).
+Pair = dict[str, Any]
 
 # Row formats: name -> function turning one source row into a pair, or the reason it is dropped.
 # `synthetic` generates its pairs instead of reading rows.
@@ -32,6 +35,7 @@ FORMATS: dict[str, Callable[[dict], Pair | str] | None] = {
     "pairs": pairs.normalize,
     "tldr": tldr.normalize,
     "shp": shp.normalize,
+    "ultrafeedback": ultrafeedback.normalize,
     "kto": kto.normalize,
 }
 # Formats whose examples are unpaired completions with a desirable/undesirable label: only
@@ -162,6 +166,8 @@ def _suggest_format(sample: list[dict]) -> str:
     keys = set().union(*(r.keys() for r in sample)) if sample else set()
     if {"info", "summaries", "choice"} <= keys:
         return "; these rows look like TL;DR comparisons: use data=tldr"
+    if {"score_chosen", "score_rejected", "chosen", "rejected"} <= keys:
+        return "; these rows look like UltraFeedback (binarized): use data=ultrafeedback"
     if {"history", "human_ref_A", "human_ref_B"} <= keys:
         return "; these rows look like SHP: use data=shp"
     if {"prompt", "completion", "label"} <= keys:

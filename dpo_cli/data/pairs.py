@@ -1,19 +1,36 @@
-"""Preference pairs in the common shapes: explicit prompt ({prompt, chosen, rejected} strings) or
-implicit prompt ({chosen, rejected} only, each the whole text).
+"""Preference pairs in the common shapes, as text or as conversations.
 
-With an implicit prompt, the prompt is the longest common prefix of chosen and rejected, cut
-back to the end of the last "\\n\\nAssistant:" turn marker inside it (dialogues), else to the
-last white space (so that no word is split between prompt and response). Rows whose texts share
-no such prefix are dropped with the reason.
+Text: explicit prompt ({prompt, chosen, rejected} strings) or implicit prompt ({chosen, rejected}
+only, each the whole text). With an implicit prompt, the prompt is the longest common prefix of
+chosen and rejected, cut back to the end of the last "\\n\\nAssistant:" turn marker inside it
+(dialogues), else to the last white space (so that no word is split between prompt and response).
+
+Conversational: chosen and rejected are lists of {role, content} messages (see `chat`), rendered
+later with the chat template. The prompt is
+- a list of messages (explicit; chosen and rejected are the assistant's replies, or whole
+  conversations that begin with the prompt, which is then taken off them),
+- a string (the user's turn, as in UltraFeedback, whose chosen and rejected repeat it: when they
+  share leading messages, those are the prompt, system turn included), or
+- absent (implicit; the prompt is the messages chosen and rejected share from the start).
+The responses are what follows the prompt; they must be assistant turns.
+
+Rows whose two sides share no prompt, or that leave a response empty, are dropped with the reason.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from dpo_cli.data.fields import text_field
+from dpo_cli.data.chat import Message, text_or_messages
+from dpo_cli.data.fields import RowError
+from dpo_cli.data.tokenize import IDENTICAL  # the same reason as identical token ids: one count
 
 ASSISTANT = "\n\nAssistant:"
+NO_SHARED_PROMPT = "no shared prompt (chosen and rejected differ from the start)"
+NO_SHARED_MESSAGES = "no shared prompt messages (chosen and rejected differ from the first message)"
+EMPTY_RESPONSE = "empty response (no messages after the prompt)"
+NOT_ASSISTANT = "a response holds a user or system turn, not only assistant turns"
 
 
 def split_implicit(chosen: str, rejected: str) -> dict[str, str] | str:
@@ -25,12 +42,65 @@ def split_implicit(chosen: str, rejected: str) -> dict[str, str] | str:
     else:
         cut = max(shared.rfind(" "), shared.rfind("\n"), shared.rfind("\t"))
     if cut <= 0:
-        return "no shared prompt (chosen and rejected differ from the start)"
+        return NO_SHARED_PROMPT
     return {"prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
 
 
-def normalize(row: dict) -> dict[str, str] | str:
-    chosen, rejected = text_field(row, "chosen"), text_field(row, "rejected")
-    if "prompt" in row:
-        return {"prompt": text_field(row, "prompt"), "chosen": chosen, "rejected": rejected}
-    return split_implicit(chosen, rejected)
+def _shared(a: list[Message], b: list[Message]) -> int:
+    """How many messages a and b share from the start."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def responses_only(prompt: list[Message], response: list[Message]) -> list[Message] | str:
+    """`response` without the prompt it may repeat, or why it cannot be a response: nothing left,
+    or a user or system turn in it."""
+    if response[: len(prompt)] == prompt:
+        response = response[len(prompt) :]
+    if not response:
+        return EMPTY_RESPONSE
+    if any(m["role"] in ("user", "system") for m in response):
+        return NOT_ASSISTANT
+    return response
+
+
+def split_messages(
+    chosen: list[Message], rejected: list[Message], prompt: str | list[Message] | None = None
+) -> dict[str, list[Message]] | str:
+    """{prompt, chosen, rejected} message lists, or the reason the row is dropped (see the module
+    docstring for the three kinds of prompt)."""
+    if chosen == rejected:
+        return IDENTICAL
+    if prompt is None or isinstance(prompt, str):
+        n = _shared(chosen, rejected)
+        if n:
+            prompt = chosen[:n]
+        elif prompt is None:
+            return NO_SHARED_MESSAGES
+        else:  # the responses are replies only: the prompt string is the user's turn
+            prompt = [{"role": "user", "content": prompt}]
+    c, r = responses_only(prompt, chosen), responses_only(prompt, rejected)
+    if isinstance(c, str) or isinstance(r, str):
+        return c if isinstance(c, str) else r
+    return {"prompt": prompt, "chosen": c, "rejected": r}
+
+
+def same_kind(name: str, value: Any, other: str, other_value: Any) -> None:
+    """A RowError unless `value` (field `name`) is text exactly when `other_value` is."""
+    if isinstance(value, str) != isinstance(other_value, str):
+        kind = "a string" if isinstance(other_value, str) else "a list of messages"
+        raise RowError(name, f"field {name!r} must be {kind}, like field {other!r}")
+
+
+def normalize(row: dict) -> dict[str, Any] | str:
+    chosen, rejected = text_or_messages(row, "chosen"), text_or_messages(row, "rejected")
+    same_kind("rejected", rejected, "chosen", chosen)
+    prompt = text_or_messages(row, "prompt") if "prompt" in row else None
+    if isinstance(chosen, str):
+        if prompt is None:
+            return split_implicit(chosen, rejected)
+        same_kind("prompt", prompt, "chosen", chosen)
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return split_messages(chosen, rejected, prompt)  # a text prompt is the user's turn

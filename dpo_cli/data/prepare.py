@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpo_cli.data import UNPAIRED_FORMATS, Pair, Pairs, load_pairs
+from dpo_cli.config import unpaired_data
+from dpo_cli.data import Pair, Pairs, chat, load_pairs
 from dpo_cli.data.tokenize import Tokenized, TruncationStats, check_kept, tokenize_pairs
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,12 @@ def prepare(data: Any, tokenizer: Any, seed: int, check: bool = True) -> Prepare
     data that is mostly degenerate (identical responses, before or after truncation), which
     would train at a constant loss; the preflight reports it instead."""
     pairs = load_pairs(data, seed)
+    n_train = len(pairs.train)
+    # Conversational pairs become text with the chat template; a pair whose templated prompt
+    # is not a prefix of its templated conversation is dropped (and counted) here.
+    template = chat.load_template(data.chat_template) if data.get("chat_template") else None
+    pairs.train, dropped_train = chat.render(pairs.train, tokenizer, template)
+    pairs.eval, dropped_eval = chat.render(pairs.eval, tokenizer, template)
     lengths = dict(
         max_length=data.max_length, max_prompt_length=data.max_prompt_length, truncation_mode=data.truncation_mode
     )
@@ -156,7 +163,10 @@ def prepare(data: Any, tokenizer: Any, seed: int, check: bool = True) -> Prepare
         evals, eval_stats = _tokenize(pairs.eval, tokenizer, lengths, "eval")
         if path is not None:
             _save_cached(path, train, evals, train_stats, eval_stats)
-    unit = "examples" if data.format in UNPAIRED_FORMATS else "pairs"
+    for stats, dropped in ((train_stats, dropped_train), (eval_stats, dropped_eval)):
+        for reason, n in dropped.items():
+            stats.dropped[reason] = stats.dropped.get(reason, 0) + n
+    unit = "examples" if unpaired_data(data) else "pairs"
     if check:
-        check_kept(len(pairs.train), train_stats, f"training {unit}")
+        check_kept(n_train, train_stats, f"training {unit}")
     return Prepared(pairs, train, evals, train_stats, eval_stats, unit, cached is not None)

@@ -87,5 +87,6 @@ def export(data: Prepared, path: str) -> Path:
     with out.open("w") as f:
         for split, pairs in (("train", data.pairs.train), ("eval", data.pairs.eval)):
             for pair in pairs:
-                f.write(json.dumps({"split": split, **pair}, ensure_ascii=False) + "\n")
+                text = {k: v for k, v in pair.items() if k != "templated"}
+                f.write(json.dumps({"split": split, **text}, ensure_ascii=False) + "\n")
     return out

@@ -7,6 +7,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
+from dpo_cli.data.chat import NOT_A_PREFIX
 from dpo_cli.errors import DataError
 
 # A tokenized pair {prompt_ids, chosen_ids, rejected_ids}, or an unpaired example
@@ -25,6 +26,10 @@ _FIXES = {
     IDENTICAL_AFTER_TRUNCATION: "raise data.max_length (or lower data.max_prompt_length) so the responses' differences fit",
     NO_RESPONSE_TOKENS: "raise data.max_length or lower data.max_prompt_length to leave room for the responses",
     NO_COMPLETION_TOKENS: "raise data.max_length or lower data.max_prompt_length to leave room for the completions",
+    NOT_A_PREFIX: (
+        "use a chat template whose generation prompt opens the assistant turn as a finished "
+        "conversation does (data.chat_template=FILE)"
+    ),
 }
 
 
@@ -104,10 +109,29 @@ def _suffix_length(tokenizer: Any) -> int:
     return 0
 
 
+def _encode(tokenizer: Any, texts: list[str], special: list[bool]) -> list[list[int]]:
+    """Each text's ids, with the tokenizer's special tokens (BOS) where `special` says: not for
+    chat-templated text, which holds its own. Two batched calls at most; order kept."""
+    out: list[list[int]] = [[] for _ in texts]
+    for flag in (True, False):
+        where = [i for i, s in enumerate(special) if s == flag]
+        if where:
+            ids = tokenizer([texts[i] for i in where], add_special_tokens=flag)["input_ids"]
+            for i, one in zip(where, ids, strict=True):
+                out[i] = one
+    return out
+
+
 def _responses(
-    tokenizer: Any, prompts: list[str], prompt_ids: list[list[int]], responses: list[str], stats: TruncationStats
+    tokenizer: Any,
+    prompts: list[str],
+    prompt_ids: list[list[int]],
+    responses: list[str],
+    stats: TruncationStats,
+    templated: list[bool],
 ) -> list[list[int]]:
-    """Each response's ids as they occur in tokenize(prompt + response), ending with one EOS.
+    """Each response's ids as they occur in tokenize(prompt + response), ending with one EOS
+    (plain text), or as the chat template ends it (templated: no special tokens added).
 
     Tokenizing a response alone is not what the model sees: SentencePiece tokenizers on the
     legacy path (Llama-2, Mistral v0.1) prepend "▁" to every text they are given, so a response
@@ -117,16 +141,18 @@ def _responses(
     response is tokenized alone (counted in `stats.boundary_fallbacks`).
     """
     eos = tokenizer.eos_token_id
-    wholes = tokenizer([p + r for p, r in zip(prompts, responses, strict=True)], add_special_tokens=True)["input_ids"]
+    texts = [p + r for p, r in zip(prompts, responses, strict=True)]
+    wholes = _encode(tokenizer, texts, [not t for t in templated])
     out = []
-    for text, prompt, whole in zip(responses, prompt_ids, wholes, strict=True):
+    for text, prompt, whole, chat in zip(responses, prompt_ids, wholes, templated, strict=True):
         if whole[: len(prompt)] == prompt:
             ids = whole[len(prompt) :]
         else:
             stats.boundary_fallbacks += 1
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        # EOS ends every response so the model learns where to stop (once, if the tokenizer put one).
-        out.append(ids if ids and ids[-1] == eos else ids + [eos])
+        # EOS ends every response so the model learns where to stop (once, if the tokenizer put
+        # one); a chat template ends the turn itself (its end-of-turn token is what stops generation).
+        out.append(ids if chat or (ids and ids[-1] == eos) else ids + [eos])
     return out
 
 
@@ -136,11 +162,15 @@ def tokenize_pairs(
     max_length: int,
     max_prompt_length: int,
     truncation_mode: str = "keep_end",
+    templated: bool = False,
 ) -> tuple[list[Tokenized], TruncationStats]:
     """Token ids for each pair (or unpaired example), in order, and counts of what was done.
 
     The prompt gets the tokenizer's leading special tokens (e.g. BOS); each response is taken
     from the prompt + response text tokenized together (see `_responses`) and ends with EOS.
+    Chat-templated text (`templated`, or a pair marked `"templated": True` by `chat.render`)
+    already holds its special tokens: it is tokenized without adding any (no second BOS) and
+    gets no EOS after the template's own end of turn.
     Then `truncate` fits each pair into `max_length`. Pairs that would teach nothing are left
     out and counted by reason in `stats.dropped`: identical chosen and rejected ids, before or
     after truncation (their loss is log 2 whatever the model does), or a response truncated to
@@ -151,10 +181,11 @@ def tokenize_pairs(
     if not pairs:
         return [], stats
     texts = [p["prompt"] for p in pairs]
-    prompts = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    chat = [templated or bool(p.get("templated")) for p in pairs]
+    prompts = _encode(tokenizer, texts, [not c for c in chat])
     suffix = _suffix_length(tokenizer)
     if suffix:  # e.g. a trailing EOS: the model sees it after the response, not after the prompt
-        prompts = [p[: len(p) - suffix] for p in prompts]
+        prompts = [p if c else p[: len(p) - suffix] for p, c in zip(prompts, chat, strict=True)]
     keep_end = truncation_mode == "keep_end"
     bos = tokenizer.bos_token_id
     out: list[Tokenized] = []
@@ -163,7 +194,7 @@ def tokenize_pairs(
         stats.dropped[reason] = stats.dropped.get(reason, 0) + 1
 
     if "completion" in pairs[0]:  # unpaired examples: truncated like a pair of two equal responses
-        completions = _responses(tokenizer, texts, prompts, [p["completion"] for p in pairs], stats)
+        completions = _responses(tokenizer, texts, prompts, [p["completion"] for p in pairs], stats, chat)
         for p, c, row in zip(prompts, completions, pairs, strict=True):
             t = truncate(p, c, [], max_length, max_prompt_length, keep_end, bos, stats)
             if not t["chosen_ids"]:
@@ -171,8 +202,8 @@ def tokenize_pairs(
                 continue
             out.append({"prompt_ids": t["prompt_ids"], "completion_ids": t["chosen_ids"], "label": int(row["label"])})
         return out, stats
-    chosen = _responses(tokenizer, texts, prompts, [p["chosen"] for p in pairs], stats)
-    rejected = _responses(tokenizer, texts, prompts, [p["rejected"] for p in pairs], stats)
+    chosen = _responses(tokenizer, texts, prompts, [p["chosen"] for p in pairs], stats, chat)
+    rejected = _responses(tokenizer, texts, prompts, [p["rejected"] for p in pairs], stats, chat)
     for p, c, r in zip(prompts, chosen, rejected, strict=True):
         if c == r:
             drop(IDENTICAL)
