@@ -63,7 +63,7 @@ class DataConfig:
     eval_path: Optional[str] = None
     train_split: str = "train"
     eval_split: Optional[str] = None
-    eval_holdout: int = 256
+    eval_holdout: float = 256
     max_train_pairs: Optional[int] = None
     max_eval_pairs: Optional[int] = None
     max_length: int = 512

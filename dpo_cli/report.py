@@ -40,6 +40,7 @@ def write_report(metrics_path: Path, out_path: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:  # unpaired data (KTO) logs no reward accuracy: an empty panel, no legend
+            ax.legend(fontsize=8)
     fig.suptitle(metrics_path.parent.name)
     fig.savefig(out_path, dpi=100)

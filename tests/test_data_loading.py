@@ -4,6 +4,7 @@ the `pairs` format, and limits checked before any weights load."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,59 @@ def test_cache_packing_round_trips_pairs_and_unpaired_examples():
     ]
     for examples in (pairs_, unpaired, []):
         assert _unpack(_pack(examples)) == examples
+
+
+def test_eval_holdout_below_one_is_a_share(tmp_path):
+    rows = [hh_row("a", i) for i in range(40)]
+    cfg = data_cfg(path=str(write_jsonl(tmp_path / "h.jsonl", rows)), eval_holdout=0.25)
+    got = load_pairs(cfg, seed=0)
+    assert (len(got.train), len(got.eval)) == (30, 10)
+
+
+def test_hh_unicode_dialogues_split_and_tokenize_back_to_the_text(tmp_path):
+    from dpo_cli.data.tokenize import tokenize_pairs
+    from dpo_cli.modeling import byte_tokenizer
+
+    prompt = f"\n\nHuman: Wie heißt „Katze“ auf Japanisch? 🐱{ASSISTANT}"
+    rows = [{"chosen": prompt + " 猫 (neko).", "rejected": prompt + " Keine Ahnung…"}] * 4
+    got = load_pairs(data_cfg(path=str(write_jsonl(tmp_path / "u.jsonl", rows)), eval_holdout=0), seed=0)
+    assert got.train[0] == {"prompt": prompt, "chosen": " 猫 (neko).", "rejected": " Keine Ahnung…"}
+    tok = byte_tokenizer()
+    ids, _ = tokenize_pairs(got.train[:1], tok, max_length=512, max_prompt_length=256)
+    text = tok.decode(ids[0]["prompt_ids"] + ids[0]["chosen_ids"], skip_special_tokens=True)
+    assert text == prompt + " 猫 (neko)."
+
+
+DATA_FIXTURES = {
+    "hh": ["data.path=tests/fixtures/hh_sample.jsonl"],
+    "pairs": ["data.path=tests/fixtures/hh_sample.jsonl"],  # implicit prompt: chosen/rejected dialogues
+    "tldr": ["data.path=tests/fixtures/tldr_sample.jsonl"],
+    "shp": ["data.path=tests/fixtures/shp_sample.jsonl"],
+    "kto": ["data.path=tests/fixtures/kto_sample.jsonl", "loss=kto"],
+    "mix": [
+        "+data@data.mixture.hh=hh",
+        "data.mixture.hh.path=tests/fixtures/hh_sample.jsonl",
+        "+data@data.mixture.shp=shp",
+        "data.mixture.shp.path=tests/fixtures/shp_sample.jsonl",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(DATA_FIXTURES))
+def test_every_data_config_trains_from_its_fixture(name, train_run, monkeypatch):
+    """(ultrafeedback, which needs a chat template, is in test_preflight.py.)"""
+    from conftest import REPO
+
+    args = [a.replace("tests/fixtures", str(REPO / "tests" / "fixtures")) for a in DATA_FIXTURES[name]]
+    result, run_dir = train_run(
+        [
+            f"data={name}",
+            *args,
+            "data.cache_dir=null",
+            "train.batch_size=2",
+            "train.micro_batch_size=2",
+            "train.max_steps=2",
+        ],
+        fast=False,
+    )
+    assert result["step"] == 2 and math.isfinite(result["loss"]) and math.isfinite(result["eval_loss"])

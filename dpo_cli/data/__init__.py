@@ -136,7 +136,8 @@ def _load_rows(data: Any, seed: int) -> tuple[list[Pair], list[Pair], dict[str, 
         rows["eval"] = len(source[0])
     else:
         random.Random(seed).shuffle(train)
-        n_eval = min(data.eval_holdout, len(train) // 2)
+        holdout = data.eval_holdout  # a count, or below 1 a share of the pairs
+        n_eval = min(int(holdout) if holdout >= 1 else round(holdout * len(train)), len(train) // 2)
         train, evals = train[: len(train) - n_eval], train[len(train) - n_eval :]
     return train, evals, dropped, sample, rows
 
@@ -205,7 +206,8 @@ def load_pairs(data: Any, seed: int) -> Pairs:
     """Train and eval pairs for the `data` config section.
 
     Eval pairs come from `data.eval_path`, else the hub's `data.eval_split`, else the last
-    `data.eval_holdout` pairs of a seeded shuffle of the training pairs (removed from training).
+    `data.eval_holdout` pairs (a count, or below 1 a share) of a seeded shuffle of the training
+    pairs (removed from training).
     `data.max_train_pairs` and `data.max_eval_pairs` then cap every format, synthetic included,
     with a seeded random sample.
     """
