@@ -46,6 +46,15 @@ def train_run(tmp_path, monkeypatch):
     return _run
 
 
+def data_config(**values):
+    """A data config section as the schema builds it (every key at its default), with `values`."""
+    from omegaconf import OmegaConf
+
+    from dpo_cli.config import DataConfig
+
+    return OmegaConf.structured(DataConfig(**values))
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

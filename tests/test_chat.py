@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+from conftest import data_config
 
 from dpo_cli import data
 from dpo_cli.data import chat, kto, load_pairs, pairs, ultrafeedback
@@ -396,24 +396,7 @@ def test_ultrafeedback_drops_ties_and_reversed_scores_and_checks_types():
 
 
 def data_cfg(**overrides):
-    base = dict(
-        format="ultrafeedback",
-        hub_id=None,
-        path=None,
-        eval_path=None,
-        train_split="train_prefs",
-        eval_split=None,
-        eval_holdout=2,
-        max_train_pairs=None,
-        max_eval_pairs=None,
-        max_length=512,
-        max_prompt_length=256,
-        truncation_mode="keep_end",
-        columns={},
-        chat_template=None,
-        synthetic=None,
-    )
-    return OmegaConf.create({**base, **overrides})
+    return data_config(**{**dict(format="ultrafeedback", train_split="train_prefs", eval_holdout=2), **overrides})
 
 
 def test_ultrafeedback_file_to_token_ids(tok, monkeypatch):

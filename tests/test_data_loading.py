@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+from conftest import data_config
 
 from dpo_cli.data import load_pairs, pairs
 from dpo_cli.errors import ConfigError, DataError
@@ -27,23 +27,7 @@ def hh_row(subset: str, i: int) -> dict:
 
 
 def data_cfg(**overrides):
-    base = dict(
-        format="hh",
-        hub_id=None,
-        path=None,
-        eval_path=None,
-        train_split="train",
-        eval_split=None,
-        eval_holdout=4,
-        max_train_pairs=None,
-        max_eval_pairs=None,
-        max_length=512,
-        max_prompt_length=256,
-        truncation_mode="keep_end",
-        columns={},
-        synthetic=None,
-    )
-    return OmegaConf.create({**base, **overrides})
+    return data_config(**{**dict(format="hh", eval_holdout=4), **overrides})
 
 
 def test_caps_take_a_seeded_sample_not_the_first_rows(tmp_path):
