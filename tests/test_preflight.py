@@ -119,3 +119,17 @@ def test_ultrafeedback_trains_with_a_chat_template_file_and_exports_the_template
     assert "[prompt]<s><|im_start|>" in text and "<|im_start|>assistant\n[/prompt]" in text
     rows = [json.loads(line) for line in (tmp_path / "uf.jsonl").read_text().splitlines()]
     assert rows and all(r["prompt"].endswith("<|im_start|>assistant\n") and "templated" not in r for r in rows)
+
+
+def test_max_length_beyond_a_pretrained_models_positions_is_refused_from_its_config(tmp_path):
+    """Only config.json is read: the model directory has no weights at all."""
+    import pytest
+    from conftest import make_config
+
+    from dpo_cli import preflight
+    from dpo_cli.errors import ConfigError
+
+    model_dir = weightless_model(tmp_path)  # max_position_embeddings=1024
+    args = ["model=pretrained", f"model.name_or_path={model_dir}", "data=hh", f"data.path={HH_SAMPLE}"]
+    with pytest.raises(ConfigError, match=r"data.max_length=2048 is longer than the model's 1024 positions"):
+        preflight.run(make_config([*QUIET, *args, "mode=inspect", "data.max_length=2048"]))
