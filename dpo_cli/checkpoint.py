@@ -98,6 +98,8 @@ RESUMABLE_CHANGES = (
     "train.keep_checkpoints",
     "logger.progress",
     "logger.wandb",
+    "data.cache_dir",  # where tokenized data is cached, not what it is
+    "inspect",
 )
 
 

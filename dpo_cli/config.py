@@ -54,6 +54,29 @@ class SyntheticConfig:
 
 
 @dataclass
+class ColumnsConfig:
+    """Source column names for the formats' fields (null = the field's own name)."""
+
+    prompt: Optional[str] = None
+    chosen: Optional[str] = None
+    rejected: Optional[str] = None
+    completion: Optional[str] = None
+    label: Optional[str] = None
+    score_chosen: Optional[str] = None  # ultrafeedback
+    score_rejected: Optional[str] = None
+    info: Optional[str] = None  # tldr
+    summaries: Optional[str] = None
+    choice: Optional[str] = None
+    post_id: Optional[str] = None  # shp
+    history: Optional[str] = None
+    human_ref_A: Optional[str] = None
+    human_ref_B: Optional[str] = None
+    score_A: Optional[str] = None
+    score_B: Optional[str] = None
+    labels: Optional[str] = None
+
+
+@dataclass
 class DataConfig:
     format: str = MISSING
     hub_id: Optional[str] = None
@@ -69,7 +92,7 @@ class DataConfig:
     max_length: int = 512
     max_prompt_length: int = 256
     truncation_mode: str = "keep_end"
-    columns: dict[str, str] = field(default_factory=dict)
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     chat_template: Optional[str] = None
     cache_dir: Optional[str] = None
     synthetic: Optional[SyntheticConfig] = None
@@ -339,8 +362,18 @@ def _check_mixture(p: list[str], d: Any) -> None:
             p.append(f"data.mixture.{name}.format={fmt!r} is not one of {', '.join(f for f in FORMATS if f != 'mix')}")
             continue
         kinds.add(fmt in UNPAIRED_FORMATS)
-        if fmt != "synthetic" and s.get("path") is None and s.get("hub_id") is None:
-            p.append(f"data.mixture.{name}: set data.mixture.{name}.path (a local file) or its hub_id")
+        try:
+            source = source_config(s)
+        except Exception as e:  # noqa: BLE001 - a wrong type or an unknown key in the source
+            first = str(e).splitlines()[0]
+            p.append(f"data.mixture.{name}: {first}")
+            continue
+        # Each source is a data section of its own: check it as one, naming its keys.
+        own: list[str] = []
+        _check_data(own, source)
+        p.extend(
+            line.replace("data.", f"data.mixture.{name}.").replace("data:", f"data.mixture.{name}:") for line in own
+        )
     if len(kinds) > 1:
         p.append("data.mixture mixes paired and unpaired (kto) sources; a run trains on one kind")
     for name, w in dict(d.weights or {}).items():
@@ -348,6 +381,11 @@ def _check_mixture(p: list[str], d: Any) -> None:
             p.append(f"data.weights.{name}={w} names no source; the sources are: {', '.join(sources) or 'none'}")
         elif isinstance(w, bool) or not isinstance(w, numbers.Real) or not 0 < w <= 1:
             p.append(f"data.weights.{name}={w!r} must be in (0, 1]: the share of that source's training pairs used")
+
+
+def source_config(source: Any) -> DictConfig:
+    """A mixture source as a typed data section (schema defaults for keys it leaves out)."""
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), source)  # type: ignore[return-value]
 
 
 def unpaired_data(d: Any) -> bool:
@@ -383,7 +421,8 @@ def _check_data(p: list[str], d: Any) -> None:
     _positive(p, "data.max_eval_pairs", d.max_eval_pairs, allow_none=True)
     _positive(p, "data.shp_max_pairs_per_post", d.shp_max_pairs_per_post, allow_none=True)
     if d.chat_template is not None and not os.path.isfile(os.path.expanduser(d.chat_template)):
-        p.append(f"data.chat_template={d.chat_template!r}: no such file; point it at a Jinja chat template file")
+        what = "is a directory" if os.path.isdir(os.path.expanduser(d.chat_template)) else "no such file"
+        p.append(f"data.chat_template={d.chat_template!r}: {what}; point it at a Jinja chat template file")
     if d.eval_holdout < 0:
         p.append(f"data.eval_holdout={d.eval_holdout} must be >= 0")
     if d.synthetic is not None:
@@ -461,6 +500,8 @@ def validate(cfg: DictConfig) -> None:
     _choice(p, "mode", cfg.mode, MODES)
     if cfg.inspect.examples < 0:
         p.append(f"inspect.examples={cfg.inspect.examples} must be >= 0")
+    if cfg.inspect.export and os.path.isdir(os.path.expanduser(cfg.inspect.export)):
+        p.append(f"inspect.export={cfg.inspect.export!r} is a directory; give a file name, e.g. pairs.jsonl")
     _check_model(p, cfg.model, cfg.data.max_length)
     _check_data(p, cfg.data)
     unpaired = unpaired_data(cfg.data)

@@ -8,9 +8,8 @@ import logging
 from omegaconf import DictConfig
 
 from dpo_cli import config
-from dpo_cli.data.prepare import prepare
+from dpo_cli.data.prepare import check_prepared, prepare
 from dpo_cli.data.summary import export, report
-from dpo_cli.data.tokenize import check_kept
 from dpo_cli.errors import DataError
 from dpo_cli.modeling import check_max_length, load_tokenizer
 
@@ -24,10 +23,14 @@ def run(cfg: DictConfig) -> str:
     config.validate(cfg)
     check_max_length(cfg.model, cfg.data.max_length)
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare(cfg.data, tokenizer, cfg.train.seed, check=False)
+    data = prepare(cfg.data, tokenizer, cfg.train.seed, check=False, need_text=bool(cfg.inspect.export))
     text = report(data, tokenizer, cfg.train.batch_size, cfg.inspect.examples)
     try:
-        check_kept(len(data.pairs.train), data.train_stats, f"training {data.unit}")
+        check_prepared(data)
+        if len(data.train) < cfg.train.batch_size:
+            raise DataError(
+                f"train.batch_size={cfg.train.batch_size} is larger than the {len(data.train)} training {data.unit}; lower it"
+            )
     except DataError as e:
         text += f"\ntraining would refuse this data: {e}"
     if cfg.inspect.export:

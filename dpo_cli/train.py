@@ -176,6 +176,7 @@ def build(cfg: DictConfig) -> Run:
     )
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
 
+    check_max_length(cfg.model, cfg.data.max_length)  # from the model's config, before data and weights
     tokenizer = load_tokenizer(cfg.model)
     train_set, eval_set, per_epoch, n_steps = _load_data(cfg, tokenizer)
     warmup = _warmup_steps(cfg.scheduler, n_steps)
@@ -184,7 +185,6 @@ def build(cfg: DictConfig) -> Run:
         checkpoint.check_compatible(resume_from, run_shape)
 
     loss_fn = instantiate(cfg.loss)
-    check_max_length(cfg.model, cfg.data.max_length)  # from the model's config, before its weights
     policy = load_model(cfg.model, tokenizer, t.seed)
     trainable, total = count_parameters(policy)
     log.info(

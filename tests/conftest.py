@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ from hydra import compose, initialize_config_dir
 from dpo_cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
+# Tests (and the CLI runs they start) cache tokenized data in a directory of their own, never in
+# the user's ~/.cache: a stale cache there could hide a tokenization change.
+os.environ["DPO_CLI_CACHE_DIR"] = tempfile.mkdtemp(prefix="dpo-cli-test-cache-")
 BIN = Path(sys.executable).parent
 
 QUIET = ["logger.wandb.mode=disabled", "logger.progress=false"]
@@ -50,8 +54,10 @@ def data_config(**values):
     """A data config section as the schema builds it (every key at its default), with `values`."""
     from omegaconf import OmegaConf
 
-    from dpo_cli.config import DataConfig
+    from dpo_cli.config import ColumnsConfig, DataConfig
 
+    if isinstance(values.get("columns"), dict):
+        values = {**values, "columns": ColumnsConfig(**values["columns"])}
     return OmegaConf.structured(DataConfig(**values))
 
 

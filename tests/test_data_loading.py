@@ -85,6 +85,24 @@ def test_columns_map_other_names(tmp_path):
     assert {(p["chosen"], p["rejected"]) for p in got.train + got.eval} == {("yes", "no")}
 
 
+def test_columns_from_the_command_line_and_typos(tmp_path):
+    from conftest import make_config
+    from omegaconf.errors import ConfigKeyError
+
+    cfg = make_config(
+        [
+            "data=pairs",
+            "data.path=x.jsonl",
+            "data.columns={prompt: question, chosen: good}",
+            "data.columns.rejected=bad",
+        ]
+    )
+    assert (cfg.data.columns.prompt, cfg.data.columns.chosen, cfg.data.columns.rejected) == ("question", "good", "bad")
+    with pytest.raises(Exception) as e:
+        make_config(["data=pairs", "data.path=x.jsonl", "data.columns.chosn=good"])
+    assert "chosn" in str(e.value) or isinstance(e.value, ConfigKeyError)
+
+
 def test_pairs_explicit_prompt():
     assert pairs.normalize({"prompt": "Q?", "chosen": " A", "rejected": " B"}) == {
         "prompt": "Q?",
@@ -276,3 +294,78 @@ def test_every_data_config_trains_from_its_fixture(name, train_run, monkeypatch)
         fast=False,
     )
     assert result["step"] == 2 and math.isfinite(result["loss"]) and math.isfinite(result["eval_loss"])
+
+
+def test_a_directory_of_split_files_reads_the_train_split_and_evaluates_on_the_eval_split(tmp_path):
+    """A hub repo's folder (train-*.jsonl, test-*.jsonl): test rows must not leak into training."""
+    d = tmp_path / "repo"
+    d.mkdir()
+    write_jsonl(d / "train-00000.jsonl", [hh_row("train", i) for i in range(6)])
+    write_jsonl(d / "test-00000.jsonl", [hh_row("test", i) for i in range(3)])
+    (d / "README.md").write_text("card")
+    got = load_pairs(data_cfg(path=str(d), eval_split="test"), seed=0)
+    assert len(got.train) == 6 and all("train" in p["prompt"] for p in got.train)
+    assert len(got.eval) == 3 and all("test" in p["prompt"] for p in got.eval)
+    with pytest.raises(DataError, match=r"holds files of the splits test, train but none of 'train_prefs'"):
+        load_pairs(data_cfg(path=str(d), train_split="train_prefs"), seed=0)
+
+
+def test_an_explicit_eval_file_with_no_usable_pair_is_an_error(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [hh_row("a", i) for i in range(6)])
+    bad = write_jsonl(tmp_path / "e.jsonl", [{"chosen": "no turns", "rejected": "here"}])
+    with pytest.raises(DataError, match=r"no usable eval pairs in data.eval_path \(dropped: 1 rows: no"):
+        load_pairs(data_cfg(path=str(train), eval_path=str(bad)), seed=0)
+
+
+def test_mixture_sources_are_validated_and_counted_after_the_cap(tmp_path):
+    from conftest import make_config
+
+    from dpo_cli.config import validate
+
+    hh_file = write_jsonl(tmp_path / "hh.jsonl", [hh_row("a", i) for i in range(10)])
+    base = ["data=mix", "+data@data.mixture.hh=hh", f"data.mixture.hh.path={hh_file}", "data.mixture.hh.eval_holdout=2"]
+    with pytest.raises(ConfigError) as e:
+        validate(make_config([*base, "data.mixture.hh.max_eval_pairs=-3"]))
+    assert any("data.mixture.hh.max_eval_pairs=-3 must be > 0" in p for p in e.value.problems)
+    with pytest.raises(ConfigError, match="data.mixture.hh"):
+        validate(make_config([*base, "data.mixture.hh.max_train_pairs=abc"]))
+    got = load_pairs(make_config([*base, "data.max_train_pairs=3"]).data, seed=0)
+    assert len(got.train) == 3 and got.sources == {"hh": (3, 2)}
+
+
+def test_pairs_dropped_as_identical_when_read_count_towards_the_refusal(tmp_path):
+    """8 of 10 conversational pairs have identical responses: dropped while reading, and the
+    run is refused as mostly degenerate, as the same pairs as text would be."""
+    from dpo_cli.data.prepare import prepare
+    from dpo_cli.modeling import byte_tokenizer
+
+    def row(i, same):
+        user = [{"role": "user", "content": f"q{i}"}]
+        return {
+            "chosen": user + [{"role": "assistant", "content": "a"}],
+            "rejected": user + [{"role": "assistant", "content": "a" if same else "b"}],
+        }
+
+    path = write_jsonl(tmp_path / "c.jsonl", [row(i, i < 8) for i in range(10)])
+    tok = byte_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    with pytest.raises(DataError, match=r"8 of 10 training pairs dropped \(identical"):
+        prepare(data_cfg(format="pairs", path=str(path), eval_holdout=0), tok, seed=0)
+
+
+def test_an_unwritable_cache_is_a_warning_not_a_failure(tmp_path, caplog):
+    from dpo_cli.data.prepare import prepare
+    from dpo_cli.modeling import byte_tokenizer
+
+    path = write_jsonl(tmp_path / "h.jsonl", [hh_row("a", i) for i in range(6)])
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    got = prepare(data_cfg(path=str(path), cache_dir=str(blocker / "sub")), byte_tokenizer(), seed=0)
+    assert len(got.train) == 3 and "could not write the tokenization cache" in caplog.text
+
+
+def test_report_percentiles_are_nearest_rank_and_the_truncated_share_is_at_most_all():
+    from dpo_cli.data.summary import _percentiles
+
+    assert _percentiles([1, 100]) == "p50=1 p90=100 p99=100 max=100"
+    assert _percentiles(list(range(1, 11))) == "p50=5 p90=9 p99=10 max=10"

@@ -17,6 +17,7 @@ from typing import Any
 
 from dpo_cli.data import hh, kto, pairs, shp, synthetic, tldr, ultrafeedback
 from dpo_cli.data.fields import RowError
+from dpo_cli.data.sources import has_split
 from dpo_cli.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ FORMATS: dict[str, Callable[[dict], Pair | str] | None] = {
 # Formats whose examples are unpaired completions with a desirable/undesirable label: only
 # losses that do not need pairs (KTO, SFT) train on them.
 UNPAIRED_FORMATS = frozenset({"kto"})
+# Settings a mixture applies to all its sources (tokenization happens once, on the mixed pairs).
+MIX_WIDE = ("max_length", "max_prompt_length", "truncation_mode", "chat_template", "cache_dir")
 
 
 @dataclass
@@ -61,7 +64,7 @@ def _read_rows(
     from dpo_cli.hub import hub_reachable, offline_mode
 
     if path is not None:
-        origins = read_rows_with_origin(path, what)
+        origins = read_rows_with_origin(path, what, split)
         return [o.row for o in origins], [o.where() for o in origins]
     import datasets
 
@@ -118,7 +121,7 @@ def _load_rows(data: Any, seed: int) -> tuple[list[Pair], list[Pair], dict[str, 
     reads rows."""
     normalize = FORMATS[data.format]
     assert normalize is not None
-    columns = dict(data.get("columns") or {})
+    columns = {k: v for k, v in dict(data.get("columns") or {}).items() if v is not None}
     hub = {"name": data.get("hub_config"), "data_dir": data.get("hub_data_dir")}
     hub = {k: v for k, v in hub.items() if v is not None}
     source = _read_rows(data.path, data.hub_id, data.train_split, "data.path", hub)
@@ -128,12 +131,21 @@ def _load_rows(data: Any, seed: int) -> tuple[list[Pair], list[Pair], dict[str, 
     train = _finalize(data, train, dropped_train)
     dropped = {"train": dropped_train}
     rows = {"train": len(source[0])}
-    if data.eval_path is not None or (data.path is None and data.eval_split is not None):
-        source = _read_rows(data.eval_path, data.hub_id, data.eval_split or "test", "data.eval_path", hub)
-        where = "data.eval_path" if data.eval_path else f"dataset {data.hub_id!r}"
+    # Eval rows: data.eval_path; else the eval split of the hub dataset or of a directory whose
+    # files are named by split; else a seeded hold-out of the training pairs.
+    split_dir = data.path is not None and data.eval_split is not None and has_split(data.path, data.eval_split)
+    if data.eval_path is not None or (data.path is None and data.eval_split is not None) or split_dir:
+        eval_path, key = (data.eval_path, "data.eval_path") if data.eval_path is not None else (data.path, "data.path")
+        source = _read_rows(eval_path, data.hub_id, data.eval_split or "test", key, hub)
+        where = key if eval_path else f"dataset {data.hub_id!r}"
         evals, dropped["eval"] = _normalize(source, normalize, columns, where)
         evals = _finalize(data, evals, dropped["eval"])
         rows["eval"] = len(source[0])
+        if not evals:  # asked for explicitly, so an empty one is a mistake, not "no evaluation"
+            raise DataError(
+                f"no usable eval pairs in {where} (dropped: {_describe(dropped['eval'])}); fix the eval data, "
+                "or set data.eval_path=null and data.eval_holdout=N to hold pairs out of training"
+            )
     else:
         random.Random(seed).shuffle(train)
         holdout = data.eval_holdout  # a count, or below 1 a share of the pairs
@@ -189,16 +201,35 @@ def _load_mixture(data: Any, seed: int) -> Pairs:
     then data.weights[name] (default 1.0) of its training pairs kept (a seeded sample), as
     alignment-handbook's dataset mixer weights them; eval pairs are kept whole. Counts are
     reported per source."""
+    from dpo_cli.config import source_config
+
     weights = dict(data.get("weights") or {})
     out = Pairs(train=[], eval=[])
-    for i, (name, source) in enumerate(data.mixture.items()):
+    origin: dict[int, str] = {}  # id(pair) -> source, to count each source after the caps
+    for i, (name, raw) in enumerate(data.mixture.items()):
+        source = source_config(raw)
+        ignored = [k for k in MIX_WIDE if source.get(k) != data.get(k)]
+        if ignored:
+            log.warning(
+                "data.mixture.%s sets %s; the mixture's own data.%s apply to every source",
+                name,
+                ", ".join(f"{k}={source.get(k)}" for k in ignored),
+                ", data.".join(ignored),
+            )
         part = load_pairs(source, seed + i)
         train = _cap(part.train, max(1, round(weights.get(name, 1.0) * len(part.train))), seed + i)
         out.train += train
         out.eval += part.eval
+        origin.update({id(p): name for p in train + part.eval})
         out.dropped.update({f"{name}/{split}": d for split, d in part.dropped.items()})
         out.rows.update({f"{name}/{split}": n for split, n in part.rows.items()})
-        out.sources[name] = (len(train), len(part.eval))
+    out.train = _cap(out.train, data.max_train_pairs, seed)
+    out.eval = _cap(out.eval, data.max_eval_pairs, seed + 1)
+    for name in data.mixture:
+        out.sources[name] = (
+            sum(origin[id(p)] == name for p in out.train),
+            sum(origin[id(p)] == name for p in out.eval),
+        )
     return out
 
 
@@ -212,10 +243,7 @@ def load_pairs(data: Any, seed: int) -> Pairs:
     with a seeded random sample.
     """
     if data.format == "mix":
-        mixed = _load_mixture(data, seed)
-        mixed.train = _cap(mixed.train, data.max_train_pairs, seed)
-        mixed.eval = _cap(mixed.eval, data.max_eval_pairs, seed + 1)
-        return mixed
+        return _load_mixture(data, seed)
     sample: list[dict] = []
     rows: dict[str, int] = {}
     if data.format == "synthetic":

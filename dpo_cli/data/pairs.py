@@ -102,5 +102,7 @@ def normalize(row: dict) -> dict[str, Any] | str:
         if prompt is None:
             return split_implicit(chosen, rejected)
         same_kind("prompt", prompt, "chosen", chosen)
+        if not chosen.strip() or not rejected.strip():
+            return EMPTY_RESPONSE
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     return split_messages(chosen, rejected, prompt)  # a text prompt is the user's turn

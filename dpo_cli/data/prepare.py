@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ class Prepared:
     eval_stats: TruncationStats
     unit: str  # "pairs", or "examples" for unpaired data
     cached: bool = False  # the token ids came from the cache
+    n_train: int = 0  # normalized training pairs, before rendering and tokenizing
 
 
 def _tokenize(pairs: list[Pair], tokenizer: Any, lengths: dict[str, Any], what: str) -> tuple[list, TruncationStats]:
@@ -71,9 +73,17 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def _cache_key(pairs: Pairs, tokenizer: Any, lengths: dict[str, Any]) -> str:
+def _code_version() -> str:
+    """A hash of the modules that decide token ids, so that changing them misses old caches."""
+    from dpo_cli.data import tokenize
+
+    return hashlib.sha256(Path(tokenize.__file__).read_bytes() + Path(chat.__file__).read_bytes()).hexdigest()[:16]
+
+
+def _cache_key(pairs: Pairs, template: str | None, tokenizer: Any, lengths: dict[str, Any]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([CACHE_VERSION, lengths, tokenizer_fingerprint(tokenizer)]).encode())
+    fingerprint = [CACHE_VERSION, _code_version(), lengths, tokenizer_fingerprint(tokenizer), template]
+    h.update(json.dumps(fingerprint).encode())
     for split in (pairs.train, pairs.eval):
         for pair in split:
             h.update(json.dumps(pair, sort_keys=True, ensure_ascii=False).encode())
@@ -129,44 +139,71 @@ def _load_cached(path: Path) -> tuple[list, list, TruncationStats, TruncationSta
 
 
 def _save_cached(path: Path, train: list, evals: list, ts: TruncationStats, es: TruncationStats) -> None:
+    """Write the cache; a cache that cannot be written (read-only home on a cluster) only costs
+    the next run its tokenization, so it is a warning, not a failure."""
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
     stats = {"train_stats": dataclasses.asdict(ts), "eval_stats": dataclasses.asdict(es)}
-    torch.save({"train": _pack(train), "eval": _pack(evals), **stats}, tmp)
-    tmp.replace(path)  # atomic: another process never reads half a file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"train": _pack(train), "eval": _pack(evals), **stats}, f)
+        os.replace(tmp, path)  # atomic: another process never reads half a file
+    except OSError as e:
+        log.warning(
+            "could not write the tokenization cache %s (%s); set data.cache_dir to a writable directory", path, e
+        )
 
 
-def prepare(data: Any, tokenizer: Any, seed: int, check: bool = True) -> Prepared:
-    """Read, normalize and tokenize `data` (the config's data section). With `check`, refuse
-    data that is mostly degenerate (identical responses, before or after truncation), which
-    would train at a constant loss; the preflight reports it instead."""
+def _degenerate_when_read(pairs: Pairs) -> dict[str, int]:
+    """Rows a format already dropped as identical (conversations, TL;DR summaries, SHP comments):
+    they count towards refusing mostly degenerate data like pairs found identical later."""
+    return {reason: n for reason, n in pairs.dropped.get("train", {}).items() if "identical" in reason}
+
+
+def prepare(data: Any, tokenizer: Any, seed: int, check: bool = True, need_text: bool = False) -> Prepared:
+    """Read, normalize, render (chat templates) and tokenize `data` (the config's data section).
+
+    With `check`, refuse data that is mostly degenerate (identical responses, before or after
+    truncation), which would train at a constant loss; the preflight reports it instead. On a
+    cache hit, rendering is skipped too unless `need_text` (an export of the rendered text).
+    """
     pairs = load_pairs(data, seed)
     n_train = len(pairs.train)
-    # Conversational pairs become text with the chat template; a pair whose templated prompt
-    # is not a prefix of its templated conversation is dropped (and counted) here.
     template = chat.load_template(data.chat_template) if data.get("chat_template") else None
-    pairs.train, dropped_train = chat.render(pairs.train, tokenizer, template)
-    pairs.eval, dropped_eval = chat.render(pairs.eval, tokenizer, template)
     lengths = dict(
         max_length=data.max_length, max_prompt_length=data.max_prompt_length, truncation_mode=data.truncation_mode
     )
     cache_dir = data.get("cache_dir")
-    path = Path(cache_dir).expanduser() / f"{_cache_key(pairs, tokenizer, lengths)}.pt" if cache_dir else None
+    key = _cache_key(pairs, template, tokenizer, lengths) if cache_dir else ""
+    path = Path(cache_dir).expanduser() / f"{key}.pt" if cache_dir else None
     cached = _load_cached(path) if path is not None and path.is_file() else None
+    if cached is None or need_text:
+        # Conversational pairs become text with the chat template; a pair whose templated
+        # prompt is not a prefix of its templated conversation is dropped (and counted) here.
+        pairs.train, dropped_train = chat.render(pairs.train, tokenizer, template)
+        pairs.eval, dropped_eval = chat.render(pairs.eval, tokenizer, template)
     if cached is not None:
         train, evals, train_stats, eval_stats = cached
         log.info("tokenized data from the cache: %s", path)
     else:
         train, train_stats = _tokenize(pairs.train, tokenizer, lengths, "train")
         evals, eval_stats = _tokenize(pairs.eval, tokenizer, lengths, "eval")
+        for stats, dropped in ((train_stats, dropped_train), (eval_stats, dropped_eval)):
+            for reason, n in dropped.items():
+                stats.dropped[reason] = stats.dropped.get(reason, 0) + n
         if path is not None:
             _save_cached(path, train, evals, train_stats, eval_stats)
-    for stats, dropped in ((train_stats, dropped_train), (eval_stats, dropped_eval)):
-        for reason, n in dropped.items():
-            stats.dropped[reason] = stats.dropped.get(reason, 0) + n
     unit = "examples" if unpaired_data(data) else "pairs"
+    prepared = Prepared(pairs, train, evals, train_stats, eval_stats, unit, cached is not None, n_train)
     if check:
-        check_kept(n_train, train_stats, f"training {unit}")
-    return Prepared(pairs, train, evals, train_stats, eval_stats, unit, cached is not None)
+        check_prepared(prepared)
+    return prepared
+
+
+def check_prepared(p: Prepared) -> None:
+    """Refuse data that is mostly degenerate, counting pairs dropped as identical when read."""
+    read = _degenerate_when_read(p.pairs)
+    combined = dataclasses.replace(p.train_stats, dropped={**p.train_stats.dropped, **read})
+    check_kept(p.n_train + sum(read.values()), combined, f"training {p.unit}")

@@ -16,6 +16,7 @@ import gzip
 import io
 import json
 import os
+import re
 import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -48,21 +49,24 @@ class Origin(NamedTuple):
         return f"{self.file!r} {unit} {self.number}"
 
 
-def read_rows(path: str, what: str) -> list[dict[str, Any]]:
+def read_rows(path: str, what: str, split: str | None = None) -> list[dict[str, Any]]:
     """The rows of a file or directory, in (file, line) order; `what` is the config key to name."""
-    return [origin.row for origin in read_rows_with_origin(path, what)]
+    return [origin.row for origin in read_rows_with_origin(path, what, split)]
 
 
-def read_rows_with_origin(path: str, what: str) -> list[Origin]:
+def read_rows_with_origin(path: str, what: str, split: str | None = None) -> list[Origin]:
     """The rows of a file or directory with their (file, number), in (file, line) order.
 
     `file` is the path as the user wrote it (joined with the name for a directory's files), so
     messages built from it match the config. A directory is read non-recursively in name order,
-    skipping hidden and unsupported files (READMEs, `.gitattributes` beside data shards).
+    skipping hidden and unsupported files (READMEs, `.gitattributes` beside data shards); when
+    its files are named by split (`train-0000.parquet`, `test_prefs.jsonl.gz`, as hub repos
+    name them), only those of `split` are read.
     """
     expanded = os.path.expanduser(path)
     if os.path.isdir(expanded):
-        files = [(os.path.join(path, name), os.path.join(expanded, name)) for name in _data_files(expanded, path, what)]
+        names = _split_files(_data_files(expanded, path, what), split, path, what)
+        files = [(os.path.join(path, name), os.path.join(expanded, name)) for name in names]
     elif os.path.isfile(expanded):
         files = [(path, expanded)]
     else:
@@ -97,6 +101,37 @@ def _data_files(directory: str, path: str, what: str) -> list[str]:
             f"in it (it holds: {held or 'nothing'}); put the data files there or point {what} at one file"
         )
     return files
+
+
+SPLIT_WORDS = ("train", "test", "validation", "valid", "eval", "dev")
+
+
+def _split_of(name: str) -> str:
+    """The split a shard's name starts with ('train_prefs-0000.parquet' -> 'train_prefs'), or ''."""
+    stem = re.split(r"[-.]", name, maxsplit=1)[0]
+    return stem if stem.split("_")[0].lower() in SPLIT_WORDS else ""
+
+
+def has_split(path: str, split: str) -> bool:
+    """Whether `path` is a directory holding files of `split` (named by split)."""
+    expanded = os.path.expanduser(path)
+    if not os.path.isdir(expanded):
+        return False
+    return any(_split_of(n) == split for n in os.listdir(expanded) if _supported(n))
+
+
+def _split_files(files: list[str], split: str | None, path: str, what: str) -> list[str]:
+    """A directory's files of `split` when its files are named by split; else all of them."""
+    splits = {_split_of(n) for n in files}
+    if split is None or splits == {""}:
+        return files
+    chosen = [n for n in files if _split_of(n) == split]
+    if not chosen:
+        raise DataError(
+            f"{what}={path!r} holds files of the splits {', '.join(sorted(s for s in splits if s))} but none of "
+            f"{split!r}; set data.train_split / data.eval_split to one of them, or point {what} at one file"
+        )
+    return chosen
 
 
 def _read_file(real: str, where: str) -> list[tuple[int, dict[str, Any]]]:

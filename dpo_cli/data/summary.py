@@ -4,11 +4,13 @@ the export of the normalized pairs."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from dpo_cli.data.prepare import Prepared
 from dpo_cli.data.tokenize import Tokenized
+from dpo_cli.errors import DataError
 
 PERCENTILES = (50, 90, 99, 100)
 
@@ -17,7 +19,8 @@ def _percentiles(values: list[int]) -> str:
     if not values:
         return "-"
     ordered = sorted(values)
-    picks = [ordered[min(len(ordered) - 1, (p * len(ordered)) // 100)] for p in PERCENTILES]
+    # Nearest rank: the smallest value with at least p% of the values at or below it.
+    picks = [ordered[max(0, math.ceil(p * len(ordered) / 100) - 1)] for p in PERCENTILES]
     return " ".join(f"p{p}={v}" for p, v in zip(PERCENTILES, picks, strict=True)).replace("p100", "max")
 
 
@@ -43,7 +46,7 @@ def report(data: Prepared, tokenizer: Any, batch_size: int, n_examples: int = 3)
     truncated share, tokens and steps per epoch, and a few examples with their boundaries."""
     train = data.train
     rows = data.pairs.rows
-    kept = len(data.pairs.train) + len(data.pairs.eval)
+    kept = data.n_train + len(data.pairs.eval)
     lines = [
         f"rows read: {', '.join(f'{k} {v}' for k, v in rows.items()) or 'generated'}; "
         f"{data.unit} kept: {len(train)} train, {len(data.eval)} eval (of {kept} normalized)",
@@ -61,8 +64,8 @@ def report(data: Prepared, tokenizer: Any, batch_size: int, n_examples: int = 3)
     for name in names:
         lengths = [len(ids) for e in train for n, ids in _responses(e) if n == name]
         lines.append(f"{name} tokens: {_percentiles(lengths)}")
-    n = max(len(train), 1)
     s = data.train_stats
+    n = max(len(train) + sum(s.dropped.values()), 1)  # the pairs given to the tokenizer
     lines.append(
         f"truncated: prompts {s.prompts} ({100 * s.prompts / n:.1f}%), responses {s.responses} "
         f"({100 * s.responses / n:.1f}%); responses tokenized apart from their prompt: {s.boundary_fallbacks}"
@@ -70,7 +73,7 @@ def report(data: Prepared, tokenizer: Any, batch_size: int, n_examples: int = 3)
     tokens = sum(len(e["prompt_ids"]) + len(ids) for e in train for _, ids in _responses(e))
     steps = len(train) // batch_size
     lines.append(
-        f"per epoch: {tokens} tokens (prompt + response, every sequence), {steps} optimizer steps "
+        f"training data: {tokens} tokens (prompt + response, every sequence); per epoch {steps} optimizer steps "
         f"of {batch_size} {data.unit} (train.batch_size)"
     )
     lines.append("token ids: " + ("from the tokenization cache" if data.cached else "tokenized now"))
@@ -83,8 +86,12 @@ def export(data: Prepared, path: str) -> Path:
     """Write the normalized training and eval pairs (the text that is then tokenized) as JSONL:
     {"split", "prompt", "chosen", "rejected"} (or "completion", "label" for unpaired data)."""
     out = Path(path).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w") as f:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        f = out.open("w")
+    except OSError as e:
+        raise DataError(f"inspect.export={path!r} cannot be written ({e.strerror}); choose another file") from None
+    with f:
         for split, pairs in (("train", data.pairs.train), ("eval", data.pairs.eval)):
             for pair in pairs:
                 text = {k: v for k, v in pair.items() if k != "templated"}
