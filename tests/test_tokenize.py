@@ -281,3 +281,35 @@ def test_check_kept_accepts_at_most_half_dropped():
     check_kept(0, TruncationStats(), "eval pairs")
     with pytest.raises(DataError):
         check_kept(1, TruncationStats(dropped={IDENTICAL: 1}), "training pairs")
+
+
+def test_a_real_sentencepiece_model_on_the_legacy_path_gets_no_stray_token(tmp_path):
+    """A SentencePiece model trained in the test and loaded as a Llama-2 style tokenizer
+    (legacy=True): tokenized alone, "13" becomes ["▁", "13"]; after "2+11=" the model sees only
+    "13". tokenize_pairs must give the latter."""
+    spm = pytest.importorskip("sentencepiece")
+    import io
+    import json
+
+    from transformers import AutoTokenizer
+
+    lines = ["Human: what is two plus eleven? Assistant: thirteen", "the answer is 13 and 2+11=13"]
+    lines = (lines + ["Hello world, this is a test of the tokenizer."]) * 50
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=60, model_type="bpe", minloglevel=2
+    )
+    (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+    config = {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True, "add_eos_token": False}
+    config.update(bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    alone = tok("13", add_special_tokens=False)["input_ids"]
+    whole = tok("2+11=13")["input_ids"]
+    prompt = tok("2+11=")["input_ids"]
+    assert whole[: len(prompt)] == prompt
+    assert alone != whole[len(prompt) :], "tokenized alone, the response starts with a piece never seen in context"
+    assert tok.convert_ids_to_tokens(alone)[0] == "▁"
+    (pair,), _ = tokenize_pairs([{"prompt": "2+11=", "chosen": "13", "rejected": "12"}], tok, 64, 32)
+    assert pair["prompt_ids"] == prompt
+    assert pair["chosen_ids"] == whole[len(prompt) :] + [tok.eos_token_id]
