@@ -149,6 +149,7 @@ def _save_cached(path: Path, train: list, evals: list, ts: TruncationStats, es: 
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save({"train": _pack(train), "eval": _pack(evals), **stats}, f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is for every run that can read it
         os.replace(tmp, path)  # atomic: another process never reads half a file
     except OSError as e:
         log.warning(
