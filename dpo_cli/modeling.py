@@ -87,6 +87,13 @@ def load_tokenizer(model: Any) -> Any:
     return tokenizer
 
 
+def _pretrained_kwargs(model: Any) -> dict[str, Any]:
+    """from_pretrained kwargs shared by a pretrained model's config and weights (the config
+    section `model`), after checking where they can come from (`_source_kwargs`)."""
+    source = _source_kwargs(model.name_or_path, model.revision, model.gguf_file or "config.json", "model.name_or_path")
+    return dict(revision=model.revision, gguf_file=model.gguf_file, trust_remote_code=model.trust_remote_code, **source)
+
+
 def load_model(model: Any, tokenizer: Any, seed: int) -> torch.nn.Module:
     """The policy: pretrained weights (model.name_or_path), or model.random_init's architecture
     initialised from `seed`, with vocab_size and special token ids taken from the tokenizer."""
@@ -107,16 +114,9 @@ def load_model(model: Any, tokenizer: Any, seed: int) -> torch.nn.Module:
         policy = AutoModelForCausalLM.from_config(config, attn_implementation=model.attn_implementation).to(dtype)
     else:
         name = model.name_or_path
-        kwargs = _source_kwargs(name, model.revision, model.gguf_file or "config.json", "model.name_or_path")
         try:
             policy = AutoModelForCausalLM.from_pretrained(
-                name,
-                revision=model.revision,
-                gguf_file=model.gguf_file,
-                dtype=dtype,
-                attn_implementation=model.attn_implementation,
-                trust_remote_code=model.trust_remote_code,
-                **kwargs,
+                name, dtype=dtype, attn_implementation=model.attn_implementation, **_pretrained_kwargs(model)
             )
         except (OSError, ValueError, ImportError) as e:
             raise ModelLoadError(f"could not load model {name!r}: {e}") from None
@@ -162,15 +162,8 @@ def check_max_length(model: Any, max_length: int) -> None:
     if model.name_or_path is None:
         return  # random_init: checked in config.validate
     name = model.name_or_path
-    kwargs = _source_kwargs(name, model.revision, model.gguf_file or "config.json", "model.name_or_path")
     try:
-        config = AutoConfig.from_pretrained(
-            name,
-            revision=model.revision,
-            gguf_file=model.gguf_file,
-            trust_remote_code=model.trust_remote_code,
-            **kwargs,
-        )
+        config = AutoConfig.from_pretrained(name, **_pretrained_kwargs(model))
     except (OSError, ValueError, ImportError) as e:
         raise ModelLoadError(f"could not load the config of model {name!r}: {e}") from None
     limit = max_positions(config)
