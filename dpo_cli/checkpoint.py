@@ -99,6 +99,8 @@ RESUMABLE_CHANGES = (
     "logger.progress",
     "logger.wandb",
     "data.cache_dir",  # where tokenized data is cached, not what it is
+    "reference.cache_dir",  # where reference log-probs are cached, not what they are
+    "export",  # what final/ holds, written after the last step
     "inspect",
 )
 

@@ -26,9 +26,18 @@ from dpo_cli.errors import ConfigError
 MODES = ("train", "inspect")  # eval comes later
 PRECISIONS = ("no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
+MODEL_DTYPES = (*DTYPES, "auto")  # auto: the dtype the checkpoint's config names
 WANDB_MODES = ("online", "offline", "disabled")
 TRUNCATION_MODES = ("keep_end", "keep_start")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+
+
+@dataclass
+class LoraConfig:
+    r: Optional[int] = None  # null = full fine-tuning
+    alpha: float = 16
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"  # peft's names: "all-linear" or a list of module names
 
 
 @dataclass
@@ -39,10 +48,26 @@ class ModelConfig:
     tokenizer: Optional[str] = None
     random_init: Optional[dict[str, Any]] = None
     dtype: str = "float32"
-    attn_implementation: Optional[str] = None
+    attn_implementation: Optional[str] = "sdpa"
     trust_remote_code: bool = False
     disable_dropout: bool = True
     gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class ReferenceConfig:
+    name_or_path: Optional[str] = None  # null = the initial policy (or the base model under LoRA)
+    revision: Optional[str] = None
+    gguf_file: Optional[str] = None
+    dtype: Optional[str] = None  # null = model.dtype
+    precompute: bool = False
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class ExportConfig:
+    merge_lora: bool = False
 
 
 @dataclass
@@ -151,6 +176,8 @@ class Config:
     mode: str = "train"
     inspect: InspectConfig = field(default_factory=InspectConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     data: DataConfig = field(default_factory=DataConfig)
     # Loss and optimizer are `_target_` nodes whose keys depend on the target class, so their
     # keys are checked against the target's signature in `validate` rather than by a schema.
@@ -297,10 +324,11 @@ def _loss_class(node: Any) -> Any:
         return None
 
 
-def _check_loss(problems: list[str], node: Any, unpaired: bool, micro_batch_size: int) -> None:
+def _check_loss(problems: list[str], node: Any, unpaired: bool, micro_batch_size: int) -> dict[str, Any]:
     """The loss (each term of a combination on its own, so that a problem names its term's
     key), then what it needs of the data: pairs, and two examples per micro batch for KTO.
-    A loss that does not build still has its data needs checked, from its class."""
+    A loss that does not build still has its data needs checked, from its class. Returns the
+    terms (objects, or classes for terms that did not build) by name."""
     from dpo_cli.logprobs import KL_ROWS
     from dpo_cli.losses.combination import check_weights
 
@@ -330,6 +358,7 @@ def _check_loss(problems: list[str], node: Any, unpaired: bool, micro_batch_size
             f"train.micro_batch_size={micro_batch_size}: KTO estimates its KL reference point from "
             "mismatched prompt/completion pairs of a micro batch, so it needs >= 2 examples per micro batch"
         )
+    return parts
 
 
 def _check_model(p: list[str], m: Any, max_length: Any) -> None:
@@ -342,7 +371,47 @@ def _check_model(p: list[str], m: Any, max_length: Any) -> None:
         p.extend(_check_random_init(m.random_init, max_length))
     if m.gguf_file is not None and m.name_or_path is None:
         p.append("model.gguf_file needs model.name_or_path (the directory or hub id holding the file)")
-    _choice(p, "model.dtype", m.dtype, DTYPES)
+    _choice(p, "model.dtype", m.dtype, MODEL_DTYPES)
+    _check_lora(p, m.lora)
+
+
+def _check_lora(p: list[str], lora: Any) -> None:
+    if lora.r is None:
+        return
+    _positive(p, "model.lora.r", lora.r)
+    _positive(p, "model.lora.alpha", lora.alpha)
+    if not 0 <= lora.dropout < 1:
+        p.append(f"model.lora.dropout={lora.dropout} must be in [0, 1)")
+    tm = lora.target_modules
+    if not (isinstance(tm, str) or (OmegaConf.is_list(tm) and len(tm) and all(isinstance(x, str) for x in tm))):
+        p.append(
+            f"model.lora.target_modules={tm!r} must be all-linear or a list of module names, "
+            "e.g. model.lora.target_modules=[q_proj,v_proj]"
+        )
+
+
+def _check_reference(p: list[str], cfg: DictConfig, needs_reference: bool, kl_rows: bool) -> None:
+    """The reference section against the loss: a reference-free loss loads none, so reference
+    settings would be ignored (said, not silently); KTO's KL rows mix examples per batch, so
+    their reference log-probs cannot be looked up per example."""
+    r = cfg.reference
+    if r.dtype is not None:
+        _choice(p, "reference.dtype", r.dtype, MODEL_DTYPES)
+    if r.gguf_file is not None and r.name_or_path is None:
+        p.append("reference.gguf_file needs reference.name_or_path (the directory or hub id holding the file)")
+    if r.precompute and kl_rows:
+        p.append(
+            "reference.precompute=true with a loss that uses KTO's KL rows: those rows pair prompts with other "
+            "examples' completions batch by batch, so their reference log-probs cannot be cached per example; "
+            "set reference.precompute=false (the reference model then runs live)"
+        )
+    if not needs_reference:
+        set_keys = [k for k in ("name_or_path", "precompute") if r[k] not in (None, False)]
+        if set_keys:
+            p.append(
+                f"reference.{set_keys[0]}={r[set_keys[0]]!r}, but no term of the loss needs a reference model "
+                "(reference-free loss); remove the reference settings"
+            )
 
 
 def _check_mixture(p: list[str], d: Any) -> None:
@@ -505,7 +574,13 @@ def validate(cfg: DictConfig) -> None:
     _check_model(p, cfg.model, cfg.data.max_length)
     _check_data(p, cfg.data)
     unpaired = unpaired_data(cfg.data)
-    _check_loss(p, cfg.loss, unpaired=unpaired, micro_batch_size=cfg.train.micro_batch_size)
+    terms = _check_loss(p, cfg.loss, unpaired=unpaired, micro_batch_size=cfg.train.micro_batch_size)
+    from dpo_cli.logprobs import KL_ROWS
+
+    needs_reference = any(getattr(t, "requires_reference", True) for t in terms.values()) or not terms
+    _check_reference(p, cfg, needs_reference, any(KL_ROWS in getattr(t, "needs", ()) for t in terms.values()))
+    if cfg.export.merge_lora and cfg.model.lora.r is None:
+        p.append("export.merge_lora=true needs LoRA (model.lora.r); a full fine-tune already exports the whole model")
     _check_optimization(p, cfg)
     _check_logger(p, cfg.logger, cfg.train.save_every)
     if p:

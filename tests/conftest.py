@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Tests (and the CLI runs they start) cache tokenized data in a directory of their own, never in
 # the user's ~/.cache: a stale cache there could hide a tokenization change.
 os.environ["DPO_CLI_CACHE_DIR"] = tempfile.mkdtemp(prefix="dpo-cli-test-cache-")
+os.environ["DPO_CLI_REFERENCE_CACHE_DIR"] = tempfile.mkdtemp(prefix="dpo-cli-test-refcache-")
 BIN = Path(sys.executable).parent
 
 QUIET = ["logger.wandb.mode=disabled", "logger.progress=false"]
