@@ -174,11 +174,45 @@ def load(accelerator: Any, path: Path) -> dict:
     return state
 
 
-def save_final(accelerator: Any, model: Any, tokenizer: Any, out_dir: Path) -> None:
-    """The trained policy in Hugging Face format, loadable with from_pretrained."""
+def save_final(accelerator: Any, model: Any, tokenizer: Any, out_dir: Path, merge_lora: bool = False) -> None:
+    """The trained policy in Hugging Face format, loadable with from_pretrained: the whole
+    model, or under LoRA the adapter (adapter_config.json + weights, for peft's
+    from_pretrained) and, with `merge_lora`, the merged model in out_dir/merged. An adapter
+    over a randomly initialised base also gets that base in out_dir/base, which its
+    adapter_config.json names, since no hub id or directory holds it. Call this last: merging
+    folds the adapter into the model's weights in place."""
     state_dict = accelerator.get_state_dict(model)  # gathers sharded weights; every process calls
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+        unwrapped = accelerator.unwrap_model(model)
+        adapter = hasattr(unwrapped, "peft_config")
+        if adapter:
+            _point_adapter_at_base(unwrapped, tokenizer, out_dir / "base")
+        unwrapped.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
-        log.info("saved final model to %s", out_dir)
+        log.info("saved final %s to %s", "LoRA adapter" if adapter else "model", out_dir)
+        if adapter and merge_lora:
+            merged = unwrapped.merge_and_unload()
+            merged.save_pretrained(out_dir / "merged", safe_serialization=True)
+            tokenizer.save_pretrained(out_dir / "merged")
+            log.info("saved the merged model (base + adapter) to %s", out_dir / "merged")
     accelerator.wait_for_everyone()
+
+
+def _point_adapter_at_base(peft_model: Any, tokenizer: Any, base_dir: Path) -> None:
+    """Make the adapter's base_model_name_or_path loadable from anywhere: a local directory
+    becomes absolute; a random-init base (no name) is saved to `base_dir` and named."""
+    import os
+
+    config = peft_model.peft_config["default"]
+    name = config.base_model_name_or_path
+    if name is not None:
+        if os.path.isdir(os.path.expanduser(name)):
+            config.base_model_name_or_path = str(Path(name).expanduser().resolve())
+        return
+    # The base weights without the adapter layers: peft keeps each wrapped layer's own weight
+    # as `<layer>.base_layer.<param>`.
+    base = peft_model.get_base_model()
+    state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+    base.save_pretrained(base_dir, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(base_dir)
+    config.base_model_name_or_path = str(base_dir.resolve())

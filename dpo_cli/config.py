@@ -397,6 +397,11 @@ def _check_reference(p: list[str], cfg: DictConfig, needs_reference: bool, kl_ro
     r = cfg.reference
     if r.dtype is not None:
         _choice(p, "reference.dtype", r.dtype, MODEL_DTYPES)
+    if r.dtype not in (None, cfg.model.dtype) and r.name_or_path is None and cfg.model.lora.r is not None:
+        p.append(
+            f"reference.dtype={r.dtype} with LoRA: the reference is the policy's own base weights (adapter "
+            "disabled), which are in model.dtype; remove reference.dtype, or set reference.name_or_path"
+        )
     if r.gguf_file is not None and r.name_or_path is None:
         p.append("reference.gguf_file needs reference.name_or_path (the directory or hub id holding the file)")
     if r.precompute and kl_rows:

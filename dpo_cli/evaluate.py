@@ -112,9 +112,12 @@ class Averages:
         self.parts = {}
 
 
-def make_batch(examples: list[Tokenized], pad_id: int, loss_fn: Loss, device: Any) -> dict[str, torch.Tensor]:
-    """collate() for this loss (with KL rows when it needs them), moved to `device`."""
-    batch = collate(examples, pad_id, kl=KL_ROWS in loss_fn.needs)
+def make_batch(
+    dataset: list[Tokenized], indices: list[int], pad_id: int, loss_fn: Loss, device: Any
+) -> dict[str, torch.Tensor]:
+    """collate() of `dataset[i] for i in indices` for this loss (with KL rows when it needs
+    them), carrying the dataset indices, moved to `device`."""
+    batch = collate([dataset[i] for i in indices], pad_id, kl=KL_ROWS in loss_fn.needs, index=list(indices))
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -144,7 +147,7 @@ def evaluate(
     # the reduce: it scores one example with weight 0.
     scale = 1 if batches else 0
     for idx in batches or [[0] * min(2, len(examples))]:
-        batch = make_batch([examples[i] for i in idx], pad_id, loss_fn, accelerator.device)
+        batch = make_batch(examples, idx, pad_id, loss_fn, accelerator.device)
         with accelerator.autocast():
             _, parts = batch_loss(policy, reference, loss_fn, batch)
         sums.add(parts, scale)

@@ -1,43 +1,189 @@
-"""The reference model's log-probs.
+"""The reference: where a run's reference log-probs come from.
 
-Today the reference is a frozen copy of the policy taken before training starts, or nothing
-when no loss term needs one. Other sources (a LoRA adapter switched off, a precomputed cache)
-fit behind the same call: `reference(batch, extras) -> SequenceLogps`.
+Every source answers the same call, `reference(batch, extras) -> SequenceLogps`, so the loop
+and the losses never ask which one they have (DESIGN.md, "The reference is a source"):
+
+- `ModelReference`: a frozen model. By default a copy of the initial policy; with
+  `reference.name_or_path` a separately loaded model (e.g. the SFT model), in
+  `reference.dtype`.
+- `AdapterReference`: under LoRA, the policy itself with its adapter switched off for the
+  forward: the base weights are the reference, so no second copy exists.
+- `PrecomputedReference`: a table of log-probs per example, computed once before training
+  (`reference.precompute`, see `refcache`) and looked up by the batch's `index`.
+- None, when no loss term needs a reference.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
+import logging
+from contextlib import nullcontext
+from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
-from dpo_cli.logprobs import SequenceLogps, batch_logps
+from dpo_cli.errors import ModelLoadError
+from dpo_cli.logprobs import CHOSEN, REJECTED, SHARED, SequenceLogps, batch_logps
+
+log = logging.getLogger(__name__)
 
 
-class FrozenReference:
-    """A frozen copy of a model: eval mode (no dropout), no gradients, no optimizer state."""
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    model.requires_grad_(False)
+    return model.eval()
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = copy.deepcopy(model)
-        self.model.requires_grad_(False)
-        self.model.eval()
 
-    def to(self, device: torch.device) -> FrozenReference:
-        self.model.to(device)
-        return self
+class ModelReference:
+    """A frozen model of its own: eval mode (no dropout), no gradients, no optimizer state."""
+
+    def __init__(self, model: torch.nn.Module, what: str):
+        self.model = _frozen(model)
+        self.what = what
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
     def describe(self) -> str:
-        return f"frozen copy of the initial policy ({self.num_parameters() / 1e6:.2f}M parameters)"
+        return f"{self.what} ({self.num_parameters() / 1e6:.2f}M parameters, {next(self.model.parameters()).dtype})"
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, torch.Tensor], extras: frozenset[str] = frozenset()) -> SequenceLogps:
         return batch_logps(self.model, batch, extras).logps
 
 
-def build_reference(requires_reference: bool, policy: torch.nn.Module) -> FrozenReference | None:
-    """The reference for a run: a frozen copy of `policy` when the loss needs one, else None,
-    so that reference-free runs hold one model in memory, not two."""
-    return FrozenReference(policy) if requires_reference else None
+class AdapterReference:
+    """The policy module itself, run in eval mode without gradients: under LoRA with the
+    adapter switched off (the base weights are the reference, so no second copy exists); and,
+    before any update, as the initial policy when precomputing reference log-probs."""
+
+    def __init__(self, model: torch.nn.Module, adapter_off: bool = True):
+        self.model = model
+        self.adapter_off = adapter_off
+
+    def describe(self) -> str:
+        if self.adapter_off:
+            return "the base model with the LoRA adapter disabled (no second copy)"
+        return "the initial policy"
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, torch.Tensor], extras: frozenset[str] = frozenset()) -> SequenceLogps:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter() if self.adapter_off else nullcontext():
+                return batch_logps(self.model, batch, extras).logps
+        finally:
+            self.model.train(was_training)
+
+
+class PrecomputedReference:
+    """Reference log-probs looked up per example: `table` holds (n, 2) float32 tensors
+    `logps`, `tokens` and `shared`, column 0 for an example's CHOSEN sequence and column 1 for
+    its REJECTED one (an unpaired example fills the column of its role)."""
+
+    def __init__(self, table: dict[str, torch.Tensor], what: str):
+        self.table = table
+        self.what = what
+
+    def describe(self) -> str:
+        return self.what
+
+    def __call__(self, batch: dict[str, torch.Tensor], extras: frozenset[str] = frozenset()) -> SequenceLogps:
+        role, index = batch["role"], batch["index"]
+        device = index.device
+        if self.table["logps"].device != device:
+            self.table = {k: v.to(device) for k, v in self.table.items()}
+        rows = {CHOSEN: index[role == CHOSEN], REJECTED: index[role == REJECTED]}
+
+        def look(name: str, which: int) -> torch.Tensor:
+            return self.table[name][rows[which], which]
+
+        # The response lengths the table was computed on must be this batch's: anything else
+        # means the table belongs to other data, and its values would be silently wrong.
+        labels = batch["labels"][role != 2]  # non-KL rows, in row order
+        tokens = (labels[:, 1:] != -100).sum(-1).float()
+        expected = torch.cat([look("tokens", CHOSEN), look("tokens", REJECTED)])
+        order = torch.cat([torch.nonzero(role[role != 2] == c).flatten() for c in (CHOSEN, REJECTED)])
+        if not torch.equal(tokens[order], expected):
+            raise RuntimeError("precomputed reference log-probs do not match this batch's response lengths")
+        return SequenceLogps(
+            chosen=look("logps", CHOSEN),
+            rejected=look("logps", REJECTED),
+            chosen_tokens=look("tokens", CHOSEN),
+            rejected_tokens=look("tokens", REJECTED),
+            chosen_shared=look("shared", CHOSEN) if SHARED in extras else None,
+            rejected_shared=look("shared", REJECTED) if SHARED in extras else None,
+        )
+
+
+def reference_model_config(cfg: DictConfig) -> DictConfig:
+    """The model section that loads `reference.name_or_path`: the policy's settings (attention,
+    remote code) with the reference's source and dtype, no LoRA, no gradient checkpointing."""
+    r = cfg.reference
+    return OmegaConf.merge(
+        cfg.model,
+        {
+            "name_or_path": r.name_or_path,
+            "revision": r.revision,
+            "gguf_file": r.gguf_file,
+            "tokenizer": None,
+            "random_init": None,
+            "dtype": r.dtype or cfg.model.dtype,
+            "gradient_checkpointing": False,
+            "lora": {"r": None},
+        },
+    )  # type: ignore[return-value]
+
+
+def check_reference_tokenizer(cfg: DictConfig, tokenizer: Any) -> None:
+    """A separate reference must read the policy's token ids as the same tokens: DPO compares
+    the log-probs of one sequence of ids under both models. Checked before any weights load."""
+    from dpo_cli.modeling import load_tokenizer
+
+    if cfg.reference.name_or_path is None:
+        return
+    try:
+        theirs = load_tokenizer(reference_model_config(cfg))
+    except ModelLoadError as e:
+        raise ModelLoadError(f"reference.name_or_path={cfg.reference.name_or_path!r}: {e}") from None
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise ModelLoadError(
+            f"reference.name_or_path={cfg.reference.name_or_path!r} has a different tokenizer from the policy's "
+            f"({len(theirs)} vs {len(tokenizer)} tokens, or other ids): DPO compares the log-probs of the same "
+            "token ids under both models; use a reference from the same model family, or set model.tokenizer"
+        )
+
+
+def load_reference_model(cfg: DictConfig, tokenizer: Any, policy: torch.nn.Module) -> ModelReference:
+    """The live reference model: the separate model when reference.name_or_path is set,
+    else a frozen copy of the initial `policy` (cast to reference.dtype when that differs)."""
+    from dpo_cli.modeling import DTYPES, load_model
+
+    if cfg.reference.name_or_path is not None:
+        model = load_model(reference_model_config(cfg), tokenizer, cfg.train.seed)
+        return ModelReference(model, f"{cfg.reference.name_or_path} (reference.name_or_path)")
+    model = copy.deepcopy(policy)
+    if cfg.reference.dtype not in (None, "auto", cfg.model.dtype):
+        model.to(DTYPES[cfg.reference.dtype])
+    return ModelReference(model, "frozen copy of the initial policy")
+
+
+def live_reference(
+    cfg: DictConfig, tokenizer: Any, policy: torch.nn.Module, copy_policy: bool = True
+) -> ModelReference | AdapterReference:
+    """The model-backed reference for `policy` (the unwrapped model, before any update). With
+    `copy_policy=False` (precomputing before training) the initial policy serves as itself."""
+    lora = cfg.model.lora.r is not None
+    same_dtype = cfg.reference.dtype in (None, cfg.model.dtype)
+    if cfg.reference.name_or_path is None and (lora or (not copy_policy and same_dtype)):
+        return AdapterReference(policy, adapter_off=lora)
+    return load_reference_model(cfg, tokenizer, policy)
+
+
+def release(reference: Any) -> None:
+    """Drop a separate reference model's weights (after precomputing with it)."""
+    if isinstance(reference, ModelReference):
+        reference.model = None
+    gc.collect()

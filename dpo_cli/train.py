@@ -15,16 +15,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli import checkpoint, config
 from dpo_cli.data.batching import micro_batches, position, step_indices, steps_per_epoch
+from dpo_cli.data.chat import load_template
 from dpo_cli.data.prepare import prepare
 from dpo_cli.data.summary import report
 from dpo_cli.data.tokenize import Tokenized, fingerprint
 from dpo_cli.distributed import cpu_only, world_size_from_env
 from dpo_cli.errors import ConfigError, DataError, UserError
 from dpo_cli.evaluate import Averages, batch_loss, evaluate, make_batch
+from dpo_cli.lora import apply_lora
 from dpo_cli.losses import Loss
 from dpo_cli.metrics import JsonlSink, MetricLogger, ProgressSink, WandbSink
 from dpo_cli.modeling import check_max_length, count_parameters, load_model, load_tokenizer
-from dpo_cli.reference import FrozenReference, build_reference
+from dpo_cli.reference import ModelReference, check_reference_tokenizer, live_reference, reference_model_config
 from dpo_cli.report import write_report
 
 log = logging.getLogger(__name__)
@@ -128,7 +130,8 @@ class Run:
     unwrapped: Any
     optimizer: Any
     scheduler: Any
-    reference: FrozenReference | None
+    reference: Any  # a source of reference log-probs (dpo_cli.reference), or None
+    eval_reference: Any  # the same for the eval set (a precomputed table is per dataset)
     start: int  # the optimizer step to start from (0, or the resumed checkpoint's)
     resumed: bool
 
@@ -178,6 +181,9 @@ def build(cfg: DictConfig) -> Run:
 
     check_max_length(cfg.model, cfg.data.max_length)  # from the model's config, before data and weights
     tokenizer = load_tokenizer(cfg.model)
+    if cfg.reference.name_or_path is not None:
+        check_max_length(reference_model_config(cfg), cfg.data.max_length)
+        check_reference_tokenizer(cfg, tokenizer)
     train_set, eval_set, per_epoch, n_steps = _load_data(cfg, tokenizer)
     warmup = _warmup_steps(cfg.scheduler, n_steps)
     run_shape = {"n_steps": n_steps, "data": fingerprint(train_set), **checkpoint.settings(cfg)}
@@ -186,6 +192,8 @@ def build(cfg: DictConfig) -> Run:
 
     loss_fn = instantiate(cfg.loss)
     policy = load_model(cfg.model, tokenizer, t.seed)
+    if cfg.model.lora.r is not None:
+        policy = apply_lora(policy, cfg.model.lora, cfg.model.gradient_checkpointing)
     trainable, total = count_parameters(policy)
     log.info(
         "model: %s | %.2fM trainable / %.2fM parameters | loss: %r",
@@ -201,16 +209,40 @@ def build(cfg: DictConfig) -> Run:
     # preparing it) keeps it in checkpoints without accelerate stepping it once per process.
     accelerator.register_for_checkpointing(scheduler)
     unwrapped = accelerator.unwrap_model(policy)
-    # The reference is the policy before any update, copied on its device. On resume it is
-    # rebuilt the same way (same weights or same seed); the checkpoint then overwrites only
+    # The reference comes from the policy before any update (or its own weights). On resume it
+    # is rebuilt the same way (same weights or same seed); the checkpoint then overwrites only
     # the policy, the optimizer and the scheduler.
-    reference = build_reference(loss_fn.requires_reference, unwrapped)
+    reference, eval_reference = _reference(cfg, loss_fn, tokenizer, unwrapped, train_set, eval_set, accelerator)
     log.info("reference: %s", reference.describe() if reference else "none (no loss term needs one)")
     start = checkpoint.load(accelerator, resume_from)["step"] if resume_from is not None else 0
     return Run(
         run_dir, accelerator, accum, train_set, eval_set, per_epoch, n_steps, run_shape, tokenizer,
-        loss_fn, policy, unwrapped, optimizer, scheduler, reference, start, resume_from is not None,
+        loss_fn, policy, unwrapped, optimizer, scheduler, reference, eval_reference, start, resume_from is not None,
     )  # fmt: skip
+
+
+def _reference(
+    cfg: DictConfig,
+    loss_fn: Loss,
+    tokenizer: Any,
+    policy: Any,
+    train_set: list[Tokenized],
+    eval_set: list[Tokenized],
+    accelerator: Any,
+) -> tuple[Any, Any]:
+    """The reference sources for the train and eval sets: none when no loss term needs one,
+    precomputed tables (reference.precompute), or one live model-backed source for both."""
+    if not loss_fn.requires_reference:
+        return None, None
+    if cfg.reference.precompute:
+        from dpo_cli.refcache import precompute
+
+        refs = precompute(cfg, tokenizer, policy, {"train": train_set, "eval": eval_set}, accelerator)
+        return refs["train"], refs["eval"]
+    reference = live_reference(cfg, tokenizer, policy)
+    if isinstance(reference, ModelReference):
+        reference.model.to(accelerator.device)
+    return reference, reference
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -233,7 +265,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 return
             row = {
                 "step": step,
-                **evaluate(r.unwrapped, reference, loss_fn, r.eval_set, accelerator, t.micro_batch_size, pad_id),
+                **evaluate(r.unwrapped, r.eval_reference, loss_fn, r.eval_set, accelerator, t.micro_batch_size, pad_id),
             }
             metrics.log(row)
             last.update(row)
@@ -248,7 +280,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             indices = step_indices(step, len(r.train_set), t.batch_size, t.seed)
             shards = micro_batches(indices, accelerator.process_index, accelerator.num_processes, t.micro_batch_size)
             for i, idx in enumerate(shards):
-                batch = make_batch([r.train_set[j] for j in idx], pad_id, loss_fn, accelerator.device)
+                batch = make_batch(r.train_set, idx, pad_id, loss_fn, accelerator.device)
                 # Gradients are all-reduced across processes only on the last micro batch.
                 sync = i == len(shards) - 1
                 with nullcontext() if sync else accelerator.no_sync(policy), accelerator.autocast():
@@ -294,7 +326,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     if r.start == r.n_steps:
         log.info("the run had already finished at step %d; nothing left to train", r.n_steps)
-    checkpoint.save_final(accelerator, policy, r.tokenizer, r.run_dir / "final")
+    if cfg.data.chat_template:  # the template the data was rendered with travels with the model
+        r.tokenizer.chat_template = load_template(cfg.data.chat_template)
+    checkpoint.save_final(accelerator, policy, r.tokenizer, r.run_dir / "final", cfg.export.merge_lora)
     if accelerator.is_main_process:
         write_report(r.run_dir / "metrics.jsonl", r.run_dir / "report.png")
     evals = " ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith("eval_"))

@@ -36,12 +36,15 @@ def _sequences(examples: list[Tokenized]) -> list[tuple[list[int], list[int], in
     return chosen + rejected
 
 
-def collate(examples: list[Tokenized], pad_id: int, kl: bool = False) -> dict[str, torch.Tensor]:
+def collate(
+    examples: list[Tokenized], pad_id: int, kl: bool = False, index: list[int] | None = None
+) -> dict[str, torch.Tensor]:
     """Batch examples (pairs or unpaired completions) into right-padded (N, T) tensors.
 
     Keys: input_ids, attention_mask, labels (input ids on response tokens, IGNORE_INDEX on the
     prompt and padding, so only response tokens count), role (N,), example (N,) (index into
-    `examples`) and shared_tokens (N,).
+    `examples`), index (N,) (the example's index in its dataset, `index[example]`; default
+    `example`: what a precomputed reference looks its log-probs up by) and shared_tokens (N,).
 
     With `kl=True`, KTO's mismatched sequences follow: for unpaired examples the j-th KL row
     is example j's prompt followed by example j - 1's completion (cyclically), as in TRL's
@@ -67,11 +70,13 @@ def collate(examples: list[Tokenized], pad_id: int, kl: bool = False) -> dict[st
         input_ids[row, : len(ids)] = ids
         labels[row, len(prompt) : len(ids)] = ids[len(prompt) :]
         attention_mask[row, : len(ids)] = 1
+    example = torch.tensor([s[3] for s in seqs], dtype=torch.long)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
         "role": torch.tensor([s[2] for s in seqs], dtype=torch.long),
-        "example": torch.tensor([s[3] for s in seqs], dtype=torch.long),
+        "example": example,
+        "index": example if index is None else torch.tensor(index, dtype=torch.long)[example],
         "shared_tokens": torch.tensor([s[4] for s in seqs], dtype=torch.long),
     }

@@ -1,0 +1,41 @@
+"""LoRA through peft (`model.lora.r` and friends): small trainable adapters beside frozen
+base weights. The base weights then double as the reference (the adapter switched off, see
+`reference.AdapterReference`), so a LoRA run holds one model, not two."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from dpo_cli.errors import ConfigError
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """The distinct names of the model's linear layers (what target_modules may list)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def apply_lora(model: torch.nn.Module, lora: Any, gradient_checkpointing: bool) -> torch.nn.Module:
+    """`model` wrapped with LoRA adapters as `lora` (the config section model.lora) says."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.target_modules
+    targets = list(targets) if OmegaConf.is_list(targets) or isinstance(targets, list) else str(targets)
+    if gradient_checkpointing:
+        # With the embeddings frozen, checkpointed blocks would see inputs that need no grad;
+        # non-reentrant checkpointing handles that, and this keeps reentrant variants right too.
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise ConfigError(
+            [
+                f"model.lora.target_modules={targets!r}: {str(e).splitlines()[0][:200]}; "
+                f"this model's linear layers are: {', '.join(linear_module_names(model))} (or use all-linear)"
+            ]
+        ) from None
