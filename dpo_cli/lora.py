@@ -4,6 +4,7 @@ base weights. The base weights then double as the reference (the adapter switche
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -31,7 +32,9 @@ def apply_lora(model: torch.nn.Module, lora: Any, gradient_checkpointing: bool) 
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
     )
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft calls a transformers property deprecated for v6
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, config)
     except ValueError as e:
         raise ConfigError(
             [

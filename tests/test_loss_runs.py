@@ -13,7 +13,7 @@ import pytest
 from conftest import FAST, QUIET, REPO, read_metrics, run_cli
 from test_cli import assert_one_clear_error
 
-from dpo_cli import cli, reference, train
+from dpo_cli import cli, train
 from dpo_cli.errors import ConfigError
 
 LOSS_FILES = sorted(p.stem for p in (Path(cli.config_dir()) / "loss").glob("*.yaml"))
@@ -32,12 +32,14 @@ def built_references(monkeypatch):
     """Every reference a run builds (None when it builds none)."""
     built = []
 
-    def recording(requires: bool, policy):
-        ref = reference.build_reference(requires, policy)
-        built.append((ref, sum(p.numel() for p in policy.parameters())))
-        return ref
+    real = train._reference
 
-    monkeypatch.setattr(train, "build_reference", recording)
+    def recording(cfg, loss_fn, tokenizer, policy, *rest):
+        refs = real(cfg, loss_fn, tokenizer, policy, *rest)
+        built.append((refs[0], sum(p.numel() for p in policy.parameters())))
+        return refs
+
+    monkeypatch.setattr(train, "_reference", recording)
     return built
 
 
