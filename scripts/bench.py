@@ -9,6 +9,8 @@ the median of the rest is reported. Prints figures only; asserts nothing.
 
     python scripts/bench.py                                  # tiny, and smollm2 if converted
     python scripts/bench.py --models smollm2 --steps 10 --batch 4 --seq 512
+    python scripts/bench.py --models smollm2 --variant live: --variant lora:model.lora.r=16 \
+        --variant precompute:reference.precompute=true,reference.cache_dir=null   # one row each
 
 Data: model=tiny uses the built-in synthetic task (short sequences); smollm2 uses a generated
 HH-format file whose prompts and responses are long enough that every sequence is cut to exactly
@@ -259,6 +261,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="extra Hydra override for every model (repeatable), e.g. train.mixed_precision=bf16",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:KEY=VALUE,...",
+        help="run each model once per variant with these extra overrides (repeatable), e.g. lora:model.lora.r=16",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary run directories")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the children's output")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -290,8 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tmp_ctx.name)
     results, failed = [], 0
     try:
-        for name in names:
+        variants = [v.partition(":") for v in args.variant] or [("", "", "")]
+        for name, (label, _, extra) in ((n, v) for n in names for v in variants):
             spec = plan(name, args, tmp)
+            if label:
+                spec["overrides"] += [o for o in extra.split(",") if o]
+                spec["run_dir"] += f"_{label}"
+                spec["name"] = f"{name}/{label}"
+                name = spec["name"]
             print(
                 f"\n[{name}] data={spec['data']} seq={spec['seq'] or 'default'} batch={spec['batch']} "
                 f"micro={spec['micro']} ...",

@@ -286,3 +286,30 @@ def test_two_processes_share_the_precompute_and_a_sweep_shares_the_entry(tmp_pat
     logs = [(tmp_path / "sweep" / str(i) / "train.log").read_text() for i in (0, 1)]
     assert all("cache hit" in text for text in logs)
     assert len(_cache_files(cache)) == 1
+
+
+def test_a_lora_run_with_precomputed_reference_resumes_exactly(train_run, tmp_path):
+    """Stopped after its step-2 checkpoint and resumed: the adapter, the optimizer and the
+    cached reference continue the run as if it had not stopped."""
+    import shutil
+
+    args = [
+        "model.lora.r=8",
+        "reference.precompute=true",
+        f"reference.cache_dir={tmp_path / 'cache'}",
+        "train.max_steps=4",
+        "train.save_every=2",
+        "train.eval_every=2",
+    ]
+    _, full_dir = train_run(args, tmp_path / "full")
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full_dir / "checkpoints" / "step-2", resumed_dir / "checkpoints" / "step-2")
+    shutil.copy(full_dir / "metrics.jsonl", resumed_dir / "metrics.jsonl")
+    train_run([*args, "train.resume=auto"], resumed_dir)
+    full, resumed = read_metrics(full_dir), read_metrics(resumed_dir)
+    assert [r["step"] for r in resumed] == [r["step"] for r in full]
+    for a, b in zip(full, resumed, strict=True):
+        for key in ("loss", "eval_loss", "grad_norm"):
+            if key in a:
+                assert abs(a[key] - b[key]) < 1e-6, (key, a, b)
