@@ -1,13 +1,15 @@
 """`mode=inspect`: the preflight. Validates the config, loads the tokenizer (no model weights)
-and the data, and reports what the data becomes, before a GPU hour is spent on it."""
+and the data, and reports what the data becomes and how much memory training will need,
+before a GPU hour is spent on it."""
 
 from __future__ import annotations
 
 import logging
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from dpo_cli import config
+from dpo_cli import config, memory
 from dpo_cli.data.prepare import check_prepared, prepare
 from dpo_cli.data.summary import export, report
 from dpo_cli.errors import DataError
@@ -17,9 +19,10 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> str:
-    """The data report for the same overrides as a training run; returns it (and logs it).
-    Data that training would refuse (mostly degenerate pairs) is reported, with the reason,
-    rather than raised, so that the report shows what to fix."""
+    """The data report and the memory estimate for the same overrides as a training run;
+    returns them (and logs them). Data that training would refuse (mostly degenerate pairs) is
+    reported, with the reason, rather than raised, so that the report shows what to fix; so is
+    an estimate beyond the device's memory (a WARNING line)."""
     config.validate(cfg)
     check_max_length(cfg.model, cfg.data.max_length)
     tokenizer = load_tokenizer(cfg.model)
@@ -36,5 +39,7 @@ def run(cfg: DictConfig) -> str:
     if cfg.inspect.export:
         path = export(data, cfg.inspect.export)
         text += f"\nnormalized {data.unit} written to {path}"
-    log.info("data report (mode=inspect; no model weights loaded):\n%s", text)
+    # Built from the models' configs on the meta device: no weights are read.
+    text += "\n\n" + memory.estimate(cfg, tokenizer, instantiate(cfg.loss)).report()
+    log.info("preflight report (mode=inspect; no model weights loaded):\n%s", text)
     return text

@@ -1,0 +1,410 @@
+"""A memory estimate before launch: what a training run will hold per process, from configs alone.
+
+Parameter counts come from the model built on the meta device (shapes, no storage), so a 7B
+model is counted exactly in seconds without reading its weights. Activations and logits are
+formulas, not measurements: they say the order of magnitude and how it moves with the micro
+batch, the length and gradient checkpointing. Real peak memory also includes the allocator's
+overhead and fragmentation, the CUDA context and kernel workspaces.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dpo_cli.errors import ModelLoadError
+
+GiB, MiB = 1024**3, 1024**2
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Config keys for the layer shape; the first one a config has counts (GPT-2 names them n_*).
+HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
+LAYER_KEYS = ("num_hidden_layers", "n_layer")
+HEAD_KEYS = ("num_attention_heads", "n_head")
+# Logits: the policy's (N, T, V) float32 logits and their log-softmax are held for backward, where
+# the gradient of the log-softmax is one more of the same size. A live reference model's forward
+# runs while those are held and makes its own logits and log-softmax (no graph): one more each.
+LOGIT_COPIES, LOGIT_COPIES_LIVE_REFERENCE = 3, 4
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per component for one training process, what each counts, and the device's capacity."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    reference: int
+    activations: int
+    logits: int
+    what: dict[str, str]  # per component: what the figure counts
+    parameters: int  # the policy's, adapters included
+    trainable_parameters: int
+    device: str
+    capacity_bytes: int | None
+    hints: list[str] = field(default_factory=list)  # settings that would lower the total
+    notes: list[str] = field(default_factory=list)  # assumptions the figures rest on
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.reference + self.activations + self.logits
+
+    def fits(self) -> bool:
+        return self.capacity_bytes is None or self.total <= self.capacity_bytes
+
+    def report(self) -> str:
+        """A few aligned lines: each component, the total, the device, and a WARNING when the
+        total exceeds the device's memory."""
+        rows = [(name, getattr(self, name), self.what[name]) for name in COMPONENTS]
+        lines = [
+            "memory estimate per training process (an estimate: real peak memory also includes "
+            "allocator overhead and fragmentation, the CUDA context and kernel workspaces):"
+        ]
+        lines += [f"  {name:<12}{human(size):>11}  {what}" for name, size, what in rows]
+        lines.append(f"  {'total':<12}{human(self.total):>11}")
+        capacity = human(self.capacity_bytes) if self.capacity_bytes is not None else "unknown"
+        lines.append(f"  {'device':<12}{capacity:>11}  {self.device}")
+        lines += [f"  note: {n}" for n in self.notes]
+        if not self.fits():
+            lines.append(
+                f"WARNING: the estimated {human(self.total)} exceeds the {human(self.capacity_bytes or 0)} of "
+                f"{self.device}; the run will likely run out of memory. To lower it: {'; '.join(self.hints)}"
+            )
+        return "\n".join(lines)
+
+
+COMPONENTS = ("weights", "gradients", "optimizer", "reference", "activations", "logits")
+
+
+def human(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
+
+
+def short_count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_dtype(name: str | None, config: Any) -> torch.dtype:
+    """`name` (float32, bfloat16, float16), or for auto the dtype the checkpoint's config names
+    (float32 when it names none, as transformers then loads float32)."""
+    if name in DTYPE_NAMES:
+        return DTYPE_NAMES[name]
+    named = getattr(config, "dtype", None)
+    if isinstance(named, str):
+        named = DTYPE_NAMES.get(named)
+    return named if isinstance(named, torch.dtype) else torch.float32
+
+
+def model_config(model: Any, tokenizer: Any) -> Any:
+    """The transformers config `modeling.load_model` builds the policy from, without weights:
+    random_init's architecture with the tokenizer's vocabulary, or the pretrained config."""
+    from transformers import AutoConfig
+
+    if model.random_init is not None:
+        arch = dict(model.random_init)
+        return AutoConfig.for_model(
+            arch.pop("model_type"),
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **arch,
+        )
+    from dpo_cli.modeling import _pretrained_kwargs
+
+    return _load_config(model.name_or_path, "model.name_or_path", _pretrained_kwargs(model))
+
+
+def reference_config(reference: Any, trust_remote_code: bool) -> Any:
+    """The config of a separate reference model (reference.name_or_path)."""
+    from dpo_cli.modeling import _source_kwargs
+
+    r = reference
+    source = _source_kwargs(r.name_or_path, r.revision, r.gguf_file or "config.json", "reference.name_or_path")
+    kwargs = dict(revision=r.revision, gguf_file=r.gguf_file, trust_remote_code=trust_remote_code, **source)
+    return _load_config(r.name_or_path, "reference.name_or_path", kwargs)
+
+
+def _load_config(name: str, key: str, kwargs: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, **kwargs)
+    except (OSError, ValueError, ImportError) as e:
+        raise ModelLoadError(f"{key}={name!r}: could not load its config: {e}") from None
+
+
+def meta_model(config: Any, dtype: torch.dtype, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The causal LM for `config` on the meta device: every parameter with its shape and dtype,
+    no storage, so counting a large model costs nothing."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (ValueError, ImportError) as e:
+        raise ModelLoadError(f"could not build a causal LM from the config of {config.model_type!r}: {e}") from None
+    # Under init_empty_weights the tying done at construction is lost (the head gets a meta
+    # tensor of its own), which would count tied embeddings twice; tie again as loading does.
+    model.tie_weights()
+    return model.to(dtype)
+
+
+def add_lora(model: torch.nn.Module, lora: Any) -> tuple[torch.nn.Module, str]:
+    """`model` with peft's LoRA adapters (base frozen, adapters trainable), as training applies
+    them; or, where peft cannot wrap the meta model, `model` with its parameters frozen and the
+    adapter count computed from the target layers' shapes (returned as the second value)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    peft_config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # peft's notes on fan_in_fan_out etc.; not for this count
+            return get_peft_model(model, peft_config), "peft on the meta model"
+    except Exception as e:  # noqa: BLE001 - any peft failure falls back to the shape count
+        model.requires_grad_(False)
+        return model, f"from the target layers' shapes, r*(in+out) each (peft on the meta model failed: {e})"
+
+
+def lora_parameters(model: torch.nn.Module, r: int, target_modules: Any) -> int:
+    """LoRA's adapter parameters computed from shapes: r * (in + out) per targeted linear layer.
+    all-linear targets every linear layer but the output head, as peft does."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            d_in, d_out = module.in_features, module.out_features
+        elif isinstance(module, Conv1D):  # GPT-2's transposed linear layers
+            d_in, d_out = module.weight.shape
+        else:
+            continue
+        if target_modules == "all-linear":
+            hit = module is not head
+        else:
+            names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+            hit = any(name == t or name.endswith(f".{t}") for t in names)
+        total += r * (d_in + d_out) if hit else 0
+    return total
+
+
+def optimizer_states(node: Any) -> tuple[int, str]:
+    """How many tensors the size of each trainable parameter the optimizer keeps (torch's
+    optimizers keep them in the parameter's dtype), and a line saying so."""
+    target = str(node.get("_target_", ""))
+    name = target.rpartition(".")[2]
+    momentum = bool(node.get("momentum", 0))
+    known = {
+        "torch.optim.AdamW": 2 + bool(node.get("amsgrad", False)),
+        "torch.optim.Adam": 2 + bool(node.get("amsgrad", False)),
+        "torch.optim.SGD": int(momentum),
+        "torch.optim.RMSprop": 1 + momentum + bool(node.get("centered", False)),
+        "torch.optim.Adagrad": 1,
+    }
+    if target in known:
+        return known[target], f"{name}: {known[target]} state(s) per trainable parameter, in its dtype"
+    return 2, f"{target}: unknown optimizer, assumed 2 states per trainable parameter (as AdamW)"
+
+
+def activation_bytes(
+    config: Any, n_seqs: int, seq_len: int, element_bytes: int, checkpointing: bool, fused_attention: bool
+) -> int:
+    """Activations held for backward, after Korthikanti et al. 2022 ("Reducing Activation
+    Recomputation in Large Transformer Models", Eq. 1): one transformer layer over N sequences
+    of T tokens, hidden size h and a heads, stores about
+
+        N * T * h * (34 + 5 * a * T / h)  bytes in 16-bit  (x2 in float32)
+
+    where the 5aT/h term is the attention scores, softmax and its dropout mask; sdpa and
+    flash attention do not store those (`fused_attention`), leaving 34 * N * T * h. With
+    gradient checkpointing only each layer's input (N * T * h values) is kept, plus one layer's
+    full activations while it is recomputed in backward. The model's L layers multiply the rest.
+    It assumes a GPT-style layer (4h MLP); SwiGLU MLPs and grouped-query attention differ a little.
+    """
+    h, layers, heads = layer_shape(config)
+    tokens = n_seqs * seq_len
+    scores = 0 if fused_attention else 5 * heads * seq_len
+    per_layer = tokens * (34 * h + scores) * element_bytes // 2
+    if checkpointing:
+        return layers * tokens * h * element_bytes + per_layer
+    return layers * per_layer
+
+
+def layer_shape(config: Any) -> tuple[int, int, int]:
+    """(hidden size, layers, attention heads) of a transformers config; 0 for what it lacks."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def first(keys: tuple[str, ...]) -> int:
+        return next((getattr(text, k) for k in keys if getattr(text, k, None)), 0)
+
+    return first(HIDDEN_KEYS), first(LAYER_KEYS), first(HEAD_KEYS)
+
+
+def _activation_what(config: Any, n_seqs: int, seq_len: int, sixteen: bool, checkpointing: bool, fused: bool) -> str:
+    """What the activation line counts, with its formula (see `activation_bytes`)."""
+    h, layers, heads = layer_shape(config)
+    full = ("34*N*T*h" if fused else "N*T*h*(34 + 5*a*T/h)") + ("" if sixteen else " x 2")
+    if checkpointing:
+        full = f"N*T*h*{2 if sixteen else 4} (layer inputs) + 1 x {full}"
+    precision = "16-bit" if sixteen else "float32: 2 x the 16-bit figure"
+    return (
+        f"{layers} layers x {full} bytes ({precision}, Korthikanti et al. 2022); N={n_seqs} sequences "
+        f"(2 x train.micro_batch_size), T={seq_len} (data.max_length), h={h}" + ("" if fused else f", a={heads}")
+    )
+
+
+def logits_bytes(n_seqs: int, seq_len: int, vocab: int, copies: int) -> int:
+    """`copies` float32 (N, T, V) tensors: logits, log-softmax and more (see LOGIT_COPIES)."""
+    return n_seqs * seq_len * vocab * 4 * copies
+
+
+def device_capacity() -> tuple[str, int]:
+    """The memory of the device training will use: the current CUDA device, else physical RAM."""
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        free, total = torch.cuda.mem_get_info(index)
+        return f"GPU {index} ({torch.cuda.get_device_name(index)}; {human(free)} free now)", total
+    import psutil
+
+    return "CPU RAM (no CUDA device)", psutil.virtual_memory().total
+
+
+def _bytes(params: list[torch.nn.Parameter]) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def _dtype_names(params: list[torch.nn.Parameter]) -> str:
+    return "/".join(sorted({dtype_name(p.dtype) for p in params})) or "-"
+
+
+def _policy(m: Any, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
+    """The policy's config and its counts, from the model on the meta device with LoRA applied:
+    parameters, weight bytes, trainable parameters and their bytes, the output vocabulary."""
+    config = model_config(m, tokenizer)
+    dtype = resolve_dtype(m.dtype, config)
+    model = meta_model(config, dtype, m.trust_remote_code and m.random_init is None)
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else config.get_text_config().vocab_size
+    base = list(model.parameters())
+    c = dict(dtype=dtype, vocab=vocab, base_numel=sum(p.numel() for p in base), how=None)
+    if m.lora.r is not None:
+        model, c["how"] = add_lora(model, m.lora)
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    c.update(
+        numel=sum(p.numel() for p in params),
+        weights=_bytes(params),
+        trainable=sum(p.numel() for p in trainable),
+        trainable_bytes=_bytes(trainable),
+        trainable_dtype=_dtype_names(trainable),
+    )
+    if m.lora.r is not None and not trainable:
+        # peft could not wrap the meta model: adapters from shapes, in float32 as peft keeps
+        # them (its autocast_adapter_dtype) even on a 16-bit base.
+        adapters = lora_parameters(model, m.lora.r, m.lora.target_modules)
+        c.update(trainable=adapters, trainable_bytes=4 * adapters, trainable_dtype="float32")
+        c.update(numel=c["numel"] + adapters, weights=c["weights"] + 4 * adapters)
+    return config, c
+
+
+def _reference(
+    cfg: Any, loss: Any, policy_numel: int, policy_dtype: torch.dtype
+) -> tuple[int, str, bool, torch.dtype | None]:
+    """(bytes, what, whether a reference model runs forward passes during training, the dtype
+    of a reference model of its own)."""
+    r = cfg.reference
+    if not loss.requires_reference:
+        return 0, "none: no loss term needs a reference model", False, None
+    if r.precompute:
+        return (
+            0,
+            "precomputed cache: log-probs computed before training; no reference model during training",
+            False,
+            None,
+        )
+    if r.name_or_path is not None:
+        trust = cfg.model.trust_remote_code
+        config = reference_config(r, trust)
+        dtype = resolve_dtype(r.dtype or cfg.model.dtype, config)
+        params = list(meta_model(config, dtype, trust).parameters())
+        n = sum(p.numel() for p in params)
+        what = f"separate model {r.name_or_path}: {short_count(n)} parameters in {dtype_name(dtype)}"
+        return _bytes(params), what, True, dtype
+    if cfg.model.lora.r is not None:
+        return 0, "adapter disabled: the LoRA base model with its adapter off (no second copy)", True, None
+    dtype = policy_dtype if r.dtype in (None, "auto") else DTYPE_NAMES[r.dtype]
+    what = f"frozen copy of the initial policy: {short_count(policy_numel)} parameters in {dtype_name(dtype)}"
+    return policy_numel * dtype.itemsize, what, True, dtype
+
+
+def _hints(cfg: Any, live_reference: bool, reference_dtype: torch.dtype | None) -> list[str]:
+    """The settings that would lower the estimate, leaving out those already set."""
+    m = cfg.model
+    hints = [f"lower train.micro_batch_size (now {cfg.train.micro_batch_size}; activations and logits scale with it)"]
+    if not m.gradient_checkpointing:
+        hints.append("model.gradient_checkpointing=true (keeps one input per layer, recomputes the rest)")
+    if m.lora.r is None:
+        hints.append("model.lora.r=16 (train adapters only: no full gradients or optimizer state)")
+    if live_reference:
+        hints.append("reference.precompute=true (no reference model during training)")
+    if reference_dtype == torch.float32:
+        hints.append("reference.dtype=bfloat16 (halves the reference's weights)")
+    return hints
+
+
+def estimate(cfg: Any, tokenizer: Any, loss: Any, capacity_bytes: int | None = None) -> MemoryEstimate:
+    """The memory one training process will hold, for the composed config `cfg`, the run's
+    tokenizer and loss object (for `requires_reference`), without loading any weights.
+    `capacity_bytes` replaces the device's memory (default: the current CUDA device's, else
+    physical RAM). Raises ModelLoadError when a model's config cannot be had."""
+    m = cfg.model
+    config, c = _policy(m, tokenizer)
+    n_states, optimizer_what = optimizer_states(cfg.optimizer)
+    ref_bytes, ref_what, live, ref_dtype = _reference(cfg, loss, c["base_numel"], c["dtype"])
+    n_seqs, seq_len = 2 * cfg.train.micro_batch_size, cfg.data.max_length
+    sixteen = c["dtype"] != torch.float32 or cfg.train.mixed_precision in ("bf16", "fp16")
+    fused = m.attn_implementation != "eager"
+    act = activation_bytes(config, n_seqs, seq_len, 2 if sixteen else 4, m.gradient_checkpointing, fused)
+    copies = LOGIT_COPIES_LIVE_REFERENCE if live else LOGIT_COPIES
+    lora = f"; LoRA r={m.lora.r} adapters, counted by {c['how']}" if m.lora.r is not None else ""
+    what = {
+        "weights": f"policy: {short_count(c['numel'])} parameters in {dtype_name(c['dtype'])}{lora}",
+        "gradients": f"{short_count(c['trainable'])} trainable parameters in {c['trainable_dtype']}",
+        "optimizer": optimizer_what,
+        "reference": ref_what,
+        "activations": _activation_what(config, n_seqs, seq_len, sixteen, m.gradient_checkpointing, fused),
+        "logits": f"N*T*V*4 bytes (float32) x {copies}, V={c['vocab']}: logits, log-softmax, its gradient"
+        + (", the reference's logits and log-softmax" if live else ""),
+    }
+    if capacity_bytes is None:
+        device, capacity_bytes = device_capacity()
+    else:
+        device = "the given capacity"
+    estimate = MemoryEstimate(
+        weights=c["weights"],
+        gradients=c["trainable_bytes"],
+        optimizer=n_states * c["trainable_bytes"],
+        reference=ref_bytes,
+        activations=act,
+        logits=logits_bytes(n_seqs, seq_len, c["vocab"], copies),
+        what=what,
+        parameters=c["numel"],
+        trainable_parameters=c["trainable"],
+        device=device,
+        capacity_bytes=capacity_bytes,
+    )
+    estimate.hints = _hints(cfg, live, ref_dtype)
+    if not fused:
+        estimate.notes.append("eager attention stores the T x T attention scores (a*T*T per sequence); sdpa does not")
+    return estimate
