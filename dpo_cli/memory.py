@@ -104,18 +104,10 @@ def resolve_dtype(name: str | None, config: Any) -> torch.dtype:
 def model_config(model: Any, tokenizer: Any) -> Any:
     """The transformers config `modeling.load_model` builds the policy from, without weights:
     random_init's architecture with the tokenizer's vocabulary, or the pretrained config."""
-    from transformers import AutoConfig
+    from dpo_cli.modeling import random_init_config
 
     if model.random_init is not None:
-        arch = dict(model.random_init)
-        return AutoConfig.for_model(
-            arch.pop("model_type"),
-            vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **arch,
-        )
+        return random_init_config(model.random_init, tokenizer)
     from dpo_cli.modeling import _pretrained_kwargs
 
     return _load_config(model.name_or_path, "model.name_or_path", _pretrained_kwargs(model))
