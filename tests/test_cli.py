@@ -178,6 +178,7 @@ def test_every_readme_command_composes_and_validates():
     parser = OverridesParser.create()
     for args in commands:
         args = [a for a in args if a not in ("-m", "--multirun")]
+        args = cli.pretrained_by_default(["dpo-train", *args])[1:]  # what `dpo-train` does before Hydra
         if "--cfg" in args:
             args = args[: args.index("--cfg")]
         # A sweep (`loss.beta=0.05,0.1`) composes once per value; check the first and last.

@@ -59,7 +59,7 @@ from dpo_cli.losses import (
     SPPOHardLoss,
 )
 from dpo_cli.modeling import byte_tokenizer
-from dpo_cli.reference import FrozenReference
+from dpo_cli.reference import ModelReference
 
 # TRL itself is imported where each trainer is built.
 pytest.importorskip("trl", minversion="1.16")
@@ -104,11 +104,11 @@ LOGITS = ["logits/chosen", "logits/rejected"]
 class Models:
     """The policy is shared by both tools: TRL patches its forward, and calls without
     `fused_lm_head=True` (dpo-cli's) run the original one. TRL gets the reference model (and
-    patches it); dpo-cli a FrozenReference of an unpatched copy of the same weights."""
+    patches it); dpo-cli a ModelReference of an unpatched copy of the same weights."""
 
     policy: torch.nn.Module
     trl_ref: torch.nn.Module
-    our_ref: FrozenReference
+    our_ref: ModelReference
 
 
 def _noisy(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
@@ -139,7 +139,7 @@ def tiny_models(tokenizer: Any) -> Models:
         base = LlamaForCausalLM(config)
     reference = _noisy(base, 0.2, seed=3).eval()
     policy = _noisy(base, 0.15, seed=4).train()  # as in training; the model has no dropout
-    return Models(policy, reference, FrozenReference(copy.deepcopy(reference)))
+    return Models(policy, reference, ModelReference(copy.deepcopy(reference), "frozen copy"))
 
 
 def common_args(output_dir: Any) -> dict[str, Any]:
