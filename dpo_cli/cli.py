@@ -104,7 +104,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     except UserError as e:
         if main_process:
             log.error("%s", e)
-        sys.exit(2)
+        sys.exit(e.exit_code)
 
 
 def main() -> None:

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 
+# Exit codes (README, "When a run stops"): 0 finished; 1 a bug (with its traceback);
+# 2 a user error (config, data, model, disk, launch); 3 stopped by the non-finite guard;
+# 75 interrupted by a signal after saving a checkpoint: resumable (EX_TEMPFAIL: "try again").
+EXIT_USER_ERROR = 2
+EXIT_NONFINITE = 3
+EXIT_INTERRUPTED = 75
+
+
 class UserError(Exception):
     """A problem with the user's config, data or environment, with a message that says the fix."""
+
+    exit_code = EXIT_USER_ERROR
 
 
 class ConfigError(UserError):
@@ -22,3 +32,15 @@ class ModelLoadError(UserError):
 
 class DataError(UserError):
     """The dataset could not be found, read or split into preference pairs."""
+
+
+class Interrupted(UserError):
+    """SIGTERM, SIGINT or SIGUSR1 stopped the run after it saved a checkpoint: resumable."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+class NonFiniteError(UserError):
+    """Too many consecutive non-finite steps: the run stopped with its last good state saved."""
+
+    exit_code = EXIT_NONFINITE
