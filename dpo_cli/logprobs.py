@@ -37,18 +37,21 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 def _token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs (N, T-1), zero where masked, and the mask (N, T-1).
+    """Per-token log-probs (N, T-1), exactly zero where masked, and the mask (N, T-1).
 
-    The shift aligns logits[:, t] with labels[:, t + 1]. Logits are cast to float32 before the
-    softmax: in bf16 the log-sum-exp over a large vocabulary loses about two digits, which is
-    the size of the differences DPO trains on.
+    The shift aligns logits[:, t] with labels[:, t + 1]. Only the labelled positions go through
+    the log-softmax: a masked position (prompt, padding) then contributes nothing at all, not
+    even a NaN from an overflowed logit there, in the forward or the backward pass. Logits are
+    cast to float32 first: in bf16 the log-sum-exp over a large vocabulary loses about two
+    digits, which is the size of the differences DPO trains on.
     """
     assert logits.shape[:2] == labels.shape, (logits.shape, labels.shape)
-    logits = logits[:, :-1, :].float()
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    token_logps = -F.cross_entropy(logits.transpose(1, 2), targets.masked_fill(~mask, 0), reduction="none")
-    return token_logps * mask, mask
+    selected = logits[:, :-1, :][mask].float()  # (labelled positions, V)
+    values = -F.cross_entropy(selected, targets[mask], reduction="none")
+    token_logps = torch.zeros(mask.shape, dtype=values.dtype, device=values.device).index_put((mask,), values)
+    return token_logps, mask
 
 
 @dataclass
@@ -107,7 +110,7 @@ def _row_values(
         targets = torch.where(labels != IGNORE_INDEX, labels, input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX))
         all_logps, all_mask = _token_logps(out.logits, targets)
         mask = labels[:, 1:] != IGNORE_INDEX
-        token_logps = all_logps * mask
+        token_logps = torch.where(mask, all_logps, 0.0)
     else:
         token_logps, mask = _token_logps(out.logits, labels)
     values = {"logps": token_logps.sum(-1), "tokens": mask.sum(-1).float()}
@@ -115,17 +118,17 @@ def _row_values(
         values["whole"], values["whole_tokens"] = all_logps.sum(-1), all_mask.sum(-1).float()
     with torch.no_grad():
         per_token_mean = torch.mean(out.logits[:, :-1], dim=-1, dtype=torch.float32)
-        values["logit_sums"] = (per_token_mean * mask).sum(-1)
+        values["logit_sums"] = torch.where(mask, per_token_mean, 0.0).sum(-1)
         if WPO in extras:
             # WPO (Zhou et al., 2024, Eq. 2) aligns each token's log-prob by the log of the
             # model's sum of squared probabilities at that position, then averages over tokens.
             log_sum_sq = torch.logsumexp(2 * torch.log_softmax(out.logits[:, :-1].float(), dim=-1), dim=-1)
-            aligned = (token_logps - log_sum_sq) * mask
+            aligned = torch.where(mask, token_logps - log_sum_sq, 0.0)
             values["wpo"] = aligned.sum(-1) / values["tokens"].clamp(min=1)
     if SHARED in extras:
         position = mask.cumsum(-1)  # 1-based index of each response token, 0 before the response
         shared = mask & (position <= select(batch["shared_tokens"]).unsqueeze(-1))
-        values["shared"] = (token_logps * shared).sum(-1)
+        values["shared"] = torch.where(shared, token_logps, 0.0).sum(-1)
     return values
 
 

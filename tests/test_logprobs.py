@@ -238,3 +238,23 @@ def test_whole_sequence_extra_counts_prompt_tokens_but_not_the_first_or_padding(
     plain = batch_logps(BigramLM(BIGRAM), batch).logps
     assert_close(plain.chosen, out.chosen)
     assert_close(plain.rejected, out.rejected)
+
+
+def test_an_overflowed_logit_at_a_masked_position_changes_nothing():
+    """fp16 overflow at padding or prompt positions (inf or NaN logits there) must not reach
+    the sequence log-prob or its gradient: masked positions contribute nothing at all."""
+    from dpo_cli.logprobs import IGNORE_INDEX, sequence_logps
+
+    torch.manual_seed(0)
+    clean = torch.randn(2, 5, 7)
+    labels = torch.tensor([[0, 3, 4, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX, 1, 2, 6]])
+    broken = clean.clone()
+    broken[0, 3:, :] = float("inf")  # logits[:, t] predict label t + 1: positions 3, 4 are unused in row 0
+    broken[1, 0, :] = float("nan")  # predicts a prompt token
+    broken.requires_grad_(True)
+    logps, n = sequence_logps(broken, labels)
+    expected, _ = sequence_logps(clean, labels)
+    assert torch.equal(logps, expected) and n.tolist() == [2.0, 3.0]
+    logps.sum().backward()
+    assert torch.isfinite(broken.grad).all()
+    assert (broken.grad[0, 3:] == 0).all() and (broken.grad[1, 0] == 0).all()
