@@ -1,18 +1,22 @@
-"""Entry points: `dpo-train` and `python -m dpo_cli`. Thin: compose the config, call train.run
-(or preflight.run for mode=inspect)."""
+"""Entry points: `dpo-train` and `python -m dpo_cli`. Thin: check the command line (every job's
+config and the run directory, in overrides.py), then let Hydra compose the config and call
+train.run (or preflight.run for mode=inspect)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import re
+import secrets
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from dpo_cli import overrides
 from dpo_cli.config import register_configs
 from dpo_cli.distributed import broadcast_from_main
 from dpo_cli.errors import UserError
@@ -32,15 +36,22 @@ def config_dir() -> str:
 _run_stamp: str | None = None
 
 
+def new_run_stamp(now: datetime | None = None) -> str:
+    """`<date>/<time>-<6 random hex digits>`: the time alone (1-second resolution) would give
+    two runs started in the same second one directory; the suffix keeps them apart (one
+    collision in 16 million) without creating anything before the config is checked."""
+    return f"{(now or datetime.now()).strftime('%Y-%m-%d/%H-%M-%S')}-{secrets.token_hex(3)}"
+
+
 def run_stamp() -> str:
-    """The timestamp naming this run's default output directory (`${run_stamp:}` in YAML).
+    """The stamp naming this run's default output directory (`${run_stamp:}` in YAML).
 
     Under a multi-process launch every process composes the config itself, so each would take
-    its own `now`; `main` makes them agree on the main process's before Hydra starts.
+    its own stamp; `main` makes them agree on the main process's before Hydra starts.
     """
     global _run_stamp
     if _run_stamp is None:
-        _run_stamp = datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+        _run_stamp = new_run_stamp()
     return _run_stamp
 
 
@@ -107,13 +118,32 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(e.exit_code)
 
 
+def _exit_before_hydra(e: UserError, main_process: bool) -> NoReturn:
+    """Leave with `e` as one log line, formatted as Hydra's are (its logging is not set up yet)."""
+    if main_process:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        log.addHandler(handler)
+        try:
+            log.error("%s", e)
+        finally:
+            log.removeHandler(handler)
+    sys.exit(e.exit_code)
+
+
 def main() -> None:
     global _run_stamp
     register()
     _run_stamp = broadcast_from_main(run_stamp())
-    # Hydra reads sys.argv itself (and so does every job of a -m sweep), so the edit goes there.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    # Hydra reads sys.argv itself (and so does every job of a -m sweep), so the edits go there.
     sys.argv = pretrained_by_default(sys.argv)
-    if int(os.environ.get("RANK", "0")) != 0:
+    try:
+        # Every job's config, and the run directory, before Hydra creates anything.
+        sys.argv = overrides.check(sys.argv, config_dir(), main_process)
+    except UserError as e:
+        _exit_before_hydra(e, main_process)
+    if not main_process:
         # Only the main process writes the run directory's .hydra/ (same content, one writer).
         sys.argv.append("hydra.output_subdir=null")
     _hydra_main()

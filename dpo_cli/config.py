@@ -146,6 +146,7 @@ class TrainConfig:
     seed: int = 42
     mixed_precision: str = "no"
     max_grad_norm: Optional[float] = 1.0
+    max_nonfinite_steps: Optional[int] = 10
 
 
 @dataclass
@@ -554,6 +555,7 @@ def _check_optimization(p: list[str], cfg: DictConfig) -> None:
             "the learning rate would never reach optimizer.lr"
         )
     _positive(p, "train.max_grad_norm", t.max_grad_norm, allow_none=True)
+    _positive(p, "train.max_nonfinite_steps", t.max_nonfinite_steps, allow_none=True)
     _choice(p, "train.mixed_precision", t.mixed_precision, PRECISIONS)
     if t.mixed_precision == "fp16" and cpu_only():
         p.append("train.mixed_precision=fp16 needs a GPU (fp16 autocast does not run on CPUs); use bf16 or no")
@@ -561,6 +563,12 @@ def _check_optimization(p: list[str], cfg: DictConfig) -> None:
         p.append(
             f"train.mixed_precision=fp16 needs model.dtype=float32 (got {cfg.model.dtype}): the fp16 loss "
             "scaler cannot unscale half-precision gradients; set model.dtype=float32"
+        )
+    elif cfg.model.dtype == "float16" and cfg.model.lora.r is None and cfg.mode == "train":
+        p.append(
+            "model.dtype=float16 trains float16 weights without a loss scaler: small gradients underflow and "
+            "large ones overflow to inf/NaN; use model.dtype=bfloat16, or model.dtype=float32 with "
+            "train.mixed_precision=bf16 (or fp16 on a GPU); float16 base weights are fine under LoRA (model.lora.r)"
         )
 
 
@@ -582,6 +590,7 @@ def validate(cfg: DictConfig) -> None:
     if missing:
         raise ConfigError([f"{k} is required (it is ??? in the config); set {k}=<value>" for k in missing])
     p: list[str] = []
+    p.extend(unknown_keys(cfg) + _seed_problems(cfg.train.seed))
     _choice(p, "mode", cfg.mode, MODES)
     if cfg.inspect.examples < 0:
         p.append(f"inspect.examples={cfg.inspect.examples} must be >= 0")
@@ -618,3 +627,74 @@ def check_world(cfg: DictConfig, world_size: int) -> int:
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+# --- keys the schema does not define; train.seed's range -----------------------------------------
+
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit (set_seed seeds numpy, random and torch)
+
+
+def _schema_sections(schema: type, prefix: str = "") -> dict[str, type | None]:
+    """Every dotted key `schema` defines -> the dataclass of its section, or None for a value or
+    a free-form mapping (model.random_init, data.mixture, data.weights, loss, optimizer)."""
+    from dataclasses import is_dataclass
+
+    keys: dict[str, type | None] = {}
+    for name, hint in typing.get_type_hints(schema).items():
+        inner = [a for a in (typing.get_args(hint) or (hint,)) if a is not type(None)]
+        section = inner[0] if len(inner) == 1 and is_dataclass(inner[0]) else None
+        keys[prefix + name] = section  # type: ignore[assignment]
+        if section is not None:
+            keys.update(_schema_sections(section, f"{prefix}{name}."))  # type: ignore[arg-type]
+    return keys
+
+
+def _dotted(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a plain nested dict, parents before their children."""
+    keys: list[str] = []
+    for key, value in node.items() if isinstance(node, dict) else ():
+        keys.append(f"{prefix}{key}")
+        keys.extend(_dotted(value, f"{prefix}{key}."))
+    return keys
+
+
+def _unknown(present: list[str], sections: dict[str, type | None]) -> list[str]:
+    """The keys of `present` that sit in a typed section (or at the top) but are not in it."""
+    typed = [k for k in present if k.count(".") == 0 or sections.get(k.rpartition(".")[0]) is not None]
+    return [k for k in typed if k not in sections and k != "hydra"]
+
+
+def not_a_key(key: str, cfg: DictConfig | None = None) -> str:
+    """'KEY is not a config key; did you mean X?': X the closest key of KEY's section (by name),
+    else a key of the same name elsewhere (`lr` -> optimizer.lr). Candidates: the schema's keys
+    and those `cfg` holds in free-form sections (optimizer.lr, loss.beta)."""
+    import difflib
+
+    sections = _schema_sections(Config)
+    present = _dotted(OmegaConf.to_container(cfg, resolve=False)) if cfg is not None else []
+    unknown = set(_unknown(present, sections))
+    valid = sorted(
+        {*sections, *(k for k in present if not any(k == u or k.startswith(u + ".") for u in unknown))} - {key}
+    )
+    valid = [k for k in valid if k.split(".")[0] != "hydra"]
+    section, _, name = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in valid if k.rpartition(".")[0] == section}
+    match = [siblings[m] for m in difflib.get_close_matches(name, list(siblings), n=1)]
+    match = match or [k for k in valid if k.rpartition(".")[2] == name][:3]
+    if match:
+        return f"{key} is not a config key; did you mean {' or '.join(match)}?"
+    where = f" of {section}" if section else ""
+    return f"{key} is not a config key; `dpo-train --cfg job` prints the keys{where}"
+
+
+def unknown_keys(cfg: DictConfig) -> list[str]:
+    """A problem for each key of `cfg` the schema does not define. The typed schema rejects a
+    misspelled `key=value` at compose time, but `+key=value` adds any key, which nothing reads."""
+    present = _dotted(OmegaConf.to_container(cfg, resolve=False))
+    return [not_a_key(k, cfg) for k in _unknown(present, _schema_sections(Config))]
+
+
+def _seed_problems(seed: Any) -> list[str]:
+    if isinstance(seed, int) and not 0 <= seed <= SEED_MAX:
+        return [f"train.seed={seed} must be in [0, 2**32 - 1] (numpy's seed range); set e.g. train.seed=42"]
+    return []

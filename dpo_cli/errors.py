@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 # Exit codes (README, "When a run stops"): 0 finished; 1 a bug (with its traceback);
 # 2 a user error (config, data, model, disk, launch); 3 stopped by the non-finite guard;
 # 75 interrupted by a signal after saving a checkpoint: resumable (EX_TEMPFAIL: "try again").

@@ -3,6 +3,7 @@
 Without network, huggingface_hub retries each request with back-off for about half a minute
 before it gives up. We check the endpoint once with a short timeout instead, so that an
 offline run fails within seconds with a message that says how to point at local files.
+`endpoint_reachable` does the same check for other services (Weights & Biases, in metrics).
 """
 
 from __future__ import annotations
@@ -21,26 +22,34 @@ def offline_mode() -> bool:
     )
 
 
-@functools.lru_cache(maxsize=1)
-def hub_reachable(timeout: float = 5.0) -> bool:
-    """Whether a TCP connection to the Hub endpoint (HF_ENDPOINT) opens within `timeout` s.
+def endpoint_reachable(endpoint: str, timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to the host of URL `endpoint` opens within `timeout` s.
 
     Where an HTTP(S) proxy serves the endpoint (HTTPS_PROXY and friends, minus NO_PROXY), the
     proxy is what has to answer, so that is where the connection is tried.
     """
-    if offline_mode():
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    url = urlparse(endpoint)
     host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
     proxy = urllib.request.getproxies().get(url.scheme)
     if proxy and not urllib.request.proxy_bypass(host):
         proxy_url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
         host, port = proxy_url.hostname, proxy_url.port or 8080
+    if not host:  # a URL without a scheme has no host; connecting to None would try localhost
+        return False
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hub endpoint (HF_ENDPOINT) answers a TCP connection within `timeout` s
+    (through the proxy that serves it, if any); False in offline mode. Asked once per process."""
+    if offline_mode():
+        return False
+    return endpoint_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)
 
 
 # Local model directories the documentation names, with the command that creates each one.

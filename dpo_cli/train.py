@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,21 +13,22 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_cli import checkpoint, config
+from dpo_cli import checkpoint, config, rundir
 from dpo_cli.data.batching import micro_batches, position, step_indices, steps_per_epoch
 from dpo_cli.data.chat import load_template
 from dpo_cli.data.prepare import prepare
 from dpo_cli.data.summary import report
 from dpo_cli.data.tokenize import Tokenized, fingerprint
 from dpo_cli.distributed import cpu_only, world_size_from_env
-from dpo_cli.errors import ConfigError, DataError, UserError
+from dpo_cli.errors import ConfigError, DataError, Interrupted, NonFiniteError, UserError
 from dpo_cli.evaluate import Averages, batch_loss, evaluate, make_batch
 from dpo_cli.lora import apply_lora
 from dpo_cli.losses import Loss
-from dpo_cli.metrics import JsonlSink, MetricLogger, ProgressSink, WandbSink
+from dpo_cli.metrics import JsonlSink, MetricLogger, ProgressSink, WandbSink, resolve_wandb_mode
 from dpo_cli.modeling import check_max_length, count_parameters, load_model, load_tokenizer
 from dpo_cli.reference import ModelReference, check_reference_tokenizer, live_reference, reference_model_config
 from dpo_cli.report import write_report
+from dpo_cli.signals import StopOnSignal
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +40,19 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(os.getcwd())
 
 
-def _open_sinks(
-    cfg: DictConfig, run_dir: Path, accelerator: Any, n_steps: int, start: int, resumed: bool
-) -> MetricLogger:
-    if not accelerator.is_main_process:
+def _open_sinks(cfg: DictConfig, r: Run) -> MetricLogger:
+    if not r.accelerator.is_main_process:
         return MetricLogger([])
+    run_dir, start, resumed = r.run_dir, r.start, r.resumed
     sinks: list[Any] = [JsonlSink(run_dir / "metrics.jsonl", resume_step=start if resumed else None)]
     w = cfg.logger.wandb
-    if w.mode != "disabled":
-        sinks.append(WandbSink(w.mode, w.project, w.entity, w.name, w.group, w.tags, config.to_container(cfg), run_dir))
+    if r.wandb_mode != "disabled":
+        container = config.to_container(cfg)
+        sinks.append(
+            WandbSink(r.wandb_mode, w.project, w.entity, w.name, w.group, w.tags, container, run_dir, resume=resumed)
+        )
     if cfg.logger.progress:  # last: it takes over the console handlers until closed
-        sinks.append(ProgressSink(total=n_steps, initial=start))
+        sinks.append(ProgressSink(total=r.n_steps, initial=start))
     return MetricLogger(sinks)
 
 
@@ -81,20 +84,33 @@ def _make_accelerator(t: DictConfig) -> Any:
     return accelerator
 
 
+def _to_log_file(text: str) -> None:
+    """Write `text` to the run's log file only (the console shows the run, not 80 lines of
+    config; .hydra/config.yaml holds it too)."""
+    record = logging.LogRecord(log.name, logging.INFO, __file__, 0, text, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def _resume_point(t: DictConfig, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from, after refusing to mix a new run into an old run dir."""
+    """The checkpoint to resume from, after refusing to mix a new run into an old run dir. A
+    directory whose run saved no checkpoint has nothing to continue: train.resume=auto starts
+    it over, keeping the old metrics beside the new ones."""
     resume_from = checkpoint.resolve_resume(t.resume, run_dir)
-    if resume_from is None and (run_dir / "metrics.jsonl").exists():
-        how = (
-            "train.resume=auto found no complete checkpoint there"
-            if t.resume == "auto"
-            else "continue it with train.resume=auto"
-        )
-        raise UserError(
-            f"{run_dir} already holds a run (metrics.jsonl); {how}. Choose another hydra.run.dir, "
-            "or delete that run directory to start it over"
-        )
-    return resume_from
+    metrics_file = run_dir / "metrics.jsonl"
+    if resume_from is not None or not metrics_file.exists() or metrics_file.stat().st_size == 0:
+        return resume_from
+    if t.resume == "auto":
+        kept = next(p for n in range(1, 10_000) if not (p := run_dir / f"metrics.abandoned-{n}.jsonl").exists())
+        metrics_file.rename(kept)
+        log.warning("%s saved no checkpoint: starting it over (its metrics are kept in %s)", run_dir, kept.name)
+        return None
+    if checkpoint.complete_checkpoints(run_dir):
+        how = "continue it with train.resume=auto"
+    else:
+        how = "it saved no checkpoint; train.resume=auto starts it over (keeping its metrics.jsonl aside)"
+    raise UserError(f"{run_dir} already holds a run (metrics.jsonl); {how}, or choose another hydra.run.dir")
 
 
 def _warmup_steps(scheduler: DictConfig, n_steps: int) -> int:
@@ -110,6 +126,14 @@ def _warmup_steps(scheduler: DictConfig, n_steps: int) -> int:
             ]
         )
     return warmup
+
+
+def _schedule(name: str, warmup: int) -> str:
+    """transformers' `constant` ignores warmup; with a warmup, `constant_with_warmup` honours it."""
+    if name == "constant" and warmup > 0:
+        log.info("scheduler.name=constant with %d warmup steps: using constant_with_warmup", warmup)
+        return "constant_with_warmup"
+    return name
 
 
 @dataclass
@@ -134,6 +158,8 @@ class Run:
     eval_reference: Any  # the same for the eval set (a precomputed table is per dataset)
     start: int  # the optimizer step to start from (0, or the resumed checkpoint's)
     resumed: bool
+    loop_state: dict[str, Any]  # the resumed checkpoint's logging window and guard counters ({} if none)
+    wandb_mode: str  # logger.wandb.mode as it can run here (online may become offline)
 
 
 def _load_data(cfg: DictConfig, tokenizer: Any) -> tuple[list[Tokenized], list[Tokenized], int, int]:
@@ -149,9 +175,10 @@ def _load_data(cfg: DictConfig, tokenizer: Any) -> tuple[list[Tokenized], list[T
     return data.train, data.eval, per_epoch, t.max_steps or t.epochs * per_epoch
 
 
-def build(cfg: DictConfig) -> Run:
+def build(cfg: DictConfig, held: ExitStack) -> Run:
     """Validate the config, then build the run's parts: data before weights, so that a bad
-    dataset fails before minutes of model loading; the resume point before any training."""
+    dataset fails before minutes of model loading; the resume point before any training.
+    The run directory's lock joins `held`, which the caller keeps until the run ends."""
     from accelerate.utils import set_seed
     from hydra.utils import instantiate
     from transformers import get_scheduler
@@ -163,7 +190,11 @@ def build(cfg: DictConfig) -> Run:
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)  # messages once, from the main process
     accum = config.check_world(cfg, accelerator.num_processes)
+    held.enter_context(rundir.hold(run_dir, accelerator))  # every process calls it; the main one locks
     resume_from = _resume_point(t, run_dir)
+    wandb_mode = cfg.logger.wandb.mode
+    if accelerator.is_main_process:  # only the main process opens sinks; the check takes at most 5 s
+        wandb_mode = resolve_wandb_mode(wandb_mode, run_dir)
     set_seed(t.seed)
     log.info("run directory: %s", run_dir)
     log.info(
@@ -177,7 +208,7 @@ def build(cfg: DictConfig) -> Run:
         accum,
         accelerator.num_processes,
     )
-    log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    _to_log_file("config:\n" + OmegaConf.to_yaml(cfg, resolve=True))
 
     check_max_length(cfg.model, cfg.data.max_length)  # from the model's config, before data and weights
     tokenizer = load_tokenizer(cfg.model)
@@ -203,7 +234,7 @@ def build(cfg: DictConfig) -> Run:
         loss_fn,
     )
     optimizer = instantiate(cfg.optimizer)(params=[p for p in policy.parameters() if p.requires_grad])
-    scheduler = get_scheduler(cfg.scheduler.name, optimizer, num_warmup_steps=warmup, num_training_steps=n_steps)
+    scheduler = get_scheduler(_schedule(cfg.scheduler.name, warmup), optimizer, warmup, n_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     # The scheduler is stepped by hand once per optimizer step; registering it (instead of
     # preparing it) keeps it in checkpoints without accelerate stepping it once per process.
@@ -214,10 +245,11 @@ def build(cfg: DictConfig) -> Run:
     # the policy, the optimizer and the scheduler.
     reference, eval_reference = _reference(cfg, loss_fn, tokenizer, unwrapped, train_set, eval_set, accelerator)
     log.info("reference: %s", reference.describe() if reference else "none (no loss term needs one)")
-    start = checkpoint.load(accelerator, resume_from)["step"] if resume_from is not None else 0
+    state = checkpoint.load(accelerator, resume_from) if resume_from is not None else {"step": 0}
     return Run(
-        run_dir, accelerator, accum, train_set, eval_set, per_epoch, n_steps, run_shape, tokenizer,
-        loss_fn, policy, unwrapped, optimizer, scheduler, reference, eval_reference, start, resume_from is not None,
+        run_dir, accelerator, accum, train_set, eval_set, per_epoch, n_steps, run_shape, tokenizer, loss_fn,
+        policy, unwrapped, optimizer, scheduler, reference, eval_reference, state["step"], resume_from is not None,
+        state.get("loop", {}), wandb_mode,
     )  # fmt: skip
 
 
@@ -245,84 +277,138 @@ def _reference(
     return reference, reference
 
 
+class Window:
+    """What the logging window accumulates over its logger.log_every steps: metric sums, tokens,
+    steps and time. It is saved in each checkpoint, so a run interrupted mid-window logs the
+    same rows after resuming as it would have without the interruption."""
+
+    def __init__(self, device: Any) -> None:
+        self.metrics = Averages()
+        self.tokens = torch.zeros((), device=device)
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def clear(self) -> None:
+        self.metrics.clear()
+        self.tokens.zero_()
+        self.steps, self.started = 0, time.perf_counter()
+
+    def state(self) -> dict[str, Any]:
+        parts = {k: [s.item(), c.item()] for k, (s, c) in self.metrics.parts.items()}
+        return {"parts": parts, "tokens": self.tokens.item(), "steps": self.steps}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        device = self.tokens.device
+        self.metrics.parts = {
+            k: (torch.tensor(s, device=device), torch.tensor(c, device=device)) for k, (s, c) in state["parts"].items()
+        }
+        self.tokens.fill_(state["tokens"])
+        self.steps = state["steps"]
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Train the policy described by `cfg`; return the last train and eval metrics."""
-    r = build(cfg)
+    """Train the policy described by `cfg`; return the last train and eval metrics. Signals
+    (SIGTERM, SIGINT, SIGUSR1) are caught from the start: during the loop they end the run
+    after the current step, with a checkpoint (see `train`)."""
+    with StopOnSignal() as stop, ExitStack() as held:
+        return train(cfg, build(cfg, held), stop)
+
+
+def train(cfg: DictConfig, r: Run, stop: StopOnSignal) -> dict[str, float]:
+    """The training loop, top to bottom: one optimizer step per iteration, then logging,
+    evaluation and checkpoints when due; a non-finite step is skipped on every process; a
+    signal ends the run after the step, with a checkpoint (exit code EXIT_INTERRUPTED)."""
     t = cfg.train
-    accelerator, policy, loss_fn, reference = r.accelerator, r.policy, r.loss_fn, r.reference
+    accelerator, policy, loss_fn = r.accelerator, r.policy, r.loss_fn
     pad_id = r.tokenizer.pad_token_id
     last: dict[str, float] = {}
+    window = Window(accelerator.device)
+    nonfinite = {"total": 0, "consecutive": 0}
+    if r.loop_state:
+        window.restore(r.loop_state["window"])
+        nonfinite.update(r.loop_state["nonfinite"])
 
     def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
         # A batch statistic a loss uses (KTO's KL estimate): every process joins this reduce on
         # every micro batch, since all of them step through the same number of micro batches.
         return accelerator.reduce(x, "mean")
 
-    with _open_sinks(cfg, r.run_dir, accelerator, r.n_steps, r.start, r.resumed) as metrics:
+    def save(done: int) -> Path:
+        epoch, batch_in_epoch = position(done, len(r.train_set), t.batch_size)
+        loop = {"window": window.state(), "nonfinite": dict(nonfinite)}
+        state = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, **r.run_shape, "loop": loop}
+        return checkpoint.save(accelerator, r.run_dir, done, state, t.keep_checkpoints)
 
-        def run_eval(step: int) -> None:
-            if not r.eval_set:
-                return
-            row = {
-                "step": step,
-                **evaluate(r.unwrapped, r.eval_reference, loss_fn, r.eval_set, accelerator, t.micro_batch_size, pad_id),
-            }
-            metrics.log(row)
-            last.update(row)
-            log.info("eval step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"))
-
-        # Metrics, tokens and time accumulate over the logging window (logger.log_every steps).
-        window = Averages()
-        window_tokens = torch.zeros((), device=accelerator.device)
-        window_steps, window_start = 0, time.perf_counter()
+    with _open_sinks(cfg, r) as metrics:
         policy.train()
         for step in range(r.start, r.n_steps):
             indices = step_indices(step, len(r.train_set), t.batch_size, t.seed)
             shards = micro_batches(indices, accelerator.process_index, accelerator.num_processes, t.micro_batch_size)
+            step_parts, finite = Averages(), torch.ones((), device=accelerator.device)
             for i, idx in enumerate(shards):
                 batch = make_batch(r.train_set, idx, pad_id, loss_fn, accelerator.device)
                 # Gradients are all-reduced across processes only on the last micro batch.
                 sync = i == len(shards) - 1
                 with nullcontext() if sync else accelerator.no_sync(policy), accelerator.autocast():
-                    loss, parts = batch_loss(policy, reference, loss_fn, batch, mean_over_processes)
+                    loss, parts = batch_loss(policy, r.reference, loss_fn, batch, mean_over_processes)
                     # Each micro batch's loss is a mean over its pairs; dividing by the number of
                     # micro batches makes the accumulated gradient the mean over this process's
                     # share, and DDP's all-reduce then averages over processes.
                     accelerator.backward(loss / r.accum)
-                window.add(parts)
-                window_tokens += batch["attention_mask"].sum()
+                step_parts.add(parts)
+                finite *= torch.isfinite(loss.detach()).all()
+                window.tokens += batch["attention_mask"].sum()
             max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
             grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
             lr = r.scheduler.get_last_lr()[0]
-            r.optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the step did not happen
-                r.scheduler.step()
+            # The guard: a non-finite loss or gradient norm on any process skips the update on all.
+            if _all_finite(accelerator, finite * torch.isfinite(grad_norm)):
+                r.optimizer.step()
+                if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the step did not happen
+                    r.scheduler.step()
+                window.metrics.add(step_parts.parts)
+                nonfinite["consecutive"] = 0
+            else:
+                nonfinite["total"] += 1
+                nonfinite["consecutive"] += 1
+                log.warning(
+                    "step %d: non-finite loss or gradient norm (%s); update skipped on every process "
+                    "(%d in a row); the step's pairs: %s",
+                    step + 1, float(grad_norm), nonfinite["consecutive"], sorted(indices),
+                )  # fmt: skip
             r.optimizer.zero_grad(set_to_none=True)
-            window_steps += 1
+            window.steps += 1
 
-            done = step + 1
+            done, saved = step + 1, False
             if done % cfg.logger.log_every == 0 or done == r.n_steps:
-                elapsed = time.perf_counter() - window_start
+                elapsed = time.perf_counter() - window.started
                 row = {
                     "step": done,
                     "epoch": round(done / r.per_epoch, 4),
-                    **window.reduce(accelerator),
+                    **window.metrics.reduce(accelerator),
                     "grad_norm": float(grad_norm),
                     "lr": lr,
-                    "tokens_per_s": accelerator.reduce(window_tokens, "sum").item() / elapsed,
-                    "pairs_per_s": t.batch_size * window_steps / elapsed,
+                    "nonfinite_steps": nonfinite["total"],
+                    "tokens_per_s": accelerator.reduce(window.tokens, "sum").item() / elapsed,
+                    "pairs_per_s": t.batch_size * window.steps / elapsed,
                 }
                 metrics.log(row)
                 last.update(row)
                 window.clear()
-                window_tokens.zero_()
-                window_steps, window_start = 0, time.perf_counter()
             if (t.eval_every and done % t.eval_every == 0) or done == r.n_steps:
-                run_eval(done)  # before the checkpoint, so that a resume never repeats it
+                last.update(_evaluate(cfg, r, metrics, done))  # before the checkpoint: a resume never repeats it
+            if t.max_nonfinite_steps and nonfinite["consecutive"] >= t.max_nonfinite_steps:
+                raise NonFiniteError(_nonfinite_message(t.max_nonfinite_steps, save(done)))
             if t.save_every and done % t.save_every == 0:
-                epoch, batch_in_epoch = position(done, len(r.train_set), t.batch_size)
-                state = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, **r.run_shape}
-                checkpoint.save(accelerator, r.run_dir, done, state, t.keep_checkpoints)
+                save(done)
+                saved = True
+            signal_name = stop.agreed(accelerator)
+            if signal_name:
+                path = checkpoint.checkpoints_dir(r.run_dir) / f"step-{done}" if saved else save(done)
+                raise Interrupted(
+                    f"{signal_name}: stopped after step {done} of {r.n_steps}; checkpoint {path}. Continue with the "
+                    f"same command plus train.resume=auto hydra.run.dir={r.run_dir}"
+                )
 
     if r.start == r.n_steps:
         log.info("the run had already finished at step %d; nothing left to train", r.n_steps)
@@ -335,3 +421,34 @@ def run(cfg: DictConfig) -> dict[str, float]:
     log.info("done: %d steps; final model in %s; %s", r.n_steps, r.run_dir / "final", evals)
     accelerator.end_training()  # tears down the process group so processes exit cleanly
     return last
+
+
+def _all_finite(accelerator: Any, finite: torch.Tensor) -> bool:
+    """Whether `finite` (1 or 0) is 1 on every process: all of them take the same branch."""
+    if accelerator.num_processes > 1:
+        finite = accelerator.reduce(finite.float(), "min")
+    return bool(finite.item())
+
+
+def _evaluate(cfg: DictConfig, r: Run, metrics: MetricLogger, step: int) -> dict[str, float]:
+    """Evaluate on the held-out set, log the eval row and return it."""
+    if not r.eval_set:
+        return {}
+    pad_id = r.tokenizer.pad_token_id
+    values = evaluate(
+        r.unwrapped, r.eval_reference, r.loss_fn, r.eval_set, r.accelerator, cfg.train.micro_batch_size, pad_id
+    )
+    row = {"step": step, **values}
+    metrics.log(row)
+    log.info("eval step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in values.items()))
+    return row
+
+
+def _nonfinite_message(limit: int, path: Path) -> str:
+    return (
+        f"{limit} optimizer steps in a row had a non-finite loss or gradient norm (train.max_nonfinite_steps="
+        f"{limit}); stopped with the last good weights in {path} (final/ not written). Likely causes: a "
+        "learning rate too high (lower optimizer.lr); fp16 overflow (use bf16, or model.dtype=float32 with "
+        "train.mixed_precision=fp16); empty responses or a data row that tokenizes badly (check the pair "
+        "indices logged above with mode=inspect)"
+    )

@@ -239,10 +239,11 @@ def test_every_key_has_a_comment(path):
             "model.random_init does not build a transformers config: The hidden size (-1) is not a multiple",
         ),
         (["train.mixed_precision=fp16", "model.dtype=float16"], "train.mixed_precision=fp16 needs "),
+        (["model.dtype=float16"], "model.dtype=float16 trains float16 weights without a loss scaler"),
         (["train.max_steps=4", "scheduler.warmup_steps=4"], "scheduler.warmup_steps=4 is not below train.max_steps=4"),
         (["train.save_every=3", "logger.log_every=2"], "train.save_every=3 must be a multiple of logger.log_every=2"),
     ],
-    ids=["mode", "model-type", "arch-typo", "arch-invalid", "fp16", "warmup", "log-window"],
+    ids=["mode", "model-type", "arch-typo", "arch-invalid", "fp16", "float16-weights", "warmup", "log-window"],
 )
 def test_validate_rejects_before_weights(compose_cfg, overrides, needle):
     with pytest.raises(ConfigError) as info:

@@ -1,0 +1,262 @@
+"""Checks on the `dpo-train` command line, before Hydra runs it (called by `cli.main`).
+
+Left to itself, Hydra reports only the first override it refuses (in its own words, and
+without a hint for a misspelled key), creates the run directory (`.hydra/`, `train.log`)
+before `train.run` validates the config, runs a `-m` sweep until its first invalid job and
+stops there, and fails with a logging traceback when the run directory cannot be written.
+So the command line is composed here first, the way Hydra will compose it, once per job
+of a sweep: every problem of every job is reported in one message, and nothing is created
+or started unless all of them are valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from dpo_cli import config
+from dpo_cli.errors import ConfigError, UserError
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+# Options that make Hydra print something (or look elsewhere for its configs) instead of running.
+HYDRA_ONLY = ("help", "hydra_help", "info", "shell_completion")
+HYDRA_ONLY += ("config_path", "config_name", "config_dir", "experimental_rerun")
+
+
+class SweepError(ConfigError):
+    """Config problems in some jobs of a `-m` sweep, found before any job started."""
+
+    def __init__(self, problems: list[str], bad_jobs: int, jobs: int):
+        super().__init__(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        Exception.__init__(
+            self, f"invalid sweep: {bad_jobs} of {jobs} jobs have config problems; no job was started:\n{lines}"
+        )
+
+
+def check_writable(run_dir: Path, key: str = "hydra.run.dir") -> None:
+    """Raise UserError unless `run_dir` can be created and written: its nearest existing
+    ancestor must be a directory this process may write into. Checked before Hydra starts,
+    which would otherwise fail setting up its log file, with a traceback."""
+    existing = Path(os.path.abspath(run_dir))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        why = f"{existing} is a file, not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        why = f"{existing} is read-only / permission denied"
+    else:
+        return
+    what = "sweep directory" if key == "hydra.sweep.dir" else "run directory"
+    raise UserError(f"cannot write the {what} {run_dir} ({why}); choose another with {key}=DIR")
+
+
+def resume_subdir(run_dir: Path) -> str | None:
+    """`.hydra/resume-N`, the first N free, when `run_dir` already holds a run's `.hydra/`:
+    Hydra would otherwise overwrite that run's config.yaml and overrides.yaml with this one's."""
+    if not (run_dir / ".hydra").is_dir():
+        return None
+    n = 1
+    while (run_dir / ".hydra" / f"resume-{n}").exists():
+        n += 1
+    return f".hydra/resume-{n}"
+
+
+def with_override(argv: list[str], overrides: list[str], extra: str) -> list[str]:
+    """`argv` with `extra` right after its last override, so that the overrides stay one run of
+    arguments (argparse refuses overrides on both sides of an option like `--cfg job`)."""
+    if not overrides:
+        return [*argv, extra]
+    end = max(i for i, arg in enumerate(argv) if arg == overrides[-1]) + 1
+    return [*argv[:end], extra, *argv[end:]]
+
+
+def _hydra_args(argv: list[str]) -> argparse.Namespace:
+    from hydra._internal.utils import get_args_parser  # how @hydra.main reads sys.argv
+
+    return get_args_parser().parse_args(argv[1:])
+
+
+def sweep_jobs(overrides: list[str]) -> list[tuple[list[str], str]] | None:
+    """(overrides, the swept values as `key=value ...`) of each job of a `-m` sweep, in Hydra's
+    job order (BasicSweeper: the cartesian product, the first swept key varying slowest, a
+    later override of a key replacing an earlier one). None when a sweep cannot be listed
+    (`interval(...)`, for a sweeper plugin): Hydra then checks it itself."""
+    loader = GlobalHydra.instance().hydra.config_loader  # type: ignore[union-attr]  # glob(...) needs it
+    parser = OverridesParser.create(config_loader=loader)
+    choices: dict[str, list[str]] = {}
+    swept: set[str] = set()
+    for line in overrides:
+        try:
+            (o,) = parser.parse_overrides([line])
+        except HydraException:
+            choices[line] = [line]  # every job reports it (compose_job)
+            continue
+        key = o.get_key_element()
+        if not o.is_sweep_override():
+            choices[key] = [line]
+            swept.discard(key)
+        elif o.is_discrete_sweep():
+            choices[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+            swept.add(key)
+        else:
+            return None
+    jobs = [list(job) for job in itertools.product(*choices.values())]
+    keys = list(choices)
+    return [(job, " ".join(o for k, o in zip(keys, job, strict=True) if k in swept)) for job in jobs]
+
+
+def _culprit(e: Exception, overrides: list[Override]) -> tuple[Override | None, str | None]:
+    """The override Hydra refused in `e`, and the key it tried to set when that key does not
+    exist (reported with a suggestion once the rest has composed)."""
+    msg = str(e)
+    key = re.search(r"Could not override '([^']+)'", msg)
+    group = re.search(r"Could not find '([^']+)/[^'/]+'", msg)
+    for o in overrides:
+        if key and o.key_or_group == key.group(1):
+            return o, key.group(1)
+        if group and o.key_or_group == group.group(1):
+            return o, None
+        if f"'{o.input_line}'" in msg or msg.endswith(f" {o.input_line}") or f" {o.input_line}\n" in msg:
+            return o, None
+    return next((o for o in overrides if f"'{o.key_or_group}'" in msg), None), None
+
+
+def _one_line(e: Exception, culprit: Override | None = None) -> str:
+    """`override: Hydra's message and its cause` on one line (without OmegaConf's full_key,
+    object_type lines and Hydra's config search path)."""
+    parts = [str(e), str(e.__cause__ or "")]
+    if getattr(e, "options", None):  # MissingConfigException: the group's options
+        parts = [str(e).split("\n")[0], "available: " + ", ".join(e.options)]  # type: ignore[attr-defined]
+    lines = [re.sub(r"^In '[^']*': ", "", line.strip()) for part in parts for line in part.splitlines()]
+    noise = re.compile(r"(full_key|reference_type|object_type)\b|Config search path|provider=|Error merging override")
+    text = "; ".join(line for line in lines if line and not noise.match(line))
+    return f"{culprit.input_line}: {text}" if culprit is not None else text
+
+
+def compose_job(overrides: list[str]) -> tuple[DictConfig | None, list[str]]:
+    """The config `overrides` compose to (with Hydra's node), and a problem for each override
+    Hydra refused: each refused override is dropped and the rest composed again, so that one
+    message lists them all. The config is None when the rest does not compose either."""
+    parser = OverridesParser.create()
+    remaining: list[Override] = []
+    problems: list[str] = []
+    for line in overrides:
+        try:
+            remaining += parser.parse_overrides([line])
+        except HydraException as e:
+            problems.append(_one_line(e))
+    unknown: list[str] = []
+    cfg = None
+    while cfg is None:
+        try:
+            cfg = compose("config", [o.input_line for o in remaining], return_hydra_config=True)
+        except (HydraException, OmegaConfBaseException) as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            culprit, key = _culprit(e, remaining)
+            if key is not None:
+                unknown.append(key)
+            else:
+                problems.append(_one_line(e, culprit))
+            if culprit is None:
+                break
+            remaining.remove(culprit)
+    task = _task(cfg) if cfg is not None and unknown else None  # the keys it holds, for suggestions
+    return cfg, [config.not_a_key(k, task) for k in unknown] + problems
+
+
+def _task(cfg: DictConfig) -> DictConfig:
+    """The config the job sees: `cfg` without Hydra's node (as Hydra passes it to the job)."""
+    task = copy.deepcopy(cfg)
+    with open_dict(task):
+        del task["hydra"]
+    return task
+
+
+def job_problems(cfg: DictConfig, full: bool) -> list[str]:
+    """What `config.validate` finds in a composed job (`full`), or only its unknown keys."""
+    task = _task(cfg)
+    if not full:
+        return config.unknown_keys(task)
+    try:
+        config.validate(task)
+    except ConfigError as e:
+        return e.problems
+    except OmegaConfBaseException:
+        return []  # a value that resolves only inside the run (${hydra:...}): train.run validates it there
+    return []
+
+
+def _raise_problems(jobs: list[tuple[list[str], str]], problems: list[list[str]], multirun: bool) -> None:
+    """One ConfigError for a run; for a sweep, one SweepError naming each job's swept values
+    (problems every job shares are listed once)."""
+    if not any(problems):
+        return
+    if not multirun or len(jobs) == 1:
+        raise ConfigError(problems[0])
+    shared = [p for p in problems[0] if all(p in job for job in problems)]
+    lines = list(shared)
+    for n, ((_, label), job) in enumerate(zip(jobs, problems, strict=True)):
+        lines += [f"job {n} ({label}): {p}" for p in job if p not in shared]
+    raise SweepError(lines, sum(1 for job in problems if job), len(jobs))
+
+
+def check(argv: list[str], config_dir: str, main_process: bool = True) -> list[str]:
+    """Check a `dpo-train` command line (sys.argv) before Hydra runs it; return it, with
+    `hydra.output_subdir=.hydra/resume-N` added when the run goes into a directory that holds
+    an earlier run's `.hydra/` (a resume), so that the original's config stays as it was.
+
+    Raises ConfigError (SweepError for `-m`) listing the problems of every job, then UserError
+    when the run directory cannot be written. `--cfg` checks only that the config composes
+    without unknown keys; help, `--info` and other config directories are left to Hydra."""
+    args = _hydra_args(argv)
+    if any(getattr(args, name, None) for name in HYDRA_ONLY):
+        return argv
+    overrides: list[str] = list(args.overrides)
+    multirun = args.multirun or "hydra.mode=MULTIRUN" in overrides
+    full = not args.cfg
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        jobs = sweep_jobs(overrides) if multirun else [(overrides, "")]
+        if jobs is None:
+            return argv
+        composed = [compose_job(job) for job, _ in jobs]
+        first = composed[0][0]
+        if multirun and first is not None and first.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
+            jobs, composed = jobs[:1], composed[:1]  # another sweeper lists its own jobs
+        problems = [found + (job_problems(cfg, full) if cfg is not None else []) for cfg, found in composed]
+        _raise_problems(jobs, problems, multirun)
+        if not full:
+            return argv
+        assert first is not None
+        return _prepare_run_dir(argv, overrides, first.hydra, multirun, main_process)
+
+
+def _prepare_run_dir(
+    argv: list[str], overrides: list[str], hydra: Any, multirun: bool, main_process: bool
+) -> list[str]:
+    """Check that the run (or sweep) directory can be written; on the main process, direct a
+    resume's Hydra files to `.hydra/resume-N`."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    try:
+        run_dir = Path(OmegaConf.select(hydra, key.removeprefix("hydra."), throw_on_missing=True))
+    except OmegaConfBaseException:
+        return argv  # resolves only inside the run (${hydra:...}); Hydra reports what fails
+    check_writable(run_dir, key)
+    if multirun or not main_process or hydra.output_subdir != ".hydra":
+        return argv
+    subdir = resume_subdir(run_dir)
+    return argv if subdir is None else with_override(argv, overrides, f"hydra.output_subdir={subdir}")

@@ -1,0 +1,193 @@
+"""Interruptions as they happen to real runs: signals, kill -9, non-finite steps. Each ends
+with a checkpoint from which `train.resume=auto` continues exactly, or with a clear message."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BIN, FAST, QUIET, read_metrics
+from safetensors.torch import load_file
+
+from dpo_cli import evaluate, train
+from dpo_cli.errors import EXIT_INTERRUPTED, EXIT_NONFINITE, NonFiniteError
+
+ARGS = [*QUIET, *FAST, "train.max_steps=24", "train.save_every=4", "train.eval_every=8", "train.keep_checkpoints=null"]
+
+
+def _start(run_dir: Path, extra: list[str] = ()) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    cmd = [str(BIN / "dpo-train"), *ARGS, *extra, f"hydra.run.dir={run_dir}"]
+    return subprocess.Popen(
+        cmd, cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _wait_for_rows(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if path.exists() and sum(1 for _ in path.open()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.02)
+    raise AssertionError(f"no {n} rows in {path} after {timeout} s")
+
+
+def _run(run_dir: Path, extra: list[str] = ()) -> subprocess.CompletedProcess:
+    proc = _start(run_dir, extra)
+    out, _ = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("full") / "run"
+    run_dir.parent.mkdir(exist_ok=True)
+    proc = _run(run_dir)
+    assert proc.returncode == 0, proc.stdout
+    return run_dir
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    """Same metric rows (throughput aside) and bitwise the same final weights."""
+    rows_a, rows_b = read_metrics(a), read_metrics(b)
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
+    for x, y in zip(rows_a, rows_b, strict=True):
+        for key in x.keys() - {"tokens_per_s", "pairs_per_s"}:
+            assert x[key] == y[key], (key, x, y)
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
+def test_a_signal_saves_a_checkpoint_and_the_resume_matches(tmp_path, uninterrupted, sig):
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir)
+    _wait_for_rows(run_dir, 6, proc)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, out
+    assert "Traceback" not in out and f"{sig.name}: stopped after step" in out
+    assert "train.resume=auto" in out
+    step = int(out.split("stopped after step ")[1].split()[0])
+    assert (run_dir / "checkpoints" / f"step-{step}").is_dir()
+    resumed = _run(run_dir, ["train.resume=auto"])
+    assert resumed.returncode == 0, resumed.stdout
+    _assert_same_run(uninterrupted, run_dir)
+
+
+def test_a_second_ctrl_c_exits_at_once():
+    """The handler the loop installs, in a process of its own: the first SIGINT asks for a
+    stop, the second one (once the first was seen) ends the process at once, exit 130."""
+    code = (
+        "import os, signal, time\n"
+        "from dpo_cli.signals import StopOnSignal\n"
+        "with StopOnSignal() as stop:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    while stop.received is None: time.sleep(0.01)\n"
+        "    print('first seen', flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(30)\n"
+    )
+    proc = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, proc.stdout + proc.stderr
+    assert "first seen" in proc.stdout and "second SIGINT" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_kill_9_at_several_moments_then_resume_matches(tmp_path, uninterrupted):
+    """kill -9 while computing, evaluating, writing metrics or saving a checkpoint (wherever the
+    random moment falls), three times, resuming each time: the run ends as if uninterrupted."""
+    import random
+
+    rng = random.Random(0)
+    run_dir = tmp_path / "run"
+    for n_rows in (3, 9, 15):
+        proc = _start(run_dir, ["train.resume=auto"] if (run_dir / "metrics.jsonl").exists() else [])
+        _wait_for_rows(run_dir, n_rows, proc)
+        time.sleep(rng.uniform(0, 0.3))
+        proc.kill()
+        proc.wait()
+    done = _run(run_dir, ["train.resume=auto"])
+    assert done.returncode == 0, done.stdout
+    _assert_same_run(uninterrupted, run_dir)
+
+
+def _nan_on(calls: set[int], monkeypatch) -> None:
+    """Make the training loss of the given batch_loss calls (0-based) NaN: a fault injected
+    into the real loss, as an fp16 overflow or a bad row would produce."""
+    real = evaluate.batch_loss
+    seen = {"n": 0}
+
+    def faulty(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        n = seen["n"]
+        seen["n"] += 1
+        return (loss * float("nan"), parts) if n in calls else (loss, parts)
+
+    monkeypatch.setattr(train, "batch_loss", faulty)
+
+
+def test_a_non_finite_step_is_skipped_counted_and_leaves_the_weights(train_run, monkeypatch, tmp_path, caplog):
+    """A NaN loss at step 2 (its two micro batches): the update is skipped, `nonfinite_steps`
+    counts it, the step's pair indices are logged; the run then trains on and finishes."""
+    _nan_on({2, 3}, monkeypatch)
+    caplog.set_level("WARNING", logger="dpo_cli.train")
+    _, run_dir = train_run(["train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=null"])
+    rows = [r for r in read_metrics(run_dir) if "grad_norm" in r]
+    assert [r["nonfinite_steps"] for r in rows] == [0, 1, 1, 1]
+    assert "loss" not in rows[1], "the skipped step's metrics must not enter the averages"
+    assert all(math.isfinite(r["loss"]) for r in (rows[0], rows[2], rows[3]))
+    assert "step 2: non-finite loss" in caplog.text and "the step's pairs: [" in caplog.text
+    one = load_file(run_dir / "checkpoints" / "step-1" / "model.safetensors")
+    two = load_file(run_dir / "checkpoints" / "step-2" / "model.safetensors")
+    assert all(torch.equal(one[k], two[k]) for k in one), "the skipped step changed the weights"
+
+
+def test_consecutive_non_finite_steps_stop_the_run_with_its_last_good_state(train_run, monkeypatch, tmp_path):
+    _nan_on(set(range(2, 100)), monkeypatch)
+    with pytest.raises(NonFiniteError, match="3 optimizer steps in a row") as e:
+        train_run(["train.max_steps=10", "train.max_nonfinite_steps=3", "train.save_every=null"])
+    assert e.value.exit_code == EXIT_NONFINITE
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "final").exists()
+    assert "learning rate" in str(e.value) and "fp16" in str(e.value)
+    saved = load_file(run_dir / "checkpoints" / "step-4" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+def test_a_diverging_learning_rate_ends_with_exit_3_and_no_final_model(tmp_path):
+    proc = _run(tmp_path / "run", ["optimizer.lr=1e38", "train.max_nonfinite_steps=2"])
+    assert proc.returncode == EXIT_NONFINITE, proc.stdout
+    assert "Traceback" not in proc.stdout and "non-finite" in proc.stdout
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_constant_schedule_honours_its_warmup(train_run):
+    _, run_dir = train_run(["scheduler.name=constant", "scheduler.warmup_steps=2", "train.max_steps=4"])
+    lrs = [r["lr"] for r in read_metrics(run_dir) if "lr" in r]
+    assert lrs[0] == 0 and lrs[1] < lrs[2] == lrs[3] == 1e-3
+
+
+def test_a_run_that_saved_no_checkpoint_is_started_over_by_resume_auto(train_run, tmp_path):
+    args = ["train.max_steps=2", "train.save_every=null"]
+    _, run_dir = train_run(args)
+    (run_dir / "final").rename(run_dir / "final-old")
+    with pytest.raises(Exception, match="it saved no checkpoint; train.resume=auto starts it over"):
+        train_run(args, run_dir)
+    train_run([*args, "train.resume=auto"], run_dir)
+    assert (run_dir / "metrics.abandoned-1.jsonl").exists()
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2]
+
+
+def test_signal_handlers_are_restored_after_a_run(train_run):
+    before = signal.getsignal(signal.SIGTERM)
+    train_run(["train.max_steps=1"])
+    assert signal.getsignal(signal.SIGTERM) is before
