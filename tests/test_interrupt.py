@@ -191,3 +191,79 @@ def test_signal_handlers_are_restored_after_a_run(train_run):
     before = signal.getsignal(signal.SIGTERM)
     train_run(["train.max_steps=1"])
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# A launch of the real CLI on two gloo processes; with FAULT set, rank 1's training loss is NaN
+# on its calls listed there (rank 0 computes normally), as one process's bad shard would be.
+LAUNCHED = """
+import os, sys
+if os.environ.get("FAULT") and os.environ.get("RANK") == "1":
+    from dpo_cli import evaluate, train
+    real, calls, seen = evaluate.batch_loss, {int(c) for c in os.environ["FAULT"].split(",")}, [0]
+    def faulty(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        seen[0] += 1
+        return (loss * float("nan"), parts) if seen[0] - 1 in calls else (loss, parts)
+    train.batch_loss = faulty
+from dpo_cli.cli import main
+sys.argv = ["dpo-train", *sys.argv[1:]]
+main()
+"""
+
+
+def _launch(tmp_path: Path, run_dir: Path, extra: list[str], env: dict | None = None) -> subprocess.Popen:
+    from test_cli import _free_port
+
+    script = tmp_path / "launched.py"
+    script.write_text(LAUNCHED)
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script)]
+    cmd += [*ARGS, *extra, f"hydra.run.dir={run_dir}"]
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen(
+        cmd, cwd=tmp_path, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+@pytest.mark.distributed
+def test_two_processes_agree_on_a_signal_one_of_them_received(tmp_path, uninterrupted):
+    """SIGTERM to rank 1 alone: both processes stop after the same step, the checkpoint is
+    written by both, and a 2-process resume ends like the uninterrupted run."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    proc = _launch(tmp_path, run_dir, [])
+    _wait_for_rows(run_dir, 6, proc)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "launched.py" in " ".join(p.cmdline())]
+    rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+    rank1.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert "SIGTERM: stopped after step" in out, out
+    step = int(out.split("stopped after step ")[1].split()[0])
+    ckpt = run_dir / "checkpoints" / f"step-{step}"
+    assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
+    resumed = _launch(tmp_path, run_dir, ["train.resume=auto"])
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    rows, base = read_metrics(run_dir), read_metrics(uninterrupted)
+    assert [r["step"] for r in rows] == [r["step"] for r in base]
+    for a, b in zip(base, rows, strict=True):
+        for key in ("loss", "eval_loss", "grad_norm"):
+            if key in a:
+                assert abs(a[key] - b[key]) < 1e-4, (key, a, b)
+
+
+@pytest.mark.distributed
+def test_two_processes_agree_to_skip_a_step_only_one_of_them_saw_as_non_finite(tmp_path):
+    """Rank 1's loss is NaN on step 2 only: neither process applies that update (the weights
+    after step 2 equal those after step 1, on both), and the run goes on."""
+    run_dir = tmp_path / "run"
+    proc = _launch(
+        tmp_path, run_dir, ["train.max_steps=4", "train.save_every=1"], env={"FAULT": "1"}
+    )  # one micro batch per process per step
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    rows = [r for r in read_metrics(run_dir) if "grad_norm" in r]
+    assert [r["nonfinite_steps"] for r in rows] == [0, 1, 1, 1]
+    one = load_file(run_dir / "checkpoints" / "step-1" / "model.safetensors")
+    two = load_file(run_dir / "checkpoints" / "step-2" / "model.safetensors")
+    assert all(torch.equal(one[k], two[k]) for k in one)
