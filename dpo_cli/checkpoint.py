@@ -2,91 +2,466 @@
 
 A checkpoint holds everything accelerate tracks (model, optimizer, registered objects such as
 the LR scheduler, every process's RNG states) plus trainer_state.json with the step and data
-position. It is written under a temporary name and renamed when complete, so `latest` never
-picks up a checkpoint that a crash cut short.
+position. It is written under a temporary name (step-N.tmp); once every process's files are in
+place, manifest.json (each file's path, size and sha256) is written last and the directory is
+renamed. A checkpoint counts as complete only with its manifest, so a crash, a full disk or a
+file damaged later is detected before anything is resumed from it.
+
+Guarantees on resume: `train.resume=auto` takes the newest checkpoint whose files match their
+manifest (sizes, then checksums) and says why it skipped any newer one; checkpoints of an
+abandoned future (steps after the one a run resumed from) are set aside as abandoned-step-N,
+never deleted; rotation only deletes older checkpoints once the new one is verified.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import re
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from dpo_cli.errors import UserError
+from dpo_cli.errors import NonFiniteError, UserError
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
+# trainer_state.json's "checkpoint_format": 2 since checkpoints have a manifest. A checkpoint
+# without the key was written before, and is accepted without a manifest (no checksums).
+FORMAT = 2
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
+# Room asked for beyond the estimate: the estimate is the previous checkpoint's size (or the
+# tensors' bytes), and the new one may be a little larger (pickled RNG and scheduler state).
+_SPACE_FACTOR, _SPACE_SLACK = 1.1, 64 * 2**20
+T = TypeVar("T")
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """Every checkpoints/step-N directory in `root`, complete or not, by step."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), d) for d in root.iterdir() if (m := _STEP_DIR.match(d.name)) and d.is_dir()]
+    return sorted(found)
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints in `run_dir`, oldest first."""
-    found = []
+    """Checkpoints in `run_dir` whose files are all there at their manifest's sizes (or that
+    predate manifests), oldest first. Checksums are left to `resolve_resume`: they read it all."""
+    return [d for _, d in _step_dirs(checkpoints_dir(run_dir)) if verify(d, checksums=False) is None]
+
+
+# --- verification ------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(2**24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_state(path: Path) -> dict:
+    state = json.loads((path / STATE_FILE).read_text())
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError("no integer 'step'")
+    return state
+
+
+def is_legacy(path: Path) -> bool:
+    """Written before checkpoints had a manifest: trainer_state.json without checkpoint_format."""
+    try:
+        return not (path / MANIFEST_FILE).exists() and "checkpoint_format" not in _read_state(path)
+    except (OSError, ValueError):
+        return False
+
+
+def verify(path: Path, checksums: bool = True) -> str | None:
+    """Why checkpoint `path` cannot be resumed from, or None when it can: every file in its
+    manifest present at its size (and, with `checksums`, its sha256), trainer_state.json
+    readable. A checkpoint from before manifests (`is_legacy`) passes on trainer_state.json."""
+    if not path.is_dir():
+        return "it is not a directory"
+    has_manifest = (path / MANIFEST_FILE).is_file()
+    if has_manifest:
+        try:
+            entries = json.loads((path / MANIFEST_FILE).read_text())["files"]
+            problem = _check_files(path, entries, checksums)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problem = f"{MANIFEST_FILE} is unreadable ({type(e).__name__}: {e})"
+        if problem:
+            return problem
+    try:
+        state = _read_state(path)
+    except FileNotFoundError:
+        return f"{STATE_FILE} is missing"
+    except (OSError, ValueError) as e:
+        return f"{STATE_FILE} is unreadable ({type(e).__name__}: {e})"
+    if not has_manifest and "checkpoint_format" in state:
+        return f"{MANIFEST_FILE} is missing (the checkpoint was not finished, or was damaged since)"
+    return None
+
+
+def _check_files(path: Path, entries: list[dict], checksums: bool) -> str | None:
+    for e in entries:
+        try:
+            size = (path / e["path"]).stat().st_size
+        except FileNotFoundError:
+            return f"{e['path']} is missing"
+        if size != e["size"]:
+            how = "cut short" if size < e["size"] else "changed since"
+            return f"{e['path']} has {size} bytes, its manifest says {e['size']} ({how})"
+    for e in entries if checksums else ():
+        if _sha256(path / e["path"]) != e["sha256"]:
+            return f"{e['path']} does not match its sha256 checksum (its content changed since it was written)"
+    return None
+
+
+def _write_manifest(path: Path) -> None:
+    """manifest.json for every file under `path`: written last, it marks the checkpoint complete."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    entries = [{"path": str(p.relative_to(path)), "size": p.stat().st_size, "sha256": _sha256(p)} for p in files]
+    with (path / MANIFEST_FILE).open("w") as f:
+        json.dump({"files": entries}, f, indent=1)
+
+
+def _size_of(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _last_good(run_dir: Path) -> str:
+    good = complete_checkpoints(run_dir)
+    return str(good[-1]) if good else "none (no checkpoint has been saved in this run dir)"
+
+
+def _alternatives(dirs: list[Path], exclude: Path) -> str:
+    """The good checkpoints in `dirs` other than `exclude`, newest first, for an error message."""
+    roots = list(dict.fromkeys(d.resolve() for d in dirs))
+    good = [d for root in roots for _, d in _step_dirs(root) if verify(d, checksums=False) is None]
+    good = [d for d in good if d != exclude.resolve()]
+    if not good:
+        return f"there is no other good checkpoint in {', '.join(str(d) for d in roots)}"
+    return f"good checkpoints: {', '.join(str(d) for d in good[::-1])} (train.resume=auto takes the newest)"
+
+
+# --- housekeeping: stale temporaries, abandoned futures --------------------------------------
+
+
+def remove_stale_tmp(run_dir: Path) -> None:
+    """Delete step-N.tmp directories: the unfinished saves of a run that was killed."""
     root = checkpoints_dir(run_dir)
-    if root.is_dir():
-        for d in root.iterdir():
-            m = _STEP_DIR.match(d.name)
-            if m and (d / STATE_FILE).is_file():
-                found.append((int(m.group(1)), d))
-    return [d for _, d in sorted(found)]
+    for d in sorted(root.iterdir()) if root.is_dir() else ():
+        if _TMP_DIR.match(d.name):
+            log.warning("removing %s: an unfinished checkpoint of a run that stopped while saving", d)
+            shutil.rmtree(d, ignore_errors=True)
 
 
-def save(accelerator: Any, run_dir: Path, step: int, state: dict, keep: int | None) -> Path:
+def discard_future(run_dir: Path, step: int) -> list[Path]:
+    """Set aside every checkpoint after `step` as checkpoints/abandoned-step-N (never deleted).
+
+    When a run resumes from step S, checkpoints with a later step belong to a future that was
+    abandoned (metrics.jsonl is cut back to S): left in place they would outrank the new ones
+    in rotation and in train.resume=auto. Returns the new paths."""
+    return _set_aside(run_dir, step + 1, f"this run continues from step {step}")
+
+
+def _set_aside(run_dir: Path, first: int, why: str) -> list[Path]:
+    """Rename checkpoints at step `first` and later to abandoned-step-N (-2, -3, ... if taken)."""
+    moved = []
+    for n, d in _step_dirs(checkpoints_dir(run_dir)):
+        if n < first:
+            continue
+        target = d.with_name(f"abandoned-{d.name}")
+        k = 1
+        while target.exists():
+            k += 1
+            target = d.with_name(f"abandoned-{d.name}-{k}")
+        try:
+            d.rename(target)
+        except OSError as e:
+            log.warning("could not set aside %s (%s): move it out of %s by hand", d, e, d.parent)
+            continue
+        log.warning(
+            "%s is from an abandoned run (%s): renamed to %s; delete it when you no longer need it",
+            d,
+            why,
+            target.name,
+        )
+        moved.append(target)
+    return moved
+
+
+# --- processes agreeing ------------------------------------------------------------------------
+
+
+def _on_main(fn: Callable[[], T]) -> T:
+    """`fn()` computed once, on the main process, and its result (or UserError) on every process:
+    all of them must pick the same checkpoint, and only one may rename or delete."""
+    from dpo_cli.distributed import broadcast_from_main, cpu_only, world_size_from_env
+
+    if world_size_from_env() <= 1:
+        return fn()
+    from accelerate import PartialState
+
+    outcome: tuple[bool, Any] | None = None
+    if PartialState(cpu=cpu_only()).is_main_process:
+        try:
+            outcome = (True, fn())
+        except UserError as e:
+            broadcast_from_main((False, str(e)))
+            raise
+    ok, value = broadcast_from_main(outcome)
+    if not ok:
+        raise UserError(value)
+    return value
+
+
+def _agree(accelerator: Any, failure: Any) -> Any:
+    """The first failure any process met (None if none), on every process; also a barrier. All
+    processes then raise together instead of leaving the others waiting in a collective."""
+    if accelerator.num_processes == 1:
+        return failure
+    from accelerate.utils import gather_object
+
+    failures = [f for f in gather_object([failure]) if f is not None]
+    return failures[0] if failures else None
+
+
+# --- save --------------------------------------------------------------------------------------
+
+
+def save(
+    accelerator: Any,
+    run_dir: Path,
+    step: int,
+    state: dict,
+    keep: int | None,
+    estimate_bytes: int | None = None,
+) -> Path:
     """Save the full training state after optimizer step `step`; keep the newest `keep`.
 
     Every process calls this: each writes its own RNG state, and sharded strategies (FSDP,
-    DeepSpeed) gather through collectives inside save_state.
+    DeepSpeed) gather through collectives inside save_state. Before writing: stale step-N.tmp
+    directories go, the free space is checked against `estimate_bytes` (default: the previous
+    checkpoint's size, else the model's and optimizer's tensors), and checkpoints at this step
+    or later (an abandoned future) are set aside. Rotation runs only once the new one is
+    complete and verified. Raises UserError, with the partial step-N.tmp removed, when the disk
+    is full or not writable.
     """
-    final = checkpoints_dir(run_dir) / f"step-{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()  # all processes have written their part
+    failure = None
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        try:
+            _prepare(accelerator, run_dir, step, estimate_bytes)
+        except UserError as e:
+            failure = str(e)
+    failure = _agree(accelerator, failure)
+    if failure:
+        raise UserError(failure)
+    final = _write(accelerator, run_dir, step, state)
+    if accelerator.is_main_process:
         if keep is not None:
-            for old in complete_checkpoints(run_dir)[:-keep]:
-                shutil.rmtree(old)
+            _rotate(run_dir, keep, final)
         log.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
 
 
+def _prepare(accelerator: Any, run_dir: Path, step: int, estimate_bytes: int | None) -> None:
+    root = checkpoints_dir(run_dir)
+    remove_stale_tmp(run_dir)
+    if estimate_bytes is None:
+        good = complete_checkpoints(run_dir)
+        estimate_bytes = _size_of(good[-1]) if good else _tensor_bytes(accelerator)
+    needed = int(estimate_bytes * _SPACE_FACTOR) + _SPACE_SLACK
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise UserError(
+            f"not enough free disk space in {root} to write checkpoint step-{step}: needs about "
+            f"{_gb(needed)}, {_gb(free)} free; the last good checkpoint is {_last_good(run_dir)}; "
+            "free space or set train.keep_checkpoints lower"
+        )
+    # A checkpoint at this step or later was written by an abandoned future of this run (it
+    # resumed from an earlier step): set it aside rather than overwrite it or let it outrank
+    # this one in rotation. (`load` with run_dir already did, unless it was not given one.)
+    _set_aside(run_dir, step, f"this run is writing step {step} anew")
+
+
+def _tensor_bytes(accelerator: Any) -> int:
+    """What save_state will write, from the tensors: the prepared models' parameters and the
+    optimizers' state (AdamW: two tensors per parameter; assumed before the first step)."""
+    import torch
+
+    total = 0
+    for model in getattr(accelerator, "_models", []):
+        total += sum(p.numel() * p.element_size() for p in model.parameters())
+    for opt in getattr(accelerator, "_optimizers", []):
+        state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+        if state:
+            total += sum(v.numel() * v.element_size() for v in state)
+        else:
+            params = [p for g in opt.param_groups for p in g["params"]]
+            total += 2 * sum(p.numel() * p.element_size() for p in params)
+    return total
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _write(accelerator: Any, run_dir: Path, step: int, state: dict) -> Path:
+    """save_state into step-N.tmp; then, on the main process, trainer_state.json, the manifest
+    (last), a size check of every file, and the rename to step-N."""
+    final = checkpoints_dir(run_dir) / f"step-{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    failure = None
+    try:
+        with _quiet_shared_tensor_warning():
+            accelerator.save_state(str(tmp))
+    except Exception as e:  # an I/O failure may surface as torch's or safetensors' own error
+        failure = _io_failure(e, tmp, accelerator)
+    failure = _agree(accelerator, failure)  # every process has written its part
+    if failure is None and accelerator.is_main_process:
+        try:
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "checkpoint_format": FORMAT, **state}, indent=2))
+            _write_manifest(tmp)
+            problem = verify(tmp, checksums=False)
+            if problem:
+                raise OSError(errno.EIO, f"the checkpoint did not verify after writing: {problem}")
+            tmp.rename(final)
+        except Exception as e:  # an OSError, or the verification's
+            failure = _io_failure(e, tmp, accelerator)
+    failure = _agree(accelerator, failure)
+    if failure is not None:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        code, text = failure
+        if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+            advice = f"make {final.parent} writable or choose another hydra.run.dir"
+        else:
+            advice = "free space or set train.keep_checkpoints lower"
+        raise UserError(
+            f"could not write checkpoint step-{step} in {final.parent}: {text}; removed the partial "
+            f"{tmp.name}; the last good checkpoint is {_last_good(run_dir)}; {advice}"
+        )
+    return final
+
+
+# An I/O failure inside save_state may arrive as torch's or safetensors' own error type.
+_IO_HINTS = ("No space left", "Disk quota", "Read-only file system", "Permission denied", "write failed", "IoError")
+
+
+def _io_failure(e: Exception, tmp: Path, accelerator: Any) -> tuple[int | None, str]:
+    """(errno, one line) for an I/O failure while writing; anything else is a bug: re-raised
+    after removing the partial checkpoint."""
+    if isinstance(e, OSError) or any(h in str(e) for h in _IO_HINTS):
+        code = e.errno if isinstance(e, OSError) else (errno.ENOSPC if "No space" in str(e) else None)
+        return code, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise e
+
+
+def _rotate(run_dir: Path, keep: int, newest: Path) -> None:
+    """Delete good checkpoints beyond the newest `keep` (damaged ones are left for a person to
+    look at). `newest`, just written and verified, is the last of them and always stays."""
+    good = complete_checkpoints(run_dir)
+    assert good and good[-1] == newest, (good, newest)  # discard_future removed any later one
+    for old in good[:-keep]:
+        try:
+            shutil.rmtree(old)
+        except OSError as e:  # the new checkpoint is safe; a leftover old one is only space
+            log.warning("could not remove old checkpoint %s: %s", old, e)
+            continue
+        log.info("removed old checkpoint %s (train.keep_checkpoints=%d)", old, keep)
+
+
+class _SharedTensorWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("Removed shared tensor" in message and "while saving" in message)
+
+
+@contextmanager
+def _quiet_shared_tensor_warning() -> Iterator[None]:
+    """Drop accelerate's "Removed shared tensor {...} while saving" during save_state, and only it.
+
+    safetensors cannot store two names for one tensor, so accelerate keeps one of each tied
+    group and warns. With tied input/output embeddings (the tiny model, most small LMs) that
+    is expected and harmless: the model is built tied before load_state, so loading the one
+    saved name restores both. Every other message of that logger still passes."""
+    logger = logging.getLogger("accelerate.utils.other")
+    quiet = _SharedTensorWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+# --- resume ------------------------------------------------------------------------------------
+
+
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from: None, `auto` (latest complete one in run_dir, if any),
-    or an explicit checkpoint directory."""
+    """The checkpoint to resume from: None; `auto`, the newest good one in run_dir (damaged or
+    incomplete ones are skipped with a warning saying why); or an explicit checkpoint directory,
+    which must be good (UserError naming the problem and the good alternatives otherwise).
+    Stale step-N.tmp directories are removed first."""
     if resume is None:
         return None
-    if resume == "auto":
-        found = complete_checkpoints(run_dir)
-        if not found:
-            log.warning(
-                "train.resume=auto: no complete checkpoint in %s, starting from scratch "
-                "(to continue an earlier run, pass its directory as hydra.run.dir)",
-                checkpoints_dir(run_dir),
-            )
-            return None
-        return found[-1]
+
+    def decide() -> Path | None:
+        remove_stale_tmp(run_dir)
+        return _newest_good(run_dir) if resume == "auto" else _explicit(resume, run_dir)
+
+    return _on_main(decide)
+
+
+def _newest_good(run_dir: Path) -> Path | None:
+    found = _step_dirs(checkpoints_dir(run_dir))
+    skipped = []
+    for _, path in reversed(found):
+        problem = verify(path, checksums=True)
+        if problem is None:
+            _log_legacy(path)
+            if skipped:
+                log.warning("train.resume=auto: resuming from %s, the newest good checkpoint", path)
+            return path
+        log.warning("train.resume=auto: skipping damaged checkpoint %s: %s", path, problem)
+        skipped.append(path)
+    log.warning(
+        "train.resume=auto: no %scheckpoint in %s, starting from scratch "
+        "(to continue an earlier run, pass its directory as hydra.run.dir)",
+        "good " if skipped else "",
+        checkpoints_dir(run_dir),
+    )
+    return None
+
+
+def _explicit(resume: str, run_dir: Path) -> Path:
     path = Path(resume).expanduser()
-    if not (path / STATE_FILE).is_file():
-        raise UserError(
-            f"train.resume={resume!r} is not a complete checkpoint (no {STATE_FILE}); "
-            f"use train.resume=auto or a checkpoints/step-N directory"
-        )
+    problem = verify(path, checksums=True) if path.exists() else "it does not exist"
+    if problem:
+        others = _alternatives([path.parent, checkpoints_dir(run_dir)], exclude=path)
+        raise UserError(f"train.resume={resume!r} cannot be resumed from: {problem}; {others}")
+    _log_legacy(path)
     return path
+
+
+def _log_legacy(path: Path) -> None:
+    if is_legacy(path):
+        log.info("%s was written before checkpoints had a manifest: accepted without a checksum check", path)
 
 
 # Keys that may change between a run and its resume: they decide where things are written or
@@ -149,16 +524,27 @@ def added_default(key: str, settings: dict[str, Any]) -> Any:
 _NO_DEFAULT = object()
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON would store them: a tuple default (AdamW's betas) equals a YAML list."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
 def check_compatible(path: Path, expected: dict) -> None:
     """Refuse to resume from `path` when anything that decides the computation (the config
     apart from RESUMABLE_CHANGES, the run length, the tokenized training data) has changed.
-    Keys the checkpoint predates are fine while they keep their defaults (`added_default`)."""
+    Keys the checkpoint predates are fine while they keep their defaults (`added_default`);
+    keys it has that the config no longer has (removed by a later version) are ignored."""
     state = json.loads((path / STATE_FILE).read_text())
-    changed = [
-        f"{k}: {state.get(k)!r} -> {v!r}"
-        for k, v in expected.items()
-        if (state[k] != v if k in state else added_default(k, expected) != v)
-    ]
+    changed = []
+    for k, v in expected.items():
+        if k in state:
+            if not _same(state[k], v):
+                changed.append(f"{k}: {state[k]!r} -> {v!r}")
+        elif not _same(default := added_default(k, expected), v):
+            was = "no default" if default is _NO_DEFAULT else f"default {default!r}"
+            changed.append(f"{k}: absent from the checkpoint ({was}) -> {v!r}")
     if changed:
         raise UserError(
             f"cannot resume from {path}: the run has changed since it was written ({'; '.join(changed)}); "
@@ -166,22 +552,64 @@ def check_compatible(path: Path, expected: dict) -> None:
         )
 
 
-def load(accelerator: Any, path: Path) -> dict:
-    """Restore the state saved by `save` and return its trainer_state.json."""
-    accelerator.load_state(str(path))
-    state = json.loads((path / STATE_FILE).read_text())
+def load(accelerator: Any, path: Path, run_dir: Path | None = None) -> dict:
+    """Restore the state saved by `save` and return its trainer_state.json. With `run_dir`, the
+    run continues from this step: checkpoints after it are set aside (`discard_future`).
+
+    A checkpoint that verified but still fails inside accelerate (a file damaged in a way the
+    manifest cannot see, or one from before manifests) is a UserError naming it."""
+    try:
+        accelerator.load_state(str(path))
+    except Exception as e:  # SafetensorError, pickle's, torch.load's: all "cannot read it"
+        first = str(e).splitlines()[0] if str(e) else ""
+        others = _alternatives([path.parent] + ([checkpoints_dir(run_dir)] if run_dir else []), exclude=path)
+        raise UserError(
+            f"cannot load checkpoint {path}: {type(e).__name__}: {first}; it is damaged or was not "
+            f"written by this model and optimizer; {others}"
+        ) from e
+    state = _read_state(path)
+    if run_dir is not None:
+        if accelerator.is_main_process:
+            discard_future(run_dir, state["step"])
+        accelerator.wait_for_everyone()
     log.info("resumed from %s (step %d)", path, state["step"])
     return state
 
 
-def save_final(accelerator: Any, model: Any, tokenizer: Any, out_dir: Path, merge_lora: bool = False) -> None:
+# --- final/ ------------------------------------------------------------------------------------
+
+
+def _check_finite(state_dict: dict, out_dir: Path, run_dir: Path) -> None:
+    """NonFiniteError naming the first tensor holding NaN or inf: final/ must never hold them."""
+    import torch
+
+    bad = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise NonFiniteError(
+            f"{out_dir} was not written: the trained weights are not finite, {bad[0]} holds NaN or inf{more}; "
+            f"the last good checkpoint is {_last_good(run_dir)}"
+        )
+
+
+def save_final(
+    accelerator: Any,
+    model: Any,
+    tokenizer: Any,
+    out_dir: Path,
+    merge_lora: bool = False,
+    run_dir: Path | None = None,
+) -> None:
     """The trained policy in Hugging Face format, loadable with from_pretrained: the whole
     model, or under LoRA the adapter (adapter_config.json + weights, for peft's
     from_pretrained) and, with `merge_lora`, the merged model in out_dir/merged. An adapter
     over a randomly initialised base also gets that base in out_dir/base, which its
     adapter_config.json names, since no hub id or directory holds it. Call this last: merging
-    folds the adapter into the model's weights in place."""
+    folds the adapter into the model's weights in place. Non-finite weights are refused
+    (NonFiniteError) before anything is written; `run_dir` (default: out_dir's parent) is
+    where the message looks for the last good checkpoint."""
     state_dict = accelerator.get_state_dict(model)  # gathers sharded weights; every process calls
+    _check_finite(state_dict, out_dir, run_dir if run_dir is not None else out_dir.parent)  # all processes alike
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         adapter = hasattr(unwrapped, "peft_config")

@@ -245,7 +245,7 @@ def build(cfg: DictConfig, held: ExitStack) -> Run:
     # the policy, the optimizer and the scheduler.
     reference, eval_reference = _reference(cfg, loss_fn, tokenizer, unwrapped, train_set, eval_set, accelerator)
     log.info("reference: %s", reference.describe() if reference else "none (no loss term needs one)")
-    state = checkpoint.load(accelerator, resume_from) if resume_from is not None else {"step": 0}
+    state = checkpoint.load(accelerator, resume_from, run_dir) if resume_from is not None else {"step": 0}
     return Run(
         run_dir, accelerator, accum, train_set, eval_set, per_epoch, n_steps, run_shape, tokenizer, loss_fn,
         policy, unwrapped, optimizer, scheduler, reference, eval_reference, state["step"], resume_from is not None,
