@@ -267,3 +267,24 @@ def test_two_processes_agree_to_skip_a_step_only_one_of_them_saw_as_non_finite(t
     one = load_file(run_dir / "checkpoints" / "step-1" / "model.safetensors")
     two = load_file(run_dir / "checkpoints" / "step-2" / "model.safetensors")
     assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+@pytest.mark.distributed
+def test_a_one_process_checkpoint_resumes_on_two_processes(tmp_path, uninterrupted):
+    """The global batch is the same on 1 and 2 processes, so a checkpoint written by one process
+    continues on two with the same batches; the rows match within float rounding."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(uninterrupted / "checkpoints" / "step-8", run_dir / "checkpoints" / "step-8")
+    shutil.copy(uninterrupted / "metrics.jsonl", run_dir / "metrics.jsonl")
+    proc = _launch(tmp_path, run_dir, ["train.resume=auto"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    rows, base = read_metrics(run_dir), read_metrics(uninterrupted)
+    assert [r["step"] for r in rows] == [r["step"] for r in base]
+    for a, b in zip(base, rows, strict=True):
+        for key in ("loss", "eval_loss", "grad_norm", "rewards/margins"):
+            if key in a:
+                assert abs(a[key] - b[key]) < 1e-4, (key, a, b)
