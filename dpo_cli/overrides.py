@@ -164,6 +164,17 @@ def compose_job(overrides: list[str]) -> tuple[DictConfig | None, list[str]]:
     while cfg is None:
         try:
             cfg = compose("config", [o.input_line for o in remaining], return_hydra_config=True)
+        except AssertionError:
+            # OmegaConf asserts (no message naming the key) when an override reaches into a
+            # section that is null here, e.g. data.synthetic.num_train with data=kto.
+            culprit = _null_section_override(remaining)
+            if culprit is None:
+                raise
+            problems.append(
+                f"{culprit.input_line}: {culprit.key_or_group} lies inside a section that is null in this config "
+                "(for example data.synthetic.* without data=synthetic); remove it, or choose the group that has it"
+            )
+            remaining.remove(culprit)
         except (HydraException, OmegaConfBaseException) as e:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
@@ -177,6 +188,18 @@ def compose_job(overrides: list[str]) -> tuple[DictConfig | None, list[str]]:
             remaining.remove(culprit)
     task = _task(cfg) if cfg is not None and unknown else None  # the keys it holds, for suggestions
     return cfg, [config.not_a_key(k, task) for k in unknown] + problems
+
+
+def _null_section_override(overrides: list[Override]) -> Override | None:
+    """The first override without which the others compose (the one OmegaConf asserted on);
+    dotted keys are tried before group choices, which only decide what is null."""
+    for o in sorted(overrides, key=lambda o: "." not in o.key_or_group):
+        try:
+            compose("config", [x.input_line for x in overrides if x is not o], return_hydra_config=True)
+            return o
+        except Exception:  # noqa: BLE001 - still failing: not this one
+            continue
+    return None
 
 
 def _task(cfg: DictConfig) -> DictConfig:

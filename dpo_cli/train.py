@@ -319,19 +319,13 @@ def train(cfg: DictConfig, r: Run, stop: StopOnSignal) -> dict[str, float]:
     evaluation and checkpoints when due; a non-finite step is skipped on every process; a
     signal ends the run after the step, with a checkpoint (exit code EXIT_INTERRUPTED)."""
     t = cfg.train
-    accelerator, policy, loss_fn = r.accelerator, r.policy, r.loss_fn
-    pad_id = r.tokenizer.pad_token_id
+    accelerator, policy = r.accelerator, r.policy
     last: dict[str, float] = {}
     window = Window(accelerator.device)
     nonfinite = {"total": 0, "consecutive": 0}
     if r.loop_state:
         window.restore(r.loop_state["window"])
         nonfinite.update(r.loop_state["nonfinite"])
-
-    def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
-        # A batch statistic a loss uses (KTO's KL estimate): every process joins this reduce on
-        # every micro batch, since all of them step through the same number of micro batches.
-        return accelerator.reduce(x, "mean")
 
     def save(done: int) -> Path:
         epoch, batch_in_epoch = position(done, len(r.train_set), t.batch_size)
@@ -343,21 +337,7 @@ def train(cfg: DictConfig, r: Run, stop: StopOnSignal) -> dict[str, float]:
         policy.train()
         for step in range(r.start, r.n_steps):
             indices = step_indices(step, len(r.train_set), t.batch_size, t.seed)
-            shards = micro_batches(indices, accelerator.process_index, accelerator.num_processes, t.micro_batch_size)
-            step_parts, finite = Averages(), torch.ones((), device=accelerator.device)
-            for i, idx in enumerate(shards):
-                batch = make_batch(r.train_set, idx, pad_id, loss_fn, accelerator.device)
-                # Gradients are all-reduced across processes only on the last micro batch.
-                sync = i == len(shards) - 1
-                with nullcontext() if sync else accelerator.no_sync(policy), accelerator.autocast():
-                    loss, parts = batch_loss(policy, r.reference, loss_fn, batch, mean_over_processes)
-                    # Each micro batch's loss is a mean over its pairs; dividing by the number of
-                    # micro batches makes the accumulated gradient the mean over this process's
-                    # share, and DDP's all-reduce then averages over processes.
-                    accelerator.backward(loss / r.accum)
-                step_parts.add(parts)
-                finite *= torch.isfinite(loss.detach()).all()
-                window.tokens += batch["attention_mask"].sum()
+            step_parts, finite = _forward_backward(cfg, r, indices, window)
             max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
             grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
             lr = r.scheduler.get_last_lr()[0]
@@ -421,6 +401,35 @@ def train(cfg: DictConfig, r: Run, stop: StopOnSignal) -> dict[str, float]:
     log.info("done: %d steps; final model in %s; %s", r.n_steps, r.run_dir / "final", evals)
     accelerator.end_training()  # tears down the process group so processes exit cleanly
     return last
+
+
+def _forward_backward(cfg: DictConfig, r: Run, indices: list[int], window: Window) -> tuple[Averages, torch.Tensor]:
+    """Forward and backward passes over this process's micro batches of one optimizer step
+    (`indices`: the step's pairs); gradients accumulate. Returns the step's metric parts and
+    whether every loss was finite (1 or 0)."""
+    accelerator, policy = r.accelerator, r.policy
+    shards = micro_batches(indices, accelerator.process_index, accelerator.num_processes, cfg.train.micro_batch_size)
+    step_parts, finite = Averages(), torch.ones((), device=accelerator.device)
+
+    def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
+        # A batch statistic a loss uses (KTO's KL estimate): every process joins this reduce on
+        # every micro batch, since all of them step through the same number of micro batches.
+        return accelerator.reduce(x, "mean")
+
+    for i, idx in enumerate(shards):
+        batch = make_batch(r.train_set, idx, r.tokenizer.pad_token_id, r.loss_fn, accelerator.device)
+        # Gradients are all-reduced across processes only on the last micro batch.
+        sync = i == len(shards) - 1
+        with nullcontext() if sync else accelerator.no_sync(policy), accelerator.autocast():
+            loss, parts = batch_loss(policy, r.reference, r.loss_fn, batch, mean_over_processes)
+            # Each micro batch's loss is a mean over its pairs; dividing by the number of micro
+            # batches makes the accumulated gradient the mean over this process's share, and
+            # DDP's all-reduce then averages over processes.
+            accelerator.backward(loss / r.accum)
+        step_parts.add(parts)
+        finite *= torch.isfinite(loss.detach()).all()
+        window.tokens += batch["attention_mask"].sum()
+    return step_parts, finite
 
 
 def _all_finite(accelerator: Any, finite: torch.Tensor) -> bool:

@@ -75,6 +75,16 @@ def test_refused_overrides_are_all_reported_in_process():
     ]
 
 
+def test_an_override_inside_a_null_section_is_named_not_a_traceback():
+    """data=kto has no data.synthetic section: OmegaConf asserts on data.synthetic.num_train
+    without naming it; the message names the override."""
+    cli.register()
+    with initialize_config_dir(config_dir=cli.config_dir(), version_base="1.3"):
+        cfg, problems = overrides.compose_job(["data=kto", "data.synthetic.num_train=5", "loss=kto"])
+    assert cfg is not None and cfg.data.format == "kto"
+    assert len(problems) == 1 and problems[0].startswith("data.synthetic.num_train=5: data.synthetic.num_train lies")
+
+
 # --- sweeps: every job checked before the first starts --------------------------------------------
 
 
