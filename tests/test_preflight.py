@@ -107,8 +107,12 @@ def test_ultrafeedback_trains_with_a_chat_template_file_and_exports_the_template
         "train.micro_batch_size=2",
         "train.max_steps=2",
     ]
-    result, _ = train_run(args, fast=False)
+    result, run_dir = train_run(args, fast=False)
     assert result["step"] == 2 and result["loss"] == result["loss"]  # finite: NaN != NaN
+    from transformers import AutoTokenizer
+
+    # The exported tokenizer carries the template the data was rendered with.
+    assert AutoTokenizer.from_pretrained(run_dir / "final").chat_template == CHATML
 
     from conftest import make_config
 
