@@ -349,6 +349,8 @@ def train(cfg: DictConfig, r: Run, stop: StopOnSignal) -> dict[str, float]:
                 window.metrics.add(step_parts.parts)
                 nonfinite["consecutive"] = 0
             else:
+                if accelerator.scaler is not None:  # fp16: the loss scaler sees the inf, skips the
+                    r.optimizer.step()  # update itself and lowers its scale for the next step
                 nonfinite["total"] += 1
                 nonfinite["consecutive"] += 1
                 log.warning(
