@@ -311,7 +311,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     (SIGTERM, SIGINT, SIGUSR1) are caught from the start: during the loop they end the run
     after the current step, with a checkpoint (see `train`)."""
     with StopOnSignal() as stop, ExitStack() as held:
-        return train(cfg, build(cfg, held), stop)
+        r = build(cfg, held)
+        try:
+            return train(cfg, r, stop)
+        except UserError:  # interrupted, non-finite, disk: the processes still part cleanly
+            r.accelerator.end_training()
+            raise
 
 
 def train(cfg: DictConfig, r: Run, stop: StopOnSignal) -> dict[str, float]:

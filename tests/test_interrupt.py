@@ -252,6 +252,7 @@ def test_two_processes_agree_on_a_signal_one_of_them_received(tmp_path, uninterr
     rank1.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=180)
     assert "SIGTERM: stopped after step" in out, out
+    assert "terminate called" not in out and "Traceback" not in out.split("SIGTERM: stopped")[0], out
     step = int(out.split("stopped after step ")[1].split()[0])
     ckpt = run_dir / "checkpoints" / f"step-{step}"
     assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
