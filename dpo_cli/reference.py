@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli.errors import ModelLoadError
-from dpo_cli.logprobs import CHOSEN, REJECTED, SHARED, SequenceLogps, batch_logps
+from dpo_cli.logprobs import CHOSEN, IGNORE_INDEX, KL, REJECTED, SHARED, SequenceLogps, batch_logps
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +102,10 @@ class PrecomputedReference:
 
         # The response lengths the table was computed on must be this batch's: anything else
         # means the table belongs to other data, and its values would be silently wrong.
-        labels = batch["labels"][role != 2]  # non-KL rows, in row order
-        tokens = (labels[:, 1:] != -100).sum(-1).float()
+        labels = batch["labels"][role != KL]  # non-KL rows, in row order
+        tokens = (labels[:, 1:] != IGNORE_INDEX).sum(-1).float()
         expected = torch.cat([look("tokens", CHOSEN), look("tokens", REJECTED)])
-        order = torch.cat([torch.nonzero(role[role != 2] == c).flatten() for c in (CHOSEN, REJECTED)])
+        order = torch.cat([torch.nonzero(role[role != KL] == c).flatten() for c in (CHOSEN, REJECTED)])
         if not torch.equal(tokens[order], expected):
             raise RuntimeError("precomputed reference log-probs do not match this batch's response lengths")
         return SequenceLogps(

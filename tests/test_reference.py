@@ -183,13 +183,14 @@ def test_adapter_reference_is_the_base_model():
             if "lora_B" in name:
                 p.normal_()
     batch = collate([{"prompt_ids": [1, 5, 6], "chosen_ids": [7, 8, 2], "rejected_ids": [9, 2]}], 0)
+    policy.train()
     ref = AdapterReference(policy)(batch)
+    assert policy.training, "the reference forward must hand the policy back in training mode"
     with torch.no_grad():
         expected = batch_logps(base, batch).logps
         adapted = batch_logps(policy, batch).logps
     assert torch.allclose(ref.chosen, expected.chosen, atol=1e-6)
     assert not torch.allclose(adapted.chosen, expected.chosen, atol=1e-3)
-    assert policy.training is True or policy.training is False  # restored, whatever it was
 
 
 def test_lora_with_gradient_checkpointing_trains_the_adapter(train_run):
