@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from dpo_cli import overrides
 from dpo_cli.config import register_configs
 from dpo_cli.distributed import broadcast_from_main
-from dpo_cli.errors import UserError
+from dpo_cli.errors import Interrupted, UserError
 
 log = logging.getLogger("dpo_cli")
 
@@ -43,15 +43,20 @@ def new_run_stamp(now: datetime | None = None) -> str:
     return f"{(now or datetime.now()).strftime('%Y-%m-%d/%H-%M-%S')}-{secrets.token_hex(3)}"
 
 
+STAMP_ENV = "DPO_CLI_RUN_STAMP"
+
+
 def run_stamp() -> str:
     """The stamp naming this run's default output directory (`${run_stamp:}` in YAML).
 
     Under a multi-process launch every process composes the config itself, so each would take
-    its own stamp; `main` makes them agree on the main process's before Hydra starts.
+    its own stamp; `main` makes them agree on the main process's before Hydra starts. The jobs
+    of a sweep on SLURM compose theirs in processes of their own, which inherit it from the
+    environment (`main` exports it).
     """
     global _run_stamp
     if _run_stamp is None:
-        _run_stamp = new_run_stamp()
+        _run_stamp = os.environ.get(STAMP_ENV) or new_run_stamp()
     return _run_stamp
 
 
@@ -102,8 +107,9 @@ def pretrained_by_default(argv: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
-    from dpo_cli import preflight, train
+    from dpo_cli import preflight, slurm, train
 
+    slurm.export_distributed_env()  # a multi-task SLURM job from the submitit launcher
     main_process = int(os.environ.get("RANK", "0")) == 0
     for note in _notes if main_process else ():
         log.info("%s", note)
@@ -115,6 +121,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     except UserError as e:
         if main_process:
             log.error("%s", e)
+            if isinstance(e, Interrupted):
+                slurm.hand_on(e.signum)  # SIGUSR1 under SLURM: requeue the job
         sys.exit(e.exit_code)
 
 
@@ -134,7 +142,8 @@ def _exit_before_hydra(e: UserError, main_process: bool) -> NoReturn:
 def main() -> None:
     global _run_stamp
     register()
-    _run_stamp = broadcast_from_main(run_stamp())
+    _run_stamp = broadcast_from_main(new_run_stamp())
+    os.environ[STAMP_ENV] = _run_stamp
     main_process = int(os.environ.get("RANK", "0")) == 0
     # Hydra reads sys.argv itself (and so does every job of a -m sweep), so the edits go there.
     sys.argv = pretrained_by_default(sys.argv)
@@ -148,6 +157,10 @@ def main() -> None:
         sys.argv.append("hydra.output_subdir=null")
     _hydra_main()
 
+
+# Resolvers at import: the jobs of a sweep on SLURM (submitit) import this module to run
+# `_hydra_main`, and Hydra resolves the run directory there before calling it.
+register()
 
 if __name__ == "__main__":
     main()

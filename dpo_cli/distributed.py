@@ -31,3 +31,26 @@ def broadcast_from_main(value: Any) -> Any:
 
     PartialState(cpu=cpu_only())  # the Accelerator built later in train.run reuses this state
     return broadcast_object_list([value], from_process=0)[0]
+
+
+def sharded(accelerator: Any) -> bool:
+    """Whether the weights are split across processes (FSDP, DeepSpeed ZeRO-3): every forward is
+    then a collective, and all processes must run the same number of them."""
+    from accelerate import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return False
+
+
+def in_lockstep(batches: list[list[int]], accelerator: Any, fill: list[int]) -> list[tuple[list[int], int]]:
+    """`(indices, weight)` for this process's `batches`, padded with weight-0 batches `fill` up
+    to the largest count any process holds when the weights are sharded, so that no process
+    leaves the others waiting in a forward's collectives. Unsharded, the batches as they are."""
+    if not sharded(accelerator):
+        return [(idx, 1) for idx in batches]
+    count = torch.tensor([float(len(batches))], device=accelerator.device)
+    most = int(accelerator.reduce(count, "max").item())
+    return [(idx, 1) for idx in batches] + [(fill, 0)] * (most - len(batches))

@@ -38,6 +38,10 @@ class Interrupted(UserError):
 
     exit_code = EXIT_INTERRUPTED
 
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum  # the signal that stopped the run (SIGUSR1 under SLURM requeues the job)
+
 
 class NonFiniteError(UserError):
     """Too many consecutive non-finite steps: the run stopped with its last good state saved."""

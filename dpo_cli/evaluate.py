@@ -11,6 +11,7 @@ import torch
 from dpo_cli.data.batching import eval_batches
 from dpo_cli.data.collate import collate
 from dpo_cli.data.tokenize import Tokenized
+from dpo_cli.distributed import in_lockstep
 from dpo_cli.logprobs import KL, KL_ROWS, SHARED, batch_logps
 from dpo_cli.losses import Loss
 from dpo_cli.losses.base import Reduce, local
@@ -137,7 +138,8 @@ def evaluate(
     batches, and a DDP-wrapped forward (or a loss reducing a statistic over processes) could
     wait on a collective the others never join. So batch statistics stay local here (KTO's
     KL estimate is per batch; a last batch of one example scores it on its own prompt) and the
-    only synchronization is the final reduce.
+    only synchronization is the final reduce. Sharded weights (FSDP, ZeRO-3) make every forward
+    a collective: processes with fewer batches then run weight-0 ones to keep in step.
     """
     was_training = policy.training
     policy.eval()
@@ -145,11 +147,11 @@ def evaluate(
     batches = eval_batches(len(examples), accelerator.process_index, accelerator.num_processes, micro_batch_size)
     # A process with no eval examples (fewer than processes) still needs every metric name for
     # the reduce: it scores one example with weight 0.
-    scale = 1 if batches else 0
-    for idx in batches or [[0] * min(2, len(examples))]:
+    fill = [0] * min(2, len(examples))
+    for idx, weight in in_lockstep(batches, accelerator, fill) or [(fill, 0)]:
         batch = make_batch(examples, idx, pad_id, loss_fn, accelerator.device)
         with accelerator.autocast():
             _, parts = batch_loss(policy, reference, loss_fn, batch)
-        sums.add(parts, scale)
+        sums.add(parts, weight)
     policy.train(was_training)
     return sums.reduce(accelerator, prefix="eval_")

@@ -39,10 +39,11 @@ from omegaconf import DictConfig
 from dpo_cli.data.batching import eval_batches
 from dpo_cli.data.collate import collate
 from dpo_cli.data.tokenize import Tokenized, fingerprint
+from dpo_cli.distributed import in_lockstep
 from dpo_cli.errors import ModelLoadError
 from dpo_cli.hub import hub_reachable, looks_like_path
 from dpo_cli.logprobs import CHOSEN, REJECTED, SHARED
-from dpo_cli.reference import PrecomputedReference, live_reference, release
+from dpo_cli.reference import ModelReference, PrecomputedReference, live_reference, place_reference, release
 
 log = logging.getLogger(__name__)
 
@@ -199,11 +200,14 @@ def compute_tables(reference: Any, dataset: list[Tokenized], pad_id: int, micro:
     share; one sum over processes assembles them everywhere."""
     n = len(dataset)
     out = torch.zeros(len(COLUMNS), n, 2)
-    for idx in eval_batches(n, accelerator.process_index, accelerator.num_processes, micro):
+    batches = eval_batches(n, accelerator.process_index, accelerator.num_processes, micro)
+    for idx, weight in in_lockstep(batches, accelerator, fill=[0]):
         batch = collate([dataset[i] for i in idx], pad_id, index=idx)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
             lp = reference(batch, frozenset({SHARED}))
+        if not weight:  # a forward only to keep sharded processes in step
+            continue
         for column, role, values in (
             (CHOSEN, CHOSEN, (lp.chosen, lp.chosen_tokens, lp.chosen_shared)),
             (REJECTED, REJECTED, (lp.rejected, lp.rejected_tokens, lp.rejected_shared)),
@@ -274,6 +278,8 @@ def precompute(
         tables = entry["tables"]
     else:
         reference = live_reference(cfg, tokenizer, policy, copy_policy=False)
+        if isinstance(reference, ModelReference):  # a separate model (or a copy in another dtype)
+            reference.model = place_reference(reference.model, accelerator, cfg.train)
         log.info("reference log-probs: computing them once with %s", reference.describe())
         tables = {
             split: compute_tables(reference, d, tokenizer.pad_token_id, cfg.train.micro_batch_size, accelerator)

@@ -170,6 +170,28 @@ def load_reference_model(cfg: DictConfig, tokenizer: Any, policy: torch.nn.Modul
     return ModelReference(model, "frozen copy of the initial policy")
 
 
+def place_reference(model: torch.nn.Module, accelerator: Any, t: DictConfig) -> Any:
+    """A frozen reference model made ready to run beside the policy: on this process's device,
+    or, when the policy's weights are sharded, split across processes the same way (FSDP2, or
+    a DeepSpeed ZeRO-3 inference engine), never whole on each of them."""
+    from accelerate import DistributedType
+
+    from dpo_cli.distributed import sharded
+
+    if not sharded(accelerator):
+        return model.to(accelerator.device)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        return _frozen(fsdp2_prepare_model(accelerator, model))
+    import deepspeed  # DeepSpeed launches only: accelerate imports it for them
+
+    precision = {"bf16": {"enabled": t.mixed_precision == "bf16"}, "fp16": {"enabled": t.mixed_precision == "fp16"}}
+    config = {"train_micro_batch_size_per_gpu": t.micro_batch_size, "zero_optimization": {"stage": 3}, **precision}
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    return _frozen(engine)
+
+
 def live_reference(
     cfg: DictConfig, tokenizer: Any, policy: torch.nn.Module, copy_policy: bool = True
 ) -> ModelReference | AdapterReference:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,20 +14,27 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_cli import checkpoint, config, rundir
+from dpo_cli import checkpoint, config, rundir, slurm
 from dpo_cli.data.batching import micro_batches, position, step_indices, steps_per_epoch
 from dpo_cli.data.chat import load_template
 from dpo_cli.data.prepare import prepare
 from dpo_cli.data.summary import report
 from dpo_cli.data.tokenize import Tokenized, fingerprint
-from dpo_cli.distributed import cpu_only, world_size_from_env
+from dpo_cli.distributed import cpu_only, sharded, world_size_from_env
 from dpo_cli.errors import ConfigError, DataError, Interrupted, NonFiniteError, UserError
 from dpo_cli.evaluate import Averages, batch_loss, evaluate, make_batch
+from dpo_cli.launch import accumulation_plugin, check_environment, configure_deepspeed, grad_norm_of
 from dpo_cli.lora import apply_lora
 from dpo_cli.losses import Loss
 from dpo_cli.metrics import JsonlSink, MetricLogger, ProgressSink, WandbSink, resolve_wandb_mode
 from dpo_cli.modeling import check_max_length, count_parameters, load_model, load_tokenizer
-from dpo_cli.reference import ModelReference, check_reference_tokenizer, live_reference, reference_model_config
+from dpo_cli.reference import (
+    ModelReference,
+    check_reference_tokenizer,
+    live_reference,
+    place_reference,
+    reference_model_config,
+)
 from dpo_cli.report import write_report
 from dpo_cli.signals import StopOnSignal
 
@@ -47,7 +55,7 @@ def _open_sinks(cfg: DictConfig, r: Run) -> MetricLogger:
     sinks: list[Any] = [JsonlSink(run_dir / "metrics.jsonl", resume_step=start if resumed else None)]
     w = cfg.logger.wandb
     if r.wandb_mode != "disabled":
-        container = config.to_container(cfg)
+        container = slurm.launcher_info(config.to_container(cfg))
         sinks.append(
             WandbSink(r.wandb_mode, w.project, w.entity, w.name, w.group, w.tags, container, run_dir, resume=resumed)
         )
@@ -56,9 +64,10 @@ def _open_sinks(cfg: DictConfig, r: Run) -> MetricLogger:
     return MetricLogger(sinks)
 
 
-def _make_accelerator(t: DictConfig) -> Any:
-    """The Accelerator for `train.mixed_precision`, or a ConfigError for what it cannot run."""
-    from accelerate import Accelerator, DistributedType
+def _make_accelerator(t: DictConfig, accum: int) -> Any:
+    """The Accelerator for `train.mixed_precision` and `accum` micro batches per step (the
+    launcher's environment cannot change it), or a UserError for what it cannot run."""
+    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
@@ -68,19 +77,18 @@ def _make_accelerator(t: DictConfig) -> Any:
             launcher,
             t.mixed_precision,
         )
+    check_environment(accum)
     if world_size_from_env() == 1:
         # accelerate keeps its state for the whole process; the jobs of a Hydra sweep each
         # start from a clean one so that they may differ in precision or device.
         AcceleratorState._reset_state(reset_partial_state=True)
     try:
-        accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=cpu_only())
+        accelerator = Accelerator(
+            mixed_precision=t.mixed_precision, cpu=cpu_only(), gradient_accumulation_plugin=accumulation_plugin(accum)
+        )
     except ValueError as e:  # e.g. bf16 on a GPU without bf16 support
         raise ConfigError([f"train.mixed_precision={t.mixed_precision}: {e}"]) from None
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise UserError(
-            f"{accelerator.distributed_type.value} launches are not supported yet: evaluation, "
-            "the reference copy and checkpoints assume whole (DDP) models; use --multi_gpu"
-        )
+    configure_deepspeed(accelerator, t, accum)
     return accelerator
 
 
@@ -97,11 +105,15 @@ def _resume_point(t: DictConfig, run_dir: Path) -> Path | None:
     """The checkpoint to resume from, after refusing to mix a new run into an old run dir. A
     directory whose run saved no checkpoint has nothing to continue: train.resume=auto starts
     it over, keeping the old metrics beside the new ones."""
-    resume_from = checkpoint.resolve_resume(t.resume, run_dir)
+    resume = t.resume
+    if resume is None and slurm.restarts() > 0:
+        log.info("SLURM requeued this job (restart %d): resuming from its latest checkpoint", slurm.restarts())
+        resume = "auto"
+    resume_from = checkpoint.resolve_resume(resume, run_dir)
     metrics_file = run_dir / "metrics.jsonl"
     if resume_from is not None or not metrics_file.exists() or metrics_file.stat().st_size == 0:
         return resume_from
-    if t.resume == "auto":
+    if resume == "auto":
         kept = next(p for n in range(1, 10_000) if not (p := run_dir / f"metrics.abandoned-{n}.jsonl").exists())
         metrics_file.rename(kept)
         log.warning("%s saved no checkpoint: starting it over (its metrics are kept in %s)", run_dir, kept.name)
@@ -186,20 +198,22 @@ def build(cfg: DictConfig, held: ExitStack) -> Run:
     config.validate(cfg)
     run_dir = run_dir_of(cfg)
     t = cfg.train
-    accelerator = _make_accelerator(t)
+    accum = config.check_world(cfg, world_size_from_env())
+    accelerator = _make_accelerator(t, accum)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)  # messages once, from the main process
-    accum = config.check_world(cfg, accelerator.num_processes)
     held.enter_context(rundir.hold(run_dir, accelerator))  # every process calls it; the main one locks
     resume_from = _resume_point(t, run_dir)
     wandb_mode = cfg.logger.wandb.mode
     if accelerator.is_main_process:  # only the main process opens sinks; the check takes at most 5 s
+        slurm.record(run_dir)
         wandb_mode = resolve_wandb_mode(wandb_mode, run_dir)
     set_seed(t.seed)
     log.info("run directory: %s", run_dir)
     log.info(
-        "processes: %d | device: %s | mixed precision: %s | model dtype: %s | batch %d = micro %d x accumulation %d x processes %d",
+        "processes: %d (%s) | device: %s | mixed precision: %s | model dtype: %s | batch %d = micro %d x accumulation %d x processes %d",
         accelerator.num_processes,
+        accelerator.distributed_type.value,
         accelerator.device,
         t.mixed_precision,
         cfg.model.dtype,
@@ -266,14 +280,24 @@ def _reference(
     precomputed tables (reference.precompute), or one live model-backed source for both."""
     if not loss_fn.requires_reference:
         return None, None
-    if cfg.reference.precompute:
+    precompute = cfg.reference.precompute
+    if sharded(accelerator) and cfg.reference.name_or_path is None and cfg.model.lora.r is None and not precompute:
+        # A frozen copy of a sharded policy would be a whole model per process: the initial
+        # policy itself (sharded, before any update) computes the reference log-probs instead.
+        log.info(
+            "%s shards the policy: the reference log-probs are precomputed with the initial policy itself "
+            "(reference.precompute=true), instead of a second, unsharded copy per process",
+            accelerator.distributed_type.value,
+        )
+        precompute = True
+    if precompute:
         from dpo_cli.refcache import precompute
 
         refs = precompute(cfg, tokenizer, policy, {"train": train_set, "eval": eval_set}, accelerator)
         return refs["train"], refs["eval"]
     reference = live_reference(cfg, tokenizer, policy)
     if isinstance(reference, ModelReference):
-        reference.model.to(accelerator.device)
+        reference.model = place_reference(reference.model, accelerator, cfg.train)
     return reference, reference
 
 
@@ -344,10 +368,13 @@ def train(cfg: DictConfig, r: Run, stop: StopOnSignal) -> dict[str, float]:
             indices = step_indices(step, len(r.train_set), t.batch_size, t.seed)
             step_parts, finite = _forward_backward(cfg, r, indices, window)
             max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
-            grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
+            grad_norm = grad_norm_of(accelerator.clip_grad_norm_(policy.parameters(), max_norm), accelerator.device)
             lr = r.scheduler.get_last_lr()[0]
             # The guard: a non-finite loss or gradient norm on any process skips the update on all.
-            if _all_finite(accelerator, finite * torch.isfinite(grad_norm)):
+            # (Under DeepSpeed the engine has already stepped inside backward: the guard counts.)
+            if grad_norm is not None:
+                finite = finite * torch.isfinite(grad_norm)
+            if _all_finite(accelerator, finite):
                 r.optimizer.step()
                 if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the step did not happen
                     r.scheduler.step()
@@ -361,7 +388,7 @@ def train(cfg: DictConfig, r: Run, stop: StopOnSignal) -> dict[str, float]:
                 log.warning(
                     "step %d: non-finite loss or gradient norm (%s); update skipped on every process "
                     "(%d in a row); the step's pairs: %s",
-                    step + 1, float(grad_norm), nonfinite["consecutive"], sorted(indices),
+                    step + 1, grad_norm, nonfinite["consecutive"], sorted(indices),
                 )  # fmt: skip
             r.optimizer.zero_grad(set_to_none=True)
             window.steps += 1
@@ -373,7 +400,7 @@ def train(cfg: DictConfig, r: Run, stop: StopOnSignal) -> dict[str, float]:
                     "step": done,
                     "epoch": round(done / r.per_epoch, 4),
                     **window.metrics.reduce(accelerator),
-                    "grad_norm": float(grad_norm),
+                    **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                     "lr": lr,
                     "nonfinite_steps": nonfinite["total"],
                     "tokens_per_s": accelerator.reduce(window.tokens, "sum").item() / elapsed,
@@ -394,7 +421,8 @@ def train(cfg: DictConfig, r: Run, stop: StopOnSignal) -> dict[str, float]:
                 path = checkpoint.checkpoints_dir(r.run_dir) / f"step-{done}" if saved else save(done)
                 raise Interrupted(
                     f"{signal_name}: stopped after step {done} of {r.n_steps}; checkpoint {path}. Continue with the "
-                    f"same command plus train.resume=auto hydra.run.dir={r.run_dir}"
+                    f"same command plus train.resume=auto hydra.run.dir={r.run_dir}",
+                    signum=stop.received or int(signal.Signals[signal_name]),
                 )
 
     if r.start == r.n_steps:
@@ -423,16 +451,16 @@ def _forward_backward(cfg: DictConfig, r: Run, indices: list[int], window: Windo
         # every micro batch, since all of them step through the same number of micro batches.
         return accelerator.reduce(x, "mean")
 
-    for i, idx in enumerate(shards):
+    for idx in shards:
         batch = make_batch(r.train_set, idx, r.tokenizer.pad_token_id, r.loss_fn, accelerator.device)
-        # Gradients are all-reduced across processes only on the last micro batch.
-        sync = i == len(shards) - 1
-        with nullcontext() if sync else accelerator.no_sync(policy), accelerator.autocast():
+        # accelerate owns accumulation (configured with r.accum micro batches per step, see
+        # launch.accumulation_plugin): gradients synchronize only on the step's last micro
+        # batch, and backward divides each micro batch's mean loss by r.accum, so that the
+        # accumulated gradient is the mean over this process's share; the all-reduce (DDP, FSDP,
+        # DeepSpeed) then averages over processes.
+        with accelerator.accumulate(policy), accelerator.autocast():
             loss, parts = batch_loss(policy, r.reference, r.loss_fn, batch, mean_over_processes)
-            # Each micro batch's loss is a mean over its pairs; dividing by the number of micro
-            # batches makes the accumulated gradient the mean over this process's share, and
-            # DDP's all-reduce then averages over processes.
-            accelerator.backward(loss / r.accum)
+            accelerator.backward(loss)
         step_parts.add(parts)
         finite *= torch.isfinite(loss.detach()).all()
         window.tokens += batch["attention_mask"].sum()

@@ -71,3 +71,12 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float 
     full_env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **(env or {})}
     exe = str(BIN / args[0]) if (BIN / args[0]).exists() else args[0]
     return subprocess.run([exe, *args[1:]], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a launcher's main process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

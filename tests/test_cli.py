@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import BIN, FAST, QUIET, REPO, read_metrics, run_cli
+from conftest import BIN, FAST, QUIET, REPO, free_port, read_metrics, run_cli
 
 from dpo_cli import cli
 
@@ -72,12 +71,6 @@ def test_missing_local_data_file_is_a_clear_error(tmp_path):
     assert_one_clear_error(proc, "data.path='nowhere.jsonl'", "no such file")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_process_run(launcher: list[str], tmp_path: Path) -> Path:
     run_root = tmp_path / "outputs"
     # A port of its own, so that a run never collides with a previous one's socket.
@@ -86,7 +79,7 @@ def _two_process_run(launcher: list[str], tmp_path: Path) -> Path:
         [
             *launcher,
             port_flag,
-            str(_free_port()),
+            str(free_port()),
             "-m",
             "dpo_cli",
             "train.max_steps=4",

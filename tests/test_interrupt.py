@@ -212,11 +212,11 @@ main()
 
 
 def _launch(tmp_path: Path, run_dir: Path, extra: list[str], env: dict | None = None) -> subprocess.Popen:
-    from test_cli import _free_port
+    from conftest import free_port
 
     script = tmp_path / "launched.py"
     script.write_text(LAUNCHED)
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script)]
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(script)]
     cmd += [*ARGS, *extra, f"hydra.run.dir={run_dir}"]
     full_env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen(

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, QUIET, make_config, read_metrics, run_cli
-from test_cli import _free_port, assert_one_clear_error
+from conftest import FAST, QUIET, free_port, make_config, read_metrics, run_cli
+from test_cli import assert_one_clear_error
 
 from dpo_cli import modeling
 from dpo_cli.data.collate import collate
@@ -269,7 +269,7 @@ def test_two_processes_share_the_precompute_and_a_sweep_shares_the_entry(tmp_pat
             "--num_processes",
             "2",
             "--main_process_port",
-            str(_free_port()),
+            str(free_port()),
             "-m",
             "dpo_cli",
             *common,

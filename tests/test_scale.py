@@ -1,0 +1,178 @@
+"""Scale-out without GPUs: the same global batch is the same optimization for any number of
+processes and any micro batch; gradient accumulation belongs to dpo-cli under every launcher;
+the shipped accelerate configs; launch mistakes get one clear message."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BIN, QUIET, REPO, free_port, read_metrics, run_cli
+
+from dpo_cli.launch import grad_norm_of
+
+STEPS = 3
+# Batch 8 with a logged row per step: the losses and gradient norms step by step.
+COMMON = [
+    "train.max_steps=3",
+    "train.batch_size=8",
+    "logger.log_every=1",
+    "train.eval_every=null",
+    "data.synthetic.num_train=128",
+    "data.synthetic.num_eval=16",
+    *QUIET,
+]
+
+
+def _launch(
+    tmp_path: Path, name: str, processes: int, micro: int, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    run_dir = tmp_path / name
+    args = [f"train.micro_batch_size={micro}", f"hydra.run.dir={run_dir}", *COMMON]
+    if processes == 1:
+        cmd = ["dpo-train", *args]
+    else:
+        cmd = [
+            "torchrun",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "dpo_cli",
+            *args,
+        ]
+    return run_cli(cmd, cwd=tmp_path, env=env, timeout=600)
+
+
+def _train_rows(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir) if "loss" in r]
+
+
+@pytest.mark.distributed
+def test_global_batch_is_the_same_optimization_for_any_world_size(tmp_path):
+    """Batch 8 as 1 process x micro 8, 1 x micro 2 x accumulation 4, 2 processes x micro 2 x 2,
+    and 4 processes x micro 2 x 1: the same losses and gradient norms at every step."""
+    layouts = {"1x8": (1, 8), "1x2x4": (1, 2), "2x2x2": (2, 2), "4x2x1": (4, 2)}
+    rows = {}
+    for name, (processes, micro) in layouts.items():
+        proc = _launch(tmp_path, name, processes, micro)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        log = (tmp_path / name / "train.log").read_text()
+        accum = 8 // (processes * micro)
+        assert f"batch 8 = micro {micro} x accumulation {accum} x processes {processes}" in log
+        rows[name] = _train_rows(tmp_path / name)
+    base = rows.pop("1x8")
+    assert [r["step"] for r in base] == list(range(1, STEPS + 1))
+    for name, got in rows.items():
+        assert [r["step"] for r in got] == [r["step"] for r in base], name
+        for a, b in zip(base, got, strict=True):
+            for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (name, key, a, b)
+
+
+def test_launcher_accumulation_setting_does_not_scale_the_loss_again(tmp_path):
+    """Known defect: accelerate reads ACCELERATE_GRADIENT_ACCUMULATION_STEPS (set by DeepSpeed
+    launches or by hand) and its backward divided the loss by it on top of dpo-cli's own
+    division, halving the gradients (and the logged grad_norm) at accumulation 2."""
+    plain = _launch(tmp_path, "plain", 1, 4)
+    assert plain.returncode == 0, plain.stderr
+    env = {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"}  # the same value as the config's 8 / 4
+    with_env = _launch(tmp_path, "env", 1, 4, env=env)
+    assert with_env.returncode == 0, with_env.stderr
+    for a, b in zip(_train_rows(tmp_path / "plain"), _train_rows(tmp_path / "env"), strict=True):
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6), (a, b)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), (a, b)
+
+
+def test_launcher_accumulation_that_disagrees_is_refused(tmp_path):
+    proc = _launch(tmp_path, "bad", 1, 4, env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out
+    assert "gradient accumulation to 4" in out and "= 2" in out
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_fsdp_launch_without_gpus_says_what_to_change(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the FSDP launch would run")
+    proc = run_cli(
+        [
+            "accelerate", "launch", "--config_file", str(REPO / "conf/accelerate/fsdp.yaml"), "--num_processes", "2",
+            "--main_process_port", str(free_port()), "-m", "dpo_cli", f"hydra.run.dir={tmp_path / 'run'}", "train.micro_batch_size=4",
+            *COMMON,
+        ],
+        cwd=tmp_path,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    # dpo-cli's one line comes first; the launcher then reports that its processes failed.
+    first_error = next(line for line in out.splitlines() if "ERROR" in line or "Error" in line)
+    assert "asked for FSDP" in first_error and "conf/accelerate/ddp.yaml" in first_error, out
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_batch_that_does_not_divide_across_processes(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "dpo_cli"]
+    proc = run_cli(
+        [*cmd, "train.batch_size=6", "train.micro_batch_size=2", f"hydra.run.dir={run_dir}", *QUIET], tmp_path
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "train.batch_size=6 must be a multiple of train.micro_batch_size x processes = 2 x 2" in out
+
+
+def test_shipped_accelerate_configs():
+    """The configs README names load with accelerate's own reader and ask for what they say."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = {p.stem: load_config_from_file(str(p)) for p in (REPO / "conf/accelerate").glob("*.yaml")}
+    assert set(configs) == {"ddp", "fsdp", "zero2", "zero3"}
+    assert configs["ddp"].distributed_type.value == "MULTI_GPU"
+    fsdp = configs["fsdp"]
+    assert fsdp.distributed_type.value == "FSDP"
+    assert fsdp.fsdp_config["fsdp_version"] == 2
+    assert fsdp.fsdp_config["fsdp_reshard_after_forward"] is True  # full shard
+    assert fsdp.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"  # the decoder layers
+    assert fsdp.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+    for stage in (2, 3):
+        ds = configs[f"zero{stage}"]
+        assert ds.distributed_type.value == "DEEPSPEED"
+        assert ds.deepspeed_config["zero_stage"] == stage
+        # Accumulation and clipping come from dpo-cli's config, never from here.
+        assert "gradient_accumulation_steps" not in ds.deepspeed_config
+        assert "gradient_clipping" not in ds.deepspeed_config
+    assert configs["zero3"].deepspeed_config["zero3_save_16bit_model"] is True  # final/ gathered
+    for c in configs.values():
+        assert c.mixed_precision == "no"  # train.mixed_precision decides
+
+
+def test_grad_norm_of_a_launcher_that_reports_none():
+    """DeepSpeed's clip_grad_norm_ may return None or a float: neither may crash the metrics."""
+    assert grad_norm_of(None, "cpu") is None
+    assert grad_norm_of(2.5, "cpu").item() == 2.5
+    t = torch.tensor(1.5, requires_grad=True) * 1
+    assert not grad_norm_of(t, "cpu").requires_grad
+
+
+def test_wait_for_main_process(tmp_path):
+    """The sbatch template's check that a node reaches the main process: a clear message and
+    exit 2 when nothing answers, exit 0 when the port accepts connections."""
+    cmd = [str(BIN / "python"), "-m", "dpo_cli.launch", "wait-for"]
+    port = free_port()
+    proc = subprocess.run([*cmd, "127.0.0.1", str(port), "--timeout", "2"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "cannot reach the main process" in proc.stderr and f"127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    bad = subprocess.run([*cmd, "no-such-host.invalid", "1", "--timeout", "1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "does not resolve" in bad.stderr
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        ok = subprocess.run([*cmd, "127.0.0.1", str(server.getsockname()[1]), "--timeout", "5"], capture_output=True)
+    assert ok.returncode == 0, ok.stderr
