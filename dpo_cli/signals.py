@@ -1,6 +1,7 @@
-"""Stop requests by signal: SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 (SLURM's usual warning before
-its time limit) ask the run to finish the optimizer step in progress, save a checkpoint and
-exit with EXIT_INTERRUPTED. A second SIGINT exits at once.
+"""Stop requests by signal: SIGTERM, SIGINT (Ctrl-C), SIGUSR1 and SIGUSR2 (SLURM's warning before
+its time limit: `--signal=USR1@120` in scripts/slurm/dpo.sbatch, USR2 under submitit) ask the
+run to finish the optimizer step in progress, save a checkpoint and exit with EXIT_INTERRUPTED
+(under SLURM the job is then requeued, see dpo_cli.slurm). A second SIGINT exits at once.
 
 The handler only records the request; the training loop asks `agreed` once per step, and all
 processes take the answer of an all-reduce, so they stop after the same step and join the same
@@ -21,7 +22,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None)
+SIGNALS = tuple(
+    s
+    for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None), getattr(signal, "SIGUSR2", None))
+    if s is not None
+)
 EXIT_AT_ONCE = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 

@@ -2,11 +2,11 @@
 the torch.distributed variables of a multi-task job, resuming after a requeue, and requeueing
 after SLURM's warning signal.
 
-Preemption, as dpo-cli handles it: SLURM sends SIGUSR1 some time before the job's end
-(`--signal=USR1@SECONDS`). The run finishes its optimizer step, saves a checkpoint and exits
-with code 75; then the job is requeued, by the handler that held SIGUSR1 before the run
-(submitit's, under the Hydra submitit launcher) or else by `scontrol requeue` from the main
-process. The requeued job has the same id and run directory, and SLURM_RESTART_COUNT > 0
+Preemption, as dpo-cli handles it: SLURM sends a warning signal some time before the job's end
+(`--signal=USR1@SECONDS` in scripts/slurm/dpo.sbatch; submitit asks for USR2). The run finishes
+its optimizer step, saves a checkpoint and exits with code 75; then the job is requeued, by the
+handler that held the signal before the run (submitit's, under the Hydra submitit launcher) or
+else by `scontrol requeue` from the main process. The requeued job has the same id and run directory, and SLURM_RESTART_COUNT > 0
 makes it resume from the latest checkpoint (train.resume=auto). SIGTERM (a preemption with
 PreemptMode=REQUEUE, or scancel) saves and exits the same way without requeueing: SLURM
 requeues preempted jobs itself, and a cancelled job stays cancelled.
@@ -80,11 +80,15 @@ def export_distributed_env() -> None:
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
+REQUEUE_SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2") if hasattr(signal, name))
+
+
 def hand_on(signum: int | None) -> None:
     """After a run stopped by `signum` saved its checkpoint (main process): under SLURM, have
-    SIGUSR1 requeue the job. A Python handler that held the signal before the run (submitit's)
-    gets it now and requeues in its own way (it then exits); otherwise `scontrol requeue`."""
-    if signum != getattr(signal, "SIGUSR1", None) or job() is None:
+    SIGUSR1 or SIGUSR2 requeue the job. A Python handler that held the signal before the run
+    (submitit's) gets it now and requeues in its own way (it then exits); otherwise
+    `scontrol requeue`."""
+    if signum not in REQUEUE_SIGNALS or job() is None:
         return
     previous = signal.getsignal(signum)
     if callable(previous):

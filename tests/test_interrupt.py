@@ -66,7 +66,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2], ids=lambda s: s.name)
 def test_a_signal_saves_a_checkpoint_and_the_resume_matches(tmp_path, uninterrupted, sig):
     run_dir = tmp_path / "run"
     proc = _start(run_dir)
