@@ -614,12 +614,18 @@ def validate(cfg: DictConfig) -> None:
 
 def check_world(cfg: DictConfig, world_size: int) -> int:
     """Return gradient-accumulation steps so that batch = micro x accumulation x processes."""
-    per_step = cfg.train.micro_batch_size * world_size
-    if cfg.train.batch_size % per_step:
+    batch, micro = cfg.train.batch_size, cfg.train.micro_batch_size
+    per_step = micro * world_size
+    if batch % per_step:
+        fixes = [f"train.batch_size={max(per_step, batch // per_step * per_step)}"]
+        if batch % world_size == 0:
+            fixes.append(
+                f"train.micro_batch_size={max(d for d in range(1, micro + 1) if (batch // world_size) % d == 0)}"
+            )
         raise ConfigError(
             [
-                f"train.batch_size={cfg.train.batch_size} must be a multiple of "
-                f"train.micro_batch_size x processes = {cfg.train.micro_batch_size} x {world_size}"
+                f"train.batch_size={batch} must be a multiple of train.micro_batch_size x processes = "
+                f"{micro} x {world_size}: set {' or '.join(fixes)}, or launch another number of processes"
             ]
         )
     return cfg.train.batch_size // per_step

@@ -125,6 +125,7 @@ def test_batch_that_does_not_divide_across_processes(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "train.batch_size=6 must be a multiple of train.micro_batch_size x processes = 2 x 2" in out
+    assert "set train.batch_size=4 or train.micro_batch_size=1" in out
 
 
 def test_shipped_accelerate_configs():
@@ -158,6 +159,18 @@ def test_grad_norm_of_a_launcher_that_reports_none():
     assert grad_norm_of(2.5, "cpu").item() == 2.5
     t = torch.tensor(1.5, requires_grad=True) * 1
     assert not grad_norm_of(t, "cpu").requires_grad
+
+
+def test_loop_survives_a_launcher_that_reports_no_grad_norm(train_run, monkeypatch):
+    """Under DeepSpeed, accelerate's clip_grad_norm_ may return None (the engine clips): the
+    loop trains on, the guard still checks the loss, and the rows leave grad_norm out."""
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", lambda self, params, max_norm: None)
+    result, run_dir = train_run(["train.max_steps=2", "logger.log_every=1"])
+    rows = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all("grad_norm" not in r for r in rows)
 
 
 def test_wait_for_main_process(tmp_path):

@@ -21,9 +21,13 @@ from conftest import BIN, REPO, read_metrics
 pytestmark = pytest.mark.slurm
 
 SBATCH = REPO / "scripts/slurm/dpo.sbatch"
-# The built-in tiny model and task with its default batch (64 pairs), cut to 40 steps: long
-# enough to signal mid-run, short enough for CI.
-RUN = ["train.max_steps=40", "train.eval_every=20", "logger.log_every=5", "logger=local", "logger.progress=false"]
+# README's commands for the local cluster ("Trying it on a laptop"), which the tests run with
+# only logging settings added. The job: the built-in tiny model and task with its default batch
+# (64 pairs), cut to 40 steps: long enough to signal mid-run, short enough for CI.
+README_SBATCH = ["train.max_steps=40", "train.eval_every=20"]
+README_SWEEP = ["train.max_steps=4", "loss.beta=0.05,0.2"]
+LOGGING = ["logger.log_every=5", "logger=local", "logger.progress=false"]
+RUN = [*README_SBATCH, *LOGGING]
 THROUGHPUT = ("tokens_per_s", "pairs_per_s")
 
 
@@ -123,6 +127,12 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run_dir
 
 
+def test_readme_shows_the_commands_tested_here():
+    readme = (REPO / "README.md").read_text()
+    assert f"sbatch scripts/slurm/dpo.sbatch {' '.join(README_SBATCH)}" in readme
+    assert f"dpo-train -m hydra/launcher=slurm {' '.join(README_SWEEP)}" in readme
+
+
 def test_sbatch_runs_the_tiny_default_to_completion(uninterrupted):
     run_dir = uninterrupted
     assert (run_dir / "final" / "config.json").is_file()
@@ -170,8 +180,8 @@ def test_submitit_sweep_submits_one_job_per_point_sharing_the_reference_cache(tm
     sweep, cache = tmp_path / "sweep", tmp_path / "refcache"
     # One job at a time, so that the second finds the reference log-probs the first cached
     # (the reference does not depend on beta); concurrent jobs would both compute them.
-    args = ["train.max_steps=4", "train.eval_every=null", "logger=local", "reference.precompute=true"]
-    args += [f"reference.cache_dir={cache}", "hydra.launcher.array_parallelism=1", "loss.beta=0.05,0.2"]
+    args = [*README_SWEEP, *LOGGING, "reference.precompute=true", f"reference.cache_dir={cache}"]
+    args.append("hydra.launcher.array_parallelism=1")
     proc = _sweep(sweep, args)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
