@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dpo_cli.distributed import sharded
 from dpo_cli.errors import NonFiniteError, UserError
 
 log = logging.getLogger(__name__)
@@ -619,11 +620,20 @@ def save_final(
         tokenizer.save_pretrained(out_dir)
         log.info("saved final %s to %s", "LoRA adapter" if adapter else "model", out_dir)
         if adapter and merge_lora:
-            merged = unwrapped.merge_and_unload()
+            # Sharded weights (FSDP, ZeRO-3) cannot be merged in place: merge the adapter just
+            # written into its base, read back from disk.
+            merged = merged_from_disk(out_dir) if sharded(accelerator) else unwrapped.merge_and_unload()
             merged.save_pretrained(out_dir / "merged", safe_serialization=True)
             tokenizer.save_pretrained(out_dir / "merged")
             log.info("saved the merged model (base + adapter) to %s", out_dir / "merged")
     accelerator.wait_for_everyone()
+
+
+def merged_from_disk(adapter_dir: Path) -> Any:
+    """The base model with the saved adapter in `adapter_dir` merged in, loaded from disk."""
+    from peft import AutoPeftModelForCausalLM
+
+    return AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype="auto").merge_and_unload()
 
 
 def _point_adapter_at_base(peft_model: Any, tokenizer: Any, base_dir: Path) -> None:

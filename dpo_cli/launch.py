@@ -38,7 +38,7 @@ def check_environment(accum: int) -> None:
             raise UserError(
                 f"accelerate launch asked for {what} ({var}=true, from --use_{what.lower()} or a config file with "
                 f"distributed_type: {what.upper()}), which accelerate runs only on GPUs, and this machine has none. "
-                "On CPU, launch DDP instead: accelerate launch --config_file conf/accelerate/ddp.yaml "
+                "On CPU, launch DDP instead: accelerate launch --config_file scripts/accelerate/ddp.yaml "
                 "--num_processes N -m dpo_cli ... (or torchrun --nproc_per_node N -m dpo_cli ...)"
             )
     asked = os.environ.get(ACCUMULATION_ENV, "").strip()
@@ -79,7 +79,7 @@ def configure_deepspeed(accelerator: Any, t: DictConfig, accum: int) -> None:
             raise UserError(
                 f"the DeepSpeed config sets {key}={have}, but this run's config gives {value} (from train.batch_size, "
                 "train.micro_batch_size, the number of processes and train.max_grad_norm); set it to auto in the "
-                "DeepSpeed config (conf/accelerate/zero*.yaml do) or change the train settings"
+                "DeepSpeed config (scripts/accelerate/zero*.yaml do) or change the train settings"
             )
         ds[key] = value
     plugin.gradient_accumulation_steps = accum

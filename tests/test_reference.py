@@ -12,7 +12,7 @@ import torch
 from conftest import FAST, QUIET, free_port, make_config, read_metrics, run_cli
 from test_cli import assert_one_clear_error
 
-from dpo_cli import modeling
+from dpo_cli import checkpoint, modeling
 from dpo_cli.data.collate import collate
 from dpo_cli.data.prepare import prepare
 from dpo_cli.logprobs import batch_logps
@@ -154,6 +154,11 @@ def test_lora_trains_only_the_adapter_and_exports_it(train_run, tmp_path):
         theirs = batch_logps(merged, batch).logps.chosen
     assert torch.allclose(ours, theirs, atol=1e-4)
     assert abs(ours.mean().item() - result["eval_logps/chosen"]) < 1e-4
+    # Under FSDP / ZeRO-3 the merge reads the adapter back from disk: the same weights.
+    from_disk = checkpoint.merged_from_disk(final).state_dict()
+    in_memory = merged.state_dict()
+    assert from_disk.keys() == in_memory.keys()
+    assert all(torch.allclose(from_disk[k], in_memory[k], atol=1e-6) for k in in_memory)
 
 
 def test_full_fine_tune_export_reloads_with_the_runs_log_probs(train_run):

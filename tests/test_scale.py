@@ -102,7 +102,7 @@ def test_fsdp_launch_without_gpus_says_what_to_change(tmp_path):
         pytest.skip("this machine has a GPU: the FSDP launch would run")
     proc = run_cli(
         [
-            "accelerate", "launch", "--config_file", str(REPO / "conf/accelerate/fsdp.yaml"), "--num_processes", "2",
+            "accelerate", "launch", "--config_file", str(REPO / "scripts/accelerate/fsdp.yaml"), "--num_processes", "2",
             "--main_process_port", str(free_port()), "-m", "dpo_cli", f"hydra.run.dir={tmp_path / 'run'}", "train.micro_batch_size=4",
             *COMMON,
         ],
@@ -112,7 +112,7 @@ def test_fsdp_launch_without_gpus_says_what_to_change(tmp_path):
     assert proc.returncode != 0
     # dpo-cli's one line comes first; the launcher then reports that its processes failed.
     first_error = next(line for line in out.splitlines() if "ERROR" in line or "Error" in line)
-    assert "asked for FSDP" in first_error and "conf/accelerate/ddp.yaml" in first_error, out
+    assert "asked for FSDP" in first_error and "scripts/accelerate/ddp.yaml" in first_error, out
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -132,7 +132,7 @@ def test_shipped_accelerate_configs():
     """The configs README names load with accelerate's own reader and ask for what they say."""
     from accelerate.commands.config.config_args import load_config_from_file
 
-    configs = {p.stem: load_config_from_file(str(p)) for p in (REPO / "conf/accelerate").glob("*.yaml")}
+    configs = {p.stem: load_config_from_file(str(p)) for p in (REPO / "scripts/accelerate").glob("*.yaml")}
     assert set(configs) == {"ddp", "fsdp", "zero2", "zero3"}
     assert configs["ddp"].distributed_type.value == "MULTI_GPU"
     fsdp = configs["fsdp"]
