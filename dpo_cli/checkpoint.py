@@ -610,7 +610,15 @@ def save_final(
     (NonFiniteError) before anything is written; `run_dir` (default: out_dir's parent) is
     where the message looks for the last good checkpoint."""
     state_dict = accelerator.get_state_dict(model)  # gathers sharded weights; every process calls
-    _check_finite(state_dict, out_dir, run_dir if run_dir is not None else out_dir.parent)  # all processes alike
+    # Sharded weights are gathered on the main process only: every process takes its verdict.
+    failure = None
+    try:
+        _check_finite(state_dict, out_dir, run_dir if run_dir is not None else out_dir.parent)
+    except NonFiniteError as e:
+        failure = str(e)
+    failure = _agree(accelerator, failure)
+    if failure:
+        raise NonFiniteError(failure)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         adapter = hasattr(unwrapped, "peft_config")

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from dpo_cli import overrides
 from dpo_cli.config import register_configs
 from dpo_cli.distributed import broadcast_from_main
-from dpo_cli.errors import Interrupted, UserError
+from dpo_cli.errors import UserError
 
 log = logging.getLogger("dpo_cli")
 
@@ -121,8 +121,6 @@ def _hydra_main(cfg: DictConfig) -> None:
     except UserError as e:
         if main_process:
             log.error("%s", e)
-            if isinstance(e, Interrupted):
-                slurm.hand_on(e.signum)  # SIGUSR1 under SLURM: requeue the job
         sys.exit(e.exit_code)
 
 

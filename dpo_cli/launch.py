@@ -92,6 +92,8 @@ def grad_norm_of(value: Any, device: Any) -> Any:
 
     if value is None:
         return None
+    if hasattr(value, "full_tensor"):  # FSDP2 returns a DTensor: the whole (replicated) value
+        value = value.full_tensor()
     return value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value), device=device)
 
 

@@ -48,6 +48,10 @@ class StopOnSignal:
             signal.signal(s, handler)
         self._previous.clear()
 
+    def previous(self, signum: int | None) -> Any:
+        """The handler `signum` had before this context (submitit's, under submitit), or None."""
+        return self._previous.get(signum) if signum is not None else None
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if signum == signal.SIGINT and self.received == signal.SIGINT:

@@ -71,7 +71,9 @@ def export_distributed_env() -> None:
     """In a SLURM job of several tasks started without a launcher (the Hydra submitit
     launcher's tasks_per_node > 1), set the variables torch.distributed reads from SLURM's:
     one process per task, the first node's first task as the main process."""
-    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+    if "WORLD_SIZE" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return
+    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) <= 1:  # this job step's tasks, not the job's
         return
     try:
         from submitit.helpers import TorchDistributedEnvironment
@@ -83,14 +85,13 @@ def export_distributed_env() -> None:
 REQUEUE_SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2") if hasattr(signal, name))
 
 
-def hand_on(signum: int | None) -> None:
+def hand_on(signum: int | None, previous: Any) -> None:
     """After a run stopped by `signum` saved its checkpoint (main process): under SLURM, have
-    SIGUSR1 or SIGUSR2 requeue the job. A Python handler that held the signal before the run
-    (submitit's) gets it now and requeues in its own way (it then exits); otherwise
-    `scontrol requeue`."""
+    SIGUSR1 or SIGUSR2 requeue the job. `previous`, the Python handler that held the signal
+    before the run (submitit's), gets it now and requeues in its own way (it then exits);
+    otherwise `scontrol requeue`."""
     if signum not in REQUEUE_SIGNALS or job() is None:
         return
-    previous = signal.getsignal(signum)
     if callable(previous):
         log.info("passing %s on to the handler that held it before the run (%s)", signal.Signals(signum).name, previous)
         previous(signum, None)

@@ -67,7 +67,7 @@ def _open_sinks(cfg: DictConfig, r: Run) -> MetricLogger:
 def _make_accelerator(t: DictConfig, accum: int) -> Any:
     """The Accelerator for `train.mixed_precision` and `accum` micro batches per step (the
     launcher's environment cannot change it), or a UserError for what it cannot run."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedType
     from accelerate.state import AcceleratorState
 
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
@@ -88,6 +88,11 @@ def _make_accelerator(t: DictConfig, accum: int) -> Any:
         )
     except ValueError as e:  # e.g. bf16 on a GPU without bf16 support
         raise ConfigError([f"train.mixed_precision={t.mixed_precision}: {e}"]) from None
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise UserError(
+            "this FSDP launch uses FSDP version 1 (accelerate's default for --use_fsdp); dpo-cli runs FSDP2: launch "
+            "with --config_file scripts/accelerate/fsdp.yaml, or set fsdp_version: 2 in your accelerate config"
+        )
     configure_deepspeed(accelerator, t, accum)
     return accelerator
 
@@ -101,7 +106,7 @@ def _to_log_file(text: str) -> None:
             handler.handle(record)
 
 
-def _resume_point(t: DictConfig, run_dir: Path) -> Path | None:
+def _resume_point(t: DictConfig, run_dir: Path, main_process: bool = True) -> Path | None:
     """The checkpoint to resume from, after refusing to mix a new run into an old run dir. A
     directory whose run saved no checkpoint has nothing to continue: train.resume=auto starts
     it over, keeping the old metrics beside the new ones."""
@@ -114,9 +119,10 @@ def _resume_point(t: DictConfig, run_dir: Path) -> Path | None:
     if resume_from is not None or not metrics_file.exists() or metrics_file.stat().st_size == 0:
         return resume_from
     if resume == "auto":
-        kept = next(p for n in range(1, 10_000) if not (p := run_dir / f"metrics.abandoned-{n}.jsonl").exists())
-        metrics_file.rename(kept)
-        log.warning("%s saved no checkpoint: starting it over (its metrics are kept in %s)", run_dir, kept.name)
+        if main_process:  # one process sets the old rows aside; every process starts over
+            kept = next(p for n in range(1, 10_000) if not (p := run_dir / f"metrics.abandoned-{n}.jsonl").exists())
+            metrics_file.rename(kept)
+            log.warning("%s saved no checkpoint: starting it over (its metrics are kept in %s)", run_dir, kept.name)
         return None
     if checkpoint.complete_checkpoints(run_dir):
         how = "continue it with train.resume=auto"
@@ -172,6 +178,7 @@ class Run:
     resumed: bool
     loop_state: dict[str, Any]  # the resumed checkpoint's logging window and guard counters ({} if none)
     wandb_mode: str  # logger.wandb.mode as it can run here (online may become offline)
+    engine_steps: bool = False  # DeepSpeed: the engine steps the optimizer inside backward
 
 
 def _load_data(cfg: DictConfig, tokenizer: Any) -> tuple[list[Tokenized], list[Tokenized], int, int]:
@@ -203,7 +210,7 @@ def build(cfg: DictConfig, held: ExitStack) -> Run:
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)  # messages once, from the main process
     held.enter_context(rundir.hold(run_dir, accelerator))  # every process calls it; the main one locks
-    resume_from = _resume_point(t, run_dir)
+    resume_from = _resume_point(t, run_dir, accelerator.is_main_process)
     wandb_mode = cfg.logger.wandb.mode
     if accelerator.is_main_process:  # only the main process opens sinks; the check takes at most 5 s
         slurm.record(run_dir)
@@ -263,7 +270,7 @@ def build(cfg: DictConfig, held: ExitStack) -> Run:
     return Run(
         run_dir, accelerator, accum, train_set, eval_set, per_epoch, n_steps, run_shape, tokenizer, loss_fn,
         policy, unwrapped, optimizer, scheduler, reference, eval_reference, state["step"], resume_from is not None,
-        state.get("loop", {}), wandb_mode,
+        state.get("loop", {}), wandb_mode, accelerator.distributed_type.value == "DEEPSPEED",
     )  # fmt: skip
 
 
@@ -281,7 +288,14 @@ def _reference(
     if not loss_fn.requires_reference:
         return None, None
     precompute = cfg.reference.precompute
-    if sharded(accelerator) and cfg.reference.name_or_path is None and cfg.model.lora.r is None and not precompute:
+    own_copy = cfg.reference.name_or_path is None and cfg.model.lora.r is None
+    if sharded(accelerator) and own_copy and cfg.reference.dtype not in (None, cfg.model.dtype):
+        raise UserError(
+            f"reference.dtype={cfg.reference.dtype} needs a copy of the policy in that dtype, which a sharded "
+            f"launch ({accelerator.distributed_type.value}) does not make: the initial policy itself, sharded, computes "
+            "the reference log-probs. Remove reference.dtype, or use a DDP launch"
+        )
+    if sharded(accelerator) and own_copy and not precompute:
         # A frozen copy of a sharded policy would be a whole model per process: the initial
         # policy itself (sharded, before any update) computes the reference log-probs instead.
         log.info(
@@ -338,7 +352,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
         r = build(cfg, held)
         try:
             return train(cfg, r, stop)
-        except UserError:  # interrupted, non-finite, disk: the processes still part cleanly
+        except Interrupted as e:
+            # Under SLURM a warning signal requeues the job, once the checkpoint is saved and the
+            # sinks are closed, while the handlers are still ours: the launcher's SIGTERM to a
+            # slower rank 0 (after the others exit) cannot kill it before the requeue.
+            if r.accelerator.is_main_process:
+                slurm.hand_on(e.signum, stop.previous(e.signum))
+            r.accelerator.end_training()
+            raise
+        except UserError:  # non-finite, disk: the processes still part cleanly
             r.accelerator.end_training()
             raise
 
@@ -383,6 +405,8 @@ def train(cfg: DictConfig, r: Run, stop: StopOnSignal) -> dict[str, float]:
             else:
                 if accelerator.scaler is not None:  # fp16: the loss scaler sees the inf, skips the
                     r.optimizer.step()  # update itself and lowers its scale for the next step
+                if r.engine_steps:  # DeepSpeed stepped inside backward: keep the schedule in line
+                    r.scheduler.step()
                 nonfinite["total"] += 1
                 nonfinite["consecutive"] += 1
                 log.warning(
@@ -451,6 +475,9 @@ def _forward_backward(cfg: DictConfig, r: Run, indices: list[int], window: Windo
         # every micro batch, since all of them step through the same number of micro batches.
         return accelerator.reduce(x, "mean")
 
+    # accelerate counts micro batches to decide when to synchronize; a step starts from zero
+    # (a checkpoint restores its counter, which another number of processes would misalign).
+    accelerator.step = 0
     for idx in shards:
         batch = make_batch(r.train_set, idx, r.tokenizer.pad_token_id, r.loss_fn, accelerator.device)
         # accelerate owns accumulation (configured with r.accum micro batches per step, see
@@ -470,7 +497,8 @@ def _forward_backward(cfg: DictConfig, r: Run, indices: list[int], window: Windo
 def _all_finite(accelerator: Any, finite: torch.Tensor) -> bool:
     """Whether `finite` (1 or 0) is 1 on every process: all of them take the same branch."""
     if accelerator.num_processes > 1:
-        finite = accelerator.reduce(finite.float(), "min")
+        # accelerate's reduce has no "min" (it would sum): any process's 1 - finite, by max.
+        finite = 1 - accelerator.reduce(1 - finite.float(), "max")
     return bool(finite.item())
 
 

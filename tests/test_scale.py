@@ -28,10 +28,12 @@ COMMON = [
 
 
 def _launch(
-    tmp_path: Path, name: str, processes: int, micro: int, env: dict | None = None
+    tmp_path: Path, name: str, processes: int, micro: int, env: dict | None = None, extra: list[str] = ()
 ) -> subprocess.CompletedProcess:
     run_dir = tmp_path / name
-    args = [f"train.micro_batch_size={micro}", f"hydra.run.dir={run_dir}", *COMMON]
+    keys = {e.split("=")[0] for e in extra}  # `extra` replaces COMMON's value of a key
+    args = [f"train.micro_batch_size={micro}", f"hydra.run.dir={run_dir}"]
+    args += [c for c in COMMON if c.split("=")[0] not in keys] + list(extra)
     if processes == 1:
         cmd = ["dpo-train", *args]
     else:
@@ -72,6 +74,45 @@ def test_global_batch_is_the_same_optimization_for_any_world_size(tmp_path):
         for a, b in zip(base, got, strict=True):
             for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (name, key, a, b)
+
+
+@pytest.mark.distributed
+def test_resume_on_another_number_of_processes_keeps_training(tmp_path):
+    """A checkpoint of 4 processes x micro 2 (accumulation 1) at step 3, resumed by 2 processes x
+    micro 2 x accumulation 2: the same rows as the uninterrupted 4-process run. accelerate counts
+    micro batches to decide when to synchronize, and the checkpoint restored its count (3): the
+    2-process run then synchronized on the first micro batch of every step, so the optimizer
+    step was skipped and the weights never changed again."""
+    four = _launch(tmp_path, "four", 4, 2, extra=["train.max_steps=6", "train.save_every=3"])
+    assert four.returncode == 0, four.stdout + four.stderr
+    step3 = tmp_path / "four" / "checkpoints" / "step-3"
+    resumed = _launch(tmp_path, "two", 2, 2, extra=["train.max_steps=6", f"train.resume={step3}"])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    want = {r["step"]: r for r in _train_rows(tmp_path / "four")}
+    got = _train_rows(tmp_path / "two")
+    assert [r["step"] for r in got] == [4, 5, 6]
+    for row in got:
+        for key in ("loss", "grad_norm", "rewards/margins"):
+            assert row[key] == pytest.approx(want[row["step"]][key], rel=1e-4, abs=1e-5), (key, row)
+
+
+def test_all_finite_means_every_process(tmp_path):
+    """The non-finite guard's vote: one process with a non-finite loss makes every process skip.
+    (accelerate's reduce has no "min": asked for one, it summed, so 0 + 1 counted as finite.)"""
+    script = tmp_path / "vote.py"
+    script.write_text(
+        "import torch\n"
+        "from accelerate import Accelerator\n"
+        "from dpo_cli.train import _all_finite\n"
+        "acc = Accelerator(cpu=True)\n"
+        "print('vote', acc.process_index, _all_finite(acc, torch.tensor(float(acc.process_index))),"
+        " _all_finite(acc, torch.tensor(1.0)), flush=True)\n"
+    )
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(script)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    votes = sorted(line for line in done.stdout.splitlines() if line.startswith("vote"))
+    assert votes == ["vote 0 False True", "vote 1 False True"], done.stdout
 
 
 def test_launcher_accumulation_setting_does_not_scale_the_loss_again(tmp_path):
