@@ -77,9 +77,11 @@ def configure_deepspeed(accelerator: Any, t: DictConfig, accum: int) -> None:
         have = ds.get(key, "auto")
         if have != "auto" and have != value:
             raise UserError(
-                f"the DeepSpeed config sets {key}={have}, but this run's config gives {value} (from train.batch_size, "
-                "train.micro_batch_size, the number of processes and train.max_grad_norm); set it to auto in the "
-                "DeepSpeed config (scripts/accelerate/zero*.yaml do) or change the train settings"
+                f"the DeepSpeed config has {key}={have} (set there, by a launcher flag, or filled in by accelerate "
+                f"when a DeepSpeed JSON file leaves it out), but this run's config gives {value} (from "
+                "train.batch_size, train.micro_batch_size, the number of processes and train.max_grad_norm); set it to "
+                '"auto" in the DeepSpeed config (scripts/accelerate/zero*.yaml leave it to dpo-cli) or change the '
+                "train settings"
             )
         ds[key] = value
     plugin.gradient_accumulation_steps = accum
