@@ -474,6 +474,7 @@ RESUMABLE_CHANGES = (
     "train.keep_checkpoints",
     "logger.progress",
     "logger.wandb",
+    "logger.peak_tflops",  # only what mfu is divided by
     "data.cache_dir",  # where tokenized data is cached, not what it is
     "reference.cache_dir",  # where reference log-probs are cached, not what they are
     "export",  # what final/ holds, written after the last step

@@ -163,6 +163,7 @@ class WandbConfig:
 class LoggerConfig:
     log_every: int = 1
     progress: bool = True
+    peak_tflops: Optional[float] = None
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -574,6 +575,7 @@ def _check_optimization(p: list[str], cfg: DictConfig) -> None:
 
 def _check_logger(p: list[str], lg: Any, save_every: int | None) -> None:
     _positive(p, "logger.log_every", lg.log_every)
+    _positive(p, "logger.peak_tflops", lg.peak_tflops, allow_none=True)
     if save_every and lg.log_every and lg.log_every > 0 and save_every % lg.log_every:
         p.append(
             f"train.save_every={save_every} must be a multiple of logger.log_every={lg.log_every}, so that "

@@ -30,6 +30,7 @@ from dpo_cli.metrics import JsonlSink, MetricLogger, ProgressSink, WandbSink, re
 from dpo_cli.modeling import check_max_length, count_parameters, load_model, load_tokenizer
 from dpo_cli.reference import (
     ModelReference,
+    PrecomputedReference,
     check_reference_tokenizer,
     live_reference,
     place_reference,
@@ -179,6 +180,7 @@ class Run:
     loop_state: dict[str, Any]  # the resumed checkpoint's logging window and guard counters ({} if none)
     wandb_mode: str  # logger.wandb.mode as it can run here (online may become offline)
     engine_steps: bool = False  # DeepSpeed: the engine steps the optimizer inside backward
+    flops_per_token: float = 0.0  # for mfu: 6N (policy forward and backward), + 2N with a live reference
 
 
 def _load_data(cfg: DictConfig, tokenizer: Any) -> tuple[list[Tokenized], list[Tokenized], int, int]:
@@ -271,7 +273,17 @@ def build(cfg: DictConfig, held: ExitStack) -> Run:
         run_dir, accelerator, accum, train_set, eval_set, per_epoch, n_steps, run_shape, tokenizer, loss_fn,
         policy, unwrapped, optimizer, scheduler, reference, eval_reference, state["step"], resume_from is not None,
         state.get("loop", {}), wandb_mode, accelerator.distributed_type.value == "DEEPSPEED",
+        _flops_per_token(total, reference),
     )  # fmt: skip
+
+
+def _flops_per_token(parameters: int, reference: Any) -> float:
+    """The model FLOPs per trained token that `mfu` counts: 6N for the policy's forward and
+    backward passes (N = its parameters), plus 2N for a reference forward pass when a model
+    runs one each step (not for precomputed log-probs or none). Attention's own FLOPs, which
+    grow with the sequence length, are left out, as in the usual 6N estimate."""
+    live = reference is not None and not isinstance(reference, PrecomputedReference)
+    return float((8 if live else 6) * parameters)
 
 
 def _reference(
@@ -316,24 +328,34 @@ def _reference(
 
 
 class Window:
-    """What the logging window accumulates over its logger.log_every steps: metric sums, tokens,
-    steps and time. It is saved in each checkpoint, so a run interrupted mid-window logs the
-    same rows after resuming as it would have without the interruption."""
+    """What the logging window accumulates over its logger.log_every steps: metric sums, tokens
+    (non-padding, and all positions computed), steps and the seconds spent training them (the
+    steps alone: evaluation and checkpoints are not training time). It is saved in each
+    checkpoint, so a run interrupted mid-window logs the same rows after resuming as it would
+    have without the interruption."""
 
     def __init__(self, device: Any) -> None:
         self.metrics = Averages()
         self.tokens = torch.zeros((), device=device)
+        self.positions = torch.zeros((), device=device)
         self.steps = 0
-        self.started = time.perf_counter()
+        self.seconds = 0.0
 
     def clear(self) -> None:
         self.metrics.clear()
         self.tokens.zero_()
-        self.steps, self.started = 0, time.perf_counter()
+        self.positions.zero_()
+        self.steps, self.seconds = 0, 0.0
 
     def state(self) -> dict[str, Any]:
         parts = {k: [s.item(), c.item()] for k, (s, c) in self.metrics.parts.items()}
-        return {"parts": parts, "tokens": self.tokens.item(), "steps": self.steps}
+        return {
+            "parts": parts,
+            "tokens": self.tokens.item(),
+            "positions": self.positions.item(),
+            "steps": self.steps,
+            "seconds": self.seconds,
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         device = self.tokens.device
@@ -341,7 +363,23 @@ class Window:
             k: (torch.tensor(s, device=device), torch.tensor(c, device=device)) for k, (s, c) in state["parts"].items()
         }
         self.tokens.fill_(state["tokens"])
+        self.positions.fill_(state.get("positions", 0.0))  # absent from checkpoints of earlier versions
         self.steps = state["steps"]
+        self.seconds = state.get("seconds", 0.0)
+
+    def throughput(self, accelerator: Any, batch_size: int, flops_per_token: float, peak: float | None) -> dict:
+        """Pairs and non-padding tokens per second of training time, over all processes; the
+        share of computed positions that were padding; and MFU when the peak is known."""
+        tokens, positions = accelerator.reduce(torch.stack([self.tokens, self.positions]), "sum").tolist()
+        seconds = max(self.seconds, 1e-9)
+        row = {
+            "tokens_per_s": tokens / seconds,
+            "pairs_per_s": batch_size * self.steps / seconds,
+            "padding_share": 1 - tokens / positions if positions else 0.0,
+        }
+        if peak:
+            row["mfu"] = flops_per_token * tokens / seconds / (peak * 1e12 * accelerator.num_processes)
+        return row
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -387,6 +425,7 @@ def train(cfg: DictConfig, r: Run, stop: StopOnSignal) -> dict[str, float]:
     with _open_sinks(cfg, r) as metrics:
         policy.train()
         for step in range(r.start, r.n_steps):
+            started = time.perf_counter()
             indices = step_indices(step, len(r.train_set), t.batch_size, t.seed)
             step_parts, finite = _forward_backward(cfg, r, indices, window)
             max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
@@ -416,10 +455,10 @@ def train(cfg: DictConfig, r: Run, stop: StopOnSignal) -> dict[str, float]:
                 )  # fmt: skip
             r.optimizer.zero_grad(set_to_none=True)
             window.steps += 1
+            window.seconds += time.perf_counter() - started
 
             done, saved = step + 1, False
             if done % cfg.logger.log_every == 0 or done == r.n_steps:
-                elapsed = time.perf_counter() - window.started
                 row = {
                     "step": done,
                     "epoch": round(done / r.per_epoch, 4),
@@ -427,8 +466,7 @@ def train(cfg: DictConfig, r: Run, stop: StopOnSignal) -> dict[str, float]:
                     **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                     "lr": lr,
                     "nonfinite_steps": nonfinite["total"],
-                    "tokens_per_s": accelerator.reduce(window.tokens, "sum").item() / elapsed,
-                    "pairs_per_s": t.batch_size * window.steps / elapsed,
+                    **window.throughput(accelerator, t.batch_size, r.flops_per_token, cfg.logger.peak_tflops),
                 }
                 metrics.log(row)
                 last.update(row)
@@ -491,6 +529,7 @@ def _forward_backward(cfg: DictConfig, r: Run, indices: list[int], window: Windo
         step_parts.add(parts)
         finite *= torch.isfinite(loss.detach()).all()
         window.tokens += batch["attention_mask"].sum()
+        window.positions += batch["attention_mask"].numel()
     return step_parts, finite
 
 
