@@ -211,3 +211,27 @@ def test_jsonl_resume_rewrites_the_file_in_place(tmp_path):
     s.close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_a_slurm_job_id_reaches_the_run_directory_and_the_wandb_run(wandb_env, monkeypatch, tmp_path):
+    """Under SLURM (its variables as sbatch sets them), the job's identity is appended to
+    <run dir>/slurm.jsonl and put in the W&B run's config (a real offline W&B run)."""
+    from accelerate.state import AcceleratorState
+    from conftest import FAST, make_config
+
+    from dpo_cli import train
+
+    for var, value in {"SLURM_JOB_ID": "4242", "SLURM_JOB_PARTITION": "gpu", "SLURM_JOB_NODELIST": "node1"}.items():
+        monkeypatch.setenv(var, value)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    monkeypatch.chdir(run_dir)
+    cfg = make_config([*FAST, "logger.wandb.mode=offline", "logger.progress=false", "train.max_steps=1"])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train.run(cfg)
+    job = json.loads((run_dir / "slurm.jsonl").read_text())
+    assert (job["job_id"], job["partition"], job["nodes"]) == ("4242", "gpu", "node1")
+    # An offline run keeps its config in the run's record log (protobuf; the value as JSON).
+    (record_log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"slurm" in record_log.read_bytes()
+    assert b'{"job_id":"4242","partition":"gpu","nodes":"node1"}' in record_log.read_bytes()
