@@ -161,7 +161,6 @@ class Run:
 
     run_dir: Path
     accelerator: Any
-    accum: int  # gradient-accumulation micro batches per optimizer step
     train_set: list[Tokenized]
     eval_set: list[Tokenized]
     per_epoch: int  # optimizer steps per pass over train_set
@@ -270,7 +269,7 @@ def build(cfg: DictConfig, held: ExitStack) -> Run:
     log.info("reference: %s", reference.describe() if reference else "none (no loss term needs one)")
     state = checkpoint.load(accelerator, resume_from, run_dir) if resume_from is not None else {"step": 0}
     return Run(
-        run_dir, accelerator, accum, train_set, eval_set, per_epoch, n_steps, run_shape, tokenizer, loss_fn,
+        run_dir, accelerator, train_set, eval_set, per_epoch, n_steps, run_shape, tokenizer, loss_fn,
         policy, unwrapped, optimizer, scheduler, reference, eval_reference, state["step"], resume_from is not None,
         state.get("loop", {}), wandb_mode, accelerator.distributed_type.value == "DEEPSPEED",
         _flops_per_token(total, reference),
@@ -518,9 +517,9 @@ def _forward_backward(cfg: DictConfig, r: Run, indices: list[int], window: Windo
     accelerator.step = 0
     for idx in shards:
         batch = make_batch(r.train_set, idx, r.tokenizer.pad_token_id, r.loss_fn, accelerator.device)
-        # accelerate owns accumulation (configured with r.accum micro batches per step, see
+        # accelerate owns accumulation (configured with the step's micro batches per process, see
         # launch.accumulation_plugin): gradients synchronize only on the step's last micro
-        # batch, and backward divides each micro batch's mean loss by r.accum, so that the
+        # batch, and backward divides each micro batch's mean loss by their number, so that the
         # accumulated gradient is the mean over this process's share; the all-reduce (DDP, FSDP,
         # DeepSpeed) then averages over processes.
         with accelerator.accumulate(policy), accelerator.autocast():
