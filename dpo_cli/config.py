@@ -20,6 +20,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from dpo_cli.data.collate import LAYOUTS
 from dpo_cli.distributed import cpu_only
 from dpo_cli.errors import ConfigError
 
@@ -147,6 +148,9 @@ class TrainConfig:
     mixed_precision: str = "no"
     max_grad_norm: Optional[float] = 1.0
     max_nonfinite_steps: Optional[int] = 10
+    layout: str = "auto"
+    logits_chunk: Optional[int] = 1024
+    sort_by_length: bool = True
 
 
 @dataclass
@@ -558,6 +562,8 @@ def _check_optimization(p: list[str], cfg: DictConfig) -> None:
     _positive(p, "train.max_grad_norm", t.max_grad_norm, allow_none=True)
     _positive(p, "train.max_nonfinite_steps", t.max_nonfinite_steps, allow_none=True)
     _choice(p, "train.mixed_precision", t.mixed_precision, PRECISIONS)
+    _choice(p, "train.layout", t.layout, ("auto", *LAYOUTS))  # auto: dpo_cli.layout.choose
+    _positive(p, "train.logits_chunk", t.logits_chunk, allow_none=True)
     if t.mixed_precision == "fp16" and cpu_only():
         p.append("train.mixed_precision=fp16 needs a GPU (fp16 autocast does not run on CPUs); use bf16 or no")
     elif t.mixed_precision == "fp16" and cfg.model.dtype != "float32":

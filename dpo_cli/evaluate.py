@@ -12,7 +12,8 @@ from dpo_cli.data.batching import eval_batches
 from dpo_cli.data.collate import collate
 from dpo_cli.data.tokenize import Tokenized
 from dpo_cli.distributed import in_lockstep
-from dpo_cli.logprobs import KL, KL_ROWS, SHARED, batch_logps
+from dpo_cli.lmhead import Head
+from dpo_cli.logprobs import KL, KL_ROWS, SHARED, WHOLE, batch_logps
 from dpo_cli.losses import Loss
 from dpo_cli.losses.base import Reduce, local
 
@@ -26,6 +27,7 @@ def batch_loss(
     loss_fn: Loss,
     batch: dict[str, torch.Tensor],
     reduce: Reduce = local,
+    head: Head | None = None,
 ) -> tuple[torch.Tensor, Parts]:
     """The batch's loss (with grad) and its metrics as (sum, count) parts (no grad).
 
@@ -35,12 +37,14 @@ def batch_loss(
     response tokens of that role in the batch (token-weighted); rewards/accuracies and
     rewards/margins are over pairs (unpaired data: margins = mean chosen - mean rejected
     reward, no accuracy). The loss is weighted by the batch's examples (pairs, or unpaired
-    examples), so the mean over batches is the mean over examples.
+    examples), so the mean over batches is the mean over examples. `head`: the policy's chunked
+    LM head (None: full logits).
     """
-    fwd = batch_logps(policy, batch, loss_fn.needs)
     # The reference needs only what losses read from it (LD-DPO's shared part); WPO's weights
-    # and the whole-sequence NLL come from the policy alone.
+    # and the whole-sequence NLL come from the policy alone. It runs first: its forward holds
+    # no graph, so its memory is free again before the policy's activations are built.
     ref = reference(batch, loss_fn.needs & REFERENCE_EXTRAS) if loss_fn.requires_reference else None
+    fwd = batch_logps(policy, batch, loss_fn.needs, head=head)
     out = loss_fn(fwd.logps, ref, reduce)
     lp = fwd.logps
     with torch.no_grad():
@@ -114,11 +118,13 @@ class Averages:
 
 
 def make_batch(
-    dataset: list[Tokenized], indices: list[int], pad_id: int, loss_fn: Loss, device: Any
+    dataset: list[Tokenized], indices: list[int], pad_id: int, loss_fn: Loss, device: Any, layout: str = "padded"
 ) -> dict[str, torch.Tensor]:
-    """collate() of `dataset[i] for i in indices` for this loss (with KL rows when it needs
-    them), carrying the dataset indices, moved to `device`."""
-    batch = collate([dataset[i] for i in indices], pad_id, kl=KL_ROWS in loss_fn.needs, index=list(indices))
+    """collate() of `dataset[i] for i in indices` in `layout` for this loss (with KL rows and
+    whole-sequence targets when it needs them), carrying the dataset indices, moved to `device`."""
+    needs = loss_fn.needs
+    examples = [dataset[i] for i in indices]
+    batch = collate(examples, pad_id, kl=KL_ROWS in needs, index=list(indices), layout=layout, whole=WHOLE in needs)
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -131,6 +137,8 @@ def evaluate(
     accelerator: Any,
     micro_batch_size: int,
     pad_id: int,
+    layout: str = "padded",
+    head: Head | None = None,
 ) -> dict[str, float]:
     """`eval_`-prefixed metrics over all of `examples`, each seen by one process.
 
@@ -149,9 +157,9 @@ def evaluate(
     # the reduce: it scores one example with weight 0.
     fill = [0] * min(2, len(examples))
     for idx, weight in in_lockstep(batches, accelerator, fill) or [(fill, 0)]:
-        batch = make_batch(examples, idx, pad_id, loss_fn, accelerator.device)
+        batch = make_batch(examples, idx, pad_id, loss_fn, accelerator.device, layout)
         with accelerator.autocast():
-            _, parts = batch_loss(policy, reference, loss_fn, batch)
+            _, parts = batch_loss(policy, reference, loss_fn, batch, head=head)
         sums.add(parts, weight)
     policy.train(was_training)
     return sums.reduce(accelerator, prefix="eval_")

@@ -1,10 +1,13 @@
 """The one place where sequence log-probabilities are computed.
 
-A batch (see `data.collate`) holds sequences with roles. `batch_logps` runs the model over it
-and returns per-sequence values grouped by role, so that every loss and every layout share one
-code path. The CHOSEN and REJECTED rows go through one forward pass (one set of kernel launches
-and, under DDP, one gradient sync); KL rows, which no loss differentiates, go through a second
-one without building a graph.
+A batch (see `data.collate`) holds sequences with roles, laid out in model rows, and lists its
+targets: for each scored token, the row and column whose output predicts it and the sequence
+it belongs to. `batch_logps` runs the model over the rows and returns per-sequence values
+grouped by role (one gather at the targets, one scatter by sequence), so every loss and every
+layout share one code path. With a `Head` (see `lmhead`) only the target positions go through
+the LM head, in chunks; without one the model's full logits are used. The CHOSEN and REJECTED
+sequences go through one forward pass (one set of kernel launches and, under DDP, one gradient
+sync); KL rows, which no loss differentiates, go through a second one without building a graph.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from dpo_cli.lmhead import Head, chunked_logps, position_stats
 
 IGNORE_INDEX = -100
 CHOSEN, REJECTED, KL = 0, 1, 2  # sequence roles (batch["role"])
@@ -26,32 +31,21 @@ WHOLE = "whole"  # log-probs over prompt and response tokens too (ORPO's NLL, as
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of the labelled tokens and how many there are, per sequence.
+    """Summed log-probs of the labelled tokens and how many there are, per row.
 
     logits: (N, T, V) from a causal LM, where logits[:, t] predicts token t + 1.
     labels: (N, T) input ids with prompt and padding positions set to IGNORE_INDEX.
-    Returns (logps (N,), n_tokens (N,)), both float32.
+    Returns (logps (N,), n_tokens (N,)), both float32. Only the labelled positions go through
+    the log-softmax, in float32: a masked position (prompt, padding) contributes nothing, not
+    even a NaN from an overflowed logit there, in the forward or the backward pass; and in bf16
+    the log-sum-exp over a large vocabulary would lose about two digits, the size of the
+    differences DPO trains on.
     """
-    token_logps, mask = _token_logps(logits, labels)
-    return token_logps.sum(-1), mask.sum(-1).float()
-
-
-def _token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs (N, T-1), exactly zero where masked, and the mask (N, T-1).
-
-    The shift aligns logits[:, t] with labels[:, t + 1]. Only the labelled positions go through
-    the log-softmax: a masked position (prompt, padding) then contributes nothing at all, not
-    even a NaN from an overflowed logit there, in the forward or the backward pass. Logits are
-    cast to float32 first: in bf16 the log-sum-exp over a large vocabulary loses about two
-    digits, which is the size of the differences DPO trains on.
-    """
-    assert logits.shape[:2] == labels.shape, (logits.shape, labels.shape)
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    selected = logits[:, :-1, :][mask].float()  # (labelled positions, V)
-    values = -F.cross_entropy(selected, targets[mask], reduction="none")
-    token_logps = torch.zeros(mask.shape, dtype=values.dtype, device=values.device).index_put((mask,), values)
-    return token_logps, mask
+    t = _targets({"labels": labels}, whole=False)
+    logps = -F.cross_entropy(logits[t["t_row"], t["t_col"]].float(), t["t_id"], reduction="none")
+    n = labels.shape[0]
+    at = (t["t_seq"], t["t_col"])
+    return _per_sequence(logps, at, n), _per_sequence(torch.ones_like(logps), at, n)
 
 
 @dataclass
@@ -89,72 +83,157 @@ class ForwardOutput:
     logps: SequenceLogps
     # Sum over each sequence's response tokens of the mean logit (over the vocabulary), for
     # TRL's token-weighted `logits/chosen` and `logits/rejected` metrics; (n,) per role, no grad.
-    logit_sums_chosen: torch.Tensor
-    logit_sums_rejected: torch.Tensor
+    logit_sums_chosen: torch.Tensor | None  # None when not asked for (`stats=False`)
+    logit_sums_rejected: torch.Tensor | None
 
 
-def _row_values(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], rows: torch.Tensor | None, extras: frozenset[str]
+def _targets(batch: dict[str, torch.Tensor], whole: bool) -> dict[str, torch.Tensor]:
+    """The batch's targets (t_row, t_col, t_id, t_seq, t_rank). A batch built by hand with
+    `labels` only (padded rows, one sequence per row) gets them from its labels, and with
+    `whole` every real token after the first becomes a target too (rank 0 for prompt tokens)."""
+    if "t_row" in batch:
+        if whole and not bool(batch["whole"]):
+            raise ValueError("whole-sequence log-probs need a batch collated with whole=True")
+        return {k: batch[k] for k in ("t_row", "t_col", "t_id", "t_seq", "t_rank")}
+    labels = batch["labels"][:, 1:]
+    scored = labels != IGNORE_INDEX
+    if whole:
+        scored = scored | (batch["attention_mask"][:, 1:] > 0)
+    row, col = torch.nonzero(scored, as_tuple=True)
+    response = labels[row, col] != IGNORE_INDEX
+    rank = (labels != IGNORE_INDEX).cumsum(-1)[row, col]
+    ids = torch.where(response, labels[row, col], batch["input_ids"][:, 1:][row, col] if whole else 0)
+    return {
+        "t_row": row,
+        "t_col": col,
+        "t_id": ids,
+        "t_seq": row,
+        "t_rank": torch.where(response, rank, 0),
+    }
+
+
+def _forward(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    rows: torch.Tensor | None,
+    targets: dict[str, torch.Tensor],
+    head: Head | None,
+    stats: bool,
+    wpo: bool,
 ) -> dict[str, torch.Tensor]:
-    """Per-row sums for the rows selected by the boolean mask `rows` (None: all rows), as a dict
-    of (n,) tensors: logps, tokens, logit_sums, and the `extras` asked for."""
+    """Per-target values for the rows selected by the boolean mask `rows` (None: all rows):
+    "logps" (with gradients), and without gradients "mean_logit" (with `stats`) and
+    "log_sum_sq" (with `wpo`). `targets` must be those of the selected rows."""
+    from dpo_cli.layout import attention_inputs
 
     def select(t: torch.Tensor) -> torch.Tensor:
         return t if rows is None else t[rows]
 
-    input_ids, attention_mask = select(batch["input_ids"]), select(batch["attention_mask"])
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    labels = select(batch["labels"])
-    if WHOLE in extras:
-        # Every real token as a target: one log-softmax serves the response and the whole sequence.
-        targets = torch.where(labels != IGNORE_INDEX, labels, input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX))
-        all_logps, all_mask = _token_logps(out.logits, targets)
-        mask = labels[:, 1:] != IGNORE_INDEX
-        token_logps = torch.where(mask, all_logps, 0.0)
-    else:
-        token_logps, mask = _token_logps(out.logits, labels)
-    values = {"logps": token_logps.sum(-1), "tokens": mask.sum(-1).float()}
-    if WHOLE in extras:
-        values["whole"], values["whole_tokens"] = all_logps.sum(-1), all_mask.sum(-1).float()
-    with torch.no_grad():
-        per_token_mean = torch.mean(out.logits[:, :-1], dim=-1, dtype=torch.float32)
-        values["logit_sums"] = torch.where(mask, per_token_mean, 0.0).sum(-1)
-        if WPO in extras:
-            # WPO (Zhou et al., 2024, Eq. 2) aligns each token's log-prob by the log of the
-            # model's sum of squared probabilities at that position, then averages over tokens.
-            log_sum_sq = torch.logsumexp(2 * torch.log_softmax(out.logits[:, :-1].float(), dim=-1), dim=-1)
-            aligned = torch.where(mask, token_logps - log_sum_sq, 0.0)
-            values["wpo"] = aligned.sum(-1) / values["tokens"].clamp(min=1)
-    if SHARED in extras:
-        position = mask.cumsum(-1)  # 1-based index of each response token, 0 before the response
-        shared = mask & (position <= select(batch["shared_tokens"]).unsqueeze(-1))
-        values["shared"] = torch.where(shared, token_logps, 0.0).sum(-1)
+    keys = ("input_ids", "attention_mask", "position_ids", "segment", "branch")
+    sub = {k: select(batch[k]) for k in keys if k in batch}
+    inputs = {"input_ids": sub["input_ids"], **attention_inputs(sub, model), "use_cache": False}
+    where = (targets["t_row"], targets["t_col"])
+    values: dict[str, torch.Tensor] = {}
+    if head is None:
+        logits = model(**inputs).logits[where].float()  # (M, V): the scored positions only
+        values["logps"] = -F.cross_entropy(logits, targets["t_id"], reduction="none")
+        with torch.no_grad():
+            if stats:
+                values["mean_logit"] = logits.mean(-1)
+            if wpo:
+                values["log_sum_sq"] = torch.logsumexp(2 * torch.log_softmax(logits, -1), -1)
+        return values
+    with head.capture() as hidden:
+        # No logits from the model itself (an empty selection); the hook keeps its hidden states.
+        model(**inputs, logits_to_keep=torch.zeros(0, dtype=torch.long, device=sub["input_ids"].device))
+        h = hidden()[where]
+    weight, bias = head.linear.weight, head.linear.bias
+    values["logps"] = chunked_logps(h, weight, bias, targets["t_id"], head.chunk)
+    if stats or wpo:
+        extra = position_stats(h.detach(), weight.detach(), None if bias is None else bias.detach(), head.chunk, wpo)
+        if stats:
+            values["mean_logit"] = extra["mean_logit"]
+        if wpo:
+            values["log_sum_sq"] = extra["log_sum_sq"]
     return values
 
 
+def _select_rows(targets: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The targets that fall in the selected rows, with row numbers counted among those rows."""
+    keep = rows[targets["t_row"]]
+    renumber = rows.long().cumsum(0) - 1
+    out = {k: v[keep] for k, v in targets.items()}
+    out["t_row"] = renumber[out["t_row"]]
+    return out
+
+
+def _per_sequence(values: torch.Tensor, at: tuple[torch.Tensor, torch.Tensor], n: int) -> torch.Tensor:
+    """Per-sequence sums of per-target `values`, `at` = (t_seq, t_col) of each target (unique
+    pairs). The values are laid out by predicting column and summed along it, so a padded
+    batch sums in the order a (rows, positions) mask-and-sum does (as TRL does, to the bit)."""
+    seq, col = at
+    width = int(col.max()) + 1 if col.numel() else 1
+    dense = torch.zeros(n, width, dtype=values.dtype, device=values.device)
+    return dense.index_put((seq, col), values).sum(-1)
+
+
 def batch_logps(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], extras: frozenset[str] = frozenset()
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    extras: frozenset[str] = frozenset(),
+    head: Head | None = None,
+    stats: bool = True,
 ) -> ForwardOutput:
     """Per-sequence log-probs of a batch from `data.collate`, grouped by role.
 
-    `extras` names the optional values to compute (SHARED, WPO). KL rows, if any, are run
+    `extras` names the optional values to compute (SHARED, WPO, WHOLE); `head` runs the LM head
+    on the target positions only, in chunks (None: the model's full logits); `stats=False`
+    skips the mean-logit metric (a reference has no use for it). KL rows, if any, are run
     without gradients: KTO detaches its KL estimate, so a graph for them would only cost memory.
     """
     role = batch["role"]
-    has_kl = bool((role == KL).any())
-    main = role != KL if has_kl else None
-    values = _row_values(model, batch, main, extras)
-    main_role = role[main] if has_kl else role
-    c, r = main_role == CHOSEN, main_role == REJECTED
+    n = role.shape[0]
+    targets = _targets(batch, WHOLE in extras)
+    row_kl = batch["row_kl"] if "row_kl" in batch else role == KL  # hand-built batches: a row per sequence
+    has_kl = bool(row_kl.any())
+    main_targets = _select_rows(targets, ~row_kl) if has_kl else targets
+    per_target = _forward(model, batch, ~row_kl if has_kl else None, main_targets, head, stats, WPO in extras)
+    seq, rank = main_targets["t_seq"], main_targets["t_rank"]
+    at = (seq, main_targets["t_col"])
+    response = rank > 0
+    logps = per_target["logps"]
+
+    def summed(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        return _per_sequence(torch.where(where, values, 0.0), at, n)
+
+    tokens = _per_sequence(response.float(), at, n)
+    values = {"logps": summed(logps, response), "tokens": tokens}
+    if stats:
+        values["logit_sums"] = summed(per_target["mean_logit"], response)
+    if WHOLE in extras:
+        values["whole"], values["whole_tokens"] = (
+            _per_sequence(logps, at, n),
+            _per_sequence(torch.ones_like(logps), at, n),
+        )
+    if WPO in extras:
+        # WPO (Zhou et al., 2024, Eq. 2) aligns each token's log-prob by the log of the
+        # model's sum of squared probabilities at that position, then averages over tokens.
+        aligned = summed(logps.detach() - per_target["log_sum_sq"], response)
+        values["wpo"] = aligned / tokens.clamp(min=1)
+    if SHARED in extras:
+        values["shared"] = summed(logps, response & (rank <= batch["shared_tokens"][seq]))
+    c, r = role == CHOSEN, role == REJECTED
     kl = None
     if has_kl:
         with torch.no_grad():
-            kl = _row_values(model, batch, role == KL, frozenset())["logps"]
+            kl_targets = _select_rows(targets, row_kl)
+            kl_values = _forward(model, batch, row_kl, kl_targets, head, False, False)["logps"]
+            kl = _per_sequence(kl_values, (kl_targets["t_seq"], kl_targets["t_col"]), n)[role == KL]
 
     def opt(name: str, which: torch.Tensor) -> torch.Tensor | None:
         return values[name][which] if name in values else None
 
-    logps = SequenceLogps(
+    out = SequenceLogps(
         chosen=values["logps"][c],
         rejected=values["logps"][r],
         chosen_tokens=values["tokens"][c],
@@ -167,4 +246,4 @@ def batch_logps(
         chosen_whole=opt("whole", c),
         chosen_whole_tokens=opt("whole_tokens", c),
     )
-    return ForwardOutput(logps, values["logit_sums"][c], values["logit_sums"][r])
+    return ForwardOutput(out, opt("logit_sums", c), opt("logit_sums", r))

@@ -27,6 +27,8 @@ HEAD_KEYS = ("num_attention_heads", "n_head")
 # the gradient of the log-softmax is one more of the same size. A live reference model's forward
 # runs while those are held and makes its own logits and log-softmax (no graph): one more each.
 LOGIT_COPIES, LOGIT_COPIES_LIVE_REFERENCE = 3, 4
+# With train.logits_chunk, only one chunk's float32 logits and their gradient exist at a time.
+CHUNK_COPIES = 2
 
 
 @dataclass
@@ -369,6 +371,18 @@ def estimate(cfg: Any, tokenizer: Any, loss: Any, capacity_bytes: int | None = N
     fused = m.attn_implementation != "eager"
     act = activation_bytes(config, n_seqs, seq_len, 2 if sixteen else 4, m.gradient_checkpointing, fused)
     copies = LOGIT_COPIES_LIVE_REFERENCE if live else LOGIT_COPIES
+    chunk = cfg.train.logits_chunk
+    if chunk is None:
+        logits = logits_bytes(n_seqs, seq_len, c["vocab"], copies)
+        logits_what = f"N*T*V*4 bytes (float32) x {copies}, V={c['vocab']}: logits, log-softmax, its gradient" + (
+            ", the reference's logits and log-softmax" if live else ""
+        )
+    else:  # the chunked head (dpo_cli.lmhead): one chunk's logits and their gradient at a time
+        logits = logits_bytes(1, min(chunk, n_seqs * seq_len), c["vocab"], CHUNK_COPIES)
+        logits_what = (
+            f"C*V*4 bytes (float32) x {CHUNK_COPIES}, C=train.logits_chunk={chunk} positions, V={c['vocab']}: one "
+            "chunk's logits and their gradient (the full logits never exist)"
+        )
     lora = f"; LoRA r={m.lora.r} adapters, counted by {c['how']}" if m.lora.r is not None else ""
     what = {
         "weights": f"policy: {short_count(c['numel'])} parameters in {dtype_name(c['dtype'])}{lora}",
@@ -376,8 +390,7 @@ def estimate(cfg: Any, tokenizer: Any, loss: Any, capacity_bytes: int | None = N
         "optimizer": optimizer_what,
         "reference": ref_what,
         "activations": _activation_what(config, n_seqs, seq_len, sixteen, m.gradient_checkpointing, fused),
-        "logits": f"N*T*V*4 bytes (float32) x {copies}, V={c['vocab']}: logits, log-softmax, its gradient"
-        + (", the reference's logits and log-softmax" if live else ""),
+        "logits": logits_what,
     }
     if capacity_bytes is None:
         device, capacity_bytes = device_capacity()
@@ -389,7 +402,7 @@ def estimate(cfg: Any, tokenizer: Any, loss: Any, capacity_bytes: int | None = N
         optimizer=n_states * c["trainable_bytes"],
         reference=ref_bytes,
         activations=act,
-        logits=logits_bytes(n_seqs, seq_len, c["vocab"], copies),
+        logits=logits,
         what=what,
         parameters=c["numel"],
         trainable_parameters=c["trainable"],

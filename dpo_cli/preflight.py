@@ -5,14 +5,15 @@ before a GPU hour is spent on it."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from dpo_cli import config, memory
+from dpo_cli import config, layout, memory
 from dpo_cli.data.prepare import check_prepared, prepare
 from dpo_cli.data.summary import export, report
-from dpo_cli.errors import DataError
+from dpo_cli.errors import ConfigError, DataError
 from dpo_cli.modeling import check_max_length, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,27 @@ def run(cfg: DictConfig) -> str:
         path = export(data, cfg.inspect.export)
         text += f"\nnormalized {data.unit} written to {path}"
     # Built from the models' configs on the meta device: no weights are read.
+    text += "\n\n" + batches(cfg, tokenizer)
     text += "\n\n" + memory.estimate(cfg, tokenizer, instantiate(cfg.loss)).report()
     log.info("preflight report (mode=inspect; no model weights loaded):\n%s", text)
     return text
+
+
+def batches(cfg: DictConfig, tokenizer: Any) -> str:
+    """Which layout and LM-head path training will use, and why (from the model's config on
+    the meta device; training checks them against the plain path on real examples at start)."""
+    m = cfg.model
+    config = memory.model_config(m, tokenizer)
+    if m.attn_implementation is not None:
+        config._attn_implementation = m.attn_implementation
+    model = memory.meta_model(
+        config, memory.resolve_dtype(m.dtype, config), m.trust_remote_code and m.random_init is None
+    )
+    try:
+        choice = layout.choose(cfg.train.layout, cfg.train.logits_chunk, model, sharded=False)
+    except ConfigError as e:
+        return f"batches: training would refuse this: {e}"
+    return (
+        f"batches: {choice.describe()}\n  (on one process, without FSDP/ZeRO-3; checked against padded rows with full "
+        "logits on real examples when training starts)"
+    )

@@ -42,6 +42,7 @@ from dpo_cli.data.tokenize import Tokenized, fingerprint
 from dpo_cli.distributed import in_lockstep
 from dpo_cli.errors import ModelLoadError
 from dpo_cli.hub import hub_reachable, looks_like_path
+from dpo_cli.lmhead import Head
 from dpo_cli.logprobs import CHOSEN, REJECTED, SHARED
 from dpo_cli.reference import ModelReference, PrecomputedReference, live_reference, place_reference, release
 
@@ -195,14 +196,16 @@ def save_entry(path: Path, key: str, tables: dict[str, Tables], meta: dict[str, 
         )
 
 
-def compute_tables(reference: Any, dataset: list[Tokenized], pad_id: int, micro: int, accelerator: Any) -> Tables:
+def compute_tables(
+    reference: Any, dataset: list[Tokenized], pad_id: int, micro: int, accelerator: Any, layout: str = "padded"
+) -> Tables:
     """The reference's per-example values over `dataset`, each process computing its strided
-    share; one sum over processes assembles them everywhere."""
+    share (in batches of `layout`); one sum over processes assembles them everywhere."""
     n = len(dataset)
     out = torch.zeros(len(COLUMNS), n, 2)
     batches = eval_batches(n, accelerator.process_index, accelerator.num_processes, micro)
     for idx, weight in in_lockstep(batches, accelerator, fill=[0]):
-        batch = collate([dataset[i] for i in idx], pad_id, index=idx)
+        batch = collate([dataset[i] for i in idx], pad_id, index=idx, layout=layout)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
             lp = reference(batch, frozenset({SHARED}))
@@ -246,10 +249,13 @@ def precompute(
     policy: torch.nn.Module,
     datasets: dict[str, list[Tokenized]],
     accelerator: Any,
+    layout: str = "padded",
+    head: Head | None = None,
 ) -> dict[str, PrecomputedReference]:
     """Reference log-probs of every dataset in `datasets` (train, eval), from the cache when
     an entry for this key exists, else computed (then the reference model is freed) and
-    written to the cache. `policy` is the initial, unwrapped policy."""
+    written to the cache. `policy` is the initial, unwrapped policy; `layout` and `head` are
+    the run's (they change how, not what, is computed)."""
     from accelerate.utils import broadcast_object_list
 
     cache_dir = Path(cfg.reference.cache_dir).expanduser() if cfg.reference.cache_dir else None
@@ -277,12 +283,12 @@ def precompute(
         )
         tables = entry["tables"]
     else:
-        reference = live_reference(cfg, tokenizer, policy, copy_policy=False)
+        reference = live_reference(cfg, tokenizer, policy, copy_policy=False, head=head)
         if isinstance(reference, ModelReference):  # a separate model (or a copy in another dtype)
             reference.model = place_reference(reference.model, accelerator, cfg.train)
         log.info("reference log-probs: computing them once with %s", reference.describe())
         tables = {
-            split: compute_tables(reference, d, tokenizer.pad_token_id, cfg.train.micro_batch_size, accelerator)
+            split: compute_tables(reference, d, tokenizer.pad_token_id, cfg.train.micro_batch_size, accelerator, layout)
             for split, d in datasets.items()
         }
         release(reference)

@@ -25,7 +25,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli.errors import ModelLoadError
-from dpo_cli.logprobs import CHOSEN, IGNORE_INDEX, KL, REJECTED, SHARED, SequenceLogps, batch_logps
+from dpo_cli.lmhead import Head
+from dpo_cli.logprobs import CHOSEN, REJECTED, SHARED, SequenceLogps, batch_logps
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,21 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-class ModelReference:
-    """A frozen model of its own: eval mode (no dropout), no gradients, no optimizer state."""
+def _detached(values: SequenceLogps) -> SequenceLogps:
+    """Ordinary tensors from inference-mode ones, so that a loss may save them for backward."""
+    fields = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in vars(values).items()}
+    return SequenceLogps(**fields)
 
-    def __init__(self, model: torch.nn.Module, what: str):
+
+class ModelReference:
+    """A frozen model of its own: eval mode (no dropout), no gradients, no optimizer state. Its
+    forward runs in inference mode, scoring only what the loss needs (no mean-logit metric;
+    with a `head`, the LM head on the response positions only)."""
+
+    def __init__(self, model: torch.nn.Module, what: str, head: Head | None = None):
         self.model = _frozen(model)
         self.what = what
+        self.head = head
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -48,19 +58,22 @@ class ModelReference:
     def describe(self) -> str:
         return f"{self.what} ({self.num_parameters() / 1e6:.2f}M parameters, {next(self.model.parameters()).dtype})"
 
-    @torch.no_grad()
     def __call__(self, batch: dict[str, torch.Tensor], extras: frozenset[str] = frozenset()) -> SequenceLogps:
-        return batch_logps(self.model, batch, extras).logps
+        with torch.inference_mode():
+            values = batch_logps(self.model, batch, extras, head=self.head, stats=False).logps
+        return _detached(values)
 
 
 class AdapterReference:
     """The policy module itself, run in eval mode without gradients: under LoRA with the
     adapter switched off (the base weights are the reference, so no second copy exists); and,
-    before any update, as the initial policy when precomputing reference log-probs."""
+    before any update, as the initial policy when precomputing reference log-probs. (no_grad,
+    not inference mode: its modules are the policy's, and must not cache inference tensors.)"""
 
-    def __init__(self, model: torch.nn.Module, adapter_off: bool = True):
+    def __init__(self, model: torch.nn.Module, adapter_off: bool = True, head: Head | None = None):
         self.model = model
         self.adapter_off = adapter_off
+        self.head = head
 
     def describe(self) -> str:
         if self.adapter_off:
@@ -73,7 +86,7 @@ class AdapterReference:
         self.model.eval()
         try:
             with self.model.disable_adapter() if self.adapter_off else nullcontext():
-                return batch_logps(self.model, batch, extras).logps
+                return batch_logps(self.model, batch, extras, head=self.head, stats=False).logps
         finally:
             self.model.train(was_training)
 
@@ -102,11 +115,9 @@ class PrecomputedReference:
 
         # The response lengths the table was computed on must be this batch's: anything else
         # means the table belongs to other data, and its values would be silently wrong.
-        labels = batch["labels"][role != KL]  # non-KL rows, in row order
-        tokens = (labels[:, 1:] != IGNORE_INDEX).sum(-1).float()
+        tokens = torch.cat([batch["tokens"][role == CHOSEN], batch["tokens"][role == REJECTED]])
         expected = torch.cat([look("tokens", CHOSEN), look("tokens", REJECTED)])
-        order = torch.cat([torch.nonzero(role[role != KL] == c).flatten() for c in (CHOSEN, REJECTED)])
-        if not torch.equal(tokens[order], expected):
+        if not torch.equal(tokens, expected):
             raise RuntimeError("precomputed reference log-probs do not match this batch's response lengths")
         return SequenceLogps(
             chosen=look("logps", CHOSEN),
@@ -156,18 +167,24 @@ def check_reference_tokenizer(cfg: DictConfig, tokenizer: Any) -> None:
         )
 
 
-def load_reference_model(cfg: DictConfig, tokenizer: Any, policy: torch.nn.Module) -> ModelReference:
+def load_reference_model(
+    cfg: DictConfig, tokenizer: Any, policy: torch.nn.Module, head: Head | None = None
+) -> ModelReference:
     """The live reference model: the separate model when reference.name_or_path is set,
-    else a frozen copy of the initial `policy` (cast to reference.dtype when that differs)."""
+    else a frozen copy of the initial `policy` (cast to reference.dtype when that differs).
+    When the policy scores with a chunked LM `head`, so does the reference, if its model allows."""
     from dpo_cli.modeling import DTYPES, load_model
 
     if cfg.reference.name_or_path is not None:
         model = load_model(reference_model_config(cfg), tokenizer, cfg.train.seed)
-        return ModelReference(model, f"{cfg.reference.name_or_path} (reference.name_or_path)")
-    model = copy.deepcopy(policy)
-    if cfg.reference.dtype not in (None, "auto", cfg.model.dtype):
-        model.to(DTYPES[cfg.reference.dtype])
-    return ModelReference(model, "frozen copy of the initial policy")
+        what = f"{cfg.reference.name_or_path} (reference.name_or_path)"
+    else:
+        model = copy.deepcopy(policy)
+        if cfg.reference.dtype not in (None, "auto", cfg.model.dtype):
+            model.to(DTYPES[cfg.reference.dtype])
+        what = "frozen copy of the initial policy"
+    own_head = Head.find(model, head.chunk)[0] if head is not None else None
+    return ModelReference(model, what, own_head)
 
 
 def place_reference(model: torch.nn.Module, accelerator: Any, t: DictConfig) -> Any:
@@ -193,15 +210,16 @@ def place_reference(model: torch.nn.Module, accelerator: Any, t: DictConfig) -> 
 
 
 def live_reference(
-    cfg: DictConfig, tokenizer: Any, policy: torch.nn.Module, copy_policy: bool = True
+    cfg: DictConfig, tokenizer: Any, policy: torch.nn.Module, copy_policy: bool = True, head: Head | None = None
 ) -> ModelReference | AdapterReference:
-    """The model-backed reference for `policy` (the unwrapped model, before any update). With
-    `copy_policy=False` (precomputing before training) the initial policy serves as itself."""
+    """The model-backed reference for `policy` (the unwrapped model, before any update; `head`
+    its chunked LM head, if it scores with one). With `copy_policy=False` (precomputing before
+    training) the initial policy serves as itself."""
     lora = cfg.model.lora.r is not None
     same_dtype = cfg.reference.dtype in (None, cfg.model.dtype)
     if cfg.reference.name_or_path is None and (lora or (not copy_policy and same_dtype)):
-        return AdapterReference(policy, adapter_off=lora)
-    return load_reference_model(cfg, tokenizer, policy)
+        return AdapterReference(policy, adapter_off=lora, head=head)
+    return load_reference_model(cfg, tokenizer, policy, head)
 
 
 def release(reference: Any) -> None:

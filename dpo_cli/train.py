@@ -14,16 +14,18 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_cli import checkpoint, config, rundir, slurm
+from dpo_cli import checkpoint, config, layout, rundir, slurm
 from dpo_cli.data.batching import micro_batches, position, step_indices, steps_per_epoch
 from dpo_cli.data.chat import load_template
 from dpo_cli.data.prepare import prepare
 from dpo_cli.data.summary import report
-from dpo_cli.data.tokenize import Tokenized, fingerprint
+from dpo_cli.data.tokenize import Tokenized, example_length, fingerprint
 from dpo_cli.distributed import cpu_only, sharded, world_size_from_env
 from dpo_cli.errors import ConfigError, DataError, Interrupted, NonFiniteError, UserError
 from dpo_cli.evaluate import Averages, batch_loss, evaluate, make_batch
 from dpo_cli.launch import accumulation_plugin, check_environment, configure_deepspeed, grad_norm_of
+from dpo_cli.lmhead import Head
+from dpo_cli.logprobs import KL_ROWS
 from dpo_cli.lora import apply_lora
 from dpo_cli.losses import Loss
 from dpo_cli.metrics import JsonlSink, MetricLogger, ProgressSink, WandbSink, resolve_wandb_mode
@@ -180,6 +182,9 @@ class Run:
     wandb_mode: str  # logger.wandb.mode as it can run here (online may become offline)
     engine_steps: bool = False  # DeepSpeed: the engine steps the optimizer inside backward
     flops_per_token: float = 0.0  # for mfu: 6N (policy forward and backward), + 2N with a live reference
+    layout: str = "padded"  # how sequences sit in the model's rows (dpo_cli.layout)
+    head: Head | None = None  # the policy's chunked LM head (None: full logits)
+    lengths: list[int] | None = None  # tokens per training example, for train.sort_by_length
 
 
 def _load_data(cfg: DictConfig, tokenizer: Any) -> tuple[list[Tokenized], list[Tokenized], int, int]:
@@ -262,17 +267,21 @@ def build(cfg: DictConfig, held: ExitStack) -> Run:
     # preparing it) keeps it in checkpoints without accelerate stepping it once per process.
     accelerator.register_for_checkpointing(scheduler)
     unwrapped = accelerator.unwrap_model(policy)
+    choice = layout.choose(t.layout, t.logits_chunk, unwrapped, sharded(accelerator))
+    choice = layout.probe(choice, unwrapped, train_set[:2], tokenizer.pad_token_id, KL_ROWS in loss_fn.needs)
+    log.info("batches: %s", choice.describe())
     # The reference comes from the policy before any update (or its own weights). On resume it
     # is rebuilt the same way (same weights or same seed); the checkpoint then overwrites only
     # the policy, the optimizer and the scheduler.
-    reference, eval_reference = _reference(cfg, loss_fn, tokenizer, unwrapped, train_set, eval_set, accelerator)
+    reference, eval_reference = _reference(cfg, loss_fn, tokenizer, unwrapped, train_set, eval_set, accelerator, choice)
     log.info("reference: %s", reference.describe() if reference else "none (no loss term needs one)")
     state = checkpoint.load(accelerator, resume_from, run_dir) if resume_from is not None else {"step": 0}
     return Run(
         run_dir, accelerator, train_set, eval_set, per_epoch, n_steps, run_shape, tokenizer, loss_fn,
         policy, unwrapped, optimizer, scheduler, reference, eval_reference, state["step"], resume_from is not None,
         state.get("loop", {}), wandb_mode, accelerator.distributed_type.value == "DEEPSPEED",
-        _flops_per_token(total, reference),
+        _flops_per_token(total, reference), choice.layout, choice.head,
+        [example_length(ex) for ex in train_set] if t.sort_by_length else None,
     )  # fmt: skip
 
 
@@ -293,9 +302,11 @@ def _reference(
     train_set: list[Tokenized],
     eval_set: list[Tokenized],
     accelerator: Any,
+    choice: layout.Choice,
 ) -> tuple[Any, Any]:
     """The reference sources for the train and eval sets: none when no loss term needs one,
-    precomputed tables (reference.precompute), or one live model-backed source for both."""
+    precomputed tables (reference.precompute), or one live model-backed source for both, each
+    scoring batches of the policy's layout (`choice`)."""
     if not loss_fn.requires_reference:
         return None, None
     precompute = cfg.reference.precompute
@@ -318,66 +329,71 @@ def _reference(
     if precompute:
         from dpo_cli.refcache import precompute
 
-        refs = precompute(cfg, tokenizer, policy, {"train": train_set, "eval": eval_set}, accelerator)
+        datasets = {"train": train_set, "eval": eval_set}
+        refs = precompute(cfg, tokenizer, policy, datasets, accelerator, choice.layout, choice.head)
         return refs["train"], refs["eval"]
-    reference = live_reference(cfg, tokenizer, policy)
+    reference = live_reference(cfg, tokenizer, policy, head=choice.head)
     if isinstance(reference, ModelReference):
+        layout.check_reference(choice.layout, reference.model)
         reference.model = place_reference(reference.model, accelerator, cfg.train)
     return reference, reference
 
 
 class Window:
     """What the logging window accumulates over its logger.log_every steps: metric sums, tokens
-    (non-padding, and all positions computed), steps and the seconds spent training them (the
-    steps alone: evaluation and checkpoints are not training time). It is saved in each
-    checkpoint, so a run interrupted mid-window logs the same rows after resuming as it would
-    have without the interruption."""
+    (the sequences' own, prompt counted once per response as any padded trainer computes
+    it; the tokens actually computed, fewer when a prompt is shared; all positions computed,
+    padding included), steps and the seconds spent training them (the steps alone: evaluation
+    and checkpoints are not training time). It is saved in each checkpoint, so a run
+    interrupted mid-window logs the same rows after resuming as it would have without the
+    interruption."""
+
+    COUNTERS = ("tokens", "computed", "positions")
 
     def __init__(self, device: Any) -> None:
         self.metrics = Averages()
-        self.tokens = torch.zeros((), device=device)
-        self.positions = torch.zeros((), device=device)
+        self.counts = torch.zeros(len(self.COUNTERS), device=device)
         self.steps = 0
         self.seconds = 0.0
 
+    def add_tokens(self, batch: dict[str, torch.Tensor]) -> None:
+        mask = batch["attention_mask"]
+        self.counts += torch.stack([batch["length"].sum(), mask.sum(), torch.tensor(mask.numel())]).to(self.counts)
+
     def clear(self) -> None:
         self.metrics.clear()
-        self.tokens.zero_()
-        self.positions.zero_()
+        self.counts.zero_()
         self.steps, self.seconds = 0, 0.0
 
     def state(self) -> dict[str, Any]:
         parts = {k: [s.item(), c.item()] for k, (s, c) in self.metrics.parts.items()}
-        return {
-            "parts": parts,
-            "tokens": self.tokens.item(),
-            "positions": self.positions.item(),
-            "steps": self.steps,
-            "seconds": self.seconds,
-        }
+        counts = dict(zip(self.COUNTERS, self.counts.tolist(), strict=True))
+        return {"parts": parts, **counts, "steps": self.steps, "seconds": self.seconds}
 
     def restore(self, state: dict[str, Any]) -> None:
-        device = self.tokens.device
+        device = self.counts.device
         self.metrics.parts = {
             k: (torch.tensor(s, device=device), torch.tensor(c, device=device)) for k, (s, c) in state["parts"].items()
         }
-        self.tokens.fill_(state["tokens"])
-        self.positions.fill_(state.get("positions", 0.0))  # absent from checkpoints of earlier versions
+        # Checkpoints of earlier versions lack "computed" (then equal to tokens) and "positions".
+        values = [state["tokens"], state.get("computed", state["tokens"]), state.get("positions", 0.0)]
+        self.counts.copy_(torch.tensor(values))
         self.steps = state["steps"]
         self.seconds = state.get("seconds", 0.0)
 
     def throughput(self, accelerator: Any, batch_size: int, flops_per_token: float, peak: float | None) -> dict:
-        """Pairs and non-padding tokens per second of training time, over all processes; the
-        share of computed positions that were padding; and MFU when the peak is known."""
-        tokens, positions = accelerator.reduce(torch.stack([self.tokens, self.positions]), "sum").tolist()
+        """Pairs and sequence tokens per second of training time, over all processes; the share
+        of computed positions that were padding; and MFU (over the tokens actually computed)
+        when the peak is known."""
+        tokens, computed, positions = accelerator.reduce(self.counts.clone(), "sum").tolist()
         seconds = max(self.seconds, 1e-9)
         row = {
             "tokens_per_s": tokens / seconds,
             "pairs_per_s": batch_size * self.steps / seconds,
-            "padding_share": 1 - tokens / positions if positions else 0.0,
+            "padding_share": 1 - computed / positions if positions else 0.0,
         }
         if peak:
-            row["mfu"] = flops_per_token * tokens / seconds / (peak * 1e12 * accelerator.num_processes)
+            row["mfu"] = flops_per_token * computed / seconds / (peak * 1e12 * accelerator.num_processes)
         return row
 
 
@@ -504,7 +520,9 @@ def _forward_backward(cfg: DictConfig, r: Run, indices: list[int], window: Windo
     (`indices`: the step's pairs); gradients accumulate. Returns the step's metric parts and
     whether every loss was finite (1 or 0)."""
     accelerator, policy = r.accelerator, r.policy
-    shards = micro_batches(indices, accelerator.process_index, accelerator.num_processes, cfg.train.micro_batch_size)
+    shards = micro_batches(
+        indices, accelerator.process_index, accelerator.num_processes, cfg.train.micro_batch_size, r.lengths
+    )
     step_parts, finite = Averages(), torch.ones((), device=accelerator.device)
 
     def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
@@ -516,19 +534,18 @@ def _forward_backward(cfg: DictConfig, r: Run, indices: list[int], window: Windo
     # (a checkpoint restores its counter, which another number of processes would misalign).
     accelerator.step = 0
     for idx in shards:
-        batch = make_batch(r.train_set, idx, r.tokenizer.pad_token_id, r.loss_fn, accelerator.device)
+        batch = make_batch(r.train_set, idx, r.tokenizer.pad_token_id, r.loss_fn, accelerator.device, r.layout)
         # accelerate owns accumulation (configured with the step's micro batches per process, see
         # launch.accumulation_plugin): gradients synchronize only on the step's last micro
         # batch, and backward divides each micro batch's mean loss by their number, so that the
         # accumulated gradient is the mean over this process's share; the all-reduce (DDP, FSDP,
         # DeepSpeed) then averages over processes.
         with accelerator.accumulate(policy), accelerator.autocast():
-            loss, parts = batch_loss(policy, r.reference, r.loss_fn, batch, mean_over_processes)
+            loss, parts = batch_loss(policy, r.reference, r.loss_fn, batch, mean_over_processes, r.head)
             accelerator.backward(loss)
         step_parts.add(parts)
         finite *= torch.isfinite(loss.detach()).all()
-        window.tokens += batch["attention_mask"].sum()
-        window.positions += batch["attention_mask"].numel()
+        window.add_tokens(batch)
     return step_parts, finite
 
 
@@ -546,7 +563,15 @@ def _evaluate(cfg: DictConfig, r: Run, metrics: MetricLogger, step: int) -> dict
         return {}
     pad_id = r.tokenizer.pad_token_id
     values = evaluate(
-        r.unwrapped, r.eval_reference, r.loss_fn, r.eval_set, r.accelerator, cfg.train.micro_batch_size, pad_id
+        r.unwrapped,
+        r.eval_reference,
+        r.loss_fn,
+        r.eval_set,
+        r.accelerator,
+        cfg.train.micro_batch_size,
+        pad_id,
+        r.layout,
+        r.head,
     )
     row = {"step": step, **values}
     metrics.log(row)

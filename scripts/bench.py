@@ -1,32 +1,41 @@
 #!/usr/bin/env python
-"""Training-step throughput of dpo-cli's own code path: pairs/s, tokens/s, peak RSS.
+"""Training throughput of dpo-cli next to TRL's DPOTrainer: pairs/s, tokens/s, peak memory, FLOP share.
 
-Each model is benchmarked in a fresh child process (so peak RSS is its own), which composes
-the config with Hydra's compose API exactly as `dpo-train` does, chdirs into a temporary run
-directory and calls `dpo_cli.train.run(cfg)`. Step times come from the run's metrics.jsonl
-(`tokens_per_s`, `pairs_per_s`, logged every step); the first `--warmup` steps are dropped and
-the median of the rest is reported. Prints figures only; asserts nothing.
+    python scripts/bench.py                                   # SmolLM2-135M, HH-style pairs, batch 4, 512 tokens
+    python scripts/bench.py --batch 2 --seq 128 --steps 1,2   # a quick look
+    python scripts/bench.py --lengths fixed                   # every sequence exactly --seq tokens, no padding
+    python scripts/bench.py --variant auto: --variant padded:train.layout=padded    # one dpo-cli row each
+    python scripts/bench.py --no-trl --variant live: --variant lora:model.lora.r=16   # dpo-cli rows only
+    python scripts/bench.py --trl-arg gradient_checkpointing=false                    # a non-default TRL setting
+    python scripts/bench.py --models tiny --no-trl            # the built-in tiny model on its synthetic task
 
-    python scripts/bench.py                                  # tiny, and smollm2 if converted
-    python scripts/bench.py --models smollm2 --steps 10 --batch 4 --seq 512
-    python scripts/bench.py --models smollm2 --variant live: --variant lora:model.lora.r=16 \
-        --variant precompute:reference.precompute=true,reference.cache_dir=null   # one row each
+Every run is a fresh child process, so its peak RSS is its own. dpo-cli's children compose the
+config with Hydra's compose API exactly as `dpo-train` does and call `dpo_cli.train.run(cfg)`;
+TRL's (scripts/bench_trl.py) build `trl.DPOTrainer` with DPOConfig's defaults except what must
+match: the model directory, the pairs, batch size, max length, precision, learning rate and beta.
 
-Data: model=tiny uses the built-in synthetic task (short sequences); smollm2 uses a generated
-HH-format file whose prompts and responses are long enough that every sequence is cut to exactly
---seq tokens (default 256), so tokens per step are fixed. `--data hh` gives tiny the same.
-SmolLM2 needs a local copy: python scripts/fetch_smollm2.py
+Each tool runs twice, for A and B optimizer steps (--steps A,B), on A x batch and B x batch pairs
+(the first of which are the same): one epoch each, so both tools train on exactly the same pairs and
+the extra B - A steps cover the same (B - A) x batch pairs. Per-step time = (time_B - time_A) / (B -
+A), which cancels start-up (model loading, tokenizing, saving). Prints figures only; asserts nothing.
+Achieved FLOP/s credits each pair with the tokens a padded trainer computes (the prompt once per
+response); a dpo-cli layout that computes a shared prompt once does less work than it is credited.
+On a busy machine, --threads 1 and --repeat 2 steady the figures.
+SmolLM2 needs a local copy: `make smollm2` (scripts/fetch_smollm2.py). TRL: pip install -e ".[parity]".
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import json
+import math
 import os
 import platform
 import random
-import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,76 +45,245 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_DIR = ROOT / "models" / "smollm2-135m-instruct"
+TRL_WORKER = Path(__file__).resolve().parent / "bench_trl.py"
+ASSISTANT = "\n\nAssistant:"  # where dpo-cli's hh loader splits a dialogue (dpo_cli/data/hh.py)
 
-# Per-model defaults: a CPU-sized batch that keeps the default run within a few minutes on 2 cores.
+# Per-model defaults. `hf_dir`: a Hugging Face directory TRL can load (the tiny model is built in code).
 MODELS = {
-    "tiny": {"overrides": ["model=tiny"], "data": "synthetic", "batch": 64, "micro": 32, "steps": 20},
     "smollm2": {
         "overrides": ["model=smollm2", f"model.name_or_path={SMOLLM2_DIR}"],
+        "hf_dir": SMOLLM2_DIR,
         "data": "hh",
-        "batch": 2,
-        "micro": 2,
-        "steps": 5,
+        "batch": 4,
+        "seq": 512,
+        "steps": (2, 6),
+    },
+    "tiny": {
+        "overrides": ["model=tiny"],
+        "hf_dir": None,
+        "data": "synthetic",
+        "batch": 64,
+        "seq": None,
+        "steps": (5, 25),
     },
 }
-DEFAULT_HH_SEQ = 256
-
-WORDS = (
-    "the a model learns from pairs of answers where one is preferred and the other is not so the "
-    "policy moves toward better responses while staying close to its reference we measure how fast "
-    "each training step runs on this machine with real text long enough to fill the whole sequence "
-    "people often ask about cooking travel science history music code health money and weather "
-    "good answers are clear short polite correct and helpful bad answers are vague wrong or rude"
-).split()
-
-
-def sentence(rng: random.Random) -> str:
-    words = [rng.choice(WORDS) for _ in range(rng.randint(8, 16))]
-    return " ".join(words).capitalize() + "."
-
-
-def text(rng: random.Random, n_words: int) -> str:
-    out: list[str] = []
-    while sum(len(s.split()) for s in out) < n_words:
-        out.append(sentence(rng))
-    return " ".join(out)
-
-
-def write_hh(path: Path, n_rows: int, seq: int, seed: int = 0) -> None:
-    """HH-format rows whose prompt and responses each exceed `seq` tokens under any tokenizer
-    with at least one token per word, so truncation makes every sequence exactly `seq` long."""
-    rng = random.Random(seed)
-    with path.open("w") as f:
-        for _ in range(n_rows):
-            dialogue = (
-                "".join(f"\n\nHuman: {text(rng, seq // 4)}\n\nAssistant: {text(rng, seq // 4)}" for _ in range(2))
-                + f"\n\nHuman: {text(rng, seq // 4)}"
-            )
-            chosen = f"{dialogue}\n\nAssistant: {text(rng, seq)}"
-            rejected = f"{dialogue}\n\nAssistant: {text(rng, seq)}"
-            f.write(json.dumps({"chosen": chosen, "rejected": rejected}) + "\n")
+TARGET_SPEEDUP, TARGET_MEMORY = 3.0, 0.5  # dpo-cli vs TRL: >= 3x the pairs/s at <= 0.5x the peak memory
 
 
 # --------------------------------------------------------------------------------------------
-# child: one model, one process
+# data: HH-format dialogues from a seeded RNG
+
+WORDS = (
+    "the a an and or but so because if when while after before then also very quite really just "
+    "model learns pairs answers one is preferred other not policy moves toward better responses staying close reference "
+    "we you they it this that these those there here what which who how why where "
+    "people often ask about cooking travel science history music code health money weather garden bread coffee "
+    "recipe oven flour water salt train ticket city museum river mountain planet energy light sound python function "
+    "error file list loop number budget rent savings loan doctor sleep exercise rain wind summer winter "
+    "good clear short polite correct helpful bad vague wrong rude simple careful quick slow warm cold new old "
+    "make take give find keep try use need want know think say tell help start stop change learn explain check "
+    "time day week year hour minute step part way idea problem question answer reason example detail result"
+).split()
+
+# Words per turn ~ lognormal(median, sigma), clamped: with SmolLM2's tokenizer a whole dialogue is
+# then 100-450 tokens (10th-90th percentile, median ~250) with ~6% of sequences past 512, and a
+# response a few dozen to a few hundred tokens.
+HUMAN_WORDS = (20, 0.6, 4, 200)
+ASSISTANT_WORDS = (45, 0.7, 5, 400)
+RESPONSE_WORDS = (70, 0.8, 8, 600)
+
+
+def _sentence(rng: random.Random) -> str:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(6, 18))]
+    if rng.random() < 0.15:
+        words.insert(rng.randrange(len(words)), str(rng.randint(2, 2030)))
+    if rng.random() < 0.3:
+        words[rng.randrange(1, len(words))] += ","
+    return " ".join(words).capitalize() + "."
+
+
+def _text(rng: random.Random, n_words: int, question: bool = False) -> str:
+    """Sentences of exactly `n_words` words in all (the last one cut short), the last a question if
+    `question`."""
+    words: list[str] = []
+    while len(words) < n_words:
+        words += _sentence(rng).split()
+    words = words[:n_words]
+    return " ".join(words).rstrip(",.") + ("?" if question else ".")
+
+
+def _draw(rng: random.Random, median: float, sigma: float, lo: int, hi: int) -> int:
+    return max(lo, min(hi, round(rng.lognormvariate(math.log(median), sigma))))
+
+
+def _hh_triple(rng: random.Random, seq: int) -> tuple[str, str, str]:
+    """1-3 exchanges, then the final human turn and two responses of independent lengths. Earlier
+    exchanges are dropped (and the last human turn shortened) to keep the prompt under ~0.75 x seq
+    words, so that no prompt alone fills `seq` tokens (TRL would drop such pairs, dpo-cli cuts them)."""
+    cap = int(0.75 * seq)
+    exchanges = [(_draw(rng, *HUMAN_WORDS), _draw(rng, *ASSISTANT_WORDS)) for _ in range(rng.randint(1, 3) - 1)]
+    last = _draw(rng, *HUMAN_WORDS)
+    while exchanges and sum(h + a for h, a in exchanges) + last > cap:
+        exchanges.pop(0)
+    prompt = "".join(f"\n\nHuman: {_text(rng, h, True)}\n\nAssistant: {_text(rng, a)}" for h, a in exchanges)
+    prompt += f"\n\nHuman: {_text(rng, min(last, cap), True)}{ASSISTANT}"
+    return prompt, " " + _text(rng, _draw(rng, *RESPONSE_WORDS)), " " + _text(rng, _draw(rng, *RESPONSE_WORDS))
+
+
+def _fixed_triple(rng: random.Random, seq: int) -> tuple[str, str, str]:
+    """A prompt of 0.55 x seq words (more than seq / 2 tokens under any tokenizer with at least one
+    token per word, fewer than seq with SmolLM2's ~1.2) and responses of seq words: dpo-cli cuts the
+    prompt to seq / 2 and the responses to the rest, TRL keeps the prompt and cuts the responses, so
+    every sequence is exactly `seq` tokens in both (no padding)."""
+    n = int(0.55 * seq)
+    prompt = f"\n\nHuman: {_text(rng, n // 3, True)}\n\nAssistant: {_text(rng, n // 3)}"
+    prompt += f"\n\nHuman: {_text(rng, n - 2 * (n // 3), True)}{ASSISTANT}"
+    return prompt, " " + _text(rng, seq), " " + _text(rng, seq)
+
+
+def make_pairs(n: int, lengths: str, seq: int, seed: int) -> list[tuple[str, str, str]]:
+    """`n` (prompt, chosen, rejected) triples; the first k are the same for any n >= k."""
+    rng = random.Random(seed)
+    triple = _hh_triple if lengths == "hh" else _fixed_triple
+    return [triple(rng, seq) for _ in range(n)]
+
+
+def write_hh(path: Path, triples: list[tuple[str, str, str]]) -> None:
+    """HH-RLHF rows: {"chosen": whole dialogue, "rejected": whole dialogue}."""
+    with path.open("w") as f:
+        for prompt, chosen, rejected in triples:
+            f.write(json.dumps({"chosen": prompt + chosen, "rejected": prompt + rejected}) + "\n")
+
+
+def split_hh(chosen: str, rejected: str) -> dict[str, str]:
+    """dpo-cli's hh split (dpo_cli/data/hh.py): the prompt is the dialogue up to and including the
+    last "\\n\\nAssistant:", the responses are what follows (the rows written here always share it)."""
+    cut = chosen.rfind(ASSISTANT) + len(ASSISTANT)
+    assert cut >= len(ASSISTANT) and rejected[:cut] == chosen[:cut], "an HH row without a shared prompt"
+    return {"prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
+
+
+# --------------------------------------------------------------------------------------------
+# token lengths as each tool sees them
+
+
+def _cut_dpo_cli(p: int, c: int, r: int, max_length: int, max_prompt: int) -> tuple[int, int, int]:
+    """dpo-cli's rule (dpo_cli/data/tokenize.py, `truncate`): when prompt + longer response exceeds
+    max_length, a prompt over max_prompt_length keeps its last max_prompt_length tokens; then both
+    responses are cut to the room left."""
+    if p + max(c, r) > max_length and p > max_prompt:
+        p = max_prompt
+    room = max(max_length - p, 0)
+    return p, min(c, room), min(r, room)
+
+
+def _cut_trl(p: int, c: int, r: int, max_length: int) -> tuple[int, int, int]:
+    """TRL 1.16's rule (DataCollatorForPreference, truncation_mode="keep_start"): each whole sequence
+    prompt + response keeps its first max_length tokens; there is no prompt limit."""
+    return min(p, max_length), max(0, min(p + c, max_length) - p), max(0, min(p + r, max_length) - p)
+
+
+def token_lengths(hf_dir: Path, triples: list[tuple[str, str, str]]) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) token counts before truncation, as both tools tokenize: the
+    prompt alone, each response as what follows the prompt's ids in prompt + response, plus EOS."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    out = []
+    for prompt, chosen, rejected in triples:
+        p = len(tok(prompt)["input_ids"])
+        c = len(tok(prompt + chosen)["input_ids"]) - p + 1
+        r = len(tok(prompt + rejected)["input_ids"]) - p + 1
+        out.append((p, c, r))
+    return out
+
+
+def _stat(values: list[int]) -> str:
+    return f"{statistics.mean(values):6.1f} {statistics.median(values):6.0f} {max(values):5d}"
+
+
+def length_report(raw: list[tuple[int, int, int]], seq: int, max_prompt: int) -> tuple[str, dict[str, float]]:
+    """A table of mean/median/max prompt, chosen and rejected tokens as read and after each tool's
+    truncation, and the non-padding tokens per pair (prompt + chosen + prompt + rejected) each tool
+    should train on."""
+    views = {
+        "as written": raw,
+        "dpo-cli": [_cut_dpo_cli(p, c, r, seq, max_prompt) for p, c, r in raw],
+        "TRL": [_cut_trl(p, c, r, seq) for p, c, r in raw],
+    }
+    lines = [f"{'':12}{'prompt mean/median/max':>24}{'chosen':>22}{'rejected':>22}{'tokens/pair':>14}"]
+    per_pair = {}
+    for name, rows in views.items():
+        cols = [_stat([row[i] for row in rows]) for i in range(3)]
+        per_pair[name] = statistics.mean(2 * p + c + r for p, c, r in rows)
+        lines.append(f"{name:12}{cols[0]:>24}{cols[1]:>22}{cols[2]:>22}{per_pair[name]:14.1f}")
+    long_pairs = sum(p + max(c, r) > seq for p, c, r in raw)
+    cut_prompts = sum(p > max_prompt and p + max(c, r) > seq for p, c, r in raw)
+    trl_dropped = sum(p >= seq for p, _, _ in raw)
+    lines.append(
+        f"{len(raw)} pairs; {long_pairs} longer than {seq} tokens (prompt + longer response): dpo-cli cuts "
+        f"{cut_prompts} prompts to their last {max_prompt} tokens, then responses to fit; TRL keeps whole prompts and "
+        f"cuts each sequence at {seq}"
+        + (f"; TRL drops {trl_dropped} pairs whose prompt fills {seq}" if trl_dropped else "")
+    )
+    return "\n".join(lines), per_pair
+
+
+# --------------------------------------------------------------------------------------------
+# shared by the workers (bench_trl.py imports these)
+
+
+def linear_params(model) -> int:
+    """Parameters of the nn.Linear layers, lm_head included even when tied to the embeddings (its
+    matmul runs either way), the embedding lookup excluded: the N of the 6N/8N FLOP estimate."""
+    import torch
+
+    return sum(
+        m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    )
+
+
+def linear_params_of_dir(config_dir: Path) -> int | None:
+    """linear_params of a Hugging Face model directory, built on the meta device (no weights)."""
+    if not (Path(config_dir) / "config.json").is_file():
+        return None
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return linear_params(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir)))
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (Linux reports kilobytes, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+# --------------------------------------------------------------------------------------------
+# dpo-cli child: one run, one process
 
 
 class _Capture:
-    """Keeps dpo_cli's INFO log messages (to read the parameter count and data report)."""
+    """Keeps dpo_cli's INFO log messages with the time each was logged."""
 
     def __init__(self) -> None:
         import logging
 
-        self.messages: list[str] = []
+        self.records: list[tuple[float, str]] = []
         handler = logging.Handler(logging.INFO)
-        handler.emit = lambda record: self.messages.append(record.getMessage())  # type: ignore[method-assign]
+        handler.emit = lambda record: self.records.append((time.perf_counter(), record.getMessage()))  # type: ignore[method-assign]
         logger = logging.getLogger("dpo_cli")
         logger.setLevel(logging.INFO)
         logger.addHandler(handler)
-        logger.propagate = False
+
+    def first(self, prefix: str) -> tuple[float, str] | None:
+        return next(((t, m) for t, m in self.records if m.startswith(prefix)), None)
 
 
-def worker(spec: dict) -> dict:
+def dpo_cli_worker(spec: dict) -> dict:
     from hydra import compose, initialize_config_dir
 
     import dpo_cli.cli
@@ -119,106 +297,174 @@ def worker(spec: dict) -> dict:
         cfg = compose("config", overrides=spec["overrides"])
     os.chdir(run_dir)  # outside Hydra, train.run writes into the current directory
     started = time.perf_counter()
-    last = dpo_cli.train.run(cfg)
-    wall = time.perf_counter() - started
+    dpo_cli.train.run(cfg)
+    ended = time.perf_counter()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train_rows = [r for r in rows if "step" in r and "tokens_per_s" in r]
-    params = next((m.group(1) for msg in capture.messages if (m := re.search(r"/ ([\d.]+M) parameters", msg))), "?")
+    steps = [r for r in rows if "step" in r and r.get("pairs_per_s")]
+    batch = cfg.train.batch_size
+    # "reference: ..." is logged at the end of the set-up (data, weights, reference); the training
+    # steps follow. Timing from there leaves loading out; the difference of two runs cancels it anyway.
+    reference = capture.first("reference: ")
+    data_report = capture.first("data (the report")
+    linear = None
+    for where in (cfg.model.name_or_path, run_dir / "final"):
+        if where and (linear := linear_params_of_dir(Path(str(where)))):
+            break
     return {
-        "rows": train_rows,
-        "last_tokens_per_s": last.get("tokens_per_s"),
-        "wall_s": wall,
-        "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        "params": params,
+        "seconds": ended - (reference[0] if reference else started),
+        "timed_from": "the set-up's end" if reference else "train.run's start",
+        "run_seconds": ended - started,
+        "steps": len(steps),
+        # with logger.log_every=1 each row is one step: tokens per step = tokens/s / (pairs/s) x batch
+        "tokens": sum(r["tokens_per_s"] / r["pairs_per_s"] * batch for r in steps),
+        # dpo-cli's own figure: padding over the positions it computed (fewer than `tokens` when a
+        # layout shares the prompt), mean over the steps
+        "pad_share": statistics.mean(r.get("padding_share", 0.0) for r in steps) if steps else 0.0,
+        "step_seconds": [batch / r["pairs_per_s"] for r in steps],
+        "peak_rss": peak_rss_bytes(),
+        "linear_params": linear,
+        "reference": reference[1].removeprefix("reference: ") if reference else None,
+        "data_report": data_report[1] if data_report else None,
+        "lr": float(cfg.optimizer.lr),
+        "beta": float(cfg.loss.get("beta", 0.1)),
     }
 
 
 # --------------------------------------------------------------------------------------------
-# parent: plan, run children, print the table
+# parent: plan, run the children, print the table
 
 
-def plan(name: str, args: argparse.Namespace, tmp: Path) -> dict:
-    m = MODELS[name]
-    batch = args.batch or m["batch"]
-    micro = min(args.micro or m["micro"], batch)
-    while batch % micro:
-        micro -= 1
-    data = m["data"] if args.data == "auto" else args.data
-    steps = args.steps or m["steps"]
-    total = args.warmup + steps
-    overrides = list(m["overrides"]) + [
-        "logger=local",
-        "logger.progress=false",
-        "logger.log_every=1",
-        f"train.max_steps={total}",
-        f"train.batch_size={batch}",
-        f"train.micro_batch_size={micro}",
-        "train.eval_every=null",
-        "train.save_every=null",
-        f"train.seed={args.seed}",
-    ]
-    if data == "synthetic":
-        seq = args.seq  # None: the synthetic task's own max_length (its sequences are short)
-        overrides += [
-            "data=synthetic",
-            f"data.synthetic.num_train={max(batch * total, 256)}",
-            "data.synthetic.num_eval=1",
-        ]
-    else:
-        seq = args.seq or DEFAULT_HH_SEQ
-        path = tmp / f"hh_{seq}.jsonl"
-        if not path.exists():
-            write_hh(path, max(batch * total, 16), seq)
-        overrides += ["data=hh", f"data.path={path}", "data.eval_holdout=0"]
-        if name == "tiny" and seq > 256:
-            overrides.append(f"model.random_init.max_position_embeddings={seq}")
-    if seq is not None:
-        overrides += [f"data.max_length={seq}", f"data.max_prompt_length={seq // 2}"]
-    return {
-        "name": name,
-        "data": data,
-        "seq": seq,
-        "batch": batch,
-        "micro": micro,
-        "overrides": overrides + args.override,
-        "run_dir": str(tmp / f"run_{name}"),
-    }
-
-
-def run_child(spec: dict, verbose: bool) -> dict:
-    result_file = Path(spec["run_dir"] + ".result.json")
-    cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--result-file", str(result_file)]
-    proc = subprocess.run(cmd, capture_output=not verbose, text=True)
+def run_child(cmd: list[str], result_file: Path, verbose: bool) -> dict:
+    # Offline: both tools load local directories only. OMP_NUM_THREADS (from --threads) reaches torch.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd + ["--result-file", str(result_file)], capture_output=not verbose, text=True, env=env)
     if proc.returncode != 0 or not result_file.exists():
         tail = "\n".join(((proc.stderr or "") + (proc.stdout or "")).strip().splitlines()[-25:])
         return {"error": f"exit {proc.returncode}" + (f"\n{tail}" if tail else "")}
     return json.loads(result_file.read_text())
 
 
-def summarize(spec: dict, res: dict, warmup: int) -> dict:
-    rows = sorted(res["rows"], key=lambda r: r["step"])
-    measured = [r for r in rows if r["step"] > warmup] or rows
-    tps = [r["tokens_per_s"] for r in measured]
-    pps = [r["pairs_per_s"] for r in measured]
-    med_pps, med_tps = statistics.median(pps), statistics.median(tps)
+def run_tool(tag: str, child, steps: tuple[int, int], repeat: int, verbose: bool) -> dict[int, dict] | str:
+    """Run a tool's children for both step counts, `repeat` times each (alternating, so that a slow
+    spell on the machine hits both); `child(n, i)` gives the command and result file of a run.
+    Returns {steps: combined run}, or why it failed."""
+    done: dict[int, list[dict]] = {n: [] for n in steps}
+    for i in range(repeat):
+        for n in steps:
+            cmd, result_file = child(n, i)
+            print(f"[{tag}] {n} steps{f' (repeat {i + 1})' if repeat > 1 else ''} ...", flush=True)
+            res = run_child(cmd, result_file, verbose)
+            if "error" in res:
+                print(f"[{tag}] FAILED: {res['error']}")
+                return "a run failed: " + res["error"].splitlines()[-1]
+            own = sum(res["step_seconds"])
+            print(
+                f"[{tag}] {n} steps: {res['seconds']:.1f}s timed ({res['timed_from']}; the steps' own time "
+                f"{own:.1f}s), peak RSS {res['peak_rss'] / 2**30:.2f} GB",
+                flush=True,
+            )
+            done[n].append(res)
+    return {n: combine(runs) for n, runs in done.items()}
+
+
+def matmul_peak(n: int = 2048, repeats: int = 7) -> float:
+    """Best float32 n x n matmul rate on all of torch's threads, in FLOP/s (2 n^3 per product)."""
+    import torch
+
+    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    torch.matmul(a, b, out=c)  # warm-up: thread pool, caches
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.matmul(a, b, out=c)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def flops_factor(reference: str | None) -> int:
+    """8 with a reference forward each step (policy forward + backward = 6N, reference forward = 2N);
+    6 when the reference log-probs were precomputed or no loss needs them."""
+    if reference is None:
+        return 8
+    return 6 if ("precomputed" in reference or reference.startswith("none")) else 8
+
+
+def combine(runs: list[dict]) -> dict:
+    """The repeats of one run: the shortest time (the least disturbed by other work on the machine),
+    the largest peak RSS."""
+    best = min(runs, key=lambda r: r["seconds"])
+    return best | {"peak_rss": max(r["peak_rss"] for r in runs)}
+
+
+def measure(label: str, a: dict, b: dict, steps: tuple[int, int], batch: int) -> dict:
+    """One table row from the A-step and B-step runs of one tool (its share of the peak comes later)."""
+    extra = steps[1] - steps[0]
+    row = {"label": label, "all_tok_pair": b["tokens"] / (steps[1] * batch)}
+    seconds = b["seconds"] - a["seconds"]
+    if seconds <= 0:
+        return row | {
+            "error": f"its {steps[1]}-step run took no longer than its {steps[0]}-step run ({b['seconds']:.1f}s vs "
+            f"{a['seconds']:.1f}s): other work on the machine, or too few steps; try --repeat 2, or more steps"
+        }
+    per_step = seconds / extra
+    pairs_s = batch / per_step
+    tok_pair = (b["tokens"] - a["tokens"]) / (extra * batch)
+    inner = b["step_seconds"][1:] or b["step_seconds"]
+    row |= {
+        "s/step": per_step,
+        "in-run": statistics.median(inner) if inner else float("nan"),
+        "pairs/s": pairs_s,
+        "tok/pair": tok_pair,
+        "pad%": 100 * b["pad_share"],
+        "tokens/s": tok_pair * pairs_s,
+        "peak_rss": b["peak_rss"],
+        "factor": b["factor"],
+        "N": b["linear_params"],
+    }
+    row["flops"] = row["factor"] * row["N"] * row["tokens/s"] if row["N"] else float("nan")
+    return row
+
+
+COLUMNS = ("s/step", "in-run", "pairs/s", "tok/pair", "pad%", "tokens/s", "peak RSS", "GFLOP/s", "of peak")
+
+
+def display(row: dict) -> dict:
+    if "error" in row:
+        return {"run": row["label"]} | dict.fromkeys(COLUMNS, "") | {"s/step": "FAILED"}
     return {
-        "model": spec["name"],
-        "params": res["params"],
-        "data": spec["data"],
-        "batch": f"{spec['batch']}/{spec['micro']}",
-        # tokens per step / pairs per step = non-pad tokens of chosen + rejected per pair
-        "tok/seq": f"{med_tps / med_pps / 2:.0f}",
-        "steps": f"{len(measured)}",
-        "s/step": f"{spec['batch'] / med_pps:.2f}",
-        "pairs/s": f"{med_pps:.2f}",
-        "tokens/s": f"{med_tps:.0f}",
-        "tok/s min-max": f"{min(tps):.0f}-{max(tps):.0f}",
-        "peak RSS": f"{res['peak_rss_kb'] / 1024:.0f} MB",
-        "wall": f"{res['wall_s']:.0f}s",
+        "run": row["label"],
+        "s/step": f"{row['s/step']:.2f}",
+        "in-run": f"{row['in-run']:.2f}",
+        "pairs/s": f"{row['pairs/s']:.3f}",
+        "tok/pair": f"{row['tok/pair']:.0f}",
+        "pad%": f"{row['pad%']:.0f}",
+        "tokens/s": f"{row['tokens/s']:.0f}",
+        "peak RSS": f"{row['peak_rss'] / 2**30:.2f} GB",
+        "GFLOP/s": f"{row['flops'] / 1e9:.1f}",
+        "of peak": f"{100 * row['share']:.1f}%",
     }
 
 
-def table(rows: list[dict]) -> str:
+def ratio_row(ours: dict, trl: dict) -> dict:
+    def x(key: str) -> str:
+        return f"x{ours[key] / trl[key]:.2f}"
+
+    return (
+        {"run": f"{ours['label']} / TRL"}
+        | dict.fromkeys(COLUMNS, "")
+        | {
+            "s/step": x("s/step"),
+            "pairs/s": x("pairs/s"),
+            "tok/pair": x("tok/pair"),
+            "tokens/s": x("tokens/s"),
+            "peak RSS": x("peak_rss"),
+            "GFLOP/s": x("flops"),
+            "of peak": x("share"),
+        }
+    )
+
+
+def fmt_table(rows: list[dict]) -> str:
     cols = list(rows[0])
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
 
@@ -228,113 +474,358 @@ def table(rows: list[dict]) -> str:
     return "\n".join([line({c: c for c in cols}), line({c: "-" * widths[c] for c in cols})] + [line(r) for r in rows])
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_steps(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--steps takes A,B (two step counts), got {text!r}") from None
+    if not 1 <= a < b:
+        raise argparse.ArgumentTypeError(f"--steps A,B needs 1 <= A < B, got {text!r}")
+    return a, b
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="smollm2", help="comma-separated: smollm2 (default), tiny")
     parser.add_argument(
-        "--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2 (smollm2 is skipped if not converted)"
+        "--batch", type=int, default=None, help="pairs per optimizer step (default: smollm2 4, tiny 64)"
+    )
+    parser.add_argument("--micro", type=int, default=None, help="dpo-cli's pairs per forward (default: = --batch)")
+    parser.add_argument(
+        "--seq", type=int, default=None, help="max length in tokens (default: 512 for hh data; synthetic: its own 32)"
     )
     parser.add_argument(
-        "--steps", type=int, default=None, help="measured optimizer steps per model (default: tiny 20, smollm2 5)"
-    )
-    parser.add_argument("--warmup", type=int, default=2, help="steps run first and not measured (default 2)")
-    parser.add_argument(
-        "--batch", type=int, default=None, help="pairs per optimizer step (default: tiny 64, smollm2 2)"
-    )
-    parser.add_argument("--micro", type=int, default=None, help="pairs per forward pass (default: tiny 32, smollm2 2)")
-    parser.add_argument(
-        "--seq",
-        type=int,
+        "--steps",
+        type=parse_steps,
         default=None,
-        help=f"data.max_length in tokens (default: {DEFAULT_HH_SEQ} for hh data; synthetic: its own 32)",
+        help="the two run lengths A,B in optimizer steps (default: smollm2 2,6; tiny 5,25)",
     )
     parser.add_argument(
-        "--data",
-        choices=("auto", "synthetic", "hh"),
-        default="auto",
-        help="auto: synthetic for tiny, generated long HH dialogues for smollm2",
+        "--lengths",
+        choices=("hh", "fixed"),
+        default="hh",
+        help="hh: varied dialogue lengths, some truncated; fixed: every sequence exactly --seq tokens",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--data", choices=("auto", "synthetic", "hh"), default="auto", help="auto: synthetic for tiny, hh for smollm2"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="data, model init and data order (train.seed, TRL seed)")
+    parser.add_argument("--repeat", type=int, default=1, help="run each child this many times; the fastest counts")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads in every run and the matmul peak (default: torch's)"
+    )
+    parser.add_argument("--no-trl", action="store_true", help="dpo-cli rows only")
     parser.add_argument(
         "--override",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra Hydra override for every model (repeatable), e.g. train.mixed_precision=bf16",
+        help="extra Hydra override for every dpo-cli run (repeatable), e.g. reference.precompute=true",
     )
     parser.add_argument(
         "--variant",
         action="append",
         default=[],
         metavar="LABEL:KEY=VALUE,...",
-        help="run each model once per variant with these extra overrides (repeatable), e.g. lora:model.lora.r=16",
+        help="one dpo-cli row per variant with these extra overrides (repeatable), e.g. lora:model.lora.r=16",
+    )
+    parser.add_argument(
+        "--trl-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a DPOConfig field for TRL's runs (repeatable; JSON values), e.g. gradient_checkpointing=false",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary run directories")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show the children's output")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show the children's output and dpo-cli's data report"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-
-    if args.worker:
-        Path(args.result_file).write_text(json.dumps(worker(json.loads(args.worker))))
-        return 0
-    if (args.steps is not None and args.steps < 1) or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
-
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
+    args.names = [n.strip() for n in args.models.split(",") if n.strip()]
+    if unknown := [n for n in args.names if n not in MODELS]:
         parser.error(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
+    if bad := [item for item in args.trl_arg + args.override if "=" not in item]:
+        parser.error(f"not KEY=VALUE: {bad}")
+    if args.repeat < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--repeat and --threads must be >= 1")
+    return args
+
+
+def plan(name: str, args: argparse.Namespace) -> dict:
+    m = MODELS[name]
+    batch = args.batch or m["batch"]
+    data = m["data"] if args.data == "auto" else args.data
+    # None: the synthetic task's own (short) max_length
+    seq = args.seq or ((m["seq"] or 512) if data == "hh" else None)
+    micro = min(args.micro or batch, batch)
+    while batch % micro:
+        micro -= 1
+    return {
+        "name": name,
+        "hf_dir": m["hf_dir"],
+        "data": data,
+        "batch": batch,
+        "micro": micro,
+        "seq": seq,
+        "max_prompt": seq // 2 if seq else None,
+        "steps": args.steps or m["steps"],
+    }
+
+
+def dpo_cli_overrides(p: dict, n_steps: int, data_file: Path | None, args: argparse.Namespace) -> list[str]:
+    overrides = list(MODELS[p["name"]]["overrides"]) + [
+        "logger=local",
+        "logger.progress=false",
+        "logger.log_every=1",
+        f"train.max_steps={n_steps}",
+        f"train.batch_size={p['batch']}",
+        f"train.micro_batch_size={p['micro']}",
+        "train.eval_every=null",
+        "train.save_every=null",
+        f"train.seed={args.seed}",
+    ]
+    if p["data"] == "synthetic":
+        # the same generated set for both run lengths, so that their set-up is the same
+        overrides += [f"data.synthetic.num_train={p['batch'] * p['steps'][1]}", "data.synthetic.num_eval=1"]
+    else:
+        overrides += ["data=hh", f"data.path={data_file}", "data.eval_holdout=0", "data.cache_dir=null"]
+        if p["name"] == "tiny" and p["seq"] > 1024:
+            overrides.append(f"model.random_init.max_position_embeddings={p['seq']}")
+    if p["seq"] is not None:
+        overrides += [f"data.max_length={p['seq']}", f"data.max_prompt_length={p['max_prompt']}"]
+    return overrides + args.override
+
+
+def parse_trl_args(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def bench_model(p: dict, args: argparse.Namespace, tmp: Path, want_trl: bool) -> list[dict]:
+    """Run every dpo-cli variant and TRL for one model; return the measured rows."""
+    name, batch, steps = p["name"], p["batch"], p["steps"]
+    print(
+        f"\n== {name}: {p['data']} data{f' ({args.lengths} lengths)' if p['data'] == 'hh' else ''}, batch {batch} "
+        f"(dpo-cli micro {p['micro']}), max length {p['seq'] or 'the task default'}"
+        + (f", max prompt length {p['max_prompt']} (dpo-cli)" if p["seq"] else "")
+        + f", runs of {steps[0]} and {steps[1]} steps",
+        flush=True,
+    )
+    files: dict[int, Path | None] = dict.fromkeys(steps)
+    expected: dict[str, float] = {}
+    if p["data"] == "hh":
+        triples = make_pairs(batch * steps[1], args.lengths, p["seq"], args.seed)
+        for n in steps:  # one epoch per run; the shorter run's pairs are the first of the longer's
+            files[n] = tmp / f"hh_{name}_{n}.jsonl"
+            write_hh(files[n], triples[: batch * n])
+        if p["hf_dir"] is not None:
+            text, expected = length_report(token_lengths(p["hf_dir"], triples), p["seq"], p["max_prompt"])
+            print(f"token lengths ({p['hf_dir'].name} tokenizer, EOS included; the {len(triples)} pairs of run B):")
+            print(text)
+
+    results: list[dict] = []
+    first: dict | None = None
+    for label, _, extra in [v.partition(":") for v in args.variant] or [("", "", "")]:
+        tag = f"dpo-cli/{label}" if label else "dpo-cli"
+
+        def child(n: int, i: int, label: str = label, extra: str = extra) -> tuple[list[str], Path]:
+            spec = {
+                "run_dir": str(tmp / f"run_{name}_{label or 'base'}_{n}_{i}"),
+                "overrides": dpo_cli_overrides(p, n, files[n], args) + [o for o in extra.split(",") if o],
+            }
+            return [sys.executable, __file__, "--worker", json.dumps(spec)], Path(spec["run_dir"] + ".json")
+
+        runs = run_tool(tag, child, steps, args.repeat, args.verbose)
+        if isinstance(runs, str):
+            results.append({"label": tag, "error": runs})
+            continue
+        b = runs[steps[1]]
+        print(f"[{tag}] reference: {b['reference']}")
+        if args.verbose and b["data_report"]:
+            print(b["data_report"])
+        for r in runs.values():
+            r["factor"] = flops_factor(r["reference"])
+        first = first or b
+        results.append(measure(tag, runs[steps[0]], b, steps, batch))
+
+    if want_trl and p["data"] == "hh" and p["hf_dir"] is not None:
+        # TRL gets dpo-cli's learning rate and beta (from the first dpo-cli row's config)
+        lr, beta = (first["lr"], first["beta"]) if first else (5e-7, 0.1)
+        if not first:
+            print(f"[TRL] no dpo-cli run finished: using dpo-cli's documented defaults lr={lr}, beta={beta}")
+
+        def trl_child(n: int, i: int) -> tuple[list[str], Path]:
+            spec = {
+                "model_dir": str(p["hf_dir"]),
+                "data_file": str(files[n]),
+                "batch": batch,
+                "max_length": p["seq"],
+                "steps": n,
+                "lr": lr,
+                "beta": beta,
+                "seed": args.seed,
+                "output_dir": str(tmp / f"trl_{name}_{n}_{i}"),
+                "trl_args": parse_trl_args(args.trl_arg),
+                "verbose": args.verbose,
+            }
+            return [sys.executable, str(TRL_WORKER), "--spec", json.dumps(spec)], Path(spec["output_dir"] + ".json")
+
+        runs = run_tool("TRL", trl_child, steps, args.repeat, args.verbose)
+        if isinstance(runs, str):
+            results.append({"label": "TRL", "error": runs})
+        else:
+            b = runs[steps[1]]
+            print("[TRL] DPOConfig as run: " + ", ".join(f"{k}={v}" for k, v in b["settings"].items()))
+            if b["train_pairs"] != batch * steps[1]:
+                print(f"[TRL] kept {b['train_pairs']} of {batch * steps[1]} pairs (it drops prompts >= max_length)")
+            for r in runs.values():
+                r["factor"] = 6 if r["settings"]["precompute_ref_log_probs"] else 8
+            results.append(measure("TRL", runs[steps[0]], b, steps, batch))
+    # A LoRA run's final/ holds an adapter: its N (the base model's linear layers) is any other run's.
+    known = next((r["N"] for r in results if r.get("N")), None)
+    for row in results:
+        row["model"] = name
+        if "N" in row and not row["N"] and known:
+            row["N"] = known
+            row["flops"] = row["factor"] * known * row["tokens/s"]
+    if expected:
+        check_tokens(results, expected, batch * steps[1])
+    return results
+
+
+def check_tokens(results: list[dict], expected: dict[str, float], n_pairs: int) -> None:
+    """Non-padding tokens per pair over all of run B (every pair once): each tool's count against
+    the token-length table, and dpo-cli's against TRL's."""
+    counted = [r for r in results if "all_tok_pair" in r]
+    if not counted:
+        return
+    print(f"non-padding tokens per pair trained in run B ({n_pairs} pairs, each once), counted by each tool:")
+    for r in counted:
+        want = expected["TRL" if r["label"] == "TRL" else "dpo-cli"]
+        off = 100 * (r["all_tok_pair"] / want - 1)
+        note = "as the table says" if abs(off) < 0.5 else f"{off:+.1f}% vs the table's {want:.1f}"
+        print(f"  {r['label']:16} {r['all_tok_pair']:8.1f}  ({note})")
+    trl = next((r for r in counted if r["label"] == "TRL"), None)
+    for r in counted:
+        if trl and r is not trl:
+            diff = 100 * (r["all_tok_pair"] / trl["all_tok_pair"] - 1)
+            verdict = "MORE than 3% apart" if abs(diff) > 3 else "within 3%"
+            print(f"  {r['label']} vs TRL: {diff:+.1f}% ({verdict})")
+
+
+def print_summary(rows: list[dict], args: argparse.Namespace, has_trl: bool, names: list[str]) -> None:
+    table = []
+    for name in names:
+        mine = [r for r in rows if r["model"] == name]
+        trl = next((r for r in mine if r["label"] == "TRL" and "error" not in r), None)
+        table += [{"model": name} | display(r) for r in mine]
+        if trl:
+            table += [{"model": name} | ratio_row(r, trl) for r in mine if r is not trl and "error" not in r]
+    print()
+    print(fmt_table(table))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']} {r['label']} FAILED: {r['error']}")
+    print(
+        "\ns/step = (time of the B-step run - time of the A-step run) / (B - A), start-up cancelled; in-run = median "
+        "step time inside run B, its first step left out (dpo-cli's metrics.jsonl, TRL's step callbacks).\n"
+        "tok/pair = non-padding tokens per pair in those B - A steps, prompt counted with each response as a padded "
+        "trainer computes it; pad% = padding share of the positions each tool computed; tokens/s = tok/pair x pairs/s."
+        "\npeak RSS = the B-step child's max resident set, model loading (and a reference copy) included.\n"
+        "GFLOP/s = F x N x tokens/s, N = parameters of the nn.Linear layers (lm_head included, embedding lookup "
+        "excluded), F = 8 with a live reference model (6N policy forward + backward + 2N reference forward), 6 with "
+        "precomputed or no reference log-probs; attention scores and recomputation (gradient checkpointing) are not "
+        "counted, and a prompt is credited once per response even where a layout computes it once for both, so a "
+        "share can pass 100%. of peak = GFLOP/s / the measured matmul peak."
+    )
+    terms = [f"{r['model']} {r['label']}: F={r['factor']}, N={r['N'] / 1e6:.2f}M" for r in rows if r.get("N")]
+    if terms:
+        print("  " + "; ".join(terms))
+    for name in names:
+        mine = [r for r in rows if r["model"] == name and "error" not in r]
+        trl = next((r for r in mine if r["label"] == "TRL"), None)
+        for r in mine:
+            if trl and r is not trl:
+                speed, mem = r["pairs/s"] / trl["pairs/s"], r["peak_rss"] / trl["peak_rss"]
+                met = speed >= TARGET_SPEEDUP and mem <= TARGET_MEMORY
+                print(
+                    f"target: >= {TARGET_SPEEDUP:g}x TRL's pairs/s at <= {TARGET_MEMORY:g}x its peak memory; "
+                    f"{name} {r['label']}: x{speed:.2f} pairs/s, x{mem:.2f} memory: {'met' if met else 'NOT met'}"
+                )
+    if not has_trl:
+        print('TRL skipped: trl is not installed (pip install -e ".[parity]" installs the pinned trl==1.16.0).')
+    elif args.no_trl:
+        print("TRL skipped (--no-trl).")
+    elif not any(MODELS[n]["hf_dir"] for n in names):
+        print("TRL skipped: it needs a Hugging Face model directory (the tiny model is built in code).")
+
+
+def version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        Path(args.result_file).write_text(json.dumps(dpo_cli_worker(json.loads(args.worker))))
+        return 0
+    names = list(args.names)
     if "smollm2" in names and not (SMOLLM2_DIR / "config.json").is_file():
-        print(f"skipping smollm2: {SMOLLM2_DIR} not found (make it with: python scripts/fetch_smollm2.py)")
+        print(f"skipping smollm2: {SMOLLM2_DIR} not found (make it with: make smollm2)")
         names.remove("smollm2")
+    has_trl = importlib.util.find_spec("trl") is not None
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch starts, here and in the children
 
     import torch
 
     print(
-        f"dpo-cli bench: {platform.node()} | {os.cpu_count()} CPUs | torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads) | python {platform.python_version()}"
+        f"dpo-cli bench: {platform.node()} | {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+        f"load average {os.getloadavg()[0]:.2f} | python {platform.python_version()} | torch {torch.__version__} | "
+        f"transformers {version('transformers')} | trl {version('trl')}"
     )
-    print(f"{args.warmup} warmup steps per model, then the measured ones; figures are medians over the measured steps")
-    tmp_ctx = tempfile.TemporaryDirectory(prefix="dpo_bench.")
-    tmp = Path(tmp_ctx.name)
-    results, failed = [], 0
+    for name in names:  # read the weights once, so that no tool's first run pays for a cold disk
+        for f in Path(MODELS[name]["hf_dir"] or "/nonexistent").glob("*.safetensors"):
+            with f.open("rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+    # Measured before and after the runs, the higher counting: other work on the machine lowers it.
+    peak = matmul_peak()
+    print(
+        f"matmul peak: {peak / 1e9:.1f} GFLOP/s (float32 2048 x 2048 torch.matmul, best of 7, "
+        f"{torch.get_num_threads()} threads; measured again after the runs)"
+    )
+
+    tmp = Path(tempfile.mkdtemp(prefix="dpo_bench."))
+    rows: list[dict] = []
     try:
-        variants = [v.partition(":") for v in args.variant] or [("", "", "")]
-        for name, (label, _, extra) in ((n, v) for n in names for v in variants):
-            spec = plan(name, args, tmp)
-            if label:
-                spec["overrides"] += [o for o in extra.split(",") if o]
-                spec["run_dir"] += f"_{label}"
-                spec["name"] = f"{name}/{label}"
-                name = spec["name"]
-            print(
-                f"\n[{name}] data={spec['data']} seq={spec['seq'] or 'default'} batch={spec['batch']} "
-                f"micro={spec['micro']} ...",
-                flush=True,
-            )
-            started = time.perf_counter()
-            res = run_child(spec, args.verbose)
-            if "error" in res:
-                failed += 1
-                print(f"[{name}] FAILED: {res['error']}")
-                continue
-            row = summarize(spec, res, args.warmup)
-            results.append(row)
-            per_step = ", ".join(f"{r['tokens_per_s']:.0f}" for r in sorted(res["rows"], key=lambda r: r["step"]))
-            print(f"[{name}] done in {time.perf_counter() - started:.0f}s; tokens/s per step: {per_step}")
+        for name in names:
+            rows += bench_model(plan(name, args), args, tmp, has_trl and not args.no_trl)
     finally:
         if args.keep:
             print(f"\nrun directories kept in {tmp}")
         else:
-            tmp_ctx.cleanup()
-    if results:
-        print()
-        print(table(results))
-        print(
-            "\nbatch = pairs per step / per forward; tok/seq = non-pad tokens per sequence (prompt + response); "
-            "peak RSS = the child process's max resident set (model load included); wall = train.run end to end."
-        )
-    return 1 if failed else 0
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not rows:
+        return 1
+    after = matmul_peak()
+    print(f"\nmatmul peak after the runs: {after / 1e9:.1f} GFLOP/s; the table uses {max(peak, after) / 1e9:.1f}")
+    for row in rows:
+        if "flops" in row:
+            row["share"] = row["flops"] / max(peak, after)
+    print_summary(rows, args, has_trl, names)
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -37,7 +37,10 @@ def test_collate_exact_tensors():
         {"prompt_ids": [1, 12], "chosen_ids": [21, 22, 23, 2], "rejected_ids": [32, 2]},
     ]
     batch = collate(pairs, pad_id=0)
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "role", "example", "index", "shared_tokens"}
+    per_row = {"input_ids", "attention_mask", "labels", "row_kl"}
+    per_sequence = {"role", "example", "index", "shared_tokens", "tokens", "length"}
+    per_target = {"t_row", "t_col", "t_id", "t_seq", "t_rank"}
+    assert set(batch) == per_row | per_sequence | per_target | {"whole"}
     assert batch["role"].tolist() == [CHOSEN, CHOSEN, REJECTED, REJECTED]
     assert batch["example"].tolist() == [0, 1, 0, 1]
     assert batch["shared_tokens"].tolist() == [2, 2, 2, 2]  # the shorter response of each pair

@@ -230,7 +230,7 @@ def test_whole_sequence_extra_counts_prompt_tokens_but_not_the_first_or_padding(
     chosen whole:    log P[0][1] + log P[1][2] = log 0.2 + log 0.125 = log 0.025 (2 tokens;
                      token 0 has nothing predicting it, the padding is not a token)
     """
-    batch = collate([{"prompt_ids": [0, 1], "chosen_ids": [2], "rejected_ids": [3, 0]}], pad_id=0)
+    batch = collate([{"prompt_ids": [0, 1], "chosen_ids": [2], "rejected_ids": [3, 0]}], pad_id=0, whole=True)
     out = batch_logps(BigramLM(BIGRAM), batch, frozenset({WHOLE})).logps
     assert_close(out.chosen, torch.tensor([math.log(0.125)]))
     assert_close(out.chosen_whole, torch.tensor([math.log(0.025)]))

@@ -112,8 +112,12 @@ def test_reference_lines_for_each_source(tmp_path):
     assert separate.reference == 4 * n and f"separate model {ref_dir}" in separate.what["reference"]
     separate16, _ = estimate_for([f"reference.name_or_path={ref_dir}", "reference.dtype=bfloat16"])
     assert separate16.reference == 2 * n
-    # A live reference model runs forward while the policy's logits are held: 4 copies, not 3.
-    assert live.logits * 3 == none.logits * 4 == cached.logits * 4
+    # A live reference model runs forward while the policy's logits are held: 4 copies, not 3
+    # (full logits, train.logits_chunk=null).
+    full = [
+        estimate_for(o + ["train.logits_chunk=null"])[0] for o in ([], ["loss=simpo"], ["reference.precompute=true"])
+    ]
+    assert full[0].logits * 3 == full[1].logits * 4 == full[2].logits * 4
     suggests_precompute = ["reference.precompute=true" in " ".join(e.hints) for e in (live, none, cached)]
     assert suggests_precompute == [True, False, False]
 
@@ -141,7 +145,7 @@ def test_the_warning_appears_when_the_device_is_too_small():
 
 
 def test_the_report_lists_every_component_and_says_it_is_an_estimate():
-    est, _ = estimate_for([])
+    est, _ = estimate_for(["train.logits_chunk=null"])
     text = est.report()
     assert "memory estimate per training process (an estimate: real peak memory also includes allocator" in text
     for name in (*memory.COMPONENTS, "total", "device"):
@@ -153,14 +157,25 @@ def test_the_report_lists_every_component_and_says_it_is_an_estimate():
 def test_logits_scale_linearly_in_micro_batch_and_vocabulary():
     """N*T*V*4 bytes x 4 copies (live reference): micro batch 4, T=32, V=259 (byte tokenizer):
     8 * 32 * 259 * 4 * 4 = 1,060,864 bytes."""
-    small, _ = estimate_for([])
+    full = ["train.logits_chunk=null"]
+    small, _ = estimate_for(full)
     assert small.logits == 8 * 32 * 259 * 4 * 4
-    double, _ = estimate_for(["train.micro_batch_size=8"])
+    double, _ = estimate_for(full + ["train.micro_batch_size=8"])
     assert double.logits == 2 * small.logits
     tokenizer = byte_tokenizer()
     tokenizer.add_tokens([f"<extra_{i}>" for i in range(259)])  # 518 tokens: twice the vocabulary
-    wide, _ = estimate_for([], tokenizer=tokenizer)
+    wide, _ = estimate_for(full, tokenizer=tokenizer)
     assert len(tokenizer) == 518 and wide.logits == 2 * small.logits
+
+
+def test_the_chunked_head_holds_one_chunk_of_logits_whatever_the_batch():
+    """train.logits_chunk=64: 64 positions x V=259 x 4 bytes x 2 (logits and their gradient),
+    the same at micro batch 4 and 8; a chunk larger than the batch's N*T = 256 positions is cut to it."""
+    chunked, _ = estimate_for(["train.logits_chunk=64"])
+    assert chunked.logits == 64 * 259 * 4 * 2
+    assert estimate_for(["train.logits_chunk=64", "train.micro_batch_size=8"])[0].logits == chunked.logits
+    assert estimate_for(["train.logits_chunk=100000"])[0].logits == 8 * 32 * 259 * 4 * 2
+    assert "the full logits never exist" in chunked.report()
 
 
 def test_gradient_checkpointing_lowers_the_activation_estimate():
@@ -249,6 +264,6 @@ def test_a_gguf_model_is_counted_from_the_files_metadata(tmp_path):
     w.write_tensors_to_file()
     w.close()
     overrides = ["model=pretrained", f"model.name_or_path={tmp_path}", "model.gguf_file=tiny.gguf"]
-    est, _ = estimate_for(overrides)
+    est, _ = estimate_for(overrides + ["train.logits_chunk=null"])
     assert est.parameters == 89_152 and est.weights == 4 * 89_152
     assert est.logits == 8 * 32 * vocab * 4 * 4  # V from the model's head, not the (byte) tokenizer

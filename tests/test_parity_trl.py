@@ -339,7 +339,7 @@ def run_dpo(case: str, output_dir: Any) -> Run:
     trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
     ids, keep, response = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-    ours = collate(pairs_from_rows(ids, keep, response), tokenizer.pad_token_id)
+    ours = collate(pairs_from_rows(ids, keep, response), tokenizer.pad_token_id, whole=True)
     assert_same_rows(ours, ids, keep, response)
     return make_run(models, trl_loss, trl_metrics, make_loss(), ours)
 
@@ -416,7 +416,7 @@ def run_reference_free(trainer_cls: Any, args: Any, loss_fn: Loss, tokenizer: An
     ids, keep = stacked["concatenated_input_ids"], stacked["concatenated_attention_mask"]
     response = stacked["concatenated_labels"] != -100
     pairs = pairs_from_rows(ids, keep, response)
-    ours = collate(pairs, tokenizer.pad_token_id)
+    ours = collate(pairs, tokenizer.pad_token_id, whole=True)
     assert_same_rows(ours, ids, keep, response)
     assert torch.equal(ours["labels"], stacked["concatenated_labels"])
     return make_run(models, trl_loss, trl_metrics, loss_fn, ours, policy=models.policy, pairs=pairs)

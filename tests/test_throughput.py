@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from dpo_cli import train
 from dpo_cli.data.batching import micro_batches, step_indices
 from dpo_cli.data.prepare import prepare
+from dpo_cli.data.tokenize import example_length
 from dpo_cli.evaluate import make_batch
 from dpo_cli.modeling import byte_tokenizer, count_parameters, load_model
 
@@ -48,28 +49,42 @@ def test_throughput_leaves_out_evaluation_and_checkpoint_time(train_run, monkeyp
 
 
 def test_padding_share_is_the_padded_share_of_computed_positions(train_run):
+    """The default run (prompt-shared rows, micro batches sorted by length): padding_share is
+    1 - computed tokens / computed positions of its batches, rebuilt here the same way; and
+    tokens_per_s counts each sequence's own tokens (its prompt once per response), more than
+    were computed."""
     _, run_dir = train_run(["train.max_steps=1", "logger.log_every=1", "train.eval_every=null"])
     cfg = make_config(["train.batch_size=8", "train.micro_batch_size=4", "data.synthetic.num_train=256"])
     tokenizer = byte_tokenizer()
     data = prepare(cfg.data, tokenizer, cfg.train.seed).train
     indices = step_indices(0, len(data), 8, cfg.train.seed)
-    real = total = 0
-    for idx in micro_batches(indices, 0, 1, 4):
-        mask = make_batch(data, idx, tokenizer.pad_token_id, instantiate(cfg.loss), "cpu")["attention_mask"]
-        real, total = real + int(mask.sum()), total + mask.numel()
+    lengths = [example_length(ex) for ex in data]
+    real = total = sequence_tokens = 0
+    for idx in micro_batches(indices, 0, 1, 4, lengths):
+        batch = make_batch(data, idx, tokenizer.pad_token_id, instantiate(cfg.loss), "cpu", "shared")
+        real, total = real + int(batch["attention_mask"].sum()), total + batch["attention_mask"].numel()
+        sequence_tokens += int(batch["length"].sum())
     assert total > real  # the synthetic pairs differ in length: some padding
-    assert _rows(run_dir)[0]["padding_share"] == pytest.approx(1 - real / total)
+    row = _rows(run_dir)[0]
+    assert row["padding_share"] == pytest.approx(1 - real / total)
+    assert sequence_tokens > real  # each prompt computed once, counted twice
+    assert row["tokens_per_s"] / row["pairs_per_s"] == pytest.approx(sequence_tokens / 8)
 
 
 @pytest.mark.parametrize("loss, factor", [("dpo", 8), ("simpo", 6)])
 def test_mfu_counts_8n_with_a_live_reference_and_6n_without(train_run, loss, factor):
+    """MFU is over the tokens computed: with padded rows those are the sequences' own tokens
+    (tokens_per_s); with prompts shared, fewer."""
     peak = 0.25  # TFLOP/s, as set by logger.peak_tflops
     args = [f"loss={loss}", "train.max_steps=2", "logger.log_every=1", f"logger.peak_tflops={peak}"]
-    _, run_dir = train_run(args)
+    _, run_dir = train_run(args + ["train.layout=padded"])
     cfg = make_config([f"loss={loss}"])
     _, n = count_parameters(load_model(cfg.model, byte_tokenizer(), cfg.train.seed))
     for row in _rows(run_dir):
         assert row["mfu"] == pytest.approx(factor * n * row["tokens_per_s"] / (peak * 1e12), rel=1e-9)
+    _, shared_dir = train_run(args + ["train.layout=shared"], run_dir.parent / "shared")
+    for row in _rows(shared_dir):
+        assert row["mfu"] < 0.9 * factor * n * row["tokens_per_s"] / (peak * 1e12)
 
 
 def test_no_mfu_without_a_peak(train_run):

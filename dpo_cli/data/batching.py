@@ -33,11 +33,21 @@ def _chunks(indices: list[int], size: int) -> list[list[int]]:
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
-def micro_batches(indices: list[int], rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:
+def micro_batches(
+    indices: list[int], rank: int, world_size: int, micro_batch_size: int, lengths: list[int] | None = None
+) -> list[list[int]]:
     """This process's share of a global batch, split into micro batches.
 
-    Process r takes the r-th contiguous slice, so micro x accumulation x processes = batch.
+    Without `lengths`, process r takes the r-th contiguous slice. With `lengths` (tokens per
+    example, `train.sort_by_length`), the batch is sorted longest first and dealt round-robin,
+    so that every process gets a like amount of work and each micro batch holds examples of
+    similar length (packed rows fill, padded rows waste little). Either way the step's pairs
+    are the same, micro x accumulation x processes = batch, and the assignment is a function of
+    the step alone (resume sees the same micro batches).
     """
+    if lengths is not None:
+        ordered = sorted(indices, key=lambda i: -lengths[i])  # stable: ties keep the step's order
+        return _chunks(ordered[rank::world_size], micro_batch_size)
     share = len(indices) // world_size
     return _chunks(indices[rank * share : (rank + 1) * share], micro_batch_size)
 

@@ -1,82 +1,216 @@
-"""Examples -> one batch of sequences, each with a role, padded into (N, T) tensors.
+"""Examples -> one batch of sequences, each with a role, laid out in (R, L) model input rows.
 
-A batch holds *sequences*, not pairs: each row is one prompt + response, tagged with its role
+A batch holds *sequences*, not pairs: each is one prompt + response, tagged with its role
 (CHOSEN, REJECTED or KL) and the index of the example it came from. Every loss reads the same
-shape (see DESIGN.md, "One batch shape"): paired losses pair the i-th CHOSEN row with the i-th
-REJECTED row, KTO reads desirable completions as CHOSEN rows, undesirable ones as REJECTED
-rows, and its KL reference point from the KL rows. Rows are ordered CHOSEN, then REJECTED,
+shape (see DESIGN.md, "One batch shape"): paired losses pair the i-th CHOSEN sequence with the
+i-th REJECTED one, KTO reads desirable completions as CHOSEN, undesirable ones as REJECTED, and
+its KL reference point from the KL sequences. Sequences are numbered CHOSEN, then REJECTED,
 then KL; `logprobs` groups per-sequence values by role, so only the order within a role matters.
+
+A layout decides how the sequences sit in the model's input rows:
+
+- `padded`: one sequence per row, right-padded to the longest (row i is sequence i).
+- `packed`: several sequences per row, back to back; position ids restart at each sequence
+  and each attends only to itself (a block-diagonal causal mask), so no padding is computed
+  but what a row's capacity leaves over.
+- `shared`: packed, and the two responses of a pair share one copy of their prompt: the row
+  holds prompt, chosen, rejected; both responses attend to the prompt and not to each other,
+  their position ids both continue from the prompt's, and the prompt's last position predicts
+  the first token of each.
+
+Besides the rows (input_ids, attention_mask, and for packed layouts position_ids, segment and
+branch, from which `layout.attention_inputs` builds the mask), a batch lists its *targets*:
+one entry per scored token, naming the row and column that predicts it, the token, the
+sequence it belongs to and its rank among that sequence's response tokens. Log-probs are then
+one gather and one scatter by sequence id, the same for every layout.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from dpo_cli.data.tokenize import Tokenized
 from dpo_cli.logprobs import CHOSEN, IGNORE_INDEX, KL, REJECTED
 
+LAYOUTS = ("padded", "packed", "shared")
 
-def _sequences(examples: list[Tokenized]) -> list[tuple[list[int], list[int], int, int, int]]:
-    """(prompt ids, response ids, role, example index, shared length) for every non-KL sequence.
+
+@dataclass
+class Sequence:
+    prompt: list[int]
+    response: list[int]
+    role: int
+    example: int  # position of its example in the list given to collate
+    shared: int  # LD-DPO's shared length (the shorter response of the pair)
+
+
+def _sequences(examples: list[Tokenized], kl: bool) -> list[Sequence]:
+    """Every sequence of the batch, CHOSEN, then REJECTED, then KL.
 
     A pair gives a CHOSEN and a REJECTED sequence whose shared length is the shorter of the two
     responses (LD-DPO weights the tokens past it); an unpaired example ({prompt_ids,
     completion_ids, label}) gives one sequence, CHOSEN if desirable, whose shared length is its
     own length.
+
+    With `kl`, KTO's mismatched sequences follow: for unpaired examples the j-th KL sequence
+    is example j's prompt followed by example j - 1's completion (cyclically), as in TRL's
+    KTOTrainer. For pairs the rotation runs over the sequences (chosen responses, then rejected
+    ones), so every KL sequence mixes two different pairs once there are at least two of them.
     """
     chosen, rejected = [], []
     for i, ex in enumerate(examples):
         if "completion_ids" in ex:
-            seq = (ex["prompt_ids"], ex["completion_ids"], CHOSEN if ex["label"] else REJECTED, i)
-            (chosen if ex["label"] else rejected).append((*seq, len(ex["completion_ids"])))
+            seq = Sequence(ex["prompt_ids"], ex["completion_ids"], CHOSEN if ex["label"] else REJECTED, i, 0)
+            seq.shared = len(seq.response)
+            (chosen if ex["label"] else rejected).append(seq)
         else:
             shared = min(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
-            chosen.append((ex["prompt_ids"], ex["chosen_ids"], CHOSEN, i, shared))
-            rejected.append((ex["prompt_ids"], ex["rejected_ids"], REJECTED, i, shared))
-    return chosen + rejected
+            chosen.append(Sequence(ex["prompt_ids"], ex["chosen_ids"], CHOSEN, i, shared))
+            rejected.append(Sequence(ex["prompt_ids"], ex["rejected_ids"], REJECTED, i, shared))
+    seqs = chosen + rejected
+    if kl:
+        # Unpaired examples rotate in example order (as TRL's KTOTrainer does); pairs in
+        # sequence order, chosen responses first, so that no prompt meets its own responses.
+        order = sorted(seqs, key=lambda q: q.example) if "completion_ids" in examples[0] else list(seqs)
+        seqs += [
+            Sequence(s.prompt, order[j - 1].response, KL, s.example, len(order[j - 1].response))
+            for j, s in enumerate(order)
+        ]
+    return seqs
+
+
+def _units(seqs: list[Sequence], layout: str) -> list[tuple[list[int], list[int]]]:
+    """What must sit together in one row: (prompt ids, the ids of the sequences that follow it).
+    Under `shared` the two sequences of a pair share their prompt; otherwise every sequence is
+    a unit of its own."""
+    if layout != "shared":
+        return [(s.prompt, [i]) for i, s in enumerate(seqs)]
+    units, partner = [], {}
+    for i, s in enumerate(seqs):
+        if (
+            s.role == REJECTED
+            and (s.example, CHOSEN) in partner
+            and s.prompt == seqs[partner[s.example, CHOSEN]].prompt
+        ):
+            units[partner.pop((s.example, CHOSEN))][1].append(i)  # the pair's chosen came first
+            continue
+        if s.role == CHOSEN:
+            partner[s.example, CHOSEN] = len(units)
+        units.append((s.prompt, [i]))
+    return units
+
+
+def _rows(units: list[tuple[list[int], list[int]]], seqs: list[Sequence], layout: str) -> list[list[int]]:
+    """Units (by index) per row: one per row when padded; else first-fit decreasing into rows
+    as long as the longest unit, KL units in rows of their own (they run in a pass without
+    gradients)."""
+    if layout == "padded":
+        return [[u] for u in range(len(units))]
+    length = [len(p) + sum(len(seqs[i].response) for i in members) for p, members in units]
+    capacity = max(length)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    kind: list[bool] = []
+    for u in sorted(range(len(units)), key=lambda u: (-length[u], u)):
+        is_kl = seqs[units[u][1][0]].role == KL
+        row = next((r for r in range(len(rows)) if kind[r] == is_kl and room[r] >= length[u]), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            kind.append(is_kl)
+            row = len(rows) - 1
+        rows[row].append(u)
+        room[row] -= length[u]
+    return [r for _, r in sorted(zip(kind, rows, strict=True), key=lambda kr: kr[0])]  # KL rows last
 
 
 def collate(
-    examples: list[Tokenized], pad_id: int, kl: bool = False, index: list[int] | None = None
+    examples: list[Tokenized],
+    pad_id: int,
+    kl: bool = False,
+    index: list[int] | None = None,
+    layout: str = "padded",
+    whole: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Batch examples (pairs or unpaired completions) into right-padded (N, T) tensors.
+    """Batch examples (pairs or unpaired completions) into model input rows (see the module doc).
 
-    Keys: input_ids, attention_mask, labels (input ids on response tokens, IGNORE_INDEX on the
-    prompt and padding, so only response tokens count), role (N,), example (N,) (index into
-    `examples`), index (N,) (the example's index in its dataset, `index[example]`; default
-    `example`: what a precomputed reference looks its log-probs up by) and shared_tokens (N,).
+    Keys, per row (R, L): input_ids, attention_mask (1 on tokens, 0 on padding), and for
+    `packed`/`shared` position_ids, segment (which unit a token belongs to, -1 on padding) and
+    branch (0 on a prompt, k on the k-th response after it); row_kl (R,): rows of KL sequences.
+    `padded` also gives labels (R, L): input ids on response tokens, IGNORE_INDEX elsewhere.
 
-    With `kl=True`, KTO's mismatched sequences follow: for unpaired examples the j-th KL row
-    is example j's prompt followed by example j - 1's completion (cyclically), as in TRL's
-    KTOTrainer. For pairs the rotation runs over the rows (chosen responses, then rejected
-    ones), so every KL row mixes two different pairs once there are at least two of them.
+    Per sequence (N,): role, example (index into `examples`), index (the example's index in its
+    dataset, `index[example]`; default `example`: what a precomputed reference looks its
+    log-probs up by), shared_tokens, tokens (response tokens scored), length (prompt + response).
+
+    Per target (M,): t_row, t_col (the position whose output predicts the token), t_id (the
+    token), t_seq (its sequence), t_rank (1-based rank among the sequence's response tokens; 0
+    for a prompt token). Prompt tokens are targets only with `whole` (ORPO's NLL over the chosen
+    sequence), and only of CHOSEN sequences; a sequence's first token has nothing predicting it.
     """
-    seqs = _sequences(examples)
-    if kl:
-        # Unpaired examples rotate in example order (as TRL's KTOTrainer does); pairs in row
-        # order, chosen responses first, so that no prompt meets its own responses.
-        order = sorted(seqs, key=lambda q: q[3]) if "completion_ids" in examples[0] else list(seqs)
-        seqs += [
-            (prompt, order[j - 1][1], KL, example, len(order[j - 1][1]))
-            for j, (prompt, _, _, example, _) in enumerate(order)
-        ]
-    width = max(len(p) + len(r) for p, r, *_ in seqs)
-    n = len(seqs)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)
-    for row, (prompt, response, *_) in enumerate(seqs):
-        ids = torch.tensor(prompt + response, dtype=torch.long)
-        input_ids[row, : len(ids)] = ids
-        labels[row, len(prompt) : len(ids)] = ids[len(prompt) :]
-        attention_mask[row, : len(ids)] = 1
-    example = torch.tensor([s[3] for s in seqs], dtype=torch.long)
-    return {
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
+    seqs = _sequences(examples, kl)
+    units = _units(seqs, layout)
+    rows = _rows(units, seqs, layout)
+    width = max(sum(len(units[u][0]) + sum(len(seqs[i].response) for i in units[u][1]) for u in row) for row in rows)
+    n_rows = len(rows)
+    input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n_rows, width), dtype=torch.long)
+    segment = torch.full((n_rows, width), -1, dtype=torch.long)
+    branch = torch.zeros((n_rows, width), dtype=torch.long)
+    targets: list[tuple[int, int, int, int, int]] = []  # row, predicting column, token, sequence, rank
+    for r, row in enumerate(rows):
+        col = 0
+        for u in row:
+            prompt, members = units[u]
+            p = len(prompt)
+            input_ids[r, col : col + p] = torch.tensor(prompt, dtype=torch.long)
+            position_ids[r, col : col + p] = torch.arange(p)
+            segment[r, col : col + p] = u
+            if whole and seqs[members[0]].role == CHOSEN:
+                targets += [(r, col + k - 1, prompt[k], members[0], 0) for k in range(1, p)]
+            start = col + p
+            for b, i in enumerate(members, start=1):
+                response = seqs[i].response
+                m = len(response)
+                input_ids[r, start : start + m] = torch.tensor(response, dtype=torch.long)
+                position_ids[r, start : start + m] = torch.arange(p, p + m)
+                segment[r, start : start + m] = u
+                branch[r, start : start + m] = b
+                for k in range(m):
+                    predictor = start + k - 1 if k else col + p - 1
+                    if predictor >= col:  # an empty prompt leaves the first token unpredicted
+                        targets.append((r, predictor, response[k], i, k + 1))
+                start += m
+            col = start
+    example = torch.tensor([s.example for s in seqs], dtype=torch.long)
+    t = torch.tensor(targets, dtype=torch.long).reshape(-1, 5)
+    role = torch.tensor([s.role for s in seqs], dtype=torch.long)
+    batch = {
         "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "role": torch.tensor([s[2] for s in seqs], dtype=torch.long),
+        "attention_mask": (segment >= 0).long(),
+        "row_kl": torch.tensor([seqs[units[row[0]][1][0]].role == KL for row in rows]),
+        "role": role,
         "example": example,
         "index": example if index is None else torch.tensor(index, dtype=torch.long)[example],
-        "shared_tokens": torch.tensor([s[4] for s in seqs], dtype=torch.long),
+        "shared_tokens": torch.tensor([s.shared for s in seqs], dtype=torch.long),
+        "tokens": torch.bincount(t[:, 3][t[:, 4] > 0], minlength=len(seqs)).float(),
+        "length": torch.tensor([len(s.prompt) + len(s.response) for s in seqs], dtype=torch.long),
+        "t_row": t[:, 0],
+        "t_col": t[:, 1],
+        "t_id": t[:, 2],
+        "t_seq": t[:, 3],
+        "t_rank": t[:, 4],
+        "whole": torch.tensor(whole),
     }
+    if layout == "padded":
+        labels = torch.full((n_rows, width), IGNORE_INDEX, dtype=torch.long)
+        response = t[:, 4] > 0
+        labels[t[response, 0], t[response, 1] + 1] = t[response, 2]
+        batch["labels"] = labels
+    else:
+        batch.update(position_ids=position_ids, segment=segment, branch=branch)
+    return batch

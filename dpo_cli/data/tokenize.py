@@ -232,6 +232,13 @@ def check_kept(n_in: int, stats: TruncationStats, what: str) -> None:
     raise DataError(f"{dropped} of {n_in} {what} dropped ({counts}), {n_in - dropped} left; {fixes}")
 
 
+def example_length(example: Tokenized) -> int:
+    """Tokens an example puts in a batch with its prompt shared: prompt + both responses (or
+    prompt + completion); what length-aware batching sorts by."""
+    responses = ("completion_ids",) if "completion_ids" in example else ("chosen_ids", "rejected_ids")
+    return len(example["prompt_ids"]) + sum(len(example[k]) for k in responses)
+
+
 def fingerprint(pairs: list[Tokenized]) -> str:
     """A short hash of the token ids of `pairs`, in order: equal only for the same data,
     tokenizer and truncation (checked when a run resumes)."""
