@@ -77,7 +77,8 @@ class _ChunkedLogps(torch.autograd.Function):
             for s in range(0, hidden.shape[0], ctx.chunk):
                 h = hidden[s : s + ctx.chunk]
                 g = grad[s : s + ctx.chunk].float()
-                probs = torch.exp(_chunk_logits(h, weight, bias, dtype) - lse[s : s + ctx.chunk, None])
+                # softmax, in place on the recomputed logits (no second chunk-sized buffer)
+                probs = _chunk_logits(h, weight, bias, dtype).sub_(lse[s : s + ctx.chunk, None]).exp_()
                 d_logits = probs.mul_(-g[:, None])
                 d_logits.scatter_add_(1, target[s : s + ctx.chunk, None], g[:, None])
                 if need_h:

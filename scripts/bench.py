@@ -34,6 +34,7 @@ import math
 import os
 import platform
 import random
+import re
 import resource
 import shutil
 import statistics
@@ -305,14 +306,24 @@ def dpo_cli_worker(spec: dict) -> dict:
     # "reference: ..." is logged at the end of the set-up (data, weights, reference); the training
     # steps follow. Timing from there leaves loading out; the difference of two runs cancels it anyway.
     reference = capture.first("reference: ")
+    # reference.precompute=true: both run lengths precompute every pair once (the same data), so the
+    # difference cancels it; its cost per pair is added back in `measure`.
+    precomputed = capture.first("reference log-probs: computed for ")
+    precompute = None
+    if precomputed and (
+        m := re.search(r"computed for (\d+) train \+ (\d+) eval examples in ([\d.]+) s", precomputed[1])
+    ):
+        precompute = float(m.group(3)) / max(1, int(m.group(1)) + int(m.group(2)))
     data_report = capture.first("data (the report")
     linear = None
     for where in (cfg.model.name_or_path, run_dir / "final"):
         if where and (linear := linear_params_of_dir(Path(str(where)))):
             break
     return {
-        "seconds": ended - (reference[0] if reference else started),
-        "timed_from": "the set-up's end" if reference else "train.run's start",
+        # All of train.run: the difference of two run lengths cancels loading (and precomputed
+        # reference log-probs of the same data; their cost is added back per pair).
+        "seconds": ended - started,
+        "timed_from": "train.run's start",
         "run_seconds": ended - started,
         "steps": len(steps),
         # with logger.log_every=1 each row is one step: tokens per step = tokens/s / (pairs/s) x batch
@@ -324,6 +335,7 @@ def dpo_cli_worker(spec: dict) -> dict:
         "peak_rss": peak_rss_bytes(),
         "linear_params": linear,
         "reference": reference[1].removeprefix("reference: ") if reference else None,
+        "precompute_s_per_pair": precompute,
         "data_report": data_report[1] if data_report else None,
         "lr": float(cfg.optimizer.lr),
         "beta": float(cfg.loss.get("beta", 0.1)),
@@ -382,11 +394,11 @@ def matmul_peak(n: int = 2048, repeats: int = 7) -> float:
 
 
 def flops_factor(reference: str | None) -> int:
-    """8 with a reference forward each step (policy forward + backward = 6N, reference forward = 2N);
-    6 when the reference log-probs were precomputed or no loss needs them."""
+    """8 with reference log-probs (policy forward + backward = 6N, reference forward = 2N), live or
+    precomputed (the timing includes precomputing them); 6 when no loss needs them."""
     if reference is None:
         return 8
-    return 6 if ("precomputed" in reference or reference.startswith("none")) else 8
+    return 6 if reference.startswith("none") else 8
 
 
 def combine(runs: list[dict]) -> dict:
@@ -406,7 +418,7 @@ def measure(label: str, a: dict, b: dict, steps: tuple[int, int], batch: int) ->
             "error": f"its {steps[1]}-step run took no longer than its {steps[0]}-step run ({b['seconds']:.1f}s vs "
             f"{a['seconds']:.1f}s): other work on the machine, or too few steps; try --repeat 2, or more steps"
         }
-    per_step = seconds / extra
+    per_step = seconds / extra + batch * (b.get("precompute_s_per_pair") or 0.0)
     pairs_s = batch / per_step
     tok_pair = (b["tokens"] - a["tokens"]) / (extra * batch)
     inner = b["step_seconds"][1:] or b["step_seconds"]
@@ -623,9 +635,11 @@ def bench_model(p: dict, args: argparse.Namespace, tmp: Path, want_trl: bool) ->
     expected: dict[str, float] = {}
     if p["data"] == "hh":
         triples = make_pairs(batch * steps[1], args.lengths, p["seq"], args.seed)
-        for n in steps:  # one epoch per run; the shorter run's pairs are the first of the longer's
-            files[n] = tmp / f"hh_{name}_{n}.jsonl"
-            write_hh(files[n], triples[: batch * n])
+        # Both runs read the same pairs in the same seeded order, so the shorter run's steps are
+        # exactly the first steps of the longer one and the difference is the longer run's last steps.
+        path = tmp / f"hh_{name}.jsonl"
+        write_hh(path, triples)
+        files = dict.fromkeys(steps, path)
         if p["hf_dir"] is not None:
             text, expected = length_report(token_lengths(p["hf_dir"], triples), p["seq"], p["max_prompt"])
             print(f"token lengths ({p['hf_dir'].name} tokenizer, EOS included; the {len(triples)} pairs of run B):")
@@ -735,14 +749,16 @@ def print_summary(rows: list[dict], args: argparse.Namespace, has_trl: bool, nam
         if "error" in r:
             print(f"{r['model']} {r['label']} FAILED: {r['error']}")
     print(
-        "\ns/step = (time of the B-step run - time of the A-step run) / (B - A), start-up cancelled; in-run = median "
+        "\ns/step = (time of the B-step run - time of the A-step run) / (B - A): both runs train on the same pairs in "
+        "the same order, so this is the B-step run's last B - A steps, start-up cancelled (with precomputed reference "
+        "log-probs, their measured cost per pair x the batch is added); in-run = median "
         "step time inside run B, its first step left out (dpo-cli's metrics.jsonl, TRL's step callbacks).\n"
         "tok/pair = non-padding tokens per pair in those B - A steps, prompt counted with each response as a padded "
         "trainer computes it; pad% = padding share of the positions each tool computed; tokens/s = tok/pair x pairs/s."
         "\npeak RSS = the B-step child's max resident set, model loading (and a reference copy) included.\n"
         "GFLOP/s = F x N x tokens/s, N = parameters of the nn.Linear layers (lm_head included, embedding lookup "
-        "excluded), F = 8 with a live reference model (6N policy forward + backward + 2N reference forward), 6 with "
-        "precomputed or no reference log-probs; attention scores and recomputation (gradient checkpointing) are not "
+        "excluded), F = 8 with reference log-probs (6N policy forward + backward + 2N reference forward; precomputed "
+        "ones are timed too), 6 without; attention scores and recomputation (gradient checkpointing) are not "
         "counted, and a prompt is credited once per response even where a layout computes it once for both, so a "
         "share can pass 100%. of peak = GFLOP/s / the measured matmul peak."
     )

@@ -17,8 +17,10 @@ from conftest import read_metrics
 from test_architectures import ARCHITECTURES
 from torch.testing import assert_close
 
+from dpo_cli.data.batching import micro_batches
 from dpo_cli.data.collate import collate
-from dpo_cli.layout import attention_inputs, supported
+from dpo_cli.errors import ConfigError
+from dpo_cli.layout import Choice, attention_inputs, choose, probe, supported
 from dpo_cli.lmhead import Head, chunked_logps
 from dpo_cli.logprobs import KL, SHARED, WHOLE, WPO, batch_logps
 
@@ -189,3 +191,39 @@ def test_shared_chunked_run_trains_like_a_padded_full_logits_run(train_run, tmp_
         for key in (k for k in fast if k in LOSS_KEYS or k.startswith("eval_")):
             assert fast[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-5), (key, fast["step"])
     assert all(key in rows["fast"][-1] for key in ("eval_loss", "eval_rewards/chosen"))
+
+
+def test_an_explicit_layout_the_back_end_cannot_run_is_refused():
+    """Gemma-2's layers alternate sliding-window and full attention: one mask cannot serve both,
+    so auto stays padded and an explicit shared layout is a config error naming what works."""
+    model = tiny_model("gemma2", "eager")
+    assert choose("auto", 1024, model, sharded=False).layout == "padded"
+    with pytest.raises(ConfigError, match=r"train.layout=shared: not possible with this model .*use one of padded"):
+        choose("shared", 1024, model, sharded=False)
+    sharded = choose("auto", 1024, tiny_model("llama"), sharded=True)
+    assert sharded.layout == "shared" and sharded.head is None and "sharded weights" in sharded.why
+
+
+def test_the_start_up_check_rejects_a_head_that_computes_something_else(caplog):
+    """A head that is not the model's (other weights) disagrees with the full logits on real
+    examples: the check falls back to the same layout with full logits, and says so."""
+    model = tiny_model("llama")
+    good = choose("auto", 64, model, sharded=False)
+    assert probe(good, model, pairs(), 0, needs_kl=False) is good
+    wrong = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False)
+    bad = Choice("shared", Head(good.head.backbone, wrong, 64), good.why)
+    with caplog.at_level("WARNING", logger="dpo_cli.layout"):
+        chosen = probe(bad, model, pairs(), 0, needs_kl=False)
+    assert chosen.layout == "shared" and chosen.head is None
+    assert "start-up check rejected the faster path" in chosen.why and "off by" in caplog.text
+
+
+def test_length_aware_micro_batches_keep_the_step_and_balance_processes():
+    """Sorted by length and dealt round-robin: the same pairs in the step, every process a
+    like amount of tokens, similar lengths in each micro batch; without lengths, slices."""
+    indices = [5, 1, 7, 3, 0, 6, 2, 4]
+    lengths = [10, 80, 30, 70, 20, 60, 40, 50]  # by example index
+    shares = [micro_batches(indices, r, 2, 2, lengths) for r in range(2)]
+    assert shares == [[[1, 5], [6, 4]], [[3, 7], [2, 0]]]  # longest first: 1, 3, 5, 7, 6, 2, 4, 0
+    assert sorted(i for share in shares for mb in share for i in mb) == sorted(indices)
+    assert micro_batches(indices, 1, 2, 2) == [[0, 6], [2, 4]]

@@ -51,6 +51,7 @@ def test_inspect_reports_and_exports_without_weights(tmp_path):
     for line in ("prompt tokens: p50=", "chosen tokens: p50=", "rejected tokens: p50=", "truncated: prompts 0"):
         assert line in out, line
     assert "optimizer steps of 4 pairs" in out
+    assert "batches: layout shared, chunked LM head on scored positions (1024 per chunk): sdpa attention" in out
     assert out.count("[prompt]<s>\n\nHuman:") == 3 and "[/chosen]" in out and "[/rejected]" in out
     rows = [json.loads(line) for line in export.read_text().splitlines()]
     assert len(rows) == 10 and {r["split"] for r in rows} == {"train", "eval"}
