@@ -72,15 +72,20 @@ def loss_and_grads(model, batch, head, extras=frozenset()):
     return out, grads
 
 
-CASES = [(arch, layout) for arch in ARCHITECTURES for layout in ("padded", "packed", "shared")]
+# Gemma-2 alternates sliding-window and full-attention layers: padded only (see the refusal test).
+CASES = [
+    (a, layout)
+    for a in ARCHITECTURES
+    for layout in ("padded", "packed", "shared")
+    if a != "gemma2" or layout == "padded"
+]
 
 
 @pytest.mark.parametrize(("arch", "layout"), CASES)
 def test_layout_and_head_match_the_padded_full_logits_path(arch, layout):
     attn = "eager" if arch == "gemma2" else "sdpa"
     model = tiny_model(arch, attn)
-    if layout not in supported(model.config)[0]:
-        pytest.skip(f"{arch} with {attn}: {supported(model.config)[1]}")
+    assert layout in supported(model.config)[0], supported(model.config)[1]
     head, why = Head.find(model, chunk=5)  # chunks smaller than the targets: several per batch
     extras = frozenset({SHARED, WPO, WHOLE})
     examples = pairs()
