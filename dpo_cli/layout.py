@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from dpo_cli.errors import ConfigError
-from dpo_cli.lmhead import Head, _inner
+from dpo_cli.lmhead import Head, inner_model
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Choice:
 def choose(requested: str, chunk: int | None, model: torch.nn.Module, sharded: bool) -> Choice:
     """The layout and head path for `train.layout` and `train.logits_chunk` on this model, or a
     ConfigError when an explicitly requested layout cannot run here."""
-    config = _inner(model).config
+    config = inner_model(model).config
     layouts, why = supported(config)
     if requested == "auto":
         layout = layouts[0]
@@ -108,7 +108,7 @@ def choose(requested: str, chunk: int | None, model: torch.nn.Module, sharded: b
 
 def check_reference(layout: str, model: torch.nn.Module) -> None:
     """A separate reference model scores the policy's batches: it must support their layout."""
-    layouts, why = supported(_inner(model).config)
+    layouts, why = supported(inner_model(model).config)
     if layout not in layouts:
         raise ConfigError(
             [f"train.layout: the reference model cannot score {layout} batches ({why}); set train.layout=padded"]
@@ -120,7 +120,7 @@ def attention_inputs(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> 
     rows, restarting position ids and the mask `supported` promises for the back-end."""
     if "segment" not in batch:
         return {"attention_mask": batch["attention_mask"]}
-    config = _inner(model).config
+    config = inner_model(model).config
     position = batch["position_ids"]
     if attn_implementation(config) in VARLEN:
         return {"position_ids": position}

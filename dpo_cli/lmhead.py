@@ -125,7 +125,7 @@ def position_stats(
     return out
 
 
-def _inner(model: torch.nn.Module) -> Any:
+def inner_model(model: torch.nn.Module) -> Any:
     """The transformers model under DDP / DeepSpeed's wrapper and peft's."""
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
@@ -144,7 +144,7 @@ class Head:
     @staticmethod
     def find(model: torch.nn.Module, chunk: int) -> tuple[Head | None, str]:
         """The model's head, or None and why the full-logits path is used instead."""
-        inner = _inner(model)
+        inner = inner_model(model)
         config = getattr(inner, "config", None)
         transforms = [a for a in LOGIT_TRANSFORMS if getattr(config, a, None) not in (None, 1, 1.0)]
         if transforms:

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     import dpo_cli.cli
     from dpo_cli import layout
     from dpo_cli.data.prepare import prepare
-    from dpo_cli.evaluate import make_batch
+    from dpo_cli.evaluate import REFERENCE_EXTRAS, make_batch
     from dpo_cli.logprobs import KL_ROWS
     from dpo_cli.modeling import load_model, load_tokenizer
     from dpo_cli.reference import live_reference
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
             "collate", lambda: make_batch(data, indices, tokenizer.pad_token_id, loss_fn, "cpu", choice.layout)
         )
         needs = loss_fn.needs
-        ref = timed("reference forward", lambda: reference(batch, needs & frozenset({"shared"})) if reference else None)
+        ref = timed("reference forward", lambda: reference(batch, needs & REFERENCE_EXTRAS) if reference else None)
 
         def policy_forward():
             from dpo_cli.logprobs import batch_logps
