@@ -1,6 +1,6 @@
 """Entry points: `dpo-train` and `python -m dpo_cli`. Thin: check the command line (every job's
 config and the run directory, in overrides.py), then let Hydra compose the config and call
-train.run (or preflight.run for mode=inspect)."""
+train.run (or preflight.run for mode=inspect, evalmode.run for mode=eval)."""
 
 from __future__ import annotations
 
@@ -116,6 +116,10 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         if cfg.mode == "inspect":
             preflight.run(cfg)
+        elif cfg.mode == "eval":
+            from dpo_cli import evalmode
+
+            evalmode.run(cfg, train.run_dir_of(cfg))
         else:
             train.run(cfg)
     except UserError as e:

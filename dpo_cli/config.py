@@ -24,7 +24,7 @@ from dpo_cli.data.collate import LAYOUTS
 from dpo_cli.distributed import cpu_only
 from dpo_cli.errors import ConfigError
 
-MODES = ("train", "inspect")  # eval comes later
+MODES = ("train", "inspect", "eval")
 PRECISIONS = ("no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
 MODEL_DTYPES = (*DTYPES, "auto")  # auto: the dtype the checkpoint's config names
@@ -42,6 +42,14 @@ class LoraConfig:
 
 
 @dataclass
+class WarmStartConfig:
+    steps: int = 0  # 0 = none
+    lr: float = 1e-3
+    batch_size: int = 32
+    responses: str = "both"  # both, chosen
+
+
+@dataclass
 class ModelConfig:
     name_or_path: Optional[str] = None
     revision: Optional[str] = None
@@ -54,6 +62,7 @@ class ModelConfig:
     disable_dropout: bool = True
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 
 
 @dataclass
@@ -178,6 +187,18 @@ class InspectConfig:
 
 
 @dataclass
+class EvalConfig:
+    generate_every: Optional[int] = None
+    prompts: int = 64
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 16
+    confidence: float = 0.95
+
+
+@dataclass
 class Config:
     mode: str = "train"
     inspect: InspectConfig = field(default_factory=InspectConfig)
@@ -192,6 +213,9 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # A judge is a `_target_` node (conf/judge/), checked like the loss; null = no generation evaluation.
+    judge: Optional[dict[str, Any]] = None
 
 
 def register_configs() -> None:
@@ -590,6 +614,41 @@ def _check_logger(p: list[str], lg: Any, save_every: int | None) -> None:
     _choice(p, "logger.wandb.mode", lg.wandb.mode, WANDB_MODES)
 
 
+def _check_eval(p: list[str], cfg: DictConfig) -> None:
+    """The judge (a `_target_` built here, loading nothing), generation settings and warm start."""
+    e, ws = cfg.eval, cfg.model.warm_start
+    if cfg.judge is not None:
+        _build(p, "judge", cfg.judge, "judge")
+    elif e.generate_every is not None:
+        p.append(
+            f"eval.generate_every={e.generate_every} needs a judge to compare the policy's responses with the "
+            "reference's: choose one (judge=reward_model judge.name_or_path=..., or judge=sort for data=synthetic), "
+            "or remove eval.generate_every"
+        )
+    _positive(p, "eval.generate_every", e.generate_every, allow_none=True)
+    for key in ("max_new_tokens", "batch_size"):
+        _positive(p, f"eval.{key}", e[key])
+    if e.prompts < 0:
+        p.append(f"eval.prompts={e.prompts} must be >= 0 (0 = no generation evaluation)")
+    if e.temperature < 0:
+        p.append(f"eval.temperature={e.temperature} must be >= 0 (0 = greedy decoding)")
+    if not 0 < e.top_p <= 1:
+        p.append(f"eval.top_p={e.top_p} must be in (0, 1]")
+    if not 0 < e.confidence < 1:
+        p.append(f"eval.confidence={e.confidence} must be in (0, 1), e.g. 0.95")
+    if ws.steps < 0:
+        p.append(f"model.warm_start.steps={ws.steps} must be >= 0 (0 = no warm start)")
+    if ws.steps:
+        _positive(p, "model.warm_start.lr", ws.lr)
+        _positive(p, "model.warm_start.batch_size", ws.batch_size)
+        _choice(p, "model.warm_start.responses", ws.responses, ("both", "chosen"))
+        if cfg.model.lora.r is not None:
+            p.append(
+                "model.warm_start fine-tunes every weight before LoRA training, which an adapter run cannot "
+                "save: set model.warm_start.steps=0, or train the SFT model first (loss=sft) and start from it"
+            )
+
+
 def validate(cfg: DictConfig) -> None:
     """Check the whole composed config; raise one ConfigError listing every problem found.
     Each section checks itself; the loss is built here so that its own range checks run."""
@@ -616,6 +675,7 @@ def validate(cfg: DictConfig) -> None:
         p.append("export.merge_lora=true needs LoRA (model.lora.r); a full fine-tune already exports the whole model")
     _check_optimization(p, cfg)
     _check_logger(p, cfg.logger, cfg.train.save_every)
+    _check_eval(p, cfg)
     if p:
         raise ConfigError(p)
 

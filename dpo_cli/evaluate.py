@@ -33,7 +33,9 @@ def batch_loss(
 
     Metric names and definitions follow TRL's DPOTrainer, so curves compare across tools:
     rewards/* and logps/* are means over sequences of that role (logps/* are the log-probs the
-    loss works with: summed, or per-token means for SimPO and ORPO); logits/* are means over all
+    loss works with: summed, or per-token means for SimPO and ORPO); with a reference,
+    logps/chosen_change is the mean of policy - reference summed log-prob of the chosen
+    responses and logps/chosen_below_reference the share of them the policy finds less likely; logits/* are means over all
     response tokens of that role in the batch (token-weighted); rewards/accuracies and
     rewards/margins are over pairs (unpaired data: margins = mean chosen - mean rejected
     reward, no accuracy). The loss is weighted by the batch's examples (pairs, or unpaired
@@ -66,6 +68,11 @@ def batch_loss(
         if paired:
             parts["rewards/accuracies"] = mean_of(out.chosen_rewards > out.rejected_rewards)
             parts["rewards/margins"] = mean_of(out.chosen_rewards - out.rejected_rewards)
+        if ref is not None:
+            # DPO's known failure mode: the chosen response's likelihood falls too (summed log-probs,
+            # whatever the loss works with), which margins and accuracy cannot show.
+            parts["logps/chosen_change"] = mean_of(lp.chosen.detach() - ref.chosen)
+            parts["logps/chosen_below_reference"] = mean_of(lp.chosen.detach() < ref.chosen)
         for name, value in out.metrics.items():
             parts[name] = (value.float() * count, count)
     return out.loss, parts

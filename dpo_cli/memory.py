@@ -117,10 +117,10 @@ def model_config(model: Any, tokenizer: Any) -> Any:
 
 def reference_config(reference: Any, trust_remote_code: bool) -> Any:
     """The config of a separate reference model (reference.name_or_path)."""
-    from dpo_cli.modeling import _source_kwargs
+    from dpo_cli.modeling import source_kwargs
 
     r = reference
-    source = _source_kwargs(r.name_or_path, r.revision, r.gguf_file or "config.json", "reference.name_or_path")
+    source = source_kwargs(r.name_or_path, r.revision, r.gguf_file or "config.json", "reference.name_or_path")
     kwargs = dict(revision=r.revision, gguf_file=r.gguf_file, trust_remote_code=trust_remote_code, **source)
     return _load_config(r.name_or_path, "reference.name_or_path", kwargs)
 

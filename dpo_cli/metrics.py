@@ -215,6 +215,25 @@ class WandbSink:
             log.warning("wandb: logging failed (%s); continuing without W&B", _first_line(e))
             self.run = None
 
+    def table(self, name: str, rows: list[Row], step: int) -> None:
+        """`rows` (dicts with the same keys) as a W&B table logged under `name` at `step`; values
+        that are not numbers or strings (message lists) are written as JSON."""
+        if self.run is None or not rows:
+            return
+        import wandb
+
+        columns = list(rows[0])
+
+        def cell(value: Any) -> Any:
+            return value if isinstance(value, (str, int, float, bool)) or value is None else json.dumps(value)
+
+        try:
+            data = [[cell(row.get(c)) for c in columns] for row in rows]
+            self.run.log({name: wandb.Table(columns=columns, data=data)}, step=step)
+        except Exception as e:  # as for rows: W&B failing never stops training
+            log.warning("wandb: logging the %s table failed (%s); continuing without W&B", name, _first_line(e))
+            self.run = None
+
     def close(self, failed: bool = False) -> None:
         if self.run is None:
             return
@@ -245,6 +264,12 @@ class MetricLogger:
     def log(self, row: Row) -> None:
         for sink in self.sinks:
             sink.log(row)
+
+    def table(self, name: str, rows: list[Row], step: int) -> None:
+        """A table of rows (generation samples) for the sinks that keep tables (W&B)."""
+        for sink in self.sinks:
+            if hasattr(sink, "table"):
+                sink.table(name, rows, step)
 
     def close(self, failed: bool = False) -> None:
         for sink in self.sinks:

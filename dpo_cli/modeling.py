@@ -159,7 +159,7 @@ def source_problems(model: Any) -> list[str]:
     return [p for p in problems if p]
 
 
-def _source_kwargs(name: str, revision: str | None, filename: str, what: str) -> dict[str, Any]:
+def source_kwargs(name: str, revision: str | None, filename: str, what: str) -> dict[str, Any]:
     """Extra from_pretrained kwargs for `name`, or a ModelLoadError when it cannot be had.
     `filename` is what must be there: config.json, a .gguf file, or TOKENIZER_PROBE."""
     if looks_like_path(name):
@@ -191,7 +191,7 @@ def load_tokenizer(model: Any) -> Any:
 
     what = "model.tokenizer" if model.tokenizer else "model.name_or_path"
     gguf_file = None if model.tokenizer else model.gguf_file  # a separate tokenizer is a tokenizer directory
-    kwargs = _source_kwargs(name, model.revision, gguf_file or TOKENIZER_PROBE, what)
+    kwargs = source_kwargs(name, model.revision, gguf_file or TOKENIZER_PROBE, what)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     try:
@@ -211,8 +211,8 @@ def load_tokenizer(model: Any) -> Any:
 
 def _pretrained_kwargs(model: Any) -> dict[str, Any]:
     """from_pretrained kwargs shared by a pretrained model's config and weights (the config
-    section `model`), after checking where they can come from (`_source_kwargs`)."""
-    source = _source_kwargs(model.name_or_path, model.revision, model.gguf_file or "config.json", "model.name_or_path")
+    section `model`), after checking where they can come from (`source_kwargs`)."""
+    source = source_kwargs(model.name_or_path, model.revision, model.gguf_file or "config.json", "model.name_or_path")
     return dict(revision=model.revision, gguf_file=model.gguf_file, trust_remote_code=model.trust_remote_code, **source)
 
 

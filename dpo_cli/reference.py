@@ -18,7 +18,8 @@ from __future__ import annotations
 import copy
 import gc
 import logging
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -227,3 +228,25 @@ def release(reference: Any) -> None:
     if isinstance(reference, ModelReference):
         reference.model = None
     gc.collect()
+
+
+@contextmanager
+def generating_model(
+    cfg: DictConfig, reference: Any, policy: torch.nn.Module, tokenizer: Any, device: Any
+) -> Iterator[Any]:
+    """The model whose samples are the reference's, for generation evaluation: the live
+    reference model; else, before any update, the policy itself (under LoRA with its adapter
+    off); else (a separate reference whose log-probs were precomputed) that model, loaded for
+    the while."""
+    if isinstance(reference, ModelReference) and reference.model is not None:
+        yield reference.model
+    elif cfg.reference.name_or_path is None:
+        with policy.disable_adapter() if cfg.model.lora.r is not None else nullcontext():
+            yield policy
+    else:
+        loaded = load_reference_model(cfg, tokenizer, policy)
+        loaded.model.to(device)
+        try:
+            yield loaded.model
+        finally:
+            release(loaded)

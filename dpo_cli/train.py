@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_cli import checkpoint, config, layout, rundir, slurm
+from dpo_cli import checkpoint, config, evalgen, layout, rundir, slurm
 from dpo_cli.data.batching import micro_batches, position, step_indices, steps_per_epoch
 from dpo_cli.data.chat import load_template
 from dpo_cli.data.prepare import prepare
@@ -30,6 +30,7 @@ from dpo_cli.lora import apply_lora
 from dpo_cli.losses import Loss
 from dpo_cli.metrics import JsonlSink, MetricLogger, ProgressSink, WandbSink, resolve_wandb_mode
 from dpo_cli.modeling import check_max_length, count_parameters, load_model, load_tokenizer
+from dpo_cli.recap import summary
 from dpo_cli.reference import (
     ModelReference,
     PrecomputedReference,
@@ -38,8 +39,9 @@ from dpo_cli.reference import (
     place_reference,
     reference_model_config,
 )
-from dpo_cli.report import write_report
+from dpo_cli.report import write_reports
 from dpo_cli.signals import StopOnSignal
+from dpo_cli.warmstart import warm_start
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +187,12 @@ class Run:
     layout: str = "padded"  # how sequences sit in the model's rows (dpo_cli.layout)
     head: Head | None = None  # the policy's chunked LM head (None: full logits)
     lengths: list[int] | None = None  # tokens per training example, for train.sort_by_length
+    generation: Any = None  # evalgen.GenerationEval when a judge is configured
 
 
-def _load_data(cfg: DictConfig, tokenizer: Any) -> tuple[list[Tokenized], list[Tokenized], int, int]:
-    """Tokenized train and eval examples, steps per epoch and the run's length."""
+def _load_data(cfg: DictConfig, tokenizer: Any) -> tuple[list[Tokenized], list[Tokenized], list[dict], int, int]:
+    """Tokenized train and eval examples, the normalized eval pairs (for generation), steps per
+    epoch and the run's length."""
     t = cfg.train
     data = prepare(cfg.data, tokenizer, t.seed)
     log.info("data (the report mode=inspect prints):\n%s", report(data, tokenizer, t.batch_size))
@@ -197,7 +201,7 @@ def _load_data(cfg: DictConfig, tokenizer: Any) -> tuple[list[Tokenized], list[T
         raise DataError(
             f"train.batch_size={t.batch_size} is larger than the {len(data.train)} training {data.unit}; lower it"
         )
-    return data.train, data.eval, per_epoch, t.max_steps or t.epochs * per_epoch
+    return data.train, data.eval, data.eval_pairs, per_epoch, t.max_steps or t.epochs * per_epoch
 
 
 def build(cfg: DictConfig, held: ExitStack) -> Run:
@@ -242,14 +246,24 @@ def build(cfg: DictConfig, held: ExitStack) -> Run:
     if cfg.reference.name_or_path is not None:
         check_max_length(reference_model_config(cfg), cfg.data.max_length)
         check_reference_tokenizer(cfg, tokenizer)
-    train_set, eval_set, per_epoch, n_steps = _load_data(cfg, tokenizer)
+    train_set, eval_set, eval_pairs, per_epoch, n_steps = _load_data(cfg, tokenizer)
     warmup = _warmup_steps(cfg.scheduler, n_steps)
     run_shape = {"n_steps": n_steps, "data": fingerprint(train_set), **checkpoint.settings(cfg)}
     if resume_from is not None:
         checkpoint.check_compatible(resume_from, run_shape)
 
     loss_fn = instantiate(cfg.loss)
+    generation = evalgen.setup(
+        cfg, accelerator, tokenizer, eval_pairs, run_dir
+    )  # a judge fails before the weights load
     policy = load_model(cfg.model, tokenizer, t.seed)
+    if cfg.model.warm_start.steps:
+        if sharded(accelerator):
+            raise UserError(
+                "model.warm_start runs on every process with the whole model, which a sharded launch does not "
+                "hold; train the SFT model first (loss=sft) and start from it, or use a DDP launch"
+            )
+        warm_start(policy.to(accelerator.device), train_set, cfg.model.warm_start, t.seed, tokenizer.pad_token_id)
     if cfg.model.lora.r is not None:
         policy = apply_lora(policy, cfg.model.lora, cfg.model.gradient_checkpointing)
     trainable, total = count_parameters(policy)
@@ -275,13 +289,15 @@ def build(cfg: DictConfig, held: ExitStack) -> Run:
     # the policy, the optimizer and the scheduler.
     reference, eval_reference = _reference(cfg, loss_fn, tokenizer, unwrapped, train_set, eval_set, accelerator, choice)
     log.info("reference: %s", reference.describe() if reference else "none (no loss term needs one)")
+    if generation is not None:
+        evalgen.reference_samples(generation, cfg, accelerator, tokenizer, reference, unwrapped)
     state = checkpoint.load(accelerator, resume_from, run_dir) if resume_from is not None else {"step": 0}
     return Run(
         run_dir, accelerator, train_set, eval_set, per_epoch, n_steps, run_shape, tokenizer, loss_fn,
         policy, unwrapped, optimizer, scheduler, reference, eval_reference, state["step"], resume_from is not None,
         state.get("loop", {}), wandb_mode, accelerator.distributed_type.value == "DEEPSPEED",
         _flops_per_token(total, reference), choice.layout, choice.head,
-        [example_length(ex) for ex in train_set] if t.sort_by_length else None,
+        [example_length(ex) for ex in train_set] if t.sort_by_length else None, generation,
     )  # fmt: skip
 
 
@@ -486,8 +502,13 @@ def train(cfg: DictConfig, r: Run, stop: StopOnSignal) -> dict[str, float]:
                 metrics.log(row)
                 last.update(row)
                 window.clear()
-            if (t.eval_every and done % t.eval_every == 0) or done == r.n_steps:
-                last.update(_evaluate(cfg, r, metrics, done))  # before the checkpoint: a resume never repeats it
+            eval_due = bool(t.eval_every and done % t.eval_every == 0) or done == r.n_steps
+            generate_every = cfg.eval.generate_every
+            generate_due = r.generation is not None and (
+                bool(generate_every and done % generate_every == 0) or done == r.n_steps
+            )
+            if eval_due or generate_due:  # before the checkpoint: a resume never repeats it
+                last.update(_evaluate(cfg, r, metrics, done, eval_due, generate_due))
             if t.max_nonfinite_steps and nonfinite["consecutive"] >= t.max_nonfinite_steps:
                 raise NonFiniteError(_nonfinite_message(t.max_nonfinite_steps, save(done)))
             if t.save_every and done % t.save_every == 0:
@@ -508,9 +529,8 @@ def train(cfg: DictConfig, r: Run, stop: StopOnSignal) -> dict[str, float]:
         r.tokenizer.chat_template = load_template(cfg.data.chat_template)
     checkpoint.save_final(accelerator, policy, r.tokenizer, r.run_dir / "final", cfg.export.merge_lora)
     if accelerator.is_main_process:
-        write_report(r.run_dir / "metrics.jsonl", r.run_dir / "report.png")
-    evals = " ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith("eval_"))
-    log.info("done: %d steps; final model in %s; %s", r.n_steps, r.run_dir / "final", evals)
+        write_reports(r.run_dir)
+        log.info("%s", summary(r.run_dir, last, r.n_steps, r.generation))
     accelerator.end_training()  # tears down the process group so processes exit cleanly
     return last
 
@@ -557,25 +577,27 @@ def _all_finite(accelerator: Any, finite: torch.Tensor) -> bool:
     return bool(finite.item())
 
 
-def _evaluate(cfg: DictConfig, r: Run, metrics: MetricLogger, step: int) -> dict[str, float]:
-    """Evaluate on the held-out set, log the eval row and return it."""
-    if not r.eval_set:
+def _evaluate(
+    cfg: DictConfig, r: Run, metrics: MetricLogger, step: int, preference: bool = True, generation: bool = False
+) -> dict[str, float]:
+    """Evaluate on the held-out set (the preference metrics, and generation against the
+    reference when due), log the eval row, redraw the reports and return the row."""
+    values: dict[str, float] = {}
+    if preference and r.eval_set:
+        pad_id = r.tokenizer.pad_token_id
+        values = evaluate(
+            r.unwrapped, r.eval_reference, r.loss_fn, r.eval_set, r.accelerator, cfg.train.micro_batch_size, pad_id,
+            r.layout, r.head,
+        )  # fmt: skip
+    if generation:
+        values.update(evalgen.run(r.generation, r.unwrapped, r.tokenizer, cfg.eval, r.accelerator, step, metrics))
+    if not values:
         return {}
-    pad_id = r.tokenizer.pad_token_id
-    values = evaluate(
-        r.unwrapped,
-        r.eval_reference,
-        r.loss_fn,
-        r.eval_set,
-        r.accelerator,
-        cfg.train.micro_batch_size,
-        pad_id,
-        r.layout,
-        r.head,
-    )
     row = {"step": step, **values}
     metrics.log(row)
     log.info("eval step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in values.items()))
+    if r.accelerator.is_main_process:
+        write_reports(r.run_dir)
     return row
 
 

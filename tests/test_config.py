@@ -28,6 +28,8 @@ REQUIRED = {
     ("data", "kto"): ["data.path=x.jsonl", "loss=kto"],  # unpaired data trains with KTO
     ("data", "pairs"): ["data.path=x.jsonl"],
     ("data", "mix"): ["+data@data.mixture.hh=hh"],
+    ("judge", "reward_model"): ["judge.name_or_path=x/rm"],
+    ("experiment", "dpo_paper_hh"): ["model.name_or_path=x/y"],
 }
 
 
@@ -66,7 +68,7 @@ def _leaves(node, prefix=""):
 def test_every_group_file_composes_and_validates(compose_cfg, group, name):
     prefix = "" if group in _default_groups() else "+"
     overrides = [f"{prefix}{group}={name}", *REQUIRED.get((group, name), [])]
-    if group != "model":
+    if group not in ("model", "experiment"):  # an experiment chooses its own model
         # model=tiny (the default) also sets optimizer.lr and train sizes; a pretrained model
         # sets nothing outside model/, so every value of the file under test shows through.
         overrides += ["model=pretrained", *REQUIRED[("model", "pretrained")]]

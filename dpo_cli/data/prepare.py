@@ -39,6 +39,7 @@ class Prepared:
     unit: str  # "pairs", or "examples" for unpaired data
     cached: bool = False  # the token ids came from the cache
     n_train: int = 0  # normalized training pairs, before rendering and tokenizing
+    eval_pairs: list = dataclasses.field(default_factory=list)  # the normalized eval pairs, before rendering
 
 
 def _tokenize(pairs: list[Pair], tokenizer: Any, lengths: dict[str, Any], what: str) -> tuple[list, TruncationStats]:
@@ -172,6 +173,7 @@ def prepare(data: Any, tokenizer: Any, seed: int, check: bool = True, need_text:
     """
     pairs = load_pairs(data, seed)
     n_train = len(pairs.train)
+    eval_pairs = list(pairs.eval)
     template = chat.load_template(data.chat_template) if data.get("chat_template") else None
     lengths = dict(
         max_length=data.max_length, max_prompt_length=data.max_prompt_length, truncation_mode=data.truncation_mode
@@ -197,7 +199,7 @@ def prepare(data: Any, tokenizer: Any, seed: int, check: bool = True, need_text:
         if path is not None:
             _save_cached(path, train, evals, train_stats, eval_stats)
     unit = "examples" if unpaired_data(data) else "pairs"
-    prepared = Prepared(pairs, train, evals, train_stats, eval_stats, unit, cached is not None, n_train)
+    prepared = Prepared(pairs, train, evals, train_stats, eval_stats, unit, cached is not None, n_train, eval_pairs)
     if check:
         check_prepared(prepared)
     return prepared

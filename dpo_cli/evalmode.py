@@ -1,0 +1,171 @@
+"""`mode=eval`: evaluate a saved model against its reference, without training.
+
+    dpo-train mode=eval model.name_or_path=outputs/RUN/final          # against that run's reference
+    dpo-train mode=eval model.name_or_path=A/final reference.name_or_path=B/final judge=...  # A vs B
+
+The model is a full model directory or a LoRA adapter (final/ of a LoRA run). Its reference:
+reference.name_or_path when set; else, for an adapter, its base model (the adapter switched
+off); else, for a dpo-cli run's final/, the reference that run trained against (its
+reference.name_or_path, or its initial policy, rebuilt from the run's saved config: the same
+weights, or the same seed and warm start). The held-out preference metrics of `loss` are
+computed on the data's eval split, and, with a judge, the generation metrics. Results go to
+the run directory's metrics.jsonl (one row, step 0), eval.json, samples/, the reports, W&B, and
+the console.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from dpo_cli import config, evalgen, layout, rundir
+from dpo_cli.data.prepare import prepare
+from dpo_cli.errors import ConfigError
+from dpo_cli.evaluate import evaluate
+from dpo_cli.logprobs import KL_ROWS
+from dpo_cli.metrics import JsonlSink, MetricLogger, WandbSink, resolve_wandb_mode
+from dpo_cli.modeling import load_model, load_tokenizer
+from dpo_cli.recap import summary
+from dpo_cli.reference import AdapterReference, ModelReference, check_reference_tokenizer
+from dpo_cli.report import write_reports
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_base(path: str | None) -> str | None:
+    """The base model a saved LoRA adapter directory names, or None when `path` is no adapter."""
+    if path is None or not (Path(path).expanduser() / ADAPTER_CONFIG).is_file():
+        return None
+    base = json.loads((Path(path).expanduser() / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError([f"{path}/{ADAPTER_CONFIG} names no base model (base_model_name_or_path)"])
+    return base
+
+
+def _section(model: Any, name_or_path: str) -> DictConfig:
+    """A copy of model section `model` loading `name_or_path` (pretrained weights, no LoRA)."""
+    section = OmegaConf.create(OmegaConf.to_container(model, resolve=True))
+    section.name_or_path, section.random_init, section.gguf_file = name_or_path, None, None
+    section.lora.r, section.warm_start.steps, section.gradient_checkpointing = None, 0, False
+    return section
+
+
+def load_saved(model: Any, path: str, tokenizer: Any) -> Any:
+    """The model saved at `path`: a full model directory (or hub id), or a LoRA adapter over
+    the base its adapter_config.json names (a peft model, adapter active)."""
+    base = adapter_base(path)
+    if base is None:
+        return load_model(_section(model, path), tokenizer, 0)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_model(_section(model, base), tokenizer, 0), path, is_trainable=False)
+
+
+def run_config_of(path: str) -> DictConfig | None:
+    """The saved config of the dpo-cli run whose final/ (or checkpoint) `path` is, if any."""
+    for parent in list(Path(path).expanduser().resolve().parents)[:3]:
+        saved = parent / ".hydra" / "config.yaml"
+        if saved.is_file():
+            return OmegaConf.load(saved)
+    return None
+
+
+def _reference(cfg: DictConfig, policy: Any, tokenizer: Any) -> tuple[Any, str]:
+    """The reference source for mode=eval and what it is (see the module docstring)."""
+    path = cfg.model.name_or_path
+    if cfg.reference.name_or_path is not None:
+        check_reference_tokenizer(cfg, tokenizer)
+        model = load_saved(cfg.model, cfg.reference.name_or_path, tokenizer)
+        return ModelReference(
+            model, f"{cfg.reference.name_or_path} (reference.name_or_path)"
+        ), cfg.reference.name_or_path
+    if adapter_base(path) is not None:
+        return AdapterReference(policy, adapter_off=True), "the adapter's base model (adapter off)"
+    run_cfg = run_config_of(path)
+    if run_cfg is None:
+        raise ConfigError(
+            [
+                f"mode=eval: the reference of model.name_or_path={path!r} is unknown (it is neither a dpo-cli run's "
+                "final/ nor a LoRA adapter); set reference.name_or_path to the model it was trained from (e.g. the "
+                "SFT model)"
+            ]
+        )
+    if run_cfg.reference.name_or_path is not None:
+        name = run_cfg.reference.name_or_path
+        return ModelReference(load_saved(cfg.model, name, tokenizer), f"{name} (the run's reference)"), name
+    # The run's initial policy, rebuilt as that run built it: same weights, or same seed and warm start.
+    from dpo_cli.warmstart import warm_start
+
+    initial = load_model(run_cfg.model, tokenizer, run_cfg.train.seed)
+    if run_cfg.model.warm_start.steps:
+        train_set = prepare(run_cfg.data, tokenizer, run_cfg.train.seed, check=False).train
+        warm_start(initial, train_set, run_cfg.model.warm_start, run_cfg.train.seed, tokenizer.pad_token_id)
+    what = f"the initial policy of the run that wrote {path} (seed {run_cfg.train.seed})"
+    return ModelReference(initial, what), what
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    """Evaluate model.name_or_path; return the eval row."""
+    from accelerate import Accelerator
+    from hydra.utils import instantiate
+
+    from dpo_cli.distributed import cpu_only
+
+    config.validate(cfg)
+    if cfg.model.name_or_path is None:
+        raise ConfigError(["mode=eval evaluates a saved model: set model.name_or_path=RUN/final (or a hub id)"])
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu_only())
+    with rundir.hold(run_dir, accelerator):
+        tokenizer = load_tokenizer(cfg.model)
+        data = prepare(cfg.data, tokenizer, cfg.train.seed, check=False)
+        if not data.eval:
+            raise ConfigError(["mode=eval needs held-out data: the data config gives no eval split"])
+        loss_fn = instantiate(cfg.loss)
+        generation = evalgen.setup(cfg, accelerator, tokenizer, data.eval_pairs, run_dir)
+        policy = load_saved(cfg.model, cfg.model.name_or_path, tokenizer).to(accelerator.device).eval()
+        reference, what = _reference(cfg, policy, tokenizer)
+        if isinstance(reference, ModelReference):
+            reference.model.to(accelerator.device)
+        choice = layout.choose(cfg.train.layout, cfg.train.logits_chunk, policy, False)
+        choice = layout.probe(choice, policy, data.eval[:2], tokenizer.pad_token_id, KL_ROWS in loss_fn.needs)
+        if isinstance(reference, ModelReference):
+            layout.check_reference(choice.layout, reference.model)
+            if choice.head is not None:
+                from dpo_cli.lmhead import Head
+
+                reference.head = Head.find(reference.model, choice.head.chunk)[0]
+        else:
+            reference.head = choice.head
+        log.info("mode=eval: %s against %s on %d held-out %s", cfg.model.name_or_path, what, len(data.eval), data.unit)
+        ref_source = reference if loss_fn.requires_reference else None
+        values = evaluate(
+            policy, ref_source, loss_fn, data.eval, accelerator, cfg.train.micro_batch_size, tokenizer.pad_token_id,
+            choice.layout, choice.head,
+        )  # fmt: skip
+        sinks: list[Any] = [JsonlSink(run_dir / "metrics.jsonl")] if accelerator.is_main_process else []
+        mode = resolve_wandb_mode(cfg.logger.wandb.mode, run_dir) if accelerator.is_main_process else "disabled"
+        if sinks and mode != "disabled":
+            w = cfg.logger.wandb
+            sinks.append(
+                WandbSink(mode, w.project, w.entity, w.name, w.group, w.tags, config.to_container(cfg), run_dir)
+            )
+        with MetricLogger(sinks) as metrics:
+            if generation is not None:
+                evalgen.reference_samples(generation, cfg, accelerator, tokenizer, reference, policy)
+                values.update(evalgen.run(generation, policy, tokenizer, cfg.eval, accelerator, 0, metrics))
+            row = {"step": 0, **values}
+            metrics.log(row)
+        if accelerator.is_main_process:
+            record = {"model": cfg.model.name_or_path, "reference": what, "loss": repr(loss_fn),
+                      "judge": generation.judge.describe() if generation else None, "metrics": values}  # fmt: skip
+            (run_dir / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
+            write_reports(run_dir)
+            log.info("%s", summary(run_dir, row, None, generation, Path(cfg.model.name_or_path)))
+    accelerator.end_training()
+    return row

@@ -1,0 +1,181 @@
+"""Judges for generation evaluation: each scores (prompt, response) pairs, higher is better.
+
+A judge is a `_target_` object (conf/judge/): `score(prompts, responses)` returns one float per
+response. Generation evaluation compares the policy's score with the reference's on the same
+prompt (evalgen.py); a judge never sees which model wrote a response.
+
+- `SortJudge`: exact, for the built-in task (data=synthetic): 1 when the response is the
+  prompt's digits in ascending order, else 0.
+- `RewardModelJudge`: any Hugging Face sequence-classification model with one output (a reward
+  model), by local directory or hub id, with its own tokenizer and input format.
+
+A prompt is what the data holds: a string, or a list of {role, content} messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import torch
+
+from dpo_cli.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[dict[str, str]]
+SORT_PROMPT = re.compile(r"^sort (\d+):$")
+
+
+class SortJudge:
+    """The built-in task's rule (dpo_cli/data/synthetic.py): the response must be exactly the
+    prompt's digits in ascending order (surrounding spaces aside). Scores 1 or 0; `verdict`
+    says why a response failed (misordered, miscopied, other)."""
+
+    def describe(self) -> str:
+        return "exact (the built-in task's rule: the prompt's digits in ascending order)"
+
+    def check(self, prompts: list[Prompt]) -> str | None:
+        """A problem when the prompts are not the built-in task's (before any weights load)."""
+        for prompt in prompts:
+            try:
+                self.answer(prompt)
+            except ValueError as e:
+                return str(e)
+        return None
+
+    @staticmethod
+    def answer(prompt: Prompt) -> str:
+        found = SORT_PROMPT.match(prompt) if isinstance(prompt, str) else None
+        if found is None:
+            raise ValueError(
+                f"judge=sort scores the built-in task's prompts ('sort 3917:'), got {str(prompt)[:60]!r}; "
+                "use it with data=synthetic, or choose another judge (judge=reward_model)"
+            )
+        return "".join(sorted(found.group(1)))
+
+    def verdict(self, prompt: Prompt, response: str) -> str:
+        answer, given = self.answer(prompt), response.strip()
+        if given == answer:
+            return "correct"
+        if sorted(given) == sorted(answer):
+            return "misordered"
+        if given.isdigit() and len(given) == len(answer) and list(given) == sorted(given):
+            return "miscopied"
+        return "other"
+
+    def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]:
+        return [float(self.verdict(p, r) == "correct") for p, r in zip(prompts, responses, strict=True)]
+
+
+def conversation_text(prompt: Prompt, response: str) -> str:
+    """A prompt and its response as one text: a string prompt is followed by the response as it
+    is (HH's "...\\n\\nAssistant:" + " reply"); messages are written as HH writes turns."""
+    if isinstance(prompt, str):
+        return prompt + response
+    turns = "".join(f"\n\n{m['role'].capitalize()}: {m['content']}" for m in prompt)
+    return f"{turns}\n\nAssistant: {response.strip()}"
+
+
+def as_messages(prompt: Prompt, response: str) -> list[dict[str, str]]:
+    """The conversation as chat messages (a string prompt becomes one user turn)."""
+    head = [{"role": "user", "content": prompt.strip()}] if isinstance(prompt, str) else list(prompt)
+    return [*head, {"role": "assistant", "content": response.strip()}]
+
+
+INPUT_FORMATS = ("auto", "chat", "pair", "text")
+
+
+class RewardModelJudge:
+    """A reward model: `AutoModelForSequenceClassification` with a single output, its score the
+    reward. Inputs, by `input_format`:
+      chat: prompt and response as messages through the reward model's own chat template;
+      pair: (prompt, response) as a text pair (e.g. OpenAssistant's DeBERTa reward models);
+      text: prompt followed by the response, one text;
+      auto: chat when the reward model's tokenizer has a chat template, else text.
+    Loaded once, on first use (validation builds the object without loading anything)."""
+
+    def __init__(
+        self,
+        name_or_path: str,
+        revision: str | None = None,
+        tokenizer: str | None = None,
+        input_format: str = "auto",
+        max_length: int = 1024,
+        batch_size: int = 8,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+    ):
+        if input_format not in INPUT_FORMATS:
+            raise ValueError(f"input_format={input_format!r} must be one of {', '.join(INPUT_FORMATS)}")
+        if max_length < 1 or batch_size < 1:
+            raise ValueError("max_length and batch_size must be >= 1")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={dtype!r} must be float32, bfloat16 or float16")
+        self.name_or_path, self.revision, self.tokenizer_name = name_or_path, revision, tokenizer
+        self.input_format, self.max_length, self.batch_size = input_format, max_length, batch_size
+        self.dtype, self.trust_remote_code = dtype, trust_remote_code
+        self.model: Any = None
+        self.tokenizer: Any = None
+
+    def describe(self) -> str:
+        return f"reward model {self.name_or_path}"
+
+    def load(self, device: Any = "cpu") -> None:
+        """Load the model and tokenizer (offline: from a directory or the local cache, or one
+        clear error)."""
+        if self.model is not None:
+            return
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from dpo_cli.modeling import DTYPES, source_kwargs
+
+        name = self.name_or_path
+        kwargs = source_kwargs(name, self.revision, "config.json", "judge.name_or_path")
+        common = dict(revision=self.revision, trust_remote_code=self.trust_remote_code, **kwargs)
+        try:
+            tok_kwargs = common if self.tokenizer_name is None else dict(trust_remote_code=self.trust_remote_code)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name or name, **tok_kwargs)
+            model = AutoModelForSequenceClassification.from_pretrained(name, dtype=DTYPES[self.dtype], **common)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"judge: could not load the reward model {name!r}: {e}") from None
+        if model.config.num_labels != 1:
+            raise ModelLoadError(
+                f"judge: {name!r} has {model.config.num_labels} outputs; a reward model has one (num_labels=1)"
+            )
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model = model.to(device).eval()
+        fmt = self.input_format
+        if fmt == "auto":
+            fmt = "chat" if getattr(self.tokenizer, "chat_template", None) else "text"
+        self.format = fmt
+        log.info("judge: reward model %s (%s inputs)", name, fmt)
+
+    def _encode(self, prompts: list[Prompt], responses: list[str]) -> Any:
+        tok = self.tokenizer
+        limits = dict(truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        if self.format == "pair":
+            firsts = [p if isinstance(p, str) else conversation_text(p, "") for p in prompts]
+            return tok(firsts, list(responses), **limits)
+        if self.format == "chat":
+            texts = [
+                tok.apply_chat_template(as_messages(p, r), tokenize=False)
+                for p, r in zip(prompts, responses, strict=True)
+            ]
+            return tok(texts, add_special_tokens=False, **limits)
+        return tok([conversation_text(p, r) for p, r in zip(prompts, responses, strict=True)], **limits)
+
+    @torch.no_grad()
+    def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]:
+        self.load()
+        out: list[float] = []
+        device = next(self.model.parameters()).device
+        for i in range(0, len(prompts), self.batch_size):
+            enc = self._encode(prompts[i : i + self.batch_size], responses[i : i + self.batch_size])
+            logits = self.model(**{k: v.to(device) for k, v in enc.items()}).logits
+            out.extend(logits[:, 0].float().tolist())
+        return out
