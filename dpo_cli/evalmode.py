@@ -76,6 +76,19 @@ def run_config_of(path: str) -> DictConfig | None:
     return None
 
 
+def check_reference_known(cfg: DictConfig) -> None:
+    """Refuse, before any weights load, a model whose reference cannot be found."""
+    path = cfg.model.name_or_path
+    if cfg.reference.name_or_path is None and adapter_base(path) is None and run_config_of(path) is None:
+        raise ConfigError(
+            [
+                f"mode=eval: the reference of model.name_or_path={path!r} is unknown (it is neither a dpo-cli run's "
+                "final/ nor a LoRA adapter); set reference.name_or_path to the model it was trained from (e.g. the "
+                "SFT model)"
+            ]
+        )
+
+
 def _reference(cfg: DictConfig, policy: Any, tokenizer: Any) -> tuple[Any, str]:
     """The reference source for mode=eval and what it is (see the module docstring)."""
     path = cfg.model.name_or_path
@@ -88,14 +101,7 @@ def _reference(cfg: DictConfig, policy: Any, tokenizer: Any) -> tuple[Any, str]:
     if adapter_base(path) is not None:
         return AdapterReference(policy, adapter_off=True), "the adapter's base model (adapter off)"
     run_cfg = run_config_of(path)
-    if run_cfg is None:
-        raise ConfigError(
-            [
-                f"mode=eval: the reference of model.name_or_path={path!r} is unknown (it is neither a dpo-cli run's "
-                "final/ nor a LoRA adapter); set reference.name_or_path to the model it was trained from (e.g. the "
-                "SFT model)"
-            ]
-        )
+    assert run_cfg is not None  # check_reference_known
     if run_cfg.reference.name_or_path is not None:
         name = run_cfg.reference.name_or_path
         return ModelReference(load_saved(cfg.model, name, tokenizer), f"{name} (the run's reference)"), name
@@ -120,6 +126,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     config.validate(cfg)
     if cfg.model.name_or_path is None:
         raise ConfigError(["mode=eval evaluates a saved model: set model.name_or_path=RUN/final (or a hub id)"])
+    check_reference_known(cfg)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu_only())
     with rundir.hold(run_dir, accelerator):
         tokenizer = load_tokenizer(cfg.model)

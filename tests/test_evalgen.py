@@ -260,3 +260,28 @@ def test_a_run_writes_samples_metrics_and_reuses_the_references_samples(train_ru
     last = [r for r in rows if "eval_loss" in r][-1]
     assert 0 <= last["eval_logps/chosen_below_reference"] <= 1 and math.isfinite(last["eval_logps/chosen_change"])
     assert (run_dir / "report.html").is_file() and (run_dir / "report.png").is_file()
+
+
+def test_samples_reach_a_wandb_table(tmp_path, monkeypatch):
+    """A real offline W&B run gets the samples as a table (wandb writes it as a JSON media file)."""
+    from accelerate.state import AcceleratorState
+
+    from dpo_cli import train
+
+    for var in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    monkeypatch.chdir(run_dir)
+    from conftest import FAST
+
+    cfg = make_config([*FAST, "logger.wandb.mode=offline", "logger.progress=false", "train.max_steps=2", "eval.prompts=4"])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train.run(cfg)
+    (table,) = (run_dir / "wandb").glob("offline-run-*/files/media/table/eval_samples_*.table.json")
+    content = json.loads(table.read_text())
+    samples = [json.loads(line) for line in (run_dir / "samples" / "step-2.jsonl").read_text().splitlines()]
+    assert content["columns"][:3] == ["prompt", "policy", "reference"]
+    assert [row[1] for row in content["data"]] == [s["policy"] for s in samples]
