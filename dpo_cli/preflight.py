@@ -42,9 +42,31 @@ def run(cfg: DictConfig) -> str:
         text += f"\nnormalized {data.unit} written to {path}"
     # Built from the models' configs on the meta device: no weights are read.
     text += "\n\n" + batches(cfg, tokenizer)
+    text += "\n\n" + generation(cfg, tokenizer, data.eval_pairs)
     text += "\n\n" + memory.estimate(cfg, tokenizer, instantiate(cfg.loss)).report()
     log.info("preflight report (mode=inspect; no model weights loaded):\n%s", text)
     return text
+
+
+def generation(cfg: DictConfig, tokenizer: Any, eval_pairs: list[dict]) -> str:
+    """What generation evaluation will do: the judge (built, not loaded), the prompts, when."""
+    from dpo_cli.evalgen import eval_prompts
+
+    e = cfg.eval
+    if cfg.judge is None or e.prompts == 0:
+        return "generation evaluation: off (no judge; choose one with judge=..., see README, Evaluation)"
+    judge = instantiate(cfg.judge)
+    prompts = eval_prompts(eval_pairs, tokenizer, cfg.data, e.prompts)
+    problem = judge.check([p.prompt for p in prompts]) if hasattr(judge, "check") else None
+    when = f"every {e.generate_every} steps and at the end" if e.generate_every else "at the end"
+    decoding = "greedy" if e.temperature == 0 else f"temperature {e.temperature}, top-p {e.top_p}"
+    lines = [
+        f"generation evaluation: {len(prompts)} held-out prompts, {when}; judge {judge.describe()}",
+        f"  up to {e.max_new_tokens} new tokens, {decoding}, seed {e.seed}, {e.batch_size} prompts per batch",
+    ]
+    if problem:
+        lines.append(f"  training would refuse this: {problem}")
+    return "\n".join(lines)
 
 
 def batches(cfg: DictConfig, tokenizer: Any) -> str:

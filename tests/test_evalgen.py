@@ -285,3 +285,12 @@ def test_samples_reach_a_wandb_table(tmp_path, monkeypatch):
     samples = [json.loads(line) for line in (run_dir / "samples" / "step-2.jsonl").read_text().splitlines()]
     assert content["columns"][:3] == ["prompt", "policy", "reference"]
     assert [row[1] for row in content["data"]] == [s["policy"] for s in samples]
+
+
+def test_the_preflight_says_what_generation_evaluation_will_do():
+    from dpo_cli import preflight
+
+    text = preflight.run(make_config(["mode=inspect", "eval.generate_every=8"]))
+    assert "generation evaluation: 64 held-out prompts, every 8 steps and at the end; judge exact" in text
+    off = preflight.run(make_config(["mode=inspect", "judge=none"]))
+    assert "generation evaluation: off" in off
