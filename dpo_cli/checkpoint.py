@@ -481,6 +481,8 @@ RESUMABLE_CHANGES = (
     "reference.cache_dir",  # where reference log-probs are cached, not what they are
     "export",  # what final/ holds, written after the last step
     "inspect",
+    "eval",  # generation evaluation reads the weights, never changes them (the reference's samples are remade if due)
+    "judge",
 )
 
 

@@ -642,10 +642,12 @@ def _check_eval(p: list[str], cfg: DictConfig) -> None:
         _positive(p, "model.warm_start.lr", ws.lr)
         _positive(p, "model.warm_start.batch_size", ws.batch_size)
         _choice(p, "model.warm_start.responses", ws.responses, ("both", "chosen"))
-        if cfg.model.lora.r is not None:
+        if cfg.model.lora.r is not None and cfg.model.name_or_path is not None:
+            # A random-init base is saved with the adapter (final/base): its warm start travels with it.
             p.append(
-                "model.warm_start fine-tunes every weight before LoRA training, which an adapter run cannot "
-                "save: set model.warm_start.steps=0, or train the SFT model first (loss=sft) and start from it"
+                "model.warm_start fine-tunes every weight of model.name_or_path before LoRA training, and the "
+                "adapter saved would name the untouched model as its base: set model.warm_start.steps=0, or train "
+                "the SFT model first (loss=sft) and start from it"
             )
 
 
@@ -754,7 +756,9 @@ def not_a_key(key: str, cfg: DictConfig | None = None) -> str:
     section, _, name = key.rpartition(".")
     siblings = {k.rpartition(".")[2]: k for k in valid if k.rpartition(".")[0] == section}
     match = [siblings[m] for m in difflib.get_close_matches(name, list(siblings), n=1)]
-    match = match or [k for k in valid if k.rpartition(".")[2] == name][:3]
+    same_name = [k for k in valid if k.rpartition(".")[2] == name]
+    shallowest = min((k.count(".") for k in same_name), default=0)
+    match = match or [k for k in same_name if k.count(".") == shallowest][:3]
     if match:
         return f"{key} is not a config key; did you mean {' or '.join(match)}?"
     where = f" of {section}" if section else ""

@@ -67,13 +67,18 @@ def load_saved(model: Any, path: str, tokenizer: Any) -> Any:
     return PeftModel.from_pretrained(load_model(_section(model, base), tokenizer, 0), path, is_trainable=False)
 
 
+def run_dir_of_final(path: str) -> Path | None:
+    """The dpo-cli run directory whose final/ (or checkpoint) `path` is, if any."""
+    for parent in list(Path(path).expanduser().resolve().parents)[:3]:
+        if (parent / ".hydra" / "config.yaml").is_file():
+            return parent
+    return None
+
+
 def run_config_of(path: str) -> DictConfig | None:
     """The saved config of the dpo-cli run whose final/ (or checkpoint) `path` is, if any."""
-    for parent in list(Path(path).expanduser().resolve().parents)[:3]:
-        saved = parent / ".hydra" / "config.yaml"
-        if saved.is_file():
-            return OmegaConf.load(saved)
-    return None
+    run_dir = run_dir_of_final(path)
+    return OmegaConf.load(run_dir / ".hydra" / "config.yaml") if run_dir is not None else None
 
 
 def check_reference_known(cfg: DictConfig) -> None:
@@ -106,12 +111,14 @@ def _reference(cfg: DictConfig, policy: Any, tokenizer: Any) -> tuple[Any, str]:
         name = run_cfg.reference.name_or_path
         return ModelReference(load_saved(cfg.model, name, tokenizer), f"{name} (the run's reference)"), name
     # The run's initial policy, rebuilt as that run built it: same weights, or same seed and warm start.
-    from dpo_cli.warmstart import warm_start
+    from dpo_cli.warmstart import warm_started
 
     initial = load_model(run_cfg.model, tokenizer, run_cfg.train.seed)
-    if run_cfg.model.warm_start.steps:
-        train_set = prepare(run_cfg.data, tokenizer, run_cfg.train.seed, check=False).train
-        warm_start(initial, train_set, run_cfg.model.warm_start, run_cfg.train.seed, tokenizer.pad_token_id)
+    if OmegaConf.select(run_cfg, "model.warm_start.steps", default=0):  # runs of earlier versions had none
+        saved = run_dir_of_final(path) / "warm_start"
+        train_set = [] if saved.is_dir() else prepare(run_cfg.data, tokenizer, run_cfg.train.seed, check=False).train
+        warm_started(initial, train_set, run_cfg.model.warm_start, run_cfg.train.seed, tokenizer.pad_token_id, saved,
+                     main_process=False)  # fmt: skip
     what = f"the initial policy of the run that wrote {path} (seed {run_cfg.train.seed})"
     return ModelReference(initial, what), what
 

@@ -41,7 +41,7 @@ from dpo_cli.reference import (
 )
 from dpo_cli.report import write_reports
 from dpo_cli.signals import StopOnSignal
-from dpo_cli.warmstart import warm_start
+from dpo_cli.warmstart import warm_started
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,8 @@ def build(cfg: DictConfig, held: ExitStack) -> Run:
                 "model.warm_start runs on every process with the whole model, which a sharded launch does not "
                 "hold; train the SFT model first (loss=sft) and start from it, or use a DDP launch"
             )
-        warm_start(policy.to(accelerator.device), train_set, cfg.model.warm_start, t.seed, tokenizer.pad_token_id)
+        warm_started(policy.to(accelerator.device), train_set, cfg.model.warm_start, t.seed, tokenizer.pad_token_id,
+                     run_dir / "warm_start", accelerator.is_main_process)  # fmt: skip
     if cfg.model.lora.r is not None:
         policy = apply_lora(policy, cfg.model.lora, cfg.model.gradient_checkpointing)
     trainable, total = count_parameters(policy)
@@ -597,7 +598,10 @@ def _evaluate(
     metrics.log(row)
     log.info("eval step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in values.items()))
     if r.accelerator.is_main_process:
-        write_reports(r.run_dir)
+        try:  # the report is a view of metrics.jsonl and samples/: failing to draw it never stops training
+            write_reports(r.run_dir)
+        except Exception as e:  # noqa: BLE001 - whatever matplotlib or the disk raises
+            log.warning("could not redraw the reports in %s: %s", r.run_dir, e)
     return row
 
 

@@ -12,8 +12,10 @@ runs it on the same data, so no process waits on another.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,3 +75,26 @@ def warm_start(model: torch.nn.Module, train_set: list[Tokenized], ws: Any, seed
         ws.steps, ws.responses, ws.batch_size, first or float("nan"), loss.item() if loss is not None else float("nan"),
         time.perf_counter() - started,
     )  # fmt: skip
+
+
+WEIGHTS = "model.safetensors"
+
+
+def warm_started(model: torch.nn.Module, train_set: list[Tokenized], ws: Any, seed: int, pad_id: int, saved: Path,
+                 main_process: bool = True) -> None:  # fmt: skip
+    """`model` warm-started: the weights a previous start of this run saved in `saved` (a
+    resumed run, or `mode=eval` rebuilding the run's reference, gets exactly them, whatever its
+    number of processes or threads), else `warm_start`, saved there by the main process."""
+    from safetensors.torch import load_model, save_model  # they handle tied weights (embeddings, LM head)
+
+    path = saved / WEIGHTS
+    if path.is_file():
+        load_model(model, str(path), device=str(next(model.parameters()).device))
+        log.info("warm start: the weights of this run's warm start, from %s", path)
+        return
+    warm_start(model, train_set, ws, seed, pad_id)
+    if main_process:
+        saved.mkdir(parents=True, exist_ok=True)
+        tmp = saved / f".{WEIGHTS}.tmp"
+        save_model(model, str(tmp))
+        os.replace(tmp, path)

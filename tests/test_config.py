@@ -230,7 +230,7 @@ def test_every_key_has_a_comment(path):
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
-        (["mode=eval"], "mode='eval' is not one of train"),
+        (["mode=evaluate"], "mode='evaluate' is not one of train"),
         (
             ["model.random_init.model_type=llamaa"],
             "model.random_init.model_type='llamaa' is not a transformers model type",

@@ -219,7 +219,10 @@ def test_sampling_depends_on_the_seed_and_batch_only_and_keeps_the_training_rng(
         (["eval.top_p=0"], "eval.top_p=0.0 must be in (0, 1]"),
         (["eval.confidence=1.5"], "eval.confidence=1.5 must be in (0, 1)"),
         (["judge=reward_model", "judge.name_or_path=x/y", "judge.input_format=html"], "judge.input_format='html'"),
-        (["model.lora.r=4"], "model.warm_start fine-tunes every weight before LoRA"),
+        (
+            ["model.name_or_path=x/y", "model.warm_start.steps=4", "model.lora.r=4"],
+            "model.warm_start fine-tunes every weight of",
+        ),
     ],
 )
 def test_bad_generation_settings_are_config_errors(overrides, message):
@@ -251,9 +254,9 @@ def test_a_run_writes_samples_metrics_and_reuses_the_references_samples(train_ru
         assert r["eval_reference_response_length"] == generated[0]["eval_reference_response_length"]
     samples = [json.loads(line) for line in (run_dir / "samples" / "step-4.jsonl").read_text().splitlines()]
     assert len(samples) == 8 and {"prompt", "policy", "reference", "outcome", "policy_verdict"} <= samples[0].keys()
-    assert sum(s["outcome"] == "win" for s in samples) + sum(s["outcome"] == "tie" for s in samples) / 2 == pytest.approx(
-        8 * generated[-1]["eval_win_rate"]
-    )
+    assert sum(s["outcome"] == "win" for s in samples) + sum(
+        s["outcome"] == "tie" for s in samples
+    ) / 2 == pytest.approx(8 * generated[-1]["eval_win_rate"])
     reference = (run_dir / "samples" / "reference.jsonl").read_text()
     assert [s["reference"] for s in samples] == [json.loads(line)["response"] for line in reference.splitlines()]
     # The held-out preference metrics that catch DPO's failure mode.
@@ -277,7 +280,9 @@ def test_samples_reach_a_wandb_table(tmp_path, monkeypatch):
     monkeypatch.chdir(run_dir)
     from conftest import FAST
 
-    cfg = make_config([*FAST, "logger.wandb.mode=offline", "logger.progress=false", "train.max_steps=2", "eval.prompts=4"])
+    cfg = make_config(
+        [*FAST, "logger.wandb.mode=offline", "logger.progress=false", "train.max_steps=2", "eval.prompts=4"]
+    )
     AcceleratorState._reset_state(reset_partial_state=True)
     train.run(cfg)
     (table,) = (run_dir / "wandb").glob("offline-run-*/files/media/table/eval_samples_*.table.json")

@@ -33,7 +33,8 @@ def _eval(args: list[str], cwd: Path, out: Path, launcher: list[str] = ()) -> tu
 
 
 def test_eval_mode_on_a_runs_final_model_reproduces_its_last_evaluation(tmp_path):
-    run_dir = _train(["train.max_steps=4", *GEN], tmp_path / "run")
+    run_dir = _train(["train.max_steps=4", "model.warm_start.steps=8", *GEN], tmp_path / "run")
+    assert (run_dir / "warm_start" / "model.safetensors").is_file()  # the reference is rebuilt from it
     trained = [r for r in read_metrics(run_dir) if "eval_loss" in r][-1]
     record, rows = _eval([*FAST, *GEN, f"model.name_or_path={run_dir / 'final'}"], tmp_path, tmp_path / "eval")
     (row,) = rows
@@ -63,8 +64,12 @@ def test_two_saved_models_head_to_head_with_a_reward_model(tmp_path):
     b = save_tiny_model(tmp_path / "b", hidden_size=32)  # another model, same tokenizer
     rm = save_reward_model(tmp_path / "rm")
     common = [*FAST, *GEN, "judge=reward_model", f"judge.name_or_path={rm}", "eval.max_new_tokens=8"]
-    ab, (ab_row,) = _eval([*common, f"model.name_or_path={a}", f"reference.name_or_path={b}"], tmp_path, tmp_path / "ab")
-    ba, (ba_row,) = _eval([*common, f"model.name_or_path={b}", f"reference.name_or_path={a}"], tmp_path, tmp_path / "ba")
+    ab, (ab_row,) = _eval(
+        [*common, f"model.name_or_path={a}", f"reference.name_or_path={b}"], tmp_path, tmp_path / "ab"
+    )
+    ba, (ba_row,) = _eval(
+        [*common, f"model.name_or_path={b}", f"reference.name_or_path={a}"], tmp_path, tmp_path / "ba"
+    )
     assert ab["judge"] == f"reward model {rm}"
     # The same samples and scores from either side: the win rates add up to one.
     assert ab_row["eval_win_rate"] + ba_row["eval_win_rate"] == pytest.approx(1.0)

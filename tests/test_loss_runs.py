@@ -85,13 +85,13 @@ def test_combination_logs_each_term_and_weights_add_up(tmp_path):
     proc = run_cli(
         [
             "dpo-train",
+            *QUIET,
+            *FAST,
             "loss=combo",
             "+loss@loss.terms.dpo=dpo",
             "+loss@loss.terms.sft=sft",
             "+loss.weights.sft=0.5",
             "train.max_steps=3",
-            *QUIET,
-            *FAST,
             f"hydra.run.dir={tmp_path}/r",
         ],
         cwd=tmp_path,
@@ -104,9 +104,16 @@ def test_combination_logs_each_term_and_weights_add_up(tmp_path):
 
 
 def test_recipe_terms_and_weights_are_overridable(train_run):
-    _, run_dir = train_run(["loss=rpo", "loss.weights.sft=0.25", "loss.terms.dpo.beta=0.05", "train.max_steps=2"])
+    _, run_dir = train_run(["loss=mpo", "loss.weights.sft=0.25", "loss.terms.dpo.beta=0.05", "train.max_steps=2"])
     row = _train_rows(run_dir)[0]
-    assert row["loss"] == pytest.approx(row["loss/dpo"] + 0.25 * row["loss/sft"], rel=1e-6)
+    want = 0.8 * row["loss/dpo"] + 0.2 * row["loss/bco_pair"] + 0.25 * row["loss/sft"]
+    assert row["loss"] == pytest.approx(want, rel=1e-6)
+
+
+def test_rpo_is_dpo_plus_the_chosen_nll(train_run):
+    _, run_dir = train_run(["loss=rpo", "loss.nll_weight=0.5", "train.max_steps=2"])
+    row = _train_rows(run_dir)[0]
+    assert row["loss"] == pytest.approx(math.log(2) + 0.5 * row["nll_loss"], rel=1e-5)  # step 1: DPO's log 2
 
 
 def test_kto_trains_on_unpaired_and_on_paired_data_from_the_cli(tmp_path):
@@ -130,7 +137,7 @@ def test_kto_trains_on_unpaired_and_on_paired_data_from_the_cli(tmp_path):
     assert "rewards/accuracies" not in rows[-1]  # unpaired examples have no pair to compare
 
     paired = run_cli(
-        ["dpo-train", "loss=kto", "train.max_steps=3", *QUIET, *FAST, f"hydra.run.dir={tmp_path}/paired"], cwd=tmp_path
+        ["dpo-train", *QUIET, *FAST, "loss=kto", "train.max_steps=3", f"hydra.run.dir={tmp_path}/paired"], cwd=tmp_path
     )
     assert paired.returncode == 0, paired.stderr
     rows = _train_rows(tmp_path / "paired")
@@ -143,12 +150,16 @@ BAD_SETTINGS = {
     "ld-alpha": (["loss.ld_alpha=1.5"], "loss.ld_alpha=1.5 must be in [0, 1]"),
     "robust-eps": (["loss=robust", "loss.label_smoothing=0.5"], "loss.label_smoothing=0.5 must be in [0, 0.5)"),
     "f-div": (["loss.f_divergence=kl"], "loss.f_divergence='kl' is not one of reverse_kl"),
-    "weights": (["loss=rpo", "+loss.weights.sfft=0.5"], "loss.weights.sfft=0.5 names no term; the terms are: dpo, sft"),
-    "term-beta": (["loss=rpo", "loss.terms.dpo.beta=0"], "loss.terms.dpo.beta=0 must be > 0"),
+    "weights": (
+        ["loss=mpo", "+loss.weights.sfft=0.5"],
+        "loss.weights.sfft=0.5 names no term; the terms are: dpo, bco_pair, sft",
+    ),
+    "term-beta": (["loss=mpo", "loss.terms.dpo.beta=0"], "loss.terms.dpo.beta=0 must be > 0"),
+    "nll-weight": (["loss=rpo", "loss.nll_weight=-1"], "loss.nll_weight=-1 must be >= 0"),
     "no-terms": (["loss=combo"], "loss.terms is empty"),
     "kto-data": (
-        ["data=kto", f"data.path={KTO_FIXTURE}", "loss=rpo"],
-        "loss: dpo needs preference pairs, but data.format holds unpaired",
+        ["data=kto", f"data.path={KTO_FIXTURE}", "loss=mpo"],
+        "loss: dpo, bco_pair needs preference pairs, but data.format holds unpaired",
     ),
     "kto-micro": (["loss=kto", "train.micro_batch_size=1"], "train.micro_batch_size=1: KTO estimates its KL"),
 }
@@ -220,7 +231,7 @@ def test_validation_lists_the_loss_and_its_data_needs_together():
         (["loss=kto", "train.micro_batch_size=1", "loss.beta=-1"], ["loss.beta=-1", "train.micro_batch_size=1"]),
         (["data=kto", f"data.path={KTO_FIXTURE}", "loss.beta=0"], ["loss.beta=0", "needs preference pairs"]),
         (
-            ["loss=rpo", "loss.weights.sft=-1", "loss.terms.dpo.beta=0"],
+            ["loss=mpo", "loss.weights.sft=-1", "loss.terms.dpo.beta=0"],
             ["loss.terms.dpo.beta=0", "loss.weights.sft=-1"],
         ),
         (["loss.ld_alpha=abc"], ["loss.ld_alpha='abc' has the wrong type; expected a number or null"]),

@@ -75,7 +75,13 @@ def test_cache_hit_on_a_beta_change_miss_on_a_data_or_model_change(train_run, tm
     weights make a new entry."""
     cache = tmp_path / "cache"
     ref_dir = _save_tiny(tmp_path / "sft")
-    common = ["reference.precompute=true", f"reference.cache_dir={cache}", f"reference.name_or_path={ref_dir}"]
+    # judge=none: generation evaluation would load the reference model to sample from it
+    common = [
+        "reference.precompute=true",
+        f"reference.cache_dir={cache}",
+        f"reference.name_or_path={ref_dir}",
+        "judge=none",
+    ]
     loads = []
     real_load = modeling.load_model
     monkeypatch.setattr(modeling, "load_model", lambda *a, **k: loads.append(a[0].name_or_path) or real_load(*a, **k))
@@ -225,7 +231,7 @@ def test_bfloat16_copy_of_the_policy_as_reference(train_run, caplog):
     ],
 )
 def test_reference_settings_that_cannot_work_are_refused(tmp_path, args, needle):
-    proc = run_cli(["dpo-train", *args, *QUIET, *FAST, f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path)
+    proc = run_cli(["dpo-train", *QUIET, *FAST, *args, f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path)
     assert_one_clear_error(proc, needle)
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
 

@@ -40,6 +40,7 @@ from dpo_cli.losses.base import (
     Reduce,
     check_beta,
     check_smoothing,
+    chosen_nll,
     local,
     mean_logps,
     output,
@@ -156,7 +157,9 @@ class DPOLoss(FDivergenceLoss):
     Summed log-probs; needs a reference. `label_smoothing` = eps > 0 is conservative DPO
     (cDPO; Mitchell, 2023): it assumes a fraction eps of the labels are flipped; eps = 0 is
     plain DPO and equals TRL's `sigmoid` (TRL 1.16 no longer smooths `sigmoid`). The paper
-    uses beta = 0.1 (0.5 for TL;DR summarization).
+    uses beta = 0.1 (0.5 for TL;DR summarization). `nll_weight` > 0 adds that multiple of the
+    token-mean NLL of the chosen responses (RPO, Pang et al., 2024; TRL's `rpo_alpha`), logged
+    as `nll_loss`.
     """
 
     def __init__(
@@ -167,14 +170,27 @@ class DPOLoss(FDivergenceLoss):
         f_alpha: float = 0.5,
         ld_alpha: float | None = None,
         wpo: bool = False,
+        nll_weight: float = 0.0,
     ):
         problems: list[str] = []
         check_smoothing(problems, label_smoothing)
+        if not nll_weight >= 0:
+            problems.append(f"nll_weight={nll_weight} must be >= 0 (0 = plain DPO; RPO uses 1.0)")
         super().__init__(beta, f_divergence, f_alpha, ld_alpha, wpo, problems)
-        self.label_smoothing = float(label_smoothing)
+        self.label_smoothing, self.nll_weight = float(label_smoothing), float(nll_weight)
 
     def pair_losses(self, r: Ratios) -> torch.Tensor:
         return smoothed_sigmoid(self.beta * self.delta(r), self.label_smoothing)
+
+    def __call__(self, policy: SequenceLogps, reference: SequenceLogps | None, reduce: Reduce = local) -> LossOutput:
+        out = super().__call__(policy, reference, reduce)
+        if self.nll_weight == 0:
+            return out
+        nll = chosen_nll(policy)
+        assert out.losses is not None
+        logps = None if out.chosen_logps is None else (out.chosen_logps, out.rejected_logps)
+        losses = out.losses + self.nll_weight * nll
+        return output(losses, out.chosen_rewards, out.rejected_rewards, logps, **out.metrics, nll_loss=nll.mean())
 
 
 class RobustDPOLoss(FDivergenceLoss):
