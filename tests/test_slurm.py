@@ -26,8 +26,9 @@ SBATCH = REPO / "scripts/slurm/dpo.sbatch"
 # (64 pairs), cut to 40 steps: long enough to signal mid-run, short enough for CI.
 README_SBATCH = ["train.max_steps=40", "train.eval_every=20"]
 README_SWEEP = ["train.max_steps=4", "loss.beta=0.05,0.2"]
-# No warm start: its weights depend on the number of threads, and one process is compared with two.
-LOGGING = ["logger.log_every=5", "logger=local", "logger.progress=false", "model.warm_start.steps=0"]
+# No warm start (its weights depend on the number of threads) and plain DPO (a token-mean NLL term depends on
+# how the batch is split): one process is compared with two.
+LOGGING = ["logger.log_every=5", "logger=local", "logger.progress=false", "model.warm_start.steps=0", "loss=dpo"]
 RUN = [*README_SBATCH, *LOGGING]
 THROUGHPUT = ("tokens_per_s", "pairs_per_s")
 
