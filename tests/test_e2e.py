@@ -90,11 +90,15 @@ def test_resume_reproduces_an_uninterrupted_run(train_run, tmp_path):
 
 
 def test_default_run_learns_the_builtin_task(train_run):
-    """The run `make train` does (full default config), with a held-out accuracy of >= 0.9."""
+    """The run `make train` does (full default config): a held-out accuracy of >= 0.9, and the
+    policy's own answers judged better than the reference's (the whole interval above 0.5)."""
     result, run_dir = train_run([], fast=False)
     assert result["eval_rewards/accuracies"] >= 0.9
+    assert result["eval_win_rate"] > 0.5 and result["eval_win_rate_low"] > 0.5
     assert result["step"] == 256
     assert (run_dir / "final" / "config.json").is_file()
+    assert (run_dir / "report.png").is_file() and (run_dir / "report.html").is_file()
+    assert (run_dir / "samples" / "step-256.jsonl").is_file()
 
 
 def test_wandb_without_credentials_logs_offline(train_run, monkeypatch, tmp_path):
