@@ -198,8 +198,8 @@ def test_sampling_depends_on_the_seed_and_batch_only_and_keeps_the_training_rng(
     first = generate(model, prompts, tok, settings, OneProcess())
     assert torch.equal(torch.get_rng_state(), state)  # training's random stream is untouched
     assert generate(model, prompts, tok, settings, OneProcess()) == first
-    other = generate(model, prompts, tok, make_config(["eval.max_new_tokens=6", "eval.batch_size=2", "eval.seed=1"]).eval,
-                     tok and OneProcess())  # fmt: skip
+    reseeded = make_config(["eval.max_new_tokens=6", "eval.batch_size=2", "eval.seed=1"]).eval
+    other = generate(model, prompts, tok, reseeded, OneProcess())
     assert other != first
     assert all(s.tokens <= 6 and (s.finished or s.tokens == 6) for s in first)
     # Greedy decoding of a batch equals each prompt decoded alone (left padding is masked).
