@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -244,10 +244,6 @@ def write_samples(samples_dir: Path, step: int, rows: list[dict[str, Any]]) -> P
     path = samples_dir / f"step-{step}.jsonl"
     path.write_text("".join(json.dumps({"step": step, **row}) + "\n" for row in rows))
     return path
-
-
-def sample_dicts(samples: list[Sample]) -> list[dict[str, Any]]:
-    return [asdict(s) for s in samples]
 
 
 def setup(cfg: Any, accelerator: Any, tokenizer: Any, eval_pairs: list[dict], run_dir: Path) -> GenerationEval | None:
