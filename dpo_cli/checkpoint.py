@@ -39,8 +39,10 @@ FORMAT = 2
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
 # Room asked for beyond the estimate: the estimate is the previous checkpoint's size (or the
-# tensors' bytes), and the new one may be a little larger (pickled RNG and scheduler state).
-_SPACE_FACTOR, _SPACE_SLACK = 1.1, 64 * 2**20
+# tensors' bytes), and the new one may be a little larger (pickled RNG and scheduler state,
+# about 15 kB per process, and the files' headers: 0.9% on the tiny model). A fixed 64 MiB
+# here asked 16 times a small model's checkpoint; 256 kB covers these for up to 16 processes.
+_SPACE_FACTOR, _SPACE_SLACK = 1.1, 256 * 2**10
 T = TypeVar("T")
 
 
@@ -318,7 +320,7 @@ def _tensor_bytes(accelerator: Any) -> int:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def _write(accelerator: Any, run_dir: Path, step: int, state: dict) -> Path:
@@ -474,6 +476,7 @@ RESUMABLE_CHANGES = (
     "train.keep_checkpoints",
     "train.layout",  # how batches are laid out and scored, not what is computed (exact, see dpo_cli.layout)
     "train.logits_chunk",
+    "model.attn_implementation",  # the attention kernel: rounding, not what is computed (its default became null)
     "logger.progress",
     "logger.wandb",
     "logger.peak_tflops",  # only what mfu is divided by
@@ -613,33 +616,89 @@ def save_final(
     adapter_config.json names, since no hub id or directory holds it. Call this last: merging
     folds the adapter into the model's weights in place. Non-finite weights are refused
     (NonFiniteError) before anything is written; `run_dir` (default: out_dir's parent) is
-    where the message looks for the last good checkpoint."""
+    where the message looks for the last good checkpoint.
+
+    Like a checkpoint, final/ is written whole or not at all: the free space is checked first,
+    the files go to a temporary directory renamed to `out_dir` when complete, and a failed
+    write (a full disk) removes it and raises UserError naming the last good checkpoint and
+    how to write final/ from it. A final/ already there (a finished run resumed) is replaced
+    only once the new one is complete."""
+    run_dir = run_dir if run_dir is not None else out_dir.parent
     state_dict = accelerator.get_state_dict(model)  # gathers sharded weights; every process calls
     # Sharded weights are gathered on the main process only: every process takes its verdict.
     failure = None
     try:
-        _check_finite(state_dict, out_dir, run_dir if run_dir is not None else out_dir.parent)
+        _check_finite(state_dict, out_dir, run_dir)
     except NonFiniteError as e:
         failure = str(e)
     failure = _agree(accelerator, failure)
     if failure:
         raise NonFiniteError(failure)
+    failure = None
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        adapter = hasattr(unwrapped, "peft_config")
-        if adapter:
-            _point_adapter_at_base(unwrapped, tokenizer, out_dir / "base")
-        unwrapped.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
-        log.info("saved final %s to %s", "LoRA adapter" if adapter else "model", out_dir)
-        if adapter and merge_lora:
-            # Sharded weights (FSDP, ZeRO-3) cannot be merged in place: merge the adapter just
-            # written into its base, read back from disk.
-            merged = merged_from_disk(out_dir) if sharded(accelerator) else unwrapped.merge_and_unload()
-            merged.save_pretrained(out_dir / "merged", safe_serialization=True)
-            tokenizer.save_pretrained(out_dir / "merged")
-            log.info("saved the merged model (base + adapter) to %s", out_dir / "merged")
+        tmp = out_dir.with_name(f"{out_dir.name}.tmp")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing it
+            _check_final_space(state_dict, out_dir, merge_lora)
+            _write_final(accelerator, model, tokenizer, state_dict, tmp, out_dir, merge_lora)
+            _replace_dir(tmp, out_dir)
+        except Exception as e:  # a full disk surfaces as OSError, or as safetensors' or torch's own error
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (isinstance(e, (OSError, UserError)) or any(h in str(e) for h in _IO_HINTS)):
+                raise
+            failure = f"could not write {out_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    failure = _agree(accelerator, failure)
+    if failure:
+        raise UserError(
+            f"{failure}; nothing of it was kept. The trained run's last good checkpoint is {_last_good(run_dir)}: "
+            f"free space, then run the same command with train.resume=auto hydra.run.dir={run_dir} to write final/ "
+            "from it (it trains the steps after that checkpoint again, exactly)"
+        )
+    log.info("saved final %s to %s", "LoRA adapter" if hasattr(accelerator.unwrap_model(model), "peft_config") else
+             "model", out_dir)  # fmt: skip
     accelerator.wait_for_everyone()
+
+
+def _check_final_space(state_dict: dict, out_dir: Path, merge_lora: bool) -> None:
+    """UserError (before writing) when final/ cannot fit: its tensors, twice with the merged
+    model, plus the tokenizer's files and some slack."""
+    import torch
+
+    tensors = sum(v.numel() * v.element_size() for v in state_dict.values() if torch.is_tensor(v))
+    needed = int(tensors * (2 if merge_lora else 1) * _SPACE_FACTOR) + _SPACE_SLACK
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise UserError(f"not enough free disk space: needs about {_gb(needed)}, {_gb(free)} free")
+
+
+def _write_final(
+    accelerator: Any, model: Any, tokenizer: Any, state_dict: dict, tmp: Path, out_dir: Path, merge_lora: bool
+) -> None:
+    """final/'s files into `tmp` (to be renamed `out_dir`; paths written into them name `out_dir`)."""
+    unwrapped = accelerator.unwrap_model(model)
+    adapter = hasattr(unwrapped, "peft_config")
+    if adapter:
+        _point_adapter_at_base(unwrapped, tokenizer, tmp / "base", out_dir / "base")
+    unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if adapter and merge_lora:
+        # Sharded weights (FSDP, ZeRO-3) cannot be merged in place: merge the adapter just
+        # written into its base, read back from disk.
+        merged = merged_from_disk(tmp) if sharded(accelerator) else unwrapped.merge_and_unload()
+        merged.save_pretrained(tmp / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "merged")
+        log.info("saved the merged model (base + adapter) to %s", out_dir / "merged")
+
+
+def _replace_dir(new: Path, old: Path) -> None:
+    """Rename `new` to `old`, replacing a directory there only once `new` is in place."""
+    aside = old.with_name(f"{old.name}.old")
+    shutil.rmtree(aside, ignore_errors=True)
+    if old.exists():
+        old.rename(aside)
+    new.rename(old)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def merged_from_disk(adapter_dir: Path) -> Any:
@@ -649,9 +708,10 @@ def merged_from_disk(adapter_dir: Path) -> Any:
     return AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype="auto").merge_and_unload()
 
 
-def _point_adapter_at_base(peft_model: Any, tokenizer: Any, base_dir: Path) -> None:
+def _point_adapter_at_base(peft_model: Any, tokenizer: Any, base_dir: Path, named: Path | None = None) -> None:
     """Make the adapter's base_model_name_or_path loadable from anywhere: a local directory
-    becomes absolute; a random-init base (no name) is saved to `base_dir` and named."""
+    becomes absolute; a random-init base (no name) is saved to `base_dir` and named `named`
+    (default `base_dir`: where it will be once its directory is renamed into place)."""
     import os
 
     config = peft_model.peft_config["default"]
@@ -666,4 +726,4 @@ def _point_adapter_at_base(peft_model: Any, tokenizer: Any, base_dir: Path) -> N
     state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
     base.save_pretrained(base_dir, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(base_dir)
-    config.base_model_name_or_path = str(base_dir.resolve())
+    config.base_model_name_or_path = str((named or base_dir).resolve())

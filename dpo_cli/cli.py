@@ -4,19 +4,22 @@ train.run (or preflight.run for mode=inspect, evalmode.run for mode=eval)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import secrets
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import NoReturn
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_cli import overrides
+from dpo_cli import overrides, rundir
 from dpo_cli.config import register_configs
 from dpo_cli.distributed import broadcast_from_main
 from dpo_cli.errors import UserError
@@ -71,6 +74,17 @@ def local_or_hub(path: str, hub_id: str) -> str:
     return hub_id
 
 
+def resume_subdir() -> str:
+    """`${resume_subdir:}` as hydra.output_subdir (overrides.check sets it for a sweep that
+    continues its jobs): the job's own `.hydra/resume-N` when its directory holds an earlier
+    run's `.hydra/`, else `.hydra`. Hydra resolves it in the job, once the job's directory is set."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return ".hydra"
+    return overrides.resume_subdir(Path(HydraConfig.get().runtime.output_dir)) or ".hydra"
+
+
 def register() -> None:
     """Config schema and resolvers: called before any compose (CLI and tests alike)."""
     register_configs()
@@ -78,6 +92,8 @@ def register() -> None:
         OmegaConf.register_new_resolver("run_stamp", run_stamp)
     if not OmegaConf.has_resolver("local_or_hub"):
         OmegaConf.register_new_resolver("local_or_hub", local_or_hub)
+    if not OmegaConf.has_resolver("resume_subdir"):
+        OmegaConf.register_new_resolver("resume_subdir", resume_subdir)
 
 
 # A choice of the model group (model=X, +model=X, ~model, model@pkg=X) and a value for
@@ -125,11 +141,52 @@ def _hydra_main(cfg: DictConfig) -> None:
     except UserError as e:
         if main_process:
             log.error("%s", e)
+            _undo_start()
+        _tell_launcher(e)
         sys.exit(e.exit_code)
 
 
+# What each run (or sweep job) directory held before Hydra started (filled by overrides.check).
+_before: dict[str, rundir.Before] = {}
+
+
+def _undo_start() -> None:
+    """A run that stopped with a user error before training leaves no run directory behind:
+    what it wrote (Hydra's config and log, the lock) goes, unless it did more (rundir.undo_start)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    before = _before.get(os.path.abspath(hydra_cfg.runtime.output_dir))
+    if before is not None:
+        try:
+            rundir.undo_start(before, f"{hydra_cfg.job.name}.log")
+        except OSError as e:
+            log.warning("could not remove what the failed start wrote in %s: %s", before.path, e)
+
+
+def _tell_launcher(e: UserError) -> None:
+    """Under torchrun or accelerate launch, put the message where the launcher reads a failed
+    worker's error (TORCHELASTIC_ERROR_FILE, as torch's `record` does for an exception): its
+    failure report then names it as the root cause, whichever process ended first, instead of
+    "To enable traceback see ...". Every process writes its own file."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    stamp = str(int(time.time()))
+    record = {"message": {"message": str(e), "extraInfo": {"py_callstack": str(e), "timestamp": stamp}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(record, f)
+    except OSError:
+        pass  # the launcher then reports the exit code alone
+
+
 def _exit_before_hydra(e: UserError, main_process: bool) -> NoReturn:
-    """Leave with `e` as one log line, formatted as Hydra's are (its logging is not set up yet)."""
+    """Leave with `e` as one log line, formatted as Hydra's are (its logging is not set up yet);
+    under a launcher, every process leaves the process group it joined and exits with the code."""
+    _tell_launcher(e)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # else it can abort at exit ("terminate called ...")
     if main_process:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
@@ -149,11 +206,20 @@ def main() -> None:
     main_process = int(os.environ.get("RANK", "0")) == 0
     # Hydra reads sys.argv itself (and so does every job of a -m sweep), so the edits go there.
     sys.argv = pretrained_by_default(sys.argv)
+    problem: tuple[str, int] | None = None
     try:
         # Every job's config, and the run directory, before Hydra creates anything.
-        sys.argv = overrides.check(sys.argv, config_dir(), main_process)
+        sys.argv = overrides.check(sys.argv, config_dir(), main_process, _before)
     except UserError as e:
-        _exit_before_hydra(e, main_process)
+        problem = (str(e), e.exit_code)
+    # Every process follows the main one's verdict on the run directory (which another process's
+    # Hydra could be creating by the time a slower one looks); the broadcast also keeps every
+    # process from starting Hydra before all have looked.
+    problem = broadcast_from_main(problem)
+    if problem is not None:
+        error = UserError(problem[0])
+        error.exit_code = problem[1]
+        _exit_before_hydra(error, main_process)
     if not main_process:
         # Only the main process writes the run directory's .hydra/ (same content, one writer).
         sys.argv.append("hydra.output_subdir=null")

@@ -20,6 +20,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from dpo_cli import schedule
 from dpo_cli.data.collate import LAYOUTS
 from dpo_cli.distributed import cpu_only
 from dpo_cli.errors import ConfigError
@@ -30,7 +31,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 MODEL_DTYPES = (*DTYPES, "auto")  # auto: the dtype the checkpoint's config names
 WANDB_MODES = ("online", "offline", "disabled")
 TRUNCATION_MODES = ("keep_end", "keep_start")
-SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+SCHEDULERS = schedule.NAMES
 
 
 @dataclass
@@ -57,7 +58,7 @@ class ModelConfig:
     tokenizer: Optional[str] = None
     random_init: Optional[dict[str, Any]] = None
     dtype: str = "float32"
-    attn_implementation: Optional[str] = "sdpa"
+    attn_implementation: Optional[str] = None  # null: the best the model supports (modeling.resolve_attention)
     trust_remote_code: bool = False
     disable_dropout: bool = True
     gradient_checkpointing: bool = False
@@ -183,6 +184,7 @@ class LoggerConfig:
 @dataclass
 class InspectConfig:
     export: Optional[str] = None
+    overwrite: bool = False
     examples: int = 3
 
 
@@ -338,12 +340,33 @@ def _build(problems: list[str], key: str, node: Any, group: str) -> Any:
     _check_target(problems, key, node, group)
     if len(problems) > n_problems:
         return None
+    if group == "loss":
+        problems.extend(_unset_parameters(key, node))
     try:
         return instantiate(node)
     except Exception as e:  # noqa: BLE001 - any construction failure is a config problem
         cause = e.__cause__ or e
         problems.extend(f"{key}.{line}" for line in str(cause).splitlines())
         return None
+
+
+def _unset_parameters(key: str, node: Any) -> list[str]:
+    """A problem for each parameter of a loss that its node does not set: the class default
+    would apply without a word (`~loss.beta` deletes the key; every conf/loss file sets every
+    parameter, so that the run's recorded config says what it trained with)."""
+    target = import_target(str(node["_target_"]))
+    problems = []
+    for name, param in inspect.signature(target).parameters.items():
+        if name in node or param.default is inspect.Parameter.empty:  # no default: instantiate says so
+            continue
+        if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        value = OmegaConf.to_yaml({"v": param.default}).strip().removeprefix("v: ")  # as an override spells it
+        problems.append(
+            f"{key}.{name} is not set, so the loss would use {target.__name__}'s default {value} without a word; "
+            f"set {key}.{name}={value} to train with it"
+        )
+    return problems
 
 
 def _loss_class(node: Any) -> Any:
@@ -452,11 +475,13 @@ def _check_reference(p: list[str], cfg: DictConfig, needs_reference: bool, kl_ro
             "set reference.precompute=false (the reference model then runs live)"
         )
     if not needs_reference:
-        set_keys = [k for k in ("name_or_path", "precompute") if r[k] not in (None, False)]
+        set_keys = [
+            k for k in ("name_or_path", "revision", "gguf_file", "dtype", "precompute") if r[k] not in (None, False)
+        ]
         if set_keys:
             p.append(
-                f"reference.{set_keys[0]}={r[set_keys[0]]!r}, but no term of the loss needs a reference model "
-                "(reference-free loss); remove the reference settings"
+                f"{', '.join(f'reference.{k}={r[k]!r}' for k in set_keys)}: no term of the loss needs a reference "
+                "model (reference-free loss), so no reference is loaded and these would be ignored; remove them"
             )
 
 
@@ -651,6 +676,37 @@ def _check_eval(p: list[str], cfg: DictConfig) -> None:
             )
 
 
+def _export_inputs(data: DictConfig) -> dict[str, str]:
+    """The local files a data config reads (key -> path): an export must never replace one."""
+    found = {f"data.{k}": data[k] for k in ("path", "eval_path", "chat_template") if data.get(k)}
+    for name, source in (data.get("mixture") or {}).items():
+        for k in ("path", "eval_path", "chat_template"):
+            if isinstance(source, DictConfig) and source.get(k):
+                found[f"data.mixture.{name}.{k}"] = source[k]
+    return found
+
+
+def _check_export(p: list[str], cfg: DictConfig) -> None:
+    """inspect.export is a new file (or inspect.overwrite=true), and never the data it reports on:
+    an export onto its own input would replace the rows with what they normalize to."""
+    export = cfg.inspect.export
+    if not export:
+        return
+    out = os.path.realpath(os.path.expanduser(export))
+    if os.path.isdir(out):
+        p.append(f"inspect.export={export!r} is a directory; give a file name, e.g. pairs.jsonl")
+        return
+    if cfg.mode != "inspect":
+        return
+    for key, path in _export_inputs(cfg.data).items():
+        source = os.path.realpath(os.path.expanduser(path))
+        if out == source or out.startswith(source.rstrip(os.sep) + os.sep):
+            p.append(f"inspect.export={export!r} is the input ({key}); write the export to another file")
+            return
+    if os.path.exists(out) and not cfg.inspect.overwrite:
+        p.append(f"inspect.export={export!r} already exists; choose another file, or set inspect.overwrite=true")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check the whole composed config; raise one ConfigError listing every problem found.
     Each section checks itself; the loss is built here so that its own range checks run."""
@@ -663,8 +719,7 @@ def validate(cfg: DictConfig) -> None:
     _choice(p, "mode", cfg.mode, MODES)
     if cfg.inspect.examples < 0:
         p.append(f"inspect.examples={cfg.inspect.examples} must be >= 0")
-    if cfg.inspect.export and os.path.isdir(os.path.expanduser(cfg.inspect.export)):
-        p.append(f"inspect.export={cfg.inspect.export!r} is a directory; give a file name, e.g. pairs.jsonl")
+    _check_export(p, cfg)
     _check_model(p, cfg.model, cfg.data.max_length)
     _check_data(p, cfg.data)
     unpaired = unpaired_data(cfg.data)

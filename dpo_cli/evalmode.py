@@ -10,7 +10,9 @@ reference.name_or_path, or its initial policy, rebuilt from the run's saved conf
 weights, or the same seed and warm start). The held-out preference metrics of `loss` are
 computed on the data's eval split, and, with a judge, the generation metrics. Results go to
 the run directory's metrics.jsonl (one row, step 0), eval.json, samples/, the reports, W&B, and
-the console.
+the console. That directory is the evaluation's own: one that holds a training run's files is
+refused before Hydra writes anything there (`check_output_dir`), so that a run's metrics,
+reports and samples never change after it has run.
 """
 
 from __future__ import annotations
@@ -22,11 +24,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_cli import config, evalgen, layout, rundir
+from dpo_cli import checkpoint, config, evalgen, layout, rundir
 from dpo_cli.data.prepare import prepare
-from dpo_cli.errors import ConfigError
+from dpo_cli.errors import ConfigError, UserError
 from dpo_cli.evaluate import evaluate
-from dpo_cli.logprobs import KL_ROWS
 from dpo_cli.metrics import JsonlSink, MetricLogger, WandbSink, resolve_wandb_mode
 from dpo_cli.modeling import load_model, load_tokenizer
 from dpo_cli.recap import summary
@@ -67,6 +68,47 @@ def load_saved(model: Any, path: str, tokenizer: Any) -> Any:
     return PeftModel.from_pretrained(load_model(_section(model, base), tokenizer, 0), path, is_trainable=False)
 
 
+TRAINING_OUTPUTS = ("final", "checkpoints", "warm_start")
+
+
+def _saved_mode(run_dir: Path) -> str | None:
+    """The `mode` of the run whose config `run_dir/.hydra/config.yaml` is; None without one.
+    A config that cannot be read counts as a training run's (the safe side)."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return str(OmegaConf.load(path).get("mode", "train"))
+    except Exception:  # noqa: BLE001 - any damage: keep away from it
+        return "train"
+
+
+def training_run_files(run_dir: Path) -> list[str]:
+    """What in `run_dir` shows that a training run wrote there: its outputs (final/,
+    checkpoints/, warm_start/), its saved config (mode=train), or, without a saved config,
+    metrics rows that no evaluation wrote."""
+    found = [f"{name}/" for name in TRAINING_OUTPUTS if (run_dir / name).exists()]
+    mode = _saved_mode(run_dir)
+    if mode == "train":
+        found.append(".hydra/config.yaml (mode=train)")
+    elif mode is None and (run_dir / "metrics.jsonl").is_file() and not (run_dir / "eval.json").is_file():
+        found.append("metrics.jsonl")
+    return found
+
+
+def check_output_dir(run_dir: Path | str) -> None:
+    """Refuse to evaluate into a training run's directory: the evaluation's metrics row,
+    reports and reference samples would change that run's own. Called before Hydra writes its
+    .hydra/ and train.log there (`overrides.check`), and again by `run`."""
+    found = training_run_files(Path(run_dir))
+    if found:
+        raise UserError(
+            f"mode=eval writes its results (metrics.jsonl, eval.json, samples/, reports) into hydra.run.dir, and "
+            f"{run_dir} holds a training run ({', '.join(found)}), whose files must not change; give the evaluation "
+            "a directory of its own: a new hydra.run.dir=DIR, or none (a fresh one under outputs/)"
+        )
+
+
 def run_dir_of_final(path: str) -> Path | None:
     """The dpo-cli run directory whose final/ (or checkpoint) `path` is, if any."""
     for parent in list(Path(path).expanduser().resolve().parents)[:3]:
@@ -81,9 +123,33 @@ def run_config_of(path: str) -> DictConfig | None:
     return OmegaConf.load(run_dir / ".hydra" / "config.yaml") if run_dir is not None else None
 
 
+def _unfinished(path: str) -> str | None:
+    """Why `path`, a dpo-cli run directory or its final/, is no model to evaluate (the run did
+    not finish, or the directory stands for its final/), or None."""
+    given = Path(path).expanduser().resolve()
+    run = next((d for d in (given, given.parent) if (d / ".hydra" / "config.yaml").is_file()), None)
+    if run is None or given not in (run, run / "final"):
+        return None
+    final = run / "final"
+    if final.is_dir():
+        directory = f"{run} is a dpo-cli run directory: evaluate its final/, model.name_or_path={final}"
+        return None if given == final else directory
+    done = checkpoint.complete_checkpoints(run)
+    how = (
+        f"its latest checkpoint is {done[-1]}: continue the run with train.resume=auto hydra.run.dir={run} to write "
+        f"final/, then evaluate {final}"
+        if done
+        else "it saved no checkpoint to continue from"
+    )
+    return f"{run} is a dpo-cli run whose final/ is missing (the run did not finish); {how}"
+
+
 def check_reference_known(cfg: DictConfig) -> None:
     """Refuse, before any weights load, a model whose reference cannot be found."""
     path = cfg.model.name_or_path
+    unfinished = _unfinished(path) if path is not None else None
+    if unfinished:
+        raise ConfigError([f"mode=eval: model.name_or_path={path!r}: {unfinished}"])
     if cfg.reference.name_or_path is None and adapter_base(path) is None and run_config_of(path) is None:
         raise ConfigError(
             [
@@ -134,6 +200,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     if cfg.model.name_or_path is None:
         raise ConfigError(["mode=eval evaluates a saved model: set model.name_or_path=RUN/final (or a hub id)"])
     check_reference_known(cfg)
+    check_output_dir(run_dir)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu_only())
     with rundir.hold(run_dir, accelerator):
         tokenizer = load_tokenizer(cfg.model)
@@ -147,7 +214,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         if isinstance(reference, ModelReference):
             reference.model.to(accelerator.device)
         choice = layout.choose(cfg.train.layout, cfg.train.logits_chunk, policy, False)
-        choice = layout.probe(choice, policy, data.eval[:2], tokenizer.pad_token_id, KL_ROWS in loss_fn.needs)
+        micro = cfg.train.micro_batch_size
+        choice = layout.probe(choice, policy, data.eval, tokenizer.pad_token_id, loss_fn.needs, micro)
         if isinstance(reference, ModelReference):
             layout.check_reference(choice.layout, reference.model)
             if choice.head is not None:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from dpo_cli.data.batching import eval_batches
-from dpo_cli.data.collate import collate
+from dpo_cli.data.collate import chosen_token_means, collate
 from dpo_cli.data.tokenize import Tokenized
 from dpo_cli.distributed import in_lockstep
 from dpo_cli.lmhead import Head
@@ -28,6 +28,7 @@ def batch_loss(
     batch: dict[str, torch.Tensor],
     reduce: Reduce = local,
     head: Head | None = None,
+    token_means: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, Parts]:
     """The batch's loss (with grad) and its metrics as (sum, count) parts (no grad).
 
@@ -40,17 +41,21 @@ def batch_loss(
     rewards/margins are over pairs (unpaired data: margins = mean chosen - mean rejected
     reward, no accuracy). The loss is weighted by the batch's examples (pairs, or unpaired
     examples), so the mean over batches is the mean over examples. `head`: the policy's chunked
-    LM head (None: full logits).
+    LM head (None: full logits). `token_means`: the chosen response (and whole-sequence) tokens
+    per example of the whole optimizer step or eval set (`collate.chosen_token_means`), so that
+    a token-mean NLL term is one mean over all of them (None: over this batch's own tokens).
     """
     # The reference needs only what losses read from it (LD-DPO's shared part); WPO's weights
     # and the whole-sequence NLL come from the policy alone. It runs first: its forward holds
     # no graph, so its memory is free again before the policy's activations are built.
     ref = reference(batch, loss_fn.needs & REFERENCE_EXTRAS) if loss_fn.requires_reference else None
     fwd = batch_logps(policy, batch, loss_fn.needs, head=head)
-    out = loss_fn(fwd.logps, ref, reduce)
     lp = fwd.logps
+    n_examples, paired = examples_in(batch)
+    if token_means is not None:  # this batch's share of the step's tokens
+        lp.nll_tokens, lp.nll_whole_tokens = (n_examples * m for m in token_means)
+    out = loss_fn(lp, ref, reduce)
     with torch.no_grad():
-        n_examples, paired = examples_in(batch)
         count = torch.tensor(float(n_examples), device=out.loss.device)
 
         def mean_of(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,10 +133,18 @@ def make_batch(
     dataset: list[Tokenized], indices: list[int], pad_id: int, loss_fn: Loss, device: Any, layout: str = "padded"
 ) -> dict[str, torch.Tensor]:
     """collate() of `dataset[i] for i in indices` in `layout` for this loss (with KL rows and
-    whole-sequence targets when it needs them), carrying the dataset indices, moved to `device`."""
+    whole-sequence targets when it needs them), carrying the dataset indices, moved to `device`.
+    KL rows of a batch of one example take the previous example's responses (the next one's
+    for the first): mismatched, as KTO's reference point needs. (Training batches have at
+    least two examples; the last eval batch may have one.)"""
     needs = loss_fn.needs
     examples = [dataset[i] for i in indices]
-    batch = collate(examples, pad_id, kl=KL_ROWS in needs, index=list(indices), layout=layout, whole=WHOLE in needs)
+    donor = None
+    if KL_ROWS in needs and len(indices) == 1 and len(dataset) > 1:
+        donor = dataset[indices[0] - 1 if indices[0] > 0 else 1]
+    batch = collate(
+        examples, pad_id, kl=KL_ROWS in needs, index=list(indices), layout=layout, whole=WHOLE in needs, kl_donor=donor
+    )
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -152,8 +165,8 @@ def evaluate(
     `policy` should be the unwrapped model: processes may hold different numbers of eval
     batches, and a DDP-wrapped forward (or a loss reducing a statistic over processes) could
     wait on a collective the others never join. So batch statistics stay local here (KTO's
-    KL estimate is per batch; a last batch of one example scores it on its own prompt) and the
-    only synchronization is the final reduce. Sharded weights (FSDP, ZeRO-3) make every forward
+    KL estimate is per batch; a last batch of one example takes its mismatched completion from
+    another eval example, see `make_batch`) and the only synchronization is the final reduce. Sharded weights (FSDP, ZeRO-3) make every forward
     a collective: processes with fewer batches then run weight-0 ones to keep in step.
     """
     was_training = policy.training
@@ -163,10 +176,11 @@ def evaluate(
     # A process with no eval examples (fewer than processes) still needs every metric name for
     # the reduce: it scores one example with weight 0.
     fill = [0] * min(2, len(examples))
+    token_means = chosen_token_means(examples)  # a token-mean NLL is one mean over the eval set
     for idx, weight in in_lockstep(batches, accelerator, fill) or [(fill, 0)]:
         batch = make_batch(examples, idx, pad_id, loss_fn, accelerator.device, layout)
         with accelerator.autocast():
-            _, parts = batch_loss(policy, reference, loss_fn, batch, head=head)
+            _, parts = batch_loss(policy, reference, loss_fn, batch, head=head, token_means=token_means)
         sums.add(parts, weight)
     policy.train(was_training)
     return sums.reduce(accelerator, prefix="eval_")

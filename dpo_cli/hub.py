@@ -15,11 +15,18 @@ import urllib.request
 from urllib.parse import urlparse
 
 
+def offline_setting() -> str | None:
+    """The variable by which the user told the Hugging Face libraries to stay offline (named in
+    messages, which then do not suggest setting it), or None."""
+    on = [
+        v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(v, "").lower() in ("1", "true", "yes")
+    ]
+    return on[0] if on else None
+
+
 def offline_mode() -> bool:
     """True when the user told the Hugging Face libraries to stay offline."""
-    return any(
-        os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
+    return offline_setting() is not None
 
 
 def endpoint_reachable(endpoint: str, timeout: float = 5.0) -> bool:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from dpo_cli.errors import ModelLoadError
+from dpo_cli.hub import looks_like_path
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,43 @@ class RewardModelJudge:
     def describe(self) -> str:
         return f"reward model {self.name_or_path}"
 
+    def check(self, prompts: list[Prompt]) -> str | None:
+        """What stops the reward model from loading, or None: the checks `load` starts with,
+        which read its config but no weights. Training runs them before the policy's weights
+        load, and mode=inspect reports them; any prompt will do."""
+        try:
+            self._sources()
+        except ModelLoadError as e:
+            return str(e)
+        return None
+
+    def _sources(self) -> dict[str, Any]:
+        """from_pretrained kwargs for the model and its tokenizer, once their files are found
+        (a local directory with weights, or a hub id cached or reachable) and its config says
+        one output; else a ModelLoadError."""
+        from transformers import AutoConfig
+
+        from dpo_cli.modeling import TOKENIZER_PROBE, WEIGHT_SUFFIXES, source_kwargs
+
+        name, key = self.name_or_path, "judge.name_or_path"
+        kwargs = source_kwargs(name, self.revision, "config.json", key)
+        local = Path(name).expanduser() if looks_like_path(name) else None
+        if local is not None and not any(p.name.endswith(WEIGHT_SUFFIXES) for p in local.iterdir()):
+            raise ModelLoadError(f"{key}={name!r}: {local} has config.json but no weights (*.safetensors or *.bin)")
+        if self.tokenizer_name is not None:
+            source_kwargs(self.tokenizer_name, None, TOKENIZER_PROBE, "judge.tokenizer")
+        else:
+            source_kwargs(name, self.revision, TOKENIZER_PROBE, key)
+        try:
+            config = AutoConfig.from_pretrained(
+                name, revision=self.revision, trust_remote_code=self.trust_remote_code, **kwargs
+            )
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"could not load the config of the reward model {name!r}: {e}") from None
+        if config.num_labels != 1:
+            raise ModelLoadError(f"{name!r} has {config.num_labels} outputs; a reward model has one (num_labels=1)")
+        return kwargs
+
     def load(self, device: Any = "cpu") -> None:
         """Load the model and tokenizer (offline: from a directory or the local cache, or one
         clear error)."""
@@ -129,10 +168,13 @@ class RewardModelJudge:
             return
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from dpo_cli.modeling import DTYPES, source_kwargs
+        from dpo_cli.modeling import DTYPES
 
         name = self.name_or_path
-        kwargs = source_kwargs(name, self.revision, "config.json", "judge.name_or_path")
+        try:
+            kwargs = self._sources()
+        except ModelLoadError as e:
+            raise ModelLoadError(f"judge: {e}") from None
         common = dict(revision=self.revision, trust_remote_code=self.trust_remote_code, **kwargs)
         try:
             tok_kwargs = common if self.tokenizer_name is None else dict(trust_remote_code=self.trust_remote_code)
@@ -140,10 +182,6 @@ class RewardModelJudge:
             model = AutoModelForSequenceClassification.from_pretrained(name, dtype=DTYPES[self.dtype], **common)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"judge: could not load the reward model {name!r}: {e}") from None
-        if model.config.num_labels != 1:
-            raise ModelLoadError(
-                f"judge: {name!r} has {model.config.num_labels} outputs; a reward model has one (num_labels=1)"
-            )
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if model.config.pad_token_id is None:

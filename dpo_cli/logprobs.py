@@ -63,6 +63,11 @@ class SequenceLogps:
         detached, when asked for.
     chosen_whole, chosen_whole_tokens: log-probs summed over every token of the chosen
         sequences but the first (prompt and response), and how many, when asked for.
+    nll_tokens, nll_whole_tokens: what a token-mean NLL divides this batch's summed chosen
+        (whole-sequence) log-probs by: the batch's share of the tokens of its whole optimizer
+        step (or eval set), so that the NLL is one token mean over the step however it is split
+        into micro batches and processes (set by `evaluate.batch_loss`); None = this batch's
+        own token count.
     """
 
     chosen: torch.Tensor
@@ -76,6 +81,8 @@ class SequenceLogps:
     rejected_wpo: torch.Tensor | None = None
     chosen_whole: torch.Tensor | None = None
     chosen_whole_tokens: torch.Tensor | None = None
+    nll_tokens: float | None = None
+    nll_whole_tokens: float | None = None
 
 
 @dataclass

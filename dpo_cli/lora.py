@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from dpo_cli import memory
 from dpo_cli.errors import ConfigError
 
 
@@ -42,3 +43,15 @@ def apply_lora(model: torch.nn.Module, lora: Any, gradient_checkpointing: bool) 
                 f"this model's linear layers are: {', '.join(linear_module_names(model))} (or use all-linear)"
             ]
         ) from None
+
+
+def check_targets(m: Any, tokenizer: Any) -> None:
+    """Refuse target modules the policy does not have (the config section `model`, LoRA on),
+    before any weights load: peft wraps the policy built on the meta device (no weights), so
+    that a typo fails in seconds, as mode=inspect reports it, not after minutes of loading and
+    the warm start. The error is `apply_lora`'s."""
+    if m.lora.r is None:
+        return
+    config = memory.model_config(m, tokenizer)
+    dtype = memory.resolve_dtype(m.dtype, config)
+    apply_lora(memory.meta_model(config, dtype, m.trust_remote_code and m.random_init is None), m.lora, False)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from dpo_cli.errors import ModelLoadError
+from dpo_cli.modeling import resolve_attention
 
 GiB, MiB = 1024**3, 1024**2
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -368,7 +369,7 @@ def estimate(cfg: Any, tokenizer: Any, loss: Any, capacity_bytes: int | None = N
     ref_bytes, ref_what, live, ref_dtype = _reference(cfg, loss, c["base_numel"], c["dtype"])
     n_seqs, seq_len = 2 * cfg.train.micro_batch_size, cfg.data.max_length
     sixteen = c["dtype"] != torch.float32 or cfg.train.mixed_precision in ("bf16", "fp16")
-    fused = m.attn_implementation != "eager"
+    fused = resolve_attention(config, m.attn_implementation) != "eager"  # null: as loading resolves it
     act = activation_bytes(config, n_seqs, seq_len, 2 if sixteen else 4, m.gradient_checkpointing, fused)
     copies = LOGIT_COPIES_LIVE_REFERENCE if live else LOGIT_COPIES
     chunk = cfg.train.logits_chunk

@@ -80,12 +80,19 @@ class ProgressSink:
         self._redirect.__enter__()
 
     def log(self, row: Row) -> None:
-        if "eval_loss" in row:
+        """Advance to the row's step; show what a training row has. An eval row (held-out or
+        generation metrics only) or a window whose steps were all skipped as non-finite (no
+        loss) moves the bar and shows the non-finite count instead of failing on a missing key."""
+        self.bar.update(max(0, row["step"] - self.bar.n))
+        if any(k.startswith("eval_") for k in row):
             return
-        self.bar.update(row["step"] - self.bar.n)
-        shown = {"loss": f"{row['loss']:.4f}"}
+        shown = {}
+        if "loss" in row:
+            shown["loss"] = f"{row['loss']:.4f}"
         if "rewards/accuracies" in row:  # pairs only: unpaired data has no accuracy
             shown["acc"] = f"{row['rewards/accuracies']:.3f}"
+        if row.get("nonfinite_steps"):
+            shown["skipped"] = str(row["nonfinite_steps"])
         self.bar.set_postfix(shown, refresh=False)
 
     def close(self, failed: bool = False) -> None:

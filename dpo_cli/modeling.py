@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from dpo_cli.errors import ConfigError, ModelLoadError
-from dpo_cli.hub import fetch_command, hub_reachable, looks_like_path
+from dpo_cli.hub import fetch_command, hub_reachable, looks_like_path, offline_setting
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ def local_dir_problem(name: str, key: str, needs: str = "config.json") -> str | 
     where = f"{key}={name!r}"
     if not path.exists():
         fix = _fetch_hint(name) or f"; point {key} at a local model directory or a hub id (org/name)"
-        return f"{where}: no such directory (relative to {os.getcwd()}){fix}"
+        relative = "" if path.is_absolute() else f" (relative to {os.getcwd()})"
+        return f"{where}: no such directory{relative}{fix}"
     if not path.is_dir():
         gguf = f" and set {key.rsplit('.', 1)[0]}.gguf_file={path.name}" if path.suffix == ".gguf" else ""
         return f"{where} is a file, not a directory; point {key} at the directory holding it{gguf}"
@@ -108,6 +109,8 @@ def weights_problem(name: str, key: str) -> str | None:
 
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+# The fix that works for any model: sdpa itself would fail on one without it (Gemma-2, Bloom).
+UNSET = "leave model.attn_implementation unset (null: sdpa where the model supports it, else eager)"
 FLASH_PACKAGES = {  # attn_implementation: (import name, how to install it)
     "flash_attention_2": ("flash_attn", "pip install flash-attn --no-build-isolation"),
     "flash_attention_3": (
@@ -126,9 +129,9 @@ def attention_problem(value: str | None) -> str | None:
 
     key = "model.attn_implementation"
     if value is None:
-        return None  # transformers' default: sdpa where the model supports it, else eager
+        return None  # the default: the best the model supports (`resolve_attention`)
     if value not in ATTN_IMPLEMENTATIONS:
-        return f"{key}={value!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}; set one of them, or null for transformers' default"
+        return f"{key}={value!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}; set one of them, or {UNSET}"
     if value in FLASH_PACKAGES:
         package, install = FLASH_PACKAGES[value]
         missing = [
@@ -136,11 +139,9 @@ def attention_problem(value: str | None) -> str | None:
             *([] if importlib.util.find_spec(package) else [f"the {package} package ({install})"]),
         ]
         if missing:
-            return f"{key}={value} needs {' and '.join(missing)}; use {key}=sdpa (PyTorch's fused attention, no extra package)"
+            return f"{key}={value} needs {' and '.join(missing)}; {UNSET}"
     if value == "flex_attention" and cpu_only():
-        return (
-            f"{key}=flex_attention cannot train on a CPU (PyTorch's FlexAttention has no CPU backward); use {key}=sdpa"
-        )
+        return f"{key}=flex_attention cannot train on a CPU (PyTorch's FlexAttention has no CPU backward); {UNSET}"
     return None
 
 
@@ -175,9 +176,11 @@ def source_kwargs(name: str, revision: str | None, filename: str, what: str) -> 
     if cached:
         return {"local_files_only": True}
     # `org/name` may have been meant as a local path: say both readings.
+    offline = offline_setting()
+    unreachable = f"{offline} is set, so the Hub is not asked" if offline else "the Hub cannot be reached (offline?)"
     raise ModelLoadError(
         f"{what}={name!r}: there is no local directory {name!r} (relative to {os.getcwd()}), and hub id "
-        f"{name!r} is not in the local Hugging Face cache and the Hub cannot be reached (offline?){_fetch_hint(name)}. "
+        f"{name!r} is not in the local Hugging Face cache and {unreachable}{_fetch_hint(name)}. "
         f"Download it where there is network (`hf download {name} --local-dir DIR`) and run with {what}=DIR"
     )
 
@@ -234,7 +237,18 @@ def load_model(model: Any, tokenizer: Any, seed: int) -> torch.nn.Module:
                 module.p = 0.0
     if model.gradient_checkpointing:
         _enable_checkpointing(policy)
+    _log_attention(policy, model.attn_implementation)
     return policy
+
+
+def _log_attention(policy: torch.nn.Module, requested: str | None) -> None:
+    """One INFO line: the attention back-end the model runs, and why."""
+    used = getattr(policy.config, "_attn_implementation", None)
+    name = type(policy).__name__
+    if requested is None:
+        log.info("attention: %s (model.attn_implementation=null: the best %s supports)", used, name)
+    else:
+        log.info("attention: %s (model.attn_implementation=%s)", used, requested)
 
 
 def random_init_config(random_init: Any, tokenizer: Any) -> Any:
@@ -301,10 +315,10 @@ def _pretrained_model(model: Any) -> torch.nn.Module:
 
 
 def _attention_hint(error: Exception, model: Any) -> str:
-    """A fix for a model that does not support model.attn_implementation (sdpa by default)."""
+    """A fix for a model that does not support an explicit model.attn_implementation."""
     text = str(error).lower()
     if model.attn_implementation not in (None, "eager") and ("attn" in text or "attention" in text):
-        return f"; this model may not support model.attn_implementation={model.attn_implementation}: try eager"
+        return f"; this model may not support model.attn_implementation={model.attn_implementation}: {UNSET}"
     return ""
 
 
@@ -412,19 +426,42 @@ ATTENTION_FLAGS = {
 }
 
 
-def unsupported_attention(config: Any, value: str | None) -> str | None:
-    """A problem when the causal LM class for `config` declares that it does not support
-    attention implementation `value` (Gemma-2 has no sdpa: it soft-caps attention logits)."""
+def _causal_lm_class(config: Any) -> Any:
+    """The transformers causal LM class for `config`, or None (remote code, or not a causal LM)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:
-        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError:
+        return None
+
+
+def resolve_attention(config: Any, value: str | None) -> str | None:
+    """The attention back-end a model built from `config` runs with model.attn_implementation
+    `value`: the value itself, or for null (the default) the best the model's class supports,
+    as transformers picks it: sdpa where the class supports it, else eager (Gemma-2 soft-caps
+    its attention logits, Bloom adds ALiBi biases: neither has sdpa). None for remote code,
+    whose class is known only once loaded. The preflight's layout and memory figures use this."""
+    if value is not None:
+        return value
+    cls = _causal_lm_class(config)
+    if cls is None:
+        return None
+    return "sdpa" if getattr(cls, ATTENTION_FLAGS["sdpa"], False) else "eager"
+
+
+def unsupported_attention(config: Any, value: str | None) -> str | None:
+    """A problem when the causal LM class for `config` declares that it does not support an
+    explicitly chosen attention implementation `value` (Gemma-2 has no sdpa: it soft-caps
+    attention logits); the default (null) is always supported."""
+    cls = _causal_lm_class(config)
+    if cls is None:
         return None  # remote code, or not a causal LM: loading will say
     if value in ATTENTION_FLAGS and getattr(cls, ATTENTION_FLAGS[value], True) is False:
+        best = resolve_attention(config, None)
         return (
             f"model.attn_implementation={value}: {cls.__name__} does not support it; set "
-            "model.attn_implementation=eager (or null: transformers picks what the model supports)"
+            f"model.attn_implementation={best}, or null (the default: the best the model supports, here {best})"
         )
     return None
 

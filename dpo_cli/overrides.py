@@ -12,10 +12,14 @@ or started unless all of them are valid.
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import itertools
 import os
 import re
+import shutil
+import tempfile
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +28,11 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from dpo_cli import config
+from dpo_cli import config, rundir
+from dpo_cli.distributed import world_size_from_env
 from dpo_cli.errors import ConfigError, UserError
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -66,8 +71,12 @@ def check_writable(run_dir: Path, key: str = "hydra.run.dir") -> None:
 
 def resume_subdir(run_dir: Path) -> str | None:
     """`.hydra/resume-N`, the first N free, when `run_dir` already holds a run's `.hydra/`:
-    Hydra would otherwise overwrite that run's config.yaml and overrides.yaml with this one's."""
-    if not (run_dir / ".hydra").is_dir():
+    Hydra would otherwise overwrite that run's config.yaml and overrides.yaml with this one's.
+    None (Hydra writes `.hydra/` itself) when there is none, or when the start that wrote it
+    never trained a step (no metrics, checkpoint or final model) and no run holds the
+    directory now: that config describes nothing, and this start's must be the one `mode=eval`
+    and a later resume read."""
+    if not (run_dir / ".hydra").is_dir() or rundir.never_trained(run_dir):
         return None
     n = 1
     while (run_dir / ".hydra" / f"resume-{n}").exists():
@@ -154,11 +163,12 @@ def compose_job(overrides: list[str]) -> tuple[DictConfig | None, list[str]]:
     parser = OverridesParser.create()
     remaining: list[Override] = []
     problems: list[str] = []
-    for line in overrides:
+    for i, line in enumerate(overrides):
         try:
             remaining += parser.parse_overrides([line])
         except HydraException as e:
-            problems.append(_one_line(e))
+            text = re.sub(r"^Error parsing override '.*?'; ", "", _one_line(e))  # named once, in front
+            problems.append(f"{line}: {text}{quoting_hint(line, overrides[i - 1] if i else None)}")
     unknown: list[str] = []
     cfg = None
     while cfg is None:
@@ -190,6 +200,23 @@ def compose_job(overrides: list[str]) -> tuple[DictConfig | None, list[str]]:
     return cfg, [config.not_a_key(k, task) for k in unknown] + problems
 
 
+def quoting_hint(line: str, previous: str | None) -> str:
+    """How to quote an override Hydra's grammar refused: a word without `=` after an override
+    is most often the rest of a value the shell split at a space (an unquoted path); a value
+    holding ( ) [ ] { } , = or quotes must be quoted for Hydra too, inside the shell's quotes."""
+    if line.startswith("${"):  # an interpolation alone: the key it should set is missing
+        return f"; an override is KEY=VALUE: set a key to it, e.g. 'train.seed={line}'"
+    if "=" not in line and not line.startswith("~") and previous is not None and "=" in previous:
+        return (
+            f"; if it is the rest of {previous!r}, the shell split a value at a space: quote the whole override, "
+            f"e.g. '{previous} {line}'"
+        )
+    key, sep, value = line.partition("=")
+    if sep and "'" not in value:
+        return f"; quote the value for Hydra inside the shell's quotes, e.g. \"{key}='{value}'\""
+    return ""
+
+
 def _null_section_override(overrides: list[Override]) -> Override | None:
     """The first override without which the others compose (the one OmegaConf asserted on);
     dotted keys are tried before group choices, which only decide what is null."""
@@ -211,17 +238,80 @@ def _task(cfg: DictConfig) -> DictConfig:
 
 
 def job_problems(cfg: DictConfig, full: bool) -> list[str]:
-    """What `config.validate` finds in a composed job (`full`), or only its unknown keys."""
+    """What `config.validate` finds in a composed job (`full`), or only its unknown keys; first
+    the sections a `~key` removed and the values that do not resolve, which validation (and
+    training) would otherwise meet as a traceback; then, under a launcher, the batch's split
+    over its processes, so that every process stops here, before Hydra writes anything."""
     task = _task(cfg)
     if not full:
         return config.unknown_keys(task)
+    found = _removed_sections(task) + _unresolvable(task)
+    if found:
+        return found
     try:
         config.validate(task)
+        if world_size_from_env() > 1:
+            config.check_world(task, world_size_from_env())
     except ConfigError as e:
         return e.problems
     except OmegaConfBaseException:
         return []  # a value that resolves only inside the run (${hydra:...}): train.run validates it there
     return []
+
+
+def _removed_sections(task: DictConfig) -> list[str]:
+    """A problem for each top-level key of the schema that `~key` removed from the config."""
+    problems = []
+    for f in fields(config.Config):
+        if f.name not in task:
+            how = f"{f.name}=VALUE" if f.type in ("str", str) else f"{f.name}.KEY=VALUE"
+            problems.append(
+                f"~{f.name} removed {f.name}, which every run needs: drop ~{f.name} from the command line "
+                f"(and set a value with {how})"
+            )
+    return problems
+
+
+# `${hydra:...}` resolves only inside the run (Hydra sets its node there): not checked here.
+HYDRA_RESOLVER = re.compile(r"\$\{hydra:")
+
+
+def _unresolvable(node: Any, prefix: str = "") -> list[str]:
+    """A problem for each value of `node` whose interpolation does not resolve (an unset
+    environment variable, a key that does not exist, a value of the wrong type), naming the
+    key, the interpolation and the fix."""
+    problems: list[str] = []
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
+        name = f"{prefix}[{key}]" if isinstance(node, ListConfig) else f"{prefix}.{key}" if prefix else str(key)
+        child = node._get_node(key)
+        if child._is_interpolation():
+            raw = str(child._value())
+            if HYDRA_RESOLVER.search(raw):
+                continue
+            try:
+                node[key]
+            except OmegaConfBaseException as e:
+                problems.append(_interpolation_problem(name, raw, e))
+        elif isinstance(child, (DictConfig, ListConfig)) and not child._is_none() and not child._is_missing():
+            problems += _unresolvable(child, name)
+    return problems
+
+
+def _interpolation_problem(key: str, raw: str, e: OmegaConfBaseException) -> str:
+    reason = re.sub(r"^(While dereferencing interpolation '[^']*': |.*? raised while resolving interpolation: )", "",
+                    str(e).splitlines()[0]).strip('"')  # fmt: skip
+    variable = re.search(r"Environment variable '([^']+)' not found", reason)
+    missing = re.search(r"Interpolation key '([^']+)' not found", reason)
+    if variable:
+        name = variable.group(1)
+        return (
+            f"{key}={raw} does not resolve: the environment variable {name} is not set; set it, or give a "
+            f"default: ${{oc.env:{name},DEFAULT}}"
+        )
+    if missing:
+        return f"{key}={raw} does not resolve: the config has no key {missing.group(1)}; name an existing key"
+    return f"{key}={raw} does not resolve: {reason}; give {key} a plain value of its type"
 
 
 def _raise_problems(jobs: list[tuple[list[str], str]], problems: list[list[str]], multirun: bool) -> None:
@@ -238,10 +328,15 @@ def _raise_problems(jobs: list[tuple[list[str], str]], problems: list[list[str]]
     raise SweepError(lines, sum(1 for job in problems if job), len(jobs))
 
 
-def check(argv: list[str], config_dir: str, main_process: bool = True) -> list[str]:
+def check(
+    argv: list[str], config_dir: str, main_process: bool = True, before: dict[str, rundir.Before] | None = None
+) -> list[str]:
     """Check a `dpo-train` command line (sys.argv) before Hydra runs it; return it, with
     `hydra.output_subdir=.hydra/resume-N` added when the run goes into a directory that holds
-    an earlier run's `.hydra/` (a resume), so that the original's config stays as it was.
+    an earlier run's `.hydra/` (a resume), so that the original's config stays as it was
+    (`${resume_subdir:}`, each job's own, for a sweep that continues its jobs), or with a
+    temporary run directory for mode=inspect, which writes nothing. `before` receives what each
+    run (or job) directory held, for `rundir.undo_start`.
 
     Raises ConfigError (SweepError for `-m`) listing the problems of every job, then UserError
     when the run directory cannot be written. `--cfg` checks only that the config composes
@@ -265,21 +360,92 @@ def check(argv: list[str], config_dir: str, main_process: bool = True) -> list[s
         if not full:
             return argv
         assert first is not None
-        return _prepare_run_dir(argv, overrides, first.hydra, multirun, main_process)
+        basic = not multirun or "BasicLauncher" in str(first.hydra.launcher.get("_target_"))
+        if basic and all(cfg.mode == "inspect" for cfg, _ in composed):
+            return _scratch_run_dir(argv, overrides, multirun)
+        listed = not multirun or first.hydra.sweeper.get("_target_") == BASIC_SWEEPER
+        if listed:
+            argv = _guard_run_dirs(argv, overrides, jobs, [cfg for cfg, _ in composed], multirun, main_process, before)
+        return _prepare_run_dir(argv, overrides, first.hydra, multirun, main_process, first.mode)
 
 
 def _prepare_run_dir(
-    argv: list[str], overrides: list[str], hydra: Any, multirun: bool, main_process: bool
+    argv: list[str], overrides: list[str], hydra: Any, multirun: bool, main_process: bool, mode: str = "train"
 ) -> list[str]:
-    """Check that the run (or sweep) directory can be written; on the main process, direct a
-    resume's Hydra files to `.hydra/resume-N`."""
+    """Check that the run (or sweep) directory can be written, and that mode=eval does not go
+    into a training run's; on the main process, direct a resume's Hydra files to
+    `.hydra/resume-N`."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     try:
         run_dir = Path(OmegaConf.select(hydra, key.removeprefix("hydra."), throw_on_missing=True))
     except OmegaConfBaseException:
         return argv  # resolves only inside the run (${hydra:...}); Hydra reports what fails
     check_writable(run_dir, key)
+    if mode == "eval" and not multirun:
+        from dpo_cli.evalmode import check_output_dir  # mode=eval only: it imports torch
+
+        check_output_dir(run_dir)
     if multirun or not main_process or hydra.output_subdir != ".hydra":
         return argv
     subdir = resume_subdir(run_dir)
     return argv if subdir is None else with_override(argv, overrides, f"hydra.output_subdir={subdir}")
+
+
+def _scratch_run_dir(argv: list[str], overrides: list[str], multirun: bool) -> list[str]:
+    """mode=inspect writes nothing: Hydra's run (or sweep) directory, where it writes its config
+    and log, becomes a temporary one, removed when this process exits."""
+    scratch = tempfile.mkdtemp(prefix="dpo-cli-inspect-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return with_override(argv, overrides, f"hydra.{'sweep' if multirun else 'run'}.dir={scratch}")
+
+
+def _job_dirs(cfgs: list[DictConfig], multirun: bool) -> list[Path] | None:
+    """Each job's output directory as Hydra will name it (the sweep's jobs numbered in order);
+    None when it resolves only inside the run (`${hydra:...}`)."""
+    dirs = []
+    for n, cfg in enumerate(cfgs):
+        with read_write(cfg.hydra), open_dict(cfg.hydra):
+            cfg.hydra.job.num, cfg.hydra.job.id = n, str(n)
+        try:
+            if not multirun:
+                dirs.append(Path(OmegaConf.select(cfg, "hydra.run.dir", throw_on_missing=True)))
+                continue
+            sweep = OmegaConf.select(cfg, "hydra.sweep.dir", throw_on_missing=True)
+            dirs.append(Path(sweep) / str(OmegaConf.select(cfg, "hydra.sweep.subdir", throw_on_missing=True)))
+        except OmegaConfBaseException:
+            return None
+    return dirs
+
+
+def _guard_run_dirs(
+    argv: list[str],
+    overrides: list[str],
+    jobs: list[tuple[list[str], str]],
+    cfgs: list[DictConfig],
+    multirun: bool,
+    main_process: bool,
+    before: dict[str, rundir.Before] | None,
+) -> list[str]:
+    """Before Hydra writes into the run directory (each job's, for a sweep): refuse
+    train.resume=auto into a directory of other files, and a sweep whose job directories hold
+    runs whose records it would rewrite (rundir.sweep_problem); note what each held (`before`);
+    for a sweep that continues its jobs, direct each job's Hydra files to its own
+    `.hydra/resume-N` (`${resume_subdir:}`, resolved by Hydra in the job)."""
+    dirs = _job_dirs(cfgs, multirun)
+    if dirs is None:
+        return argv
+    if multirun:
+        tasks = [OmegaConf.to_container(_task(cfg), resolve=False) for cfg in cfgs]
+        sweep_dir = Path(OmegaConf.select(cfgs[0], "hydra.sweep.dir"))
+        problem = rundir.sweep_problem(
+            sweep_dir, [(label, d, t) for (_, label), d, t in zip(jobs, dirs, tasks, strict=True)]
+        )
+        if problem is not None:
+            raise UserError(problem)
+    elif cfgs[0].train.resume == "auto":
+        rundir.check_resumable(dirs[0])
+    if before is not None:
+        before.update({str(b.path): b for b in map(rundir.before, dirs)})
+    if multirun and main_process and cfgs[0].hydra.output_subdir == ".hydra" and any(map(rundir.holds_run, dirs)):
+        return with_override(argv, overrides, "hydra.output_subdir=${resume_subdir:}")
+    return argv

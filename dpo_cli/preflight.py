@@ -1,51 +1,129 @@
 """`mode=inspect`: the preflight. Validates the config, loads the tokenizer (no model weights)
-and the data, and reports what the data becomes and how much memory training will need,
+and the data, reports what the data becomes and how much memory training will need, and runs
+the checks training runs before its first step (exit 2 if training would refuse the run),
 before a GPU hour is spent on it."""
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from dpo_cli import config, layout, memory
-from dpo_cli.data.prepare import check_prepared, prepare
+from dpo_cli.data.batching import steps_per_epoch
+from dpo_cli.data.prepare import Prepared, check_prepared, prepare
 from dpo_cli.data.summary import export, report
-from dpo_cli.errors import ConfigError, DataError
-from dpo_cli.modeling import check_max_length, load_tokenizer
+from dpo_cli.distributed import world_size_from_env
+from dpo_cli.errors import ConfigError, DataError, UserError
+from dpo_cli.lora import check_targets
+from dpo_cli.modeling import check_max_length, load_tokenizer, resolve_attention
+from dpo_cli.reference import check_reference_tokenizer, reference_model_config
+from dpo_cli.schedule import warmup_steps
 
 log = logging.getLogger(__name__)
 
 
+REFUSED = re.compile(r"training would refuse this(?: data)?: (.*)")
+
+
 def run(cfg: DictConfig) -> str:
     """The data report and the memory estimate for the same overrides as a training run;
-    returns them (and logs them). Data that training would refuse (mostly degenerate pairs) is
-    reported, with the reason, rather than raised, so that the report shows what to fix; so is
-    an estimate beyond the device's memory (a WARNING line)."""
+    returns them (and logs them). Every check training runs before its first step runs here
+    too (those that need weights on the meta device instead): what it would refuse once the
+    data is read is reported in place, with the reason, so that the report shows what to fix,
+    and then raised as one UserError listing all of it (exit 2: never an OK for a run that
+    would not start). Problems found before the data (the config, the model's and reference's
+    files) are raised at once, as training raises them. An estimate beyond the device's memory
+    is a WARNING line, not a refusal."""
     config.validate(cfg)
+    config.check_world(cfg, world_size_from_env())
     check_max_length(cfg.model, cfg.data.max_length)
     tokenizer = load_tokenizer(cfg.model)
+    if cfg.reference.name_or_path is not None:
+        check_max_length(reference_model_config(cfg), cfg.data.max_length)
+        check_reference_tokenizer(cfg, tokenizer)
     data = prepare(cfg.data, tokenizer, cfg.train.seed, check=False, need_text=bool(cfg.inspect.export))
     text = report(data, tokenizer, cfg.train.batch_size, cfg.inspect.examples)
-    try:
-        check_prepared(data)
-        if len(data.train) < cfg.train.batch_size:
-            raise DataError(
-                f"train.batch_size={cfg.train.batch_size} is larger than the {len(data.train)} training {data.unit}; lower it"
-            )
-    except DataError as e:
-        text += f"\ntraining would refuse this data: {e}"
+    problem = data_problem(cfg, data)
+    if problem:
+        text += f"\ntraining would refuse this data: {problem}"
     if cfg.inspect.export:
-        path = export(data, cfg.inspect.export)
+        path = export(data, cfg.inspect.export, cfg.inspect.overwrite)
         text += f"\nnormalized {data.unit} written to {path}"
     # Built from the models' configs on the meta device: no weights are read.
+    text += "\n\n" + structure(cfg.model, tokenizer)
     text += "\n\n" + batches(cfg, tokenizer)
     text += "\n\n" + generation(cfg, tokenizer, data.eval_pairs)
     text += "\n\n" + memory.estimate(cfg, tokenizer, instantiate(cfg.loss)).report()
     log.info("preflight report (mode=inspect; no model weights loaded):\n%s", text)
+    problems = refusals(text)
+    if problems:
+        lines = "".join(f"\n  - {p}" for p in problems)
+        n = len(problems)
+        raise UserError(f"mode=inspect: training would refuse this run ({n} problem{'s' if n > 1 else ''}):{lines}")
     return text
+
+
+def refusals(text: str) -> list[str]:
+    """The problems a report says training would refuse: each 'training would refuse this: X'
+    line (from any section), with the '  - ' lines of a list that follows it."""
+    found: list[str] = []
+    listing = False
+    for line in text.splitlines():
+        marked = REFUSED.search(line)
+        if marked:
+            found.append(marked.group(1))
+            listing = marked.group(1).endswith(":")
+        elif listing and line.startswith("  - "):
+            found[-1] += " " + line[4:]
+        else:
+            listing = False
+    return found
+
+
+def data_problem(cfg: DictConfig, data: Prepared) -> str | None:
+    """What training refuses once the data is read: mostly degenerate pairs, a batch larger
+    than the training set, a warmup as long as the run (its length known from the data when
+    train.max_steps is unset)."""
+    t = cfg.train
+    try:
+        check_prepared(data)
+    except DataError as e:
+        return str(e)
+    per_epoch = steps_per_epoch(len(data.train), t.batch_size)
+    if per_epoch == 0:
+        return f"train.batch_size={t.batch_size} is larger than the {len(data.train)} training {data.unit}; lower it"
+    try:
+        warmup_steps(cfg.scheduler.warmup_steps, cfg.scheduler.warmup_ratio, t.max_steps or t.epochs * per_epoch)
+    except ConfigError as e:
+        return "; ".join(e.problems)
+    return None
+
+
+def structure(m: DictConfig, tokenizer: Any) -> str:
+    """What training checks of the policy's structure (LoRA's target modules, gradient
+    checkpointing), on the meta device: training checks the first before the weights load
+    (`lora.check_targets`), the second as they load."""
+    problems = []
+    try:
+        check_targets(m, tokenizer)
+    except ConfigError as e:
+        problems += e.problems
+    if m.gradient_checkpointing:
+        arch = memory.model_config(m, tokenizer)
+        meta = memory.meta_model(arch, torch.float32, m.trust_remote_code and m.random_init is None)
+        if not meta.supports_gradient_checkpointing:
+            problems.append(
+                f"model.gradient_checkpointing=true: {type(meta).__name__} does not support gradient checkpointing; "
+                "set model.gradient_checkpointing=false"
+            )
+    lora = f"LoRA r={m.lora.r} on {m.lora.target_modules}" if m.lora.r is not None else "full fine-tuning"
+    checkpointing = ", gradient checkpointing" if m.gradient_checkpointing else ""
+    return "\n".join([f"model: {lora}{checkpointing}", *(f"  training would refuse this: {p}" for p in problems)])
 
 
 def generation(cfg: DictConfig, tokenizer: Any, eval_pairs: list[dict]) -> str:
@@ -64,8 +142,10 @@ def generation(cfg: DictConfig, tokenizer: Any, eval_pairs: list[dict]) -> str:
         f"generation evaluation: {len(prompts)} held-out prompts, {when}; judge {judge.describe()}",
         f"  up to {e.max_new_tokens} new tokens, {decoding}, seed {e.seed}, {e.batch_size} prompts per batch",
     ]
+    if not prompts:  # as evalgen.setup refuses it
+        problem = "the eval split has no prompts to generate responses for"
     if problem:
-        lines.append(f"  training would refuse this: {problem}")
+        lines.append(f"  training would refuse this: judge: {problem}")
     return "\n".join(lines)
 
 
@@ -74,8 +154,9 @@ def batches(cfg: DictConfig, tokenizer: Any) -> str:
     the meta device; training checks them against the plain path on real examples at start)."""
     m = cfg.model
     config = memory.model_config(m, tokenizer)
-    if m.attn_implementation is not None:
-        config._attn_implementation = m.attn_implementation
+    attention = resolve_attention(config, m.attn_implementation)  # null: the best the model supports, as loading picks
+    if attention is not None:
+        config._attn_implementation = attention
     model = memory.meta_model(
         config, memory.resolve_dtype(m.dtype, config), m.trust_remote_code and m.random_init is None
     )

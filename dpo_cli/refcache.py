@@ -6,17 +6,19 @@ response token counts and LD-DPO's shared-prefix log-probs. Its file name is a f
 everything that decides those numbers:
 
 - the reference weights: a content hash of the model's files (config, weights), or, for a
-  randomly initialised model, its architecture, the seed and the tokenizer size;
+  randomly initialised model, its architecture, the seed and the tokenizer size; when the
+  reference is a warm-started initial policy (`model.warm_start`), a content hash of its
+  weights in memory after the warm start (under LoRA the base weights, without the adapter);
 - the data as token ids (so the tokenizer, the chat template and the length settings), train
   and eval, in order;
 - the reference dtype, the attention implementation, mixed precision, the device type and the
   torch and transformers versions.
 
-What does not change them (beta, the loss, the learning rate, the number of steps, the
-training seed of a pretrained model) keeps the key, so a second run reads the entry without
-loading the reference model. An entry is written under a temporary name and renamed when
-complete, and carries a checksum of its values: a run killed while writing, or a file cut
-short, leaves nothing a later run would trust (it is reported and recomputed).
+What does not change them (beta, the loss, optimizer.lr, the number of steps, the training
+seed of a pretrained model without a warm start) keeps the key, so a second run reads the
+entry without loading the reference model. An entry is written under a temporary name and
+renamed when complete, and carries a checksum of its values: a run killed while writing, or a
+file cut short, leaves nothing a later run would trust (it is reported and recomputed).
 
 Several processes share the work: each computes its strided share of the examples, one
 all-reduce assembles the tables on every process, and the main process writes the one file.
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli.data.batching import eval_batches
 from dpo_cli.data.collate import collate
@@ -44,7 +46,14 @@ from dpo_cli.errors import ModelLoadError
 from dpo_cli.hub import hub_reachable, looks_like_path
 from dpo_cli.lmhead import Head
 from dpo_cli.logprobs import CHOSEN, REJECTED, SHARED
-from dpo_cli.reference import ModelReference, PrecomputedReference, live_reference, place_reference, release
+from dpo_cli.reference import (
+    ModelReference,
+    PrecomputedReference,
+    live_reference,
+    place_reference,
+    reference_model_config,
+    release,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,29 +120,57 @@ def weights_digest(section: Any, memo: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+def tensors_digest(model: torch.nn.Module) -> str:
+    """A content hash of `model`'s weights as they are in memory: each tensor's name, dtype,
+    shape and bytes, in name order. Of a LoRA (peft) model, the base weights only, under the
+    base model's own names: with the adapter off they are the reference, whatever the
+    adapter's settings or values."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    tensors = {n.replace(".base_layer.", "."): t for n, t in base.state_dict().items() if "lora_" not in n}
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
+    return h.hexdigest()
+
+
+def _source(cfg: DictConfig, tokenizer: Any, policy: torch.nn.Module, memo: dict) -> dict[str, Any]:
+    """What the reference's weights are: a separate model's files, or, when the reference is
+    the initial policy, that policy's weights after the warm start (hashed in memory: they
+    follow from the warm start's settings, the seed, the data and, where a run directory
+    keeps them, its warm_start/), else where they were loaded from: the files of a pretrained
+    model, or a random initialisation's architecture, seed and vocabulary."""
+    if cfg.reference.name_or_path:
+        return {"weights": weights_digest(reference_model_config(cfg), memo)}
+    if cfg.model.warm_start.steps:
+        return {"warm_started": tensors_digest(policy)}
+    if cfg.model.name_or_path is not None:
+        return {"weights": weights_digest(cfg.model, memo)}
+    return {
+        "random_init": OmegaConf.to_container(cfg.model.random_init),
+        "seed": cfg.train.seed,
+        "vocab": len(tokenizer),
+        "special": [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id],
+    }
+
+
 def entry_key(
-    cfg: DictConfig, tokenizer: Any, train_set: list[Tokenized], eval_set: list[Tokenized], device: str, memo: dict
+    cfg: DictConfig,
+    tokenizer: Any,
+    policy: torch.nn.Module,
+    train_set: list[Tokenized],
+    eval_set: list[Tokenized],
+    device: str,
+    memo: dict,
 ) -> tuple[str, dict[str, Any]]:
-    """The cache key of this run's reference log-probs, and what it was made of."""
-    from omegaconf import OmegaConf
-
-    from dpo_cli.reference import reference_model_config
-
-    section = reference_model_config(cfg) if cfg.reference.name_or_path else cfg.model
-    if section.name_or_path is not None:
-        source: Any = {"weights": weights_digest(section, memo)}
-    else:  # random init: the weights follow from the architecture, the seed and the vocabulary
-        source = {
-            "random_init": OmegaConf.to_container(section.random_init),
-            "seed": cfg.train.seed,
-            "vocab": len(tokenizer),
-            "special": [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id],
-        }
+    """The cache key of this run's reference log-probs, and what it was made of. `policy` is
+    the initial policy (warm-started, LoRA-wrapped under LoRA), before any update."""
     import transformers
 
     parts = {
         "format": FORMAT,
-        "source": source,
+        "source": _source(cfg, tokenizer, policy, memo),
         "dtype": cfg.reference.dtype or cfg.model.dtype,
         "attn_implementation": cfg.model.attn_implementation,
         "mixed_precision": cfg.train.mixed_precision,
@@ -260,7 +297,7 @@ def precompute(
 
     cache_dir = Path(cfg.reference.cache_dir).expanduser() if cfg.reference.cache_dir else None
     memo, memo_path = _memo(cache_dir)
-    key, parts = entry_key(cfg, tokenizer, datasets["train"], datasets["eval"], accelerator.device.type, memo)
+    key, parts = entry_key(cfg, tokenizer, policy, datasets["train"], datasets["eval"], accelerator.device.type, memo)
     path = cache_dir / f"{key}.pt" if cache_dir else None
     sizes = {split: len(d) for split, d in datasets.items()}
     started = time.perf_counter()

@@ -230,18 +230,29 @@ def release(reference: Any) -> None:
     gc.collect()
 
 
+def is_adapter(model: torch.nn.Module) -> bool:
+    """Whether `model` is a LoRA (peft) model, whose base, with the adapter off, is the reference.
+    Asked of the loaded model: in `mode=eval` the command line sets no model.lora.r."""
+    from peft import PeftModel  # loaded only where asked: peft is a heavy import
+
+    return isinstance(model, PeftModel)
+
+
 @contextmanager
 def generating_model(
     cfg: DictConfig, reference: Any, policy: torch.nn.Module, tokenizer: Any, device: Any
 ) -> Iterator[Any]:
     """The model whose samples are the reference's, for generation evaluation: the live
-    reference model; else, before any update, the policy itself (under LoRA with its adapter
-    off); else (a separate reference whose log-probs were precomputed) that model, loaded for
-    the while."""
+    reference model (an `AdapterReference`'s with its adapter off); else, before any update,
+    the policy itself (with its adapter off when it is an adapter); else (a separate reference
+    whose log-probs were precomputed) that model, loaded for the while."""
     if isinstance(reference, ModelReference) and reference.model is not None:
         yield reference.model
+    elif isinstance(reference, AdapterReference):
+        with reference.model.disable_adapter() if reference.adapter_off else nullcontext():
+            yield reference.model
     elif cfg.reference.name_or_path is None:
-        with policy.disable_adapter() if cfg.model.lora.r is not None else nullcontext():
+        with policy.disable_adapter() if is_adapter(policy) else nullcontext():
             yield policy
     else:
         loaded = load_reference_model(cfg, tokenizer, policy)

@@ -108,8 +108,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def _write_atomic(path: Path, data: bytes) -> None:
     # The pid keeps two writers (a redraw during training and a manual one) off each other's file.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no half-written temporary left beside the report
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------

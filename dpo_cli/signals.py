@@ -58,13 +58,16 @@ class StopOnSignal:
             sys.stderr.write("\nsecond SIGINT: exiting now, without saving (the last checkpoint stays valid)\n")
             sys.stderr.flush()
             os._exit(EXIT_AT_ONCE)
-        if self.received is None:
+        first, self.received = self.received is None, signum
+        # Recorded before the warning is written: a repeated signal (`scancel --full` sends USR1
+        # two or three times at once) can come while it is, and must not write it again from
+        # inside that write (a reentrant write to the log file, a "Logging error" traceback).
+        if first:
             log.warning(
                 "%s received: finishing the current optimizer step, then saving a checkpoint and exiting%s",
                 name,
                 " (Ctrl-C again to exit at once)" if signum == signal.SIGINT else "",
             )
-        self.received = signum
 
     def agreed(self, accelerator: Any) -> str | None:
         """The signal's name when any process received one, on every process; else None."""

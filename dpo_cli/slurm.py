@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,20 @@ def export_distributed_env() -> None:
 REQUEUE_SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2") if hasattr(signal, name))
 
 
+def _end_wandb_service() -> None:
+    """End wandb's service process (when this process started one) before the job is requeued:
+    the requeue SIGTERMs every process of the job, and a service killed before this process
+    exits makes wandb's exit hook print a ConnectionResetError traceback into the job's log.
+    The W&B run is already finished (the sinks are closed); wandb is not imported for this."""
+    wandb = sys.modules.get("wandb")
+    if wandb is None:
+        return
+    try:
+        wandb.teardown()
+    except Exception as e:  # W&B failing never stops the requeue
+        log.warning("wandb: ending its service process failed: %s", e)
+
+
 def hand_on(signum: int | None, previous: Any) -> None:
     """After a run stopped by `signum` saved its checkpoint (main process): under SLURM, have
     SIGUSR1 or SIGUSR2 requeue the job. `previous`, the Python handler that held the signal
@@ -92,6 +107,7 @@ def hand_on(signum: int | None, previous: Any) -> None:
     otherwise `scontrol requeue`."""
     if signum not in REQUEUE_SIGNALS or job() is None:
         return
+    _end_wandb_service()
     if callable(previous):
         log.info("passing %s on to the handler that held it before the run (%s)", signal.Signals(signum).name, previous)
         previous(signum, None)

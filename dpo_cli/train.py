@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from dpo_cli import checkpoint, config, evalgen, layout, rundir, slurm
 from dpo_cli.data.batching import micro_batches, position, step_indices, steps_per_epoch
 from dpo_cli.data.chat import load_template
+from dpo_cli.data.collate import chosen_token_means
 from dpo_cli.data.prepare import prepare
 from dpo_cli.data.summary import report
 from dpo_cli.data.tokenize import Tokenized, example_length, fingerprint
@@ -25,22 +26,22 @@ from dpo_cli.errors import ConfigError, DataError, Interrupted, NonFiniteError, 
 from dpo_cli.evaluate import Averages, batch_loss, evaluate, make_batch
 from dpo_cli.launch import accumulation_plugin, check_environment, configure_deepspeed, grad_norm_of
 from dpo_cli.lmhead import Head
-from dpo_cli.logprobs import KL_ROWS
-from dpo_cli.lora import apply_lora
+from dpo_cli.lora import apply_lora, check_targets
 from dpo_cli.losses import Loss
 from dpo_cli.metrics import JsonlSink, MetricLogger, ProgressSink, WandbSink, resolve_wandb_mode
 from dpo_cli.modeling import check_max_length, count_parameters, load_model, load_tokenizer
 from dpo_cli.recap import summary
 from dpo_cli.reference import (
     ModelReference,
-    PrecomputedReference,
     check_reference_tokenizer,
     live_reference,
     place_reference,
     reference_model_config,
 )
 from dpo_cli.report import write_reports
+from dpo_cli.schedule import make_scheduler, warmup_steps
 from dpo_cli.signals import StopOnSignal
+from dpo_cli.throughput import Window, flops_per_token
 from dpo_cli.warmstart import warm_started
 
 log = logging.getLogger(__name__)
@@ -136,29 +137,6 @@ def _resume_point(t: DictConfig, run_dir: Path, main_process: bool = True) -> Pa
     raise UserError(f"{run_dir} already holds a run (metrics.jsonl); {how}, or choose another hydra.run.dir")
 
 
-def _warmup_steps(scheduler: DictConfig, n_steps: int) -> int:
-    warmup = scheduler.warmup_steps
-    if warmup is None:
-        warmup = int(scheduler.warmup_ratio * n_steps)
-    if warmup >= n_steps:
-        raise ConfigError(
-            [
-                f"warmup takes {warmup} of the run's {n_steps} optimizer steps, so the learning rate "
-                "never reaches optimizer.lr; lower scheduler.warmup_steps / scheduler.warmup_ratio "
-                "or raise train.max_steps"
-            ]
-        )
-    return warmup
-
-
-def _schedule(name: str, warmup: int) -> str:
-    """transformers' `constant` ignores warmup; with a warmup, `constant_with_warmup` honours it."""
-    if name == "constant" and warmup > 0:
-        log.info("scheduler.name=constant with %d warmup steps: using constant_with_warmup", warmup)
-        return "constant_with_warmup"
-    return name
-
-
 @dataclass
 class Run:
     """Everything the training loop needs, built from the config by `build`."""
@@ -183,16 +161,17 @@ class Run:
     loop_state: dict[str, Any]  # the resumed checkpoint's logging window and guard counters ({} if none)
     wandb_mode: str  # logger.wandb.mode as it can run here (online may become offline)
     engine_steps: bool = False  # DeepSpeed: the engine steps the optimizer inside backward
-    flops_per_token: float = 0.0  # for mfu: 6N (policy forward and backward), + 2N with a live reference
+    flops: tuple[float, float] = (0.0, 0.0)  # for mfu: per trained token, per forward-only token
     layout: str = "padded"  # how sequences sit in the model's rows (dpo_cli.layout)
     head: Head | None = None  # the policy's chunked LM head (None: full logits)
     lengths: list[int] | None = None  # tokens per training example, for train.sort_by_length
     generation: Any = None  # evalgen.GenerationEval when a judge is configured
+    unit: str = "pairs"  # what an example is: "pairs", or "examples" for unpaired data
 
 
-def _load_data(cfg: DictConfig, tokenizer: Any) -> tuple[list[Tokenized], list[Tokenized], list[dict], int, int]:
+def _load_data(cfg: DictConfig, tokenizer: Any) -> tuple[list[Tokenized], list[Tokenized], list[dict], int, int, str]:
     """Tokenized train and eval examples, the normalized eval pairs (for generation), steps per
-    epoch and the run's length."""
+    epoch, the run's length and what an example is ("pairs", or "examples" when unpaired)."""
     t = cfg.train
     data = prepare(cfg.data, tokenizer, t.seed)
     log.info("data (the report mode=inspect prints):\n%s", report(data, tokenizer, t.batch_size))
@@ -201,16 +180,36 @@ def _load_data(cfg: DictConfig, tokenizer: Any) -> tuple[list[Tokenized], list[T
         raise DataError(
             f"train.batch_size={t.batch_size} is larger than the {len(data.train)} training {data.unit}; lower it"
         )
-    return data.train, data.eval, data.eval_pairs, per_epoch, t.max_steps or t.epochs * per_epoch
+    return data.train, data.eval, data.eval_pairs, per_epoch, t.max_steps or t.epochs * per_epoch, data.unit
 
 
-def build(cfg: DictConfig, held: ExitStack) -> Run:
+def _warm_start(
+    cfg: DictConfig, policy: Any, train_set: list[Tokenized], pad_id: int, accelerator: Any, run_dir: Path,
+    stop: StopOnSignal,
+) -> None:  # fmt: skip
+    """model.warm_start on `policy` (or its saved weights), with a progress bar; a signal stops
+    it within a step on every process."""
+    if sharded(accelerator):
+        raise UserError(
+            "model.warm_start runs on every process with the whole model, which a sharded launch does not "
+            "hold; train the SFT model first (loss=sft) and start from it, or use a DDP launch"
+        )
+    m = cfg.model
+    source = {k: OmegaConf.to_container(m, resolve=True)[k] for k in ("name_or_path", "revision", "gguf_file",
+                                                                      "random_init", "dtype")}  # fmt: skip
+    warm_started(
+        policy.to(accelerator.device), train_set, m.warm_start, cfg.train.seed, pad_id, run_dir / "warm_start",
+        accelerator.is_main_process, source=source, progress=bool(cfg.logger.progress and accelerator.is_main_process),
+        should_stop=lambda: stop.agreed(accelerator),
+    )  # fmt: skip
+
+
+def build(cfg: DictConfig, held: ExitStack, stop: StopOnSignal) -> Run:
     """Validate the config, then build the run's parts: data before weights, so that a bad
     dataset fails before minutes of model loading; the resume point before any training.
     The run directory's lock joins `held`, which the caller keeps until the run ends."""
     from accelerate.utils import set_seed
     from hydra.utils import instantiate
-    from transformers import get_scheduler
 
     config.validate(cfg)
     run_dir = run_dir_of(cfg)
@@ -246,8 +245,8 @@ def build(cfg: DictConfig, held: ExitStack) -> Run:
     if cfg.reference.name_or_path is not None:
         check_max_length(reference_model_config(cfg), cfg.data.max_length)
         check_reference_tokenizer(cfg, tokenizer)
-    train_set, eval_set, eval_pairs, per_epoch, n_steps = _load_data(cfg, tokenizer)
-    warmup = _warmup_steps(cfg.scheduler, n_steps)
+    train_set, eval_set, eval_pairs, per_epoch, n_steps, unit = _load_data(cfg, tokenizer)
+    warmup = warmup_steps(cfg.scheduler.warmup_steps, cfg.scheduler.warmup_ratio, n_steps)
     run_shape = {"n_steps": n_steps, "data": fingerprint(train_set), **checkpoint.settings(cfg)}
     if resume_from is not None:
         checkpoint.check_compatible(resume_from, run_shape)
@@ -256,15 +255,10 @@ def build(cfg: DictConfig, held: ExitStack) -> Run:
     generation = evalgen.setup(
         cfg, accelerator, tokenizer, eval_pairs, run_dir
     )  # a judge fails before the weights load
+    check_targets(cfg.model, tokenizer)  # LoRA target modules, on the meta device: before the weights load
     policy = load_model(cfg.model, tokenizer, t.seed)
     if cfg.model.warm_start.steps:
-        if sharded(accelerator):
-            raise UserError(
-                "model.warm_start runs on every process with the whole model, which a sharded launch does not "
-                "hold; train the SFT model first (loss=sft) and start from it, or use a DDP launch"
-            )
-        warm_started(policy.to(accelerator.device), train_set, cfg.model.warm_start, t.seed, tokenizer.pad_token_id,
-                     run_dir / "warm_start", accelerator.is_main_process)  # fmt: skip
+        _warm_start(cfg, policy, train_set, tokenizer.pad_token_id, accelerator, run_dir, stop)
     if cfg.model.lora.r is not None:
         policy = apply_lora(policy, cfg.model.lora, cfg.model.gradient_checkpointing)
     trainable, total = count_parameters(policy)
@@ -276,14 +270,14 @@ def build(cfg: DictConfig, held: ExitStack) -> Run:
         loss_fn,
     )
     optimizer = instantiate(cfg.optimizer)(params=[p for p in policy.parameters() if p.requires_grad])
-    scheduler = get_scheduler(_schedule(cfg.scheduler.name, warmup), optimizer, warmup, n_steps)
+    scheduler = make_scheduler(optimizer, cfg.scheduler.name, warmup, n_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     # The scheduler is stepped by hand once per optimizer step; registering it (instead of
     # preparing it) keeps it in checkpoints without accelerate stepping it once per process.
     accelerator.register_for_checkpointing(scheduler)
     unwrapped = accelerator.unwrap_model(policy)
     choice = layout.choose(t.layout, t.logits_chunk, unwrapped, sharded(accelerator))
-    choice = layout.probe(choice, unwrapped, train_set[:2], tokenizer.pad_token_id, KL_ROWS in loss_fn.needs)
+    choice = layout.probe(choice, unwrapped, train_set, tokenizer.pad_token_id, loss_fn.needs, t.micro_batch_size)
     log.info("batches: %s", choice.describe())
     # The reference comes from the policy before any update (or its own weights). On resume it
     # is rebuilt the same way (same weights or same seed); the checkpoint then overwrites only
@@ -297,18 +291,9 @@ def build(cfg: DictConfig, held: ExitStack) -> Run:
         run_dir, accelerator, train_set, eval_set, per_epoch, n_steps, run_shape, tokenizer, loss_fn,
         policy, unwrapped, optimizer, scheduler, reference, eval_reference, state["step"], resume_from is not None,
         state.get("loop", {}), wandb_mode, accelerator.distributed_type.value == "DEEPSPEED",
-        _flops_per_token(total, reference), choice.layout, choice.head,
-        [example_length(ex) for ex in train_set] if t.sort_by_length else None, generation,
+        flops_per_token(total, reference), choice.layout, choice.head,
+        [example_length(ex) for ex in train_set] if t.sort_by_length else None, generation, unit,
     )  # fmt: skip
-
-
-def _flops_per_token(parameters: int, reference: Any) -> float:
-    """The model FLOPs per trained token that `mfu` counts: 6N for the policy's forward and
-    backward passes (N = its parameters), plus 2N for a reference forward pass when a model
-    runs one each step (not for precomputed log-probs or none). Attention's own FLOPs, which
-    grow with the sequence length, are left out, as in the usual 6N estimate."""
-    live = reference is not None and not isinstance(reference, PrecomputedReference)
-    return float((8 if live else 6) * parameters)
 
 
 def _reference(
@@ -356,83 +341,34 @@ def _reference(
     return reference, reference
 
 
-class Window:
-    """What the logging window accumulates over its logger.log_every steps: metric sums, tokens
-    (the sequences' own, prompt counted once per response as any padded trainer computes
-    it; the tokens actually computed, fewer when a prompt is shared; all positions computed,
-    padding included), steps and the seconds spent training them (the steps alone: evaluation
-    and checkpoints are not training time). It is saved in each checkpoint, so a run
-    interrupted mid-window logs the same rows after resuming as it would have without the
-    interruption."""
-
-    COUNTERS = ("tokens", "computed", "positions")
-
-    def __init__(self, device: Any) -> None:
-        self.metrics = Averages()
-        self.counts = torch.zeros(len(self.COUNTERS), device=device)
-        self.steps = 0
-        self.seconds = 0.0
-
-    def add_tokens(self, batch: dict[str, torch.Tensor]) -> None:
-        mask = batch["attention_mask"]
-        self.counts += torch.stack([batch["length"].sum(), mask.sum(), torch.tensor(mask.numel())]).to(self.counts)
-
-    def clear(self) -> None:
-        self.metrics.clear()
-        self.counts.zero_()
-        self.steps, self.seconds = 0, 0.0
-
-    def state(self) -> dict[str, Any]:
-        parts = {k: [s.item(), c.item()] for k, (s, c) in self.metrics.parts.items()}
-        counts = dict(zip(self.COUNTERS, self.counts.tolist(), strict=True))
-        return {"parts": parts, **counts, "steps": self.steps, "seconds": self.seconds}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        device = self.counts.device
-        self.metrics.parts = {
-            k: (torch.tensor(s, device=device), torch.tensor(c, device=device)) for k, (s, c) in state["parts"].items()
-        }
-        # Checkpoints of earlier versions lack "computed" (then equal to tokens) and "positions".
-        values = [state["tokens"], state.get("computed", state["tokens"]), state.get("positions", 0.0)]
-        self.counts.copy_(torch.tensor(values))
-        self.steps = state["steps"]
-        self.seconds = state.get("seconds", 0.0)
-
-    def throughput(self, accelerator: Any, batch_size: int, flops_per_token: float, peak: float | None) -> dict:
-        """Pairs and sequence tokens per second of training time, over all processes; the share
-        of computed positions that were padding; and MFU (over the tokens actually computed)
-        when the peak is known."""
-        tokens, computed, positions = accelerator.reduce(self.counts.clone(), "sum").tolist()
-        seconds = max(self.seconds, 1e-9)
-        row = {
-            "tokens_per_s": tokens / seconds,
-            "pairs_per_s": batch_size * self.steps / seconds,
-            "padding_share": 1 - computed / positions if positions else 0.0,
-        }
-        if peak:
-            row["mfu"] = flops_per_token * computed / seconds / (peak * 1e12 * accelerator.num_processes)
-        return row
-
-
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train the policy described by `cfg`; return the last train and eval metrics. Signals
     (SIGTERM, SIGINT, SIGUSR1) are caught from the start: during the loop they end the run
     after the current step, with a checkpoint (see `train`)."""
     with StopOnSignal() as stop, ExitStack() as held:
-        r = build(cfg, held)
         try:
+            r = build(cfg, held, stop)
             return train(cfg, r, stop)
         except Interrupted as e:
             # Under SLURM a warning signal requeues the job, once the checkpoint is saved and the
             # sinks are closed, while the handlers are still ours: the launcher's SIGTERM to a
-            # slower rank 0 (after the others exit) cannot kill it before the requeue.
-            if r.accelerator.is_main_process:
-                slurm.hand_on(e.signum, stop.previous(e.signum))
-            r.accelerator.end_training()
+            # slower rank 0 (after the others exit) cannot kill it before the requeue. (A signal
+            # during the warm start, before any checkpoint, requeues it too: the job starts again.)
+            signum = e.signum or stop.received
+            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+                slurm.hand_on(signum, stop.previous(signum))
+            _part()
             raise
-        except UserError:  # non-finite, disk: the processes still part cleanly
-            r.accelerator.end_training()
+        except UserError:  # non-finite, disk, a refusal in build: the processes still part cleanly
+            _part()
             raise
+
+
+def _part() -> None:
+    """Tear down the process group (what accelerator.end_training does without trackers), so
+    that processes leaving on an error exit cleanly."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def train(cfg: DictConfig, r: Run, stop: StopOnSignal) -> dict[str, float]:
@@ -498,7 +434,7 @@ def train(cfg: DictConfig, r: Run, stop: StopOnSignal) -> dict[str, float]:
                     **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                     "lr": lr,
                     "nonfinite_steps": nonfinite["total"],
-                    **window.throughput(accelerator, t.batch_size, r.flops_per_token, cfg.logger.peak_tflops),
+                    **window.throughput(accelerator, t.batch_size, r.unit, r.flops, cfg.logger.peak_tflops),
                 }
                 metrics.log(row)
                 last.update(row)
@@ -545,6 +481,9 @@ def _forward_backward(cfg: DictConfig, r: Run, indices: list[int], window: Windo
         indices, accelerator.process_index, accelerator.num_processes, cfg.train.micro_batch_size, r.lengths
     )
     step_parts, finite = Averages(), torch.ones((), device=accelerator.device)
+    # A token-mean NLL term divides by the whole step's tokens (every process sees the step's
+    # indices), not each micro batch's: the split of the batch then changes nothing.
+    token_means = chosen_token_means([r.train_set[i] for i in indices])
 
     def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
         # A batch statistic a loss uses (KTO's KL estimate): every process joins this reduce on
@@ -562,7 +501,7 @@ def _forward_backward(cfg: DictConfig, r: Run, indices: list[int], window: Windo
         # accumulated gradient is the mean over this process's share; the all-reduce (DDP, FSDP,
         # DeepSpeed) then averages over processes.
         with accelerator.accumulate(policy), accelerator.autocast():
-            loss, parts = batch_loss(policy, r.reference, r.loss_fn, batch, mean_over_processes, r.head)
+            loss, parts = batch_loss(policy, r.reference, r.loss_fn, batch, mean_over_processes, r.head, token_means)
             accelerator.backward(loss)
         step_parts.add(parts)
         finite *= torch.isfinite(loss.detach()).all()

@@ -38,7 +38,6 @@ def main(argv: list[str] | None = None) -> None:
     from dpo_cli import layout
     from dpo_cli.data.prepare import prepare
     from dpo_cli.evaluate import REFERENCE_EXTRAS, make_batch
-    from dpo_cli.logprobs import KL_ROWS
     from dpo_cli.modeling import load_model, load_tokenizer
     from dpo_cli.reference import live_reference
 
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     policy = load_model(cfg.model, tokenizer, cfg.train.seed)
     loss_fn = instantiate(cfg.loss)
     choice = layout.choose(cfg.train.layout, cfg.train.logits_chunk, policy, sharded=False)
-    choice = layout.probe(choice, policy, data[:2], tokenizer.pad_token_id, KL_ROWS in loss_fn.needs)
+    choice = layout.probe(choice, policy, data, tokenizer.pad_token_id, loss_fn.needs, cfg.train.micro_batch_size)
     reference = live_reference(cfg, tokenizer, policy, head=choice.head) if loss_fn.requires_reference else None
     optimizer = instantiate(cfg.optimizer)(params=[p for p in policy.parameters() if p.requires_grad])
     policy.train()

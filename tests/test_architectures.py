@@ -43,10 +43,17 @@ ARCHITECTURES = {
         "OPTConfig",
         dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32),
     ),
+    # ALiBi: position biases from the row itself, not from position ids (padded rows only).
+    # Bloom takes no position ids and has no sdpa; Falcon takes them but ignores them with alibi.
+    "bloom": ("BloomConfig", dict(hidden_size=32, n_layer=2, n_head=4)),
+    "falcon_alibi": ("FalconConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True)),
+    # Global and local layers; the local ones apply their window by column (no prompt sharing).
+    "gpt_neo": (
+        "GPTNeoConfig",
+        dict(hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]], window_size=16),
+    ),
 }
 POSITIONS = 64
-# Gemma-2 soft-caps its attention logits, which sdpa (the default) cannot: transformers has eager for it.
-EXTRA = {"gemma2": ["model.attn_implementation=eager"]}
 # Two optimizer steps of 4 pairs on the built-in task, every step logged, evaluation on 4 pairs.
 TRAIN = [
     "train.max_steps=2",
@@ -89,8 +96,10 @@ def model_section(path: Path, *overrides: str):
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_every_architecture_trains_from_a_local_directory(train_run, tmp_path, arch):
+    """With default settings: the attention back-end each model supports best (Gemma-2 and
+    Bloom have no sdpa) and the layout it allows (ALiBi models: padded)."""
     model_dir = save_tiny_model(tmp_path / arch, arch, pad_token=arch != "gpt2")  # GPT-2 has no pad token
-    _, run_dir = train_run(pretrained(model_dir, *TRAIN, *EXTRA.get(arch, [])))
+    _, run_dir = train_run(pretrained(model_dir, *TRAIN))
     rows = [r for r in read_metrics(run_dir) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows), rows
@@ -223,7 +232,7 @@ def test_flash_and_flex_attention_need_what_they_run_on(monkeypatch):
     assert machine(gpu=True, package=True) is None
     no_package = machine(gpu=True, package=False)
     assert "the flash_attn package (pip install flash-attn" in no_package and "a CUDA GPU" not in no_package
-    assert "use model.attn_implementation=sdpa" in no_package
+    assert "leave model.attn_implementation unset (null:" in no_package  # sdpa would fail on Gemma-2
     no_gpu = machine(gpu=False, package=True)
     assert "a CUDA GPU (none found)" in no_gpu and "flash_attn" not in no_gpu
     monkeypatch.setattr("dpo_cli.distributed.cpu_only", lambda: True)

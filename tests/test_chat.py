@@ -413,3 +413,21 @@ def test_ultrafeedback_file_to_token_ids(tok, monkeypatch):
     for p, t in zip(rendered, tokenized, strict=True):
         assert t["prompt_ids"].count(BOS) == 1 and EOS not in t["chosen_ids"] + t["rejected_ids"]
         assert tok.decode(t["prompt_ids"] + t["chosen_ids"]) == p["prompt"] + p["chosen"]
+
+
+def test_roles_a_template_does_not_know_are_named_with_the_row_and_field(tmp_path):
+    """`human`/`bot` were blamed on the chat template ("the chat template refused the messages")."""
+    from dpo_cli.data import load_pairs
+    from dpo_cli.errors import DataError
+
+    rows = [
+        {"chosen": [u("hi"), a("yo")], "rejected": [u("hi"), a("no")]},
+        {"chosen": [{"role": "human", "content": "hi"}, {"role": "bot", "content": "yo"}], "rejected": [u("x")]},
+    ]
+    path = tmp_path / "roles.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError) as e:
+        load_pairs(data_config(format="pairs", path=str(path), eval_holdout=0), 0)
+    msg = str(e.value)
+    assert "line 2: field 'chosen': message 1 has role 'human'; the roles are system, user, assistant" in msg, msg
+    assert "chat template" not in msg

@@ -251,3 +251,33 @@ def test_validate_rejects_before_weights(compose_cfg, overrides, needle):
     with pytest.raises(ConfigError) as info:
         validate(compose_cfg(overrides))
     assert any(needle in p for p in info.value.problems), info.value.problems
+
+
+# --- settings that would be silently ignored ------------------------------------------------------
+
+
+def test_reference_settings_under_a_reference_free_loss_are_refused_all_named(compose_cfg):
+    """reference.dtype was silently ignored: SimPO loads no reference model."""
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg(["loss=simpo", "reference.dtype=bfloat16", "reference.precompute=true"]))
+    (problem,) = [p for p in info.value.problems if p.startswith("reference.")]
+    assert problem.startswith("reference.dtype='bfloat16', reference.precompute=True: no term of the loss needs"), (
+        problem
+    )
+    validate(compose_cfg(["loss=dpo", "reference.dtype=bfloat16"]))  # a reference is loaded: it applies
+
+
+@pytest.mark.parametrize(
+    "overrides, key, default",
+    [
+        (["~loss.beta"], "loss.beta", "DPOLoss's default 0.1"),
+        (["loss=dpo_simpo", "~loss.terms.simpo.gamma"], "loss.terms.simpo.gamma", "SimPOLoss's default 1.0"),
+    ],
+)
+def test_deleting_a_loss_parameter_is_refused_with_the_default_it_would_take(compose_cfg, overrides, key, default):
+    """`~loss.beta` silently trained with the class default."""
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg(["loss=dpo", *overrides]))
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{key} is not set, so the loss would use") and default in problem, problem
+    assert f"set {key}=" in problem

@@ -369,3 +369,80 @@ def test_report_percentiles_are_nearest_rank_and_the_truncated_share_is_at_most_
 
     assert _percentiles([1, 100]) == "p50=1 p90=100 p99=100 max=100"
     assert _percentiles(list(range(1, 11))) == "p50=5 p90=9 p99=10 max=10"
+
+
+# --- messages that name the right cause; held-out data that cannot evaluate --------------------
+
+
+def test_all_empty_responses_under_data_pairs_are_not_told_to_use_data_pairs(tmp_path):
+    rows = [{"prompt": f"q{i}", "chosen": "", "rejected": " "} for i in range(3)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        load_pairs(data_cfg(format="pairs", path=str(path)), seed=0)
+    msg = str(e.value)
+    assert "3 rows: empty response (chosen or rejected is empty or only white space)" in msg, msg
+    assert "use data=pairs" not in msg and "messages" not in msg
+
+
+def test_a_row_missing_several_fields_names_them_all(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}])
+    with pytest.raises(DataError) as e:
+        load_pairs(data_cfg(format="pairs", path=str(path)), seed=0)
+    msg = str(e.value)
+    assert "fields 'chosen' and 'rejected' are missing (the row has: text)" in msg, msg
+    assert "data.columns.chosen=COLUMN data.columns.rejected=COLUMN" in msg
+    path = write_jsonl(tmp_path / "k.jsonl", [{"prompt": "a", "text": "b"}])
+    with pytest.raises(DataError, match="fields 'completion' and 'label' are missing"):
+        load_pairs(data_cfg(format="kto", path=str(path)), seed=0)
+
+
+def test_a_missing_data_file_says_relative_to_what_only_for_a_relative_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as e:
+        load_pairs(data_cfg(path="nothing.jsonl"), seed=0)
+    assert f"data.path='nothing.jsonl' (relative to {tmp_path}): no such file" in str(e.value)
+    with pytest.raises(DataError) as e:
+        load_pairs(data_cfg(path=str(tmp_path / "nothing.jsonl")), seed=0)
+    assert "relative to" not in str(e.value)
+
+
+def test_the_offline_hint_is_not_offered_when_offline_mode_is_already_on(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError) as e:
+        load_pairs(data_cfg(format="hh", hub_id="nobody/no-such-dataset", eval_split="test"), seed=0)
+    msg = str(e.value)
+    assert "set HF_HUB_OFFLINE=1" not in msg, msg
+    assert "HF_HUB_OFFLINE is set: only the local Hugging Face cache is read, and it does not hold it" in msg
+
+
+def test_eval_path_that_is_data_path_warns(tmp_path, caplog, monkeypatch):
+    """The same file under two spellings: the 'held-out' pairs are training pairs."""
+    from dpo_cli.data.prepare import prepare
+    from dpo_cli.modeling import byte_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    path = write_jsonl(tmp_path / "h.jsonl", [hh_row("a", i) for i in range(8)])
+    with caplog.at_level("WARNING"):
+        prepare(data_cfg(path=str(path), eval_path="./h.jsonl"), byte_tokenizer(), 0)
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(lines) == 1 and "data.eval_path='./h.jsonl' is the training file data.path" in lines[0], lines
+    caplog.clear()
+    other = write_jsonl(tmp_path / "e.jsonl", [hh_row("b", i) for i in range(4)])
+    with caplog.at_level("WARNING"):
+        prepare(data_cfg(path=str(path), eval_path=str(other)), byte_tokenizer(), 0)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_no_held_out_pairs_warns_that_evaluation_is_skipped(tmp_path, caplog):
+    from dpo_cli.data.prepare import prepare
+    from dpo_cli.modeling import byte_tokenizer
+
+    path = write_jsonl(tmp_path / "h.jsonl", [hh_row("a", i) for i in range(8)])
+    for holdout, why in ((0, "data.eval_holdout=0"), (0.01, "data.eval_holdout=0.01 of 8 pairs")):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            data = prepare(data_cfg(path=str(path), eval_holdout=holdout), byte_tokenizer(), 0)
+        assert data.eval == []
+        lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(lines) == 1 and lines[0].startswith(f"no held-out pairs ({why})"), lines
+        assert "held-out evaluation (eval_loss, eval_rewards/*) is skipped" in lines[0]

@@ -4,6 +4,7 @@ to end with local stand-ins for what it would download."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -32,10 +33,17 @@ def _eval(args: list[str], cwd: Path, out: Path, launcher: list[str] = ()) -> tu
     return json.loads((out / "eval.json").read_text()), read_metrics(out)
 
 
+def _contents(directory: Path) -> dict[str, str]:
+    """Every file under `directory` (hidden ones included) and a hash of its bytes."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}  # fmt: skip
+
+
 def test_eval_mode_on_a_runs_final_model_reproduces_its_last_evaluation(tmp_path):
     run_dir = _train(["train.max_steps=4", "model.warm_start.steps=8", *GEN], tmp_path / "run")
     assert (run_dir / "warm_start" / "model.safetensors").is_file()  # the reference is rebuilt from it
     trained = [r for r in read_metrics(run_dir) if "eval_loss" in r][-1]
+    before = _contents(run_dir)
     record, rows = _eval([*FAST, *GEN, f"model.name_or_path={run_dir / 'final'}"], tmp_path, tmp_path / "eval")
     (row,) = rows
     assert row["step"] == 0 and record["metrics"] == {k: v for k, v in row.items() if k != "step"}
@@ -47,16 +55,34 @@ def test_eval_mode_on_a_runs_final_model_reproduces_its_last_evaluation(tmp_path
         assert row[key] == trained[key], key
     assert (tmp_path / "eval" / "samples" / "step-0.jsonl").is_file()
     assert (tmp_path / "eval" / "report.html").is_file()
+    # An evaluation into the run's own directory is refused before anything is written there.
+    proc = run_cli(["dpo-train", "mode=eval", *QUIET, *FAST, *GEN, f"model.name_or_path={run_dir / 'final'}",
+                    f"hydra.run.dir={run_dir}"], cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert_one_clear_error(proc, f"{run_dir} holds a training run (final/", "hydra.run.dir=DIR")
+    assert _contents(run_dir) == before, "evaluating the run changed its files"
+
+
+def _responses(path: Path, key: str) -> list[str]:
+    return [json.loads(line)[key] for line in path.read_text().splitlines()]
 
 
 def test_eval_mode_on_a_lora_adapter_uses_its_base_as_reference(tmp_path):
-    run_dir = _train(["train.max_steps=2", "model.lora.r=4", "model.warm_start.steps=0", *GEN], tmp_path / "run")
+    """The reference's samples come from the base model with the adapter off (the eval
+    command line sets no model.lora.r: the loaded model says it is an adapter)."""
+    args = ["train.max_steps=2", "model.lora.r=4", "optimizer.lr=1e-2", *GEN]
+    run_dir = _train(args, tmp_path / "run")
     assert (run_dir / "final" / "adapter_config.json").is_file()
-    record, (row,) = _eval([*FAST, *GEN, f"model.name_or_path={run_dir / 'final'}"], tmp_path, tmp_path / "eval")
+    out = tmp_path / "eval"
+    record, (row,) = _eval([*FAST, *GEN, f"model.name_or_path={run_dir / 'final'}"], tmp_path, out)
     assert record["reference"] == "the adapter's base model (adapter off)"
     trained = [r for r in read_metrics(run_dir) if "eval_loss" in r][-1]
     assert row["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-4)
-    assert 0 <= row["eval_win_rate"] <= 1
+    # The training run sampled its reference (the base) before any update: the same samples.
+    base = _responses(run_dir / "samples" / "reference.jsonl", "response")
+    assert _responses(out / "samples" / "reference.jsonl", "response") == base
+    # ... which the adapter changed: the policy's own samples differ (else this could not tell).
+    assert _responses(out / "samples" / "step-0.jsonl", "policy") != base
 
 
 def test_two_saved_models_head_to_head_with_a_reward_model(tmp_path):
@@ -116,3 +142,35 @@ def test_the_laptop_recipe_runs_end_to_end_with_local_stand_ins(tmp_path):
     assert last["step"] == 2 and math.isfinite(last["eval_win_rate"]) and math.isfinite(last["eval_loss"])
     samples = (tmp_path / "run" / "samples" / "step-2.jsonl").read_text().splitlines()
     assert len(samples) == 4 and json.loads(samples[0])["prompt"].startswith("\n\nHuman:")
+
+
+def test_only_a_training_runs_directory_is_refused_as_the_output(tmp_path):
+    """What marks a training run's directory (refused as mode=eval's output), and what does
+    not: a new or empty directory, or an earlier evaluation's."""
+    from dpo_cli.errors import UserError
+    from dpo_cli.evalmode import check_output_dir
+
+    def saved(d: Path, mode: str | None) -> Path:
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "config.yaml").write_text("loss: {beta: 0.1}\n" + (f"mode: {mode}\n" if mode else ""))
+        return d
+
+    check_output_dir(tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    check_output_dir(tmp_path / "empty")
+    evaluation = saved(tmp_path / "eval", "eval")
+    (evaluation / "metrics.jsonl").write_text('{"step": 0}\n')
+    (evaluation / "eval.json").write_text("{}\n")
+    check_output_dir(evaluation)
+    refused = {
+        "trained": saved(tmp_path / "trained", "train"),
+        "older": saved(tmp_path / "older", None),  # a config from before `mode` existed
+        "final": tmp_path / "final",
+        "rows": tmp_path / "rows",
+    }
+    (refused["final"] / "final").mkdir(parents=True)
+    refused["rows"].mkdir()
+    (refused["rows"] / "metrics.jsonl").write_text('{"step": 1}\n')
+    for d in refused.values():
+        with pytest.raises(UserError, match="holds a training run"):
+            check_output_dir(d)

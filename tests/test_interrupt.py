@@ -3,6 +3,7 @@ with a checkpoint from which `train.resume=auto` continues exactly, or with a cl
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -170,10 +171,34 @@ def test_a_diverging_learning_rate_ends_with_exit_3_and_no_final_model(tmp_path)
     assert not (tmp_path / "run" / "final").exists()
 
 
+def test_a_window_of_skipped_steps_ends_through_the_guard_with_the_progress_bar_on(tmp_path):
+    """lr 1e6 diverges: the guard skips steps as designed, and a logging window whose steps were
+    all skipped has no loss. The progress bar used to raise KeyError: 'loss' (exit 1, a
+    traceback); now the row logs what it has and the run ends through the guard's message."""
+    extra = ["optimizer.lr=1e6", "logger.progress=true", "logger.log_every=1", "train.max_nonfinite_steps=3"]
+    proc = _run(tmp_path / "run", extra)
+    assert proc.returncode == EXIT_NONFINITE, proc.stdout
+    assert "Traceback" not in proc.stdout and "KeyError" not in proc.stdout
+    assert "3 optimizer steps in a row had a non-finite loss" in proc.stdout
+    skipped = [r for r in read_metrics(tmp_path / "run") if "loss" not in r]
+    assert skipped and all(r["nonfinite_steps"] >= 1 and r["lr"] > 0 for r in skipped)
+
+
+def test_a_generation_row_alone_does_not_stop_the_progress_bar(train_run):
+    """Generation due at a step where the held-out evaluation is not (eval.generate_every=2,
+    train.eval_every=1000): its row has no eval_loss, which the progress bar used to read as a
+    training row (KeyError: 'loss')."""
+    args = ["logger.progress=true", "judge=sort", "eval.generate_every=2", "eval.prompts=4", "train.eval_every=1000"]
+    _, run_dir = train_run([*args, "train.max_steps=3"])
+    rows = read_metrics(run_dir)
+    alone = [r for r in rows if r["step"] == 2 and "eval_win_rate" in r]
+    assert alone and "eval_loss" not in alone[0]
+
+
 def test_constant_schedule_honours_its_warmup(train_run):
     _, run_dir = train_run(["scheduler.name=constant", "scheduler.warmup_steps=2", "train.max_steps=4"])
     lrs = [r["lr"] for r in read_metrics(run_dir) if "lr" in r]
-    assert lrs[0] == 0 and lrs[1] < lrs[2] == lrs[3] == 1e-3
+    assert lrs == [5e-4, 1e-3, 1e-3, 1e-3]  # warmup from lr / 2 on the first step
 
 
 def test_a_run_that_saved_no_checkpoint_is_started_over_by_resume_auto(train_run, tmp_path):
@@ -191,6 +216,31 @@ def test_signal_handlers_are_restored_after_a_run(train_run):
     before = signal.getsignal(signal.SIGTERM)
     train_run(["train.max_steps=1"])
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_signal_arriving_while_the_first_is_logged_is_taken_quietly():
+    """SLURM's `scancel --full` delivers USR1 two or three times within milliseconds. A second
+    one that comes while the handler is still writing its warning used to log it again, from
+    inside the first write (a reentrant write to train.log: "--- Logging error ---" and a
+    traceback in slurm-<id>.out). One warning, one request."""
+    from dpo_cli.signals import StopOnSignal
+
+    stop = StopOnSignal()
+    seen: list[str] = []
+
+    class SecondSignalDuringWrite(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+            if len(seen) == 1:
+                stop._handle(signal.SIGUSR1, None)  # as Python runs a handler between bytecodes
+
+    handler = SecondSignalDuringWrite()
+    logging.getLogger("dpo_cli.signals").addHandler(handler)
+    try:
+        stop._handle(signal.SIGUSR1, None)
+    finally:
+        logging.getLogger("dpo_cli.signals").removeHandler(handler)
+    assert len(seen) == 1 and seen[0].startswith("SIGUSR1 received") and stop.received == signal.SIGUSR1
 
 
 # A launch of the real CLI on two gloo processes; with FAULT set, rank 1's training loss is NaN

@@ -10,6 +10,9 @@ within 1e-4 of each weight tensor's largest entry (float32).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import pytest
 import torch
 import transformers
@@ -27,7 +30,8 @@ from dpo_cli.logprobs import KL, SHARED, WHOLE, WPO, batch_logps
 VOCAB = 97
 
 
-def tiny_model(arch: str, attn: str = "sdpa") -> torch.nn.Module:
+def tiny_model(arch: str, attn: str | None = "sdpa") -> torch.nn.Module:
+    """A tiny random `arch` model (eval mode) with back-end `attn` (None: the best it supports)."""
     class_name, kwargs = ARCHITECTURES[arch]
     positions = "n_positions" if arch == "gpt2" else "max_position_embeddings"
     ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -72,20 +76,22 @@ def loss_and_grads(model, batch, head, extras=frozenset()):
     return out, grads
 
 
-# Gemma-2 alternates sliding-window and full-attention layers: padded only (see the refusal test).
+# Gemma-2 alternates sliding-window and full-attention layers; Bloom and Falcon(alibi) take
+# their position biases from the row, not from position ids: padded only (see the refusal tests).
+# GPT-Neo's local layers apply their window by column: no prompt sharing.
+PADDED_ONLY = ("gemma2", "bloom", "falcon_alibi")
 CASES = [
     (a, layout)
     for a in ARCHITECTURES
     for layout in ("padded", "packed", "shared")
-    if a != "gemma2" or layout == "padded"
+    if (a not in PADDED_ONLY or layout == "padded") and (a != "gpt_neo" or layout != "shared")
 ]
 
 
 @pytest.mark.parametrize(("arch", "layout"), CASES)
 def test_layout_and_head_match_the_padded_full_logits_path(arch, layout):
-    attn = "eager" if arch == "gemma2" else "sdpa"
-    model = tiny_model(arch, attn)
-    assert layout in supported(model.config)[0], supported(model.config)[1]
+    model = tiny_model(arch, None)  # the back-end each model gets by default (eager for Gemma-2 and Bloom)
+    assert layout in supported(model)[0], supported(model)[1]
     head, why = Head.find(model, chunk=5)  # chunks smaller than the targets: several per batch
     extras = frozenset({SHARED, WPO, WHOLE})
     examples = pairs()
@@ -198,13 +204,29 @@ def test_shared_chunked_run_trains_like_a_padded_full_logits_run(train_run, tmp_
     assert all(key in rows["fast"][-1] for key in ("eval_loss", "eval_rewards/chosen"))
 
 
-def test_an_explicit_layout_the_back_end_cannot_run_is_refused():
+def _refusal(model: torch.nn.Module, layout: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        choose(layout, 1024, model, sharded=False)
+    (message,) = info.value.problems
+    return message
+
+
+def test_an_explicit_layout_the_back_end_cannot_run_is_refused_naming_fixes_that_work():
     """Gemma-2's layers alternate sliding-window and full attention: one mask cannot serve both,
-    so auto stays padded and an explicit shared layout is a config error naming what works."""
-    model = tiny_model("gemma2", "eager")
+    so auto stays padded and an explicit shared layout is a config error naming what works:
+    padded or auto, and no attention back-end (Gemma-2 has no sdpa, and none would help).
+    Each fix a refusal names is then tried on the same model."""
+    model = tiny_model("gemma2", None)
     assert choose("auto", 1024, model, sharded=False).layout == "padded"
-    with pytest.raises(ConfigError, match=r"train.layout=shared: not possible with this model .*use one of padded"):
-        choose("shared", 1024, model, sharded=False)
+    message = _refusal(model, "shared")
+    assert message.startswith("train.layout=shared: not possible with this model (its layers mix attention kinds")
+    assert message.endswith("use train.layout=padded or train.layout=auto") and "attn_implementation" not in message
+    for fix in ("padded", "auto"):
+        assert choose(fix, 1024, model, sharded=False).layout == "padded"
+    # Where the back-end is the reason, switching it is a fix, and it works.
+    flex = _refusal(tiny_model("llama", "flex_attention"), "shared")
+    assert flex.endswith("use train.layout=padded or train.layout=auto, or model.attn_implementation=sdpa"), flex
+    assert choose("shared", 1024, tiny_model("llama", "sdpa"), sharded=False).layout == "shared"
     sharded = choose("auto", 1024, tiny_model("llama"), sharded=True)
     assert sharded.layout == "shared" and sharded.head is None and "sharded weights" in sharded.why
 
@@ -214,13 +236,124 @@ def test_the_start_up_check_rejects_a_head_that_computes_something_else(caplog):
     examples: the check falls back to the same layout with full logits, and says so."""
     model = tiny_model("llama")
     good = choose("auto", 64, model, sharded=False)
-    assert probe(good, model, pairs(), 0, needs_kl=False) is good
+    assert probe(good, model, pairs(), 0) is good
     wrong = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False)
     bad = Choice("shared", Head(good.head.backbone, wrong, 64), good.why)
     with caplog.at_level("WARNING", logger="dpo_cli.layout"):
-        chosen = probe(bad, model, pairs(), 0, needs_kl=False)
+        chosen = probe(bad, model, pairs(), 0)
     assert chosen.layout == "shared" and chosen.head is None
     assert "start-up check rejected the faster path" in chosen.why and "off by" in caplog.text
+
+
+@pytest.mark.parametrize("arch", ["bloom", "falcon_alibi"])
+def test_alibi_models_get_padded_rows_and_refuse_packed_ones(arch, caplog):
+    """ALiBi biases come from each row's padding mask (Bloom takes no position ids; Falcon
+    ignores them with alibi=True), so positions cannot restart per packed sequence: auto picks
+    padded, which the start-up check finds exact, and an explicit packed layout is refused
+    naming what works. Once this crashed inside the start-up check (too many values to unpack)."""
+    model = tiny_model(arch, None)
+    choice = choose("auto", 64, model, sharded=False)
+    assert choice.layout == "padded" and "position ids" in choice.why, choice.why
+    with caplog.at_level("WARNING", logger="dpo_cli.layout"):
+        assert probe(choice, model, pairs(n=4), 0, frozenset({SHARED, WPO, WHOLE})) is choice
+    assert not caplog.records
+    for layout in ("packed", "shared"):
+        message = _refusal(model, layout)
+        assert "position ids" in message and message.endswith("use train.layout=padded or train.layout=auto"), message
+    assert choose("padded", 64, model, sharded=False).layout == "padded"
+
+
+def test_a_candidate_path_that_raises_falls_back_with_a_warning(caplog):
+    """Whatever a candidate path raises (here Bloom, forced into shared rows, fails inside its
+    ALiBi code), the start-up check warns and falls back; it never ends the run."""
+    model = tiny_model("bloom", None)
+    forced = Choice("shared", None, "forced for the test")
+    with caplog.at_level("WARNING", logger="dpo_cli.layout"):
+        chosen = probe(forced, model, pairs(n=4), 0)
+    assert chosen.layout == "padded" and chosen.head is None
+    assert "layout shared, full logits failed (ValueError" in caplog.text, caplog.text
+
+
+@dataclass
+class HalfGradient(Head):
+    """The model's own head with the exact values, but only half the gradient reaches the
+    layers below it (as a custom backward with a wrong factor)."""
+
+    @contextmanager
+    def capture(self):
+        with super().capture() as hidden:
+            yield lambda: hidden().detach() + 0.5 * (hidden() - hidden().detach())
+
+
+@dataclass
+class FirstColumnWrong(Head):
+    """The model's own head, but the hidden state at column 0 is off: what column 0 predicts is
+    a prompt token, scored only for whole-sequence log-probs (ORPO's NLL)."""
+
+    @contextmanager
+    def capture(self):
+        with super().capture() as hidden:
+
+            def off() -> torch.Tensor:
+                h = hidden()
+                first = torch.arange(h.shape[1], device=h.device) == 0
+                return h + first[None, :, None].to(h.dtype)
+
+            yield off
+
+
+def _broken(model: torch.nn.Module, kind: type) -> Choice:
+    good = choose("auto", 64, model, sharded=False)
+    assert good.layout == "shared" and good.head is not None
+    return Choice("shared", kind(good.head.backbone, good.head.linear, 64), good.why)
+
+
+def test_the_start_up_check_scores_the_longest_examples_not_the_first_ones(caplog):
+    """GPT-Neo's local layers apply their 16-token window by column, so prompt sharing (which
+    `auto` does not pick for it) is exact on rows that fit in the window and wrong on longer
+    ones. Forced on it, the check passes on the first two examples (short ones: all it used to
+    score) and catches it on the whole set, where it scores the longest, the shortest and two
+    between, in micro batches as training makes them."""
+    model = tiny_model("gpt_neo", None)
+    assert choose("auto", 64, model, sharded=False).layout == "packed"
+    assert "local-attention layers apply their window by column" in _refusal(model, "shared")
+    g = torch.Generator().manual_seed(3)
+
+    def pair(*lengths: int) -> dict:
+        keys = ("prompt_ids", "chosen_ids", "rejected_ids")
+        return {k: torch.randint(3, VOCAB, (n,), generator=g).tolist() for k, n in zip(keys, lengths, strict=True)}
+
+    data = [pair(3, 2, 2), pair(4, 3, 3), pair(10, 8, 6), pair(12, 10, 8), pair(14, 12, 10)]  # 7 ... 36 tokens
+    forced = Choice("shared", None, "forced for the test")
+    assert probe(forced, model, data[:2], 0) is forced  # exact on the first two examples
+    with caplog.at_level("WARNING", logger="dpo_cli.layout"):
+        chosen = probe(forced, model, data, 0, micro=2)
+    assert chosen.layout == "padded", chosen
+    assert "layout shared, full logits rejected off by" in caplog.text, caplog.text
+
+
+def test_the_start_up_check_compares_gradients(caplog):
+    """A path whose log-probs are exact but whose gradient is not (half of it is lost below the
+    head) is caught by comparing the gradient of one micro batch with the plain path's."""
+    model = tiny_model("llama")
+    bad = _broken(model, HalfGradient)
+    with caplog.at_level("WARNING", logger="dpo_cli.layout"):
+        chosen = probe(bad, model, pairs(n=4), 0)
+    assert chosen.layout == "shared" and chosen.head is None, chosen
+    assert "gradient off by" in caplog.text, caplog.text
+    assert all(p.grad is None for p in model.parameters())  # the check leaves no gradients behind
+
+
+def test_the_start_up_check_compares_the_extras_the_loss_asks_for(caplog):
+    """A path wrong only where whole-sequence log-probs are scored (prompt tokens) passes for a
+    loss that does not ask for them and is caught for one that does (ORPO's NLL, WHOLE)."""
+    model = tiny_model("llama")
+    bad = _broken(model, FirstColumnWrong)
+    assert probe(bad, model, pairs(n=4), 0, frozenset({SHARED, WPO})) is bad
+    with caplog.at_level("WARNING", logger="dpo_cli.layout"):
+        chosen = probe(bad, model, pairs(n=4), 0, frozenset({WHOLE}))
+    assert chosen.head is None, chosen
+    assert "chosen_whole off by" in caplog.text, caplog.text
 
 
 def test_length_aware_micro_batches_keep_the_step_and_balance_processes():

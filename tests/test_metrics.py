@@ -46,3 +46,19 @@ def test_progress_bar_shows_what_the_row_has():
         assert "acc=0.750" in str(sink.bar)
     finally:
         sink.close()
+
+
+def test_progress_bar_takes_rows_without_a_loss():
+    """A generation evaluation logs its row alone (eval_win_rate, no eval_loss), and a window
+    whose steps were all skipped as non-finite has no loss: both used to raise KeyError: 'loss'
+    and end the run with a traceback."""
+    sink = ProgressSink(total=40, initial=0)
+    try:
+        sink.log({"step": 32, "eval_win_rate": 0.7, "eval_tie_rate": 0.1})
+        assert sink.bar.n == 32
+        sink.log({"step": 33, "lr": 1e6, "nonfinite_steps": 1, "grad_norm": float("nan")})
+        assert sink.bar.n == 33 and "skipped=1" in str(sink.bar) and "loss" not in str(sink.bar)
+        sink.log({"step": 34, "loss": 0.5, "nonfinite_steps": 1})
+        assert "loss=0.5000" in str(sink.bar)
+    finally:
+        sink.close()

@@ -3,20 +3,22 @@ the smollm2 location, and `dpo-train model.name_or_path=DIR` without `model=`.""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import FAST, QUIET, make_config, read_metrics, run_cli
+from hydra.utils import instantiate
 from test_architectures import save_tiny_model
 from test_cli import assert_one_clear_error
 
-from dpo_cli import cli
+from dpo_cli import checkpoint, cli, memory, preflight
 from dpo_cli.config import validate
 from dpo_cli.errors import ConfigError, ModelLoadError
 from dpo_cli.hub import hub_reachable, looks_like_path
-from dpo_cli.modeling import byte_tokenizer, check_max_length
+from dpo_cli.modeling import byte_tokenizer, check_max_length, load_model, load_tokenizer
 
 SMOLLM2_DIR = "models/smollm2-135m-instruct"
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -61,8 +63,9 @@ def test_uncached_hub_id_offline_names_both_readings(tmp_path, monkeypatch):
         hub_reachable.cache_clear()
     message = str(info.value)
     assert "there is no local directory 'some-org/some-model'" in message
-    assert (
-        "hub id 'some-org/some-model' is not in the local Hugging Face cache and the Hub cannot be reached" in message
+    assert (  # offline mode is on: the Hub is not asked, and setting HF_HUB_OFFLINE is not suggested
+        "hub id 'some-org/some-model' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so the Hub "
+        "is not asked" in message
     )
     assert "model.name_or_path=DIR" in message
 
@@ -203,3 +206,55 @@ def test_model_smollm2_uses_the_local_copy_when_there_is_one(tmp_path, monkeypat
     assert name == SMOLLM2_HUB or name.endswith(SMOLLM2_DIR)
     (tmp_path / SMOLLM2_DIR).mkdir(parents=True)
     assert make_config(["model=smollm2"]).model.name_or_path == str(tmp_path / SMOLLM2_DIR)
+
+
+# --- the attention back-end: the best the model supports unless asked ----------------------------
+
+
+def test_gemma2_from_a_directory_trains_with_default_settings_and_an_explicit_sdpa_is_refused(tmp_path):
+    """Gemma-2 has no sdpa (it soft-caps attention logits). With default settings
+    (model.attn_implementation=null) it runs eager, says so, and trains; an explicit sdpa is
+    still a clear refusal, before any weights load, naming fixes that work (tried here)."""
+    model_dir = save_tiny_model(tmp_path / "gemma2", "gemma2")
+    base = ["dpo-train", f"model.name_or_path={model_dir}", *QUIET, *FAST, *SHORT]
+    proc = run_cli([*base, f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "attention: eager (model.attn_implementation=null: the best Gemma2ForCausalLM supports)" in proc.stdout
+    assert abs(read_metrics(tmp_path / "r")[0]["loss"] - math.log(2)) < 1e-6
+    proc = run_cli([*base, "model.attn_implementation=sdpa", f"hydra.run.dir={tmp_path}/s"], cwd=tmp_path)
+    exit_2(
+        proc,
+        "model.attn_implementation=sdpa: Gemma2ForCausalLM does not support it; set model.attn_implementation=eager, "
+        "or null (the default: the best the model supports, here eager)",
+    )
+    for fix in ("eager", "null"):
+        check_max_length(
+            make_config(
+                ["model=pretrained", f"model.name_or_path={model_dir}", f"model.attn_implementation={fix}"]
+            ).model,
+            32,
+        )
+
+
+def test_the_default_attention_is_the_best_each_model_supports_everywhere(tmp_path):
+    """null resolves to sdpa for Llama and eager for Gemma-2, the same in training (the loaded
+    model), in mode=inspect's layout line and in its memory estimate (eager stores the scores)."""
+    for arch, expected in (("llama", "sdpa"), ("gemma2", "eager")):
+        model_dir = save_tiny_model(tmp_path / arch, arch)
+        cfg = make_config(["model=pretrained", f"model.name_or_path={model_dir}", *FAST])
+        assert cfg.model.attn_implementation is None
+        tokenizer = load_tokenizer(cfg.model)
+        assert load_model(cfg.model, tokenizer, 0).config._attn_implementation == expected
+        assert f"back-end {expected}" in preflight.batches(cfg, tokenizer)
+        activations = memory.estimate(cfg, tokenizer, instantiate(cfg.loss)).report()
+        assert ("5*a*T/h" in activations) == (expected == "eager"), activations
+
+
+def test_a_checkpoint_written_with_the_former_sdpa_default_resumes_under_null(tmp_path):
+    """Runs checkpointed when sdpa was the default resume under the new default: the attention
+    kernel changes rounding, not what is computed (as train.layout)."""
+    cfg = make_config(["model.attn_implementation=null"])  # the default now
+    (tmp_path / checkpoint.STATE_FILE).write_text(
+        json.dumps({**checkpoint.settings(cfg), "model.attn_implementation": "sdpa"})
+    )
+    checkpoint.check_compatible(tmp_path, checkpoint.settings(cfg))

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, REPO, read_metrics
+from conftest import BIN, FAST, REPO, read_metrics
 
 pytestmark = pytest.mark.slurm
 
@@ -107,7 +107,12 @@ def training_rows(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in THROUGHPUT} for row in read_metrics(run_dir)]
 
 
-def signal_mid_run(job_id: str, run_dir: Path, after_step: int = 10, signal: str = "USR1") -> None:
+def signal_mid_run(
+    job_id: str, run_dir: Path, after_step: int = 10, signal: str = "USR1", scope: tuple[str, ...] = ()
+) -> None:
+    """Send `signal` once the run has logged `after_step`: to the job's steps (scancel's default), or
+    with `scope` ("--batch": the batch shell only; "--full": the shell, its children and the steps)."""
+
     def trained() -> bool:
         """the run to log step {after_step}"""
         path = run_dir / "metrics.jsonl"
@@ -116,7 +121,7 @@ def signal_mid_run(job_id: str, run_dir: Path, after_step: int = 10, signal: str
         )
 
     wait_for(trained, 300, every=0.2)
-    subprocess.run(["scancel", f"--signal={signal}", job_id], check=True, timeout=30)
+    subprocess.run(["scancel", f"--signal={signal}", *scope, job_id], check=True, timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +161,76 @@ def test_sbatch_job_preempted_requeues_itself_and_ends_as_uninterrupted(uninterr
     assert "SIGUSR1: stopped after step" in log and f"SLURM job {job_id} requeued" in log
     assert "resuming from its latest checkpoint" in log
     assert training_rows(run_dir) == training_rows(uninterrupted)
+
+
+# The smallest run that can be signalled mid-way (about 15 s of training here), with W&B offline:
+# its service process runs in the step and must survive the warning.
+SMALL_STEPS = 20
+SMALL = [*FAST, f"train.max_steps={SMALL_STEPS}", "train.eval_every=null", "judge=none", "logger.log_every=1"]
+SMALL += ["logger.progress=false", "logger.wandb.mode=offline"]
+
+
+@pytest.mark.parametrize(
+    "scope",
+    [
+        ("--batch",),  # the batch shell only, as `#SBATCH --signal=B:USR1@120` delivers it
+        ("--full",),  # the batch shell, srun and the step's processes at once
+    ],
+    ids=["batch-shell", "full"],
+)
+def test_sbatch_job_warned_through_the_batch_shell_requeues_once_and_finishes(tmp_path, scope):
+    """A USR1 that reaches the batch shell is passed on to the training, which saves once and
+    requeues once; bash's default action (end the script, SLURM then SIGTERMs the step) would stop
+    the run at its checkpoint with no requeue."""
+    run_dir = tmp_path / "run"
+    job_id = sbatch(tmp_path, [*SMALL, f"hydra.run.dir={run_dir}"])
+    signal_mid_run(job_id, run_dir, after_step=5, scope=scope)
+    wait_done(job_id, tmp_path)
+    console = (tmp_path / f"slurm-{job_id}.out").read_text()
+    assert "Traceback" not in console, console[-5000:]
+    assert job_field(job_id, "Restarts") == "1"
+    starts = [json.loads(line) for line in (run_dir / "slurm.jsonl").read_text().splitlines()]
+    assert [s.get("restart_count", "0") for s in starts] == ["0", "1"]
+    log = (run_dir / "train.log").read_text()
+    assert log.count("SIGUSR1: stopped after step") == 1 and log.count(f"SLURM job {job_id} requeued") == 1, log
+    assert "SIGTERM" not in log and "resuming from its latest checkpoint" in log
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, SMALL_STEPS + 1))
+    assert (run_dir / "final" / "config.json").is_file()
+    assert "wandb: logging failed" not in log and "wandb: finishing the W&B run failed" not in log
+
+
+# A main process at the end of a warned run: its W&B run finished, it requeues the job, and the
+# requeue's SIGTERM reaches every process of the job, wandb's service among them, before it exits.
+REQUEUE_WITH_WANDB = """
+import os, signal, sys, time
+import wandb
+from dpo_cli import slurm
+
+wandb.init(mode="offline", dir=sys.argv[1], project="dpo-cli").finish()
+children = [p for p in os.listdir("/proc") if p.isdigit() and open(f"/proc/{p}/stat").read().split()[3] == str(os.getpid())]
+assert children, "no wandb service process"
+slurm.hand_on(signal.SIGUSR1, None)
+for pid in children:
+    try:
+        os.kill(int(pid), signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+time.sleep(1)
+"""
+
+
+def test_requeue_ends_the_wandb_service_before_slurm_terminates_the_job(tmp_path):
+    """A service killed by the requeue's SIGTERM would make wandb's exit hook print a
+    ConnectionResetError traceback into slurm-<id>.out; `hand_on` ends it first."""
+    env = {**_env(), "SLURM_JOB_ID": "999999999", "WANDB_SILENT": "true"}  # no such job: the requeue fails
+    done = subprocess.run(
+        [str(BIN / "python"), "-c", REQUEUE_WITH_WANDB, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
 
 
 def test_sbatch_two_processes(uninterrupted, tmp_path):

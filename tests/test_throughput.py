@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import make_config, read_metrics
+from conftest import REPO, make_config, read_metrics
 from hydra.utils import instantiate
 
 from dpo_cli import train
@@ -90,3 +90,40 @@ def test_mfu_counts_8n_with_a_live_reference_and_6n_without(train_run, loss, fac
 def test_no_mfu_without_a_peak(train_run):
     _, run_dir = train_run(["train.max_steps=1", "train.eval_every=null"])
     assert all("mfu" not in r for r in _rows(run_dir))
+
+
+def _kto_batches(cfg, indices_per_step):
+    tokenizer = byte_tokenizer()
+    data = prepare(cfg.data, tokenizer, cfg.train.seed).train
+    loss_fn = instantiate(cfg.loss)
+    lengths = [example_length(ex) for ex in data]
+    for step in indices_per_step:
+        indices = step_indices(step, len(data), cfg.train.batch_size, cfg.train.seed)
+        for idx in micro_batches(indices, 0, 1, cfg.train.micro_batch_size, lengths):
+            yield make_batch(data, idx, tokenizer.pad_token_id, loss_fn, "cpu", "padded")
+
+
+def test_kto_counts_its_kl_rows_at_their_cost_and_its_examples_as_examples(train_run):
+    """KTO's KL rows run forward only (no gradient): 2N for the policy + 2N for the live
+    reference per token, not 8N, and they are not trained tokens (tokens_per_s); unpaired data
+    logs examples_per_s, not pairs_per_s. Both used to be overstated."""
+    peak = 0.25
+    data = [f"data.path={REPO / 'tests/fixtures/kto_sample.jsonl'}", "data.eval_holdout=4"]
+    args = ["data=kto", "loss=kto", "train.max_steps=1", "logger.log_every=1", "train.eval_every=null"]
+    args += [*data, f"logger.peak_tflops={peak}", "train.layout=padded", "judge=none", "model.warm_start.steps=0"]
+    args += ["train.batch_size=8", "train.micro_batch_size=4"]
+    _, run_dir = train_run(args, fast=False)
+    row = _rows(run_dir)[0]
+    assert "pairs_per_s" not in row and row["examples_per_s"] > 0
+    cfg = make_config(args)
+    _, n = count_parameters(load_model(cfg.model, byte_tokenizer(), cfg.train.seed))
+    trained = forward = sequence_tokens = 0
+    for batch in _kto_batches(cfg, [0]):
+        per_row = batch["attention_mask"].sum(-1)
+        trained += int(per_row[~batch["row_kl"]].sum())
+        forward += int(per_row[batch["row_kl"]].sum())
+        sequence_tokens += int(batch["length"][batch["role"] != 2].sum())
+    assert forward > 0
+    seconds = 8 / row["examples_per_s"]
+    assert row["tokens_per_s"] * seconds == pytest.approx(sequence_tokens)
+    assert row["mfu"] == pytest.approx((8 * n * trained + 4 * n * forward) / seconds / (peak * 1e12), rel=1e-9)

@@ -39,6 +39,15 @@ FORMATS: dict[str, Callable[[dict], Pair | str] | None] = {
     "ultrafeedback": ultrafeedback.normalize,
     "kto": kto.normalize,
 }
+# The fields each row format reads (after data.columns): a row that lacks several is told all.
+REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
+    "hh": ("chosen", "rejected"),
+    "pairs": ("chosen", "rejected"),
+    "tldr": ("info", "summaries", "choice"),
+    "shp": ("post_id", "history", "human_ref_A", "human_ref_B", "score_A", "score_B", "labels"),
+    "ultrafeedback": ("prompt", "chosen", "rejected", "score_chosen", "score_rejected"),
+    "kto": ("prompt", "completion", "label"),
+}
 # Formats whose examples are unpaired completions with a desirable/undesirable label: only
 # losses that do not need pairs (KTO, SFT) train on them.
 UNPAIRED_FORMATS = frozenset({"kto"})
@@ -61,17 +70,18 @@ def _read_rows(
     """Rows from local files (see `sources`), with where each comes from ("'a.jsonl' line 7"),
     or a hub dataset split (where = None: its 1-based row numbers)."""
     from dpo_cli.data.sources import read_rows_with_origin
-    from dpo_cli.hub import hub_reachable, offline_mode
+    from dpo_cli.hub import hub_reachable, offline_mode, offline_setting
 
     if path is not None:
         origins = read_rows_with_origin(path, what, split)
         return [o.row for o in origins], [o.where() for o in origins]
     import datasets
 
-    fix = (
-        f"download it where there is network and set data.path=/path/to/{split}.jsonl.gz "
-        "(or, if it is in your Hugging Face cache, set HF_HUB_OFFLINE=1)"
-    )
+    fix = f"download it where there is network and set data.path=/path/to/{split}.jsonl.gz"
+    if offline_setting():
+        fix = f"{offline_setting()} is set: only the local Hugging Face cache is read, and it does not hold it; {fix}"
+    else:
+        fix += " (or, if it is in your Hugging Face cache, set HF_HUB_OFFLINE=1)"
     # In offline mode (HF_HUB_OFFLINE=1) the datasets library reads its cache, so try it;
     # otherwise an unreachable Hub would only be retried for half a minute, so fail now.
     if not offline_mode() and not hub_reachable():
@@ -93,18 +103,30 @@ def _mapped(row: dict, columns: dict[str, str]) -> dict:
 
 
 def _normalize(
-    source: tuple[Any, list[str] | None], normalize: Callable[[dict], Pair | str], columns: dict[str, str], what: str
+    source: tuple[Any, list[str] | None], fmt: str, columns: dict[str, str], what: str
 ) -> tuple[list[Pair], dict[str, int]]:
-    """Pairs from rows, and how many rows were dropped for each reason. A row that lacks a field
-    or holds the wrong type is a DataError naming the row (file and line, or 1-based row) and
-    the field."""
+    """Pairs from rows of format `fmt`, and how many rows were dropped for each reason. A row
+    that lacks fields or holds the wrong type is a DataError naming the row (file and line, or
+    1-based row) and the fields (every missing one)."""
+    normalize = FORMATS[fmt]
+    assert normalize is not None
     rows, wheres = source
     pairs, dropped = [], Counter()
     for i, row in enumerate(rows):
+        mapped = _mapped(dict(row), columns)
         try:
-            pair = normalize(_mapped(dict(row), columns))
+            pair = normalize(mapped)
         except RowError as e:
             where = f"{what}: {wheres[i]}" if wheres else f"{what} row {i + 1}"
+            missing = [f for f in REQUIRED_FIELDS.get(fmt, ()) if f not in mapped] if e.field not in mapped else []
+            if len(missing) > 1:
+                names = ", ".join(map(repr, missing[:-1])) + f" and {missing[-1]!r}"
+                has = ", ".join(map(str, mapped)) or "nothing"
+                maps = " ".join(f"data.columns.{f}=COLUMN" for f in missing)
+                raise DataError(
+                    f"{where}: fields {names} are missing (the row has: {has}); fix the data, or map other columns "
+                    f"with {maps}"
+                ) from None
             raise DataError(
                 f"{where}: {e}; fix the data, or map another column with data.columns.{e.field}=COLUMN"
             ) from None
@@ -119,15 +141,13 @@ def _load_rows(data: Any, seed: int) -> tuple[list[Pair], list[Pair], dict[str, 
     """Train and eval pairs, dropped-row counts per reason, the first training rows (for
     suggesting a format when nothing could be used), and rows read per split, of a format that
     reads rows."""
-    normalize = FORMATS[data.format]
-    assert normalize is not None
     columns = {k: v for k, v in dict(data.get("columns") or {}).items() if v is not None}
     hub = {"name": data.get("hub_config"), "data_dir": data.get("hub_data_dir")}
     hub = {k: v for k, v in hub.items() if v is not None}
     source = _read_rows(data.path, data.hub_id, data.train_split, "data.path", hub)
     sample = [dict(r) for r in itertools.islice(source[0], 3)]
     where = "data.path" if data.path else f"dataset {data.hub_id!r}"
-    train, dropped_train = _normalize(source, normalize, columns, where)
+    train, dropped_train = _normalize(source, data.format, columns, where)
     train = _finalize(data, train, dropped_train)
     dropped = {"train": dropped_train}
     rows = {"train": len(source[0])}
@@ -138,7 +158,7 @@ def _load_rows(data: Any, seed: int) -> tuple[list[Pair], list[Pair], dict[str, 
         eval_path, key = (data.eval_path, "data.eval_path") if data.eval_path is not None else (data.path, "data.path")
         source = _read_rows(eval_path, data.hub_id, data.eval_split or "test", key, hub)
         where = key if eval_path else f"dataset {data.hub_id!r}"
-        evals, dropped["eval"] = _normalize(source, normalize, columns, where)
+        evals, dropped["eval"] = _normalize(source, data.format, columns, where)
         evals = _finalize(data, evals, dropped["eval"])
         rows["eval"] = len(source[0])
         if not evals:  # asked for explicitly, so an empty one is a mistake, not "no evaluation"
@@ -174,19 +194,31 @@ def _cap(items: list[Pair], n: int | None, seed: int) -> list[Pair]:
     return [items[i] for i in keep]
 
 
-def _suggest_format(sample: list[dict]) -> str:
-    """A hint at the data format that fits rows that could not be used."""
+# (columns, format, hint): the format that rows with those columns fit, first match first.
+FORMAT_HINTS = (
+    ({"info", "summaries", "choice"}, "tldr", "these rows look like TL;DR comparisons: use data=tldr"),
+    (
+        {"score_chosen", "score_rejected", "chosen", "rejected"},
+        "ultrafeedback",
+        "these rows look like UltraFeedback (binarized): use data=ultrafeedback",
+    ),
+    ({"history", "human_ref_A", "human_ref_B"}, "shp", "these rows look like SHP: use data=shp"),
+    ({"prompt", "completion", "label"}, "kto", "these rows look like unpaired examples: use data=kto with loss=kto"),
+    (
+        {"chosen", "rejected"},
+        "pairs",
+        "these rows hold chosen/rejected texts: use data=pairs (explicit or implicit prompt)",
+    ),
+)
+
+
+def _suggest_format(sample: list[dict], current: str) -> str:
+    """A hint at the data format that fits rows that could not be used; none when that is the
+    `current` format (the reasons the rows were dropped then say what is wrong with them)."""
     keys = set().union(*(r.keys() for r in sample)) if sample else set()
-    if {"info", "summaries", "choice"} <= keys:
-        return "; these rows look like TL;DR comparisons: use data=tldr"
-    if {"score_chosen", "score_rejected", "chosen", "rejected"} <= keys:
-        return "; these rows look like UltraFeedback (binarized): use data=ultrafeedback"
-    if {"history", "human_ref_A", "human_ref_B"} <= keys:
-        return "; these rows look like SHP: use data=shp"
-    if {"prompt", "completion", "label"} <= keys:
-        return "; these rows look like unpaired examples: use data=kto with loss=kto"
-    if {"chosen", "rejected"} <= keys:
-        return "; these rows hold chosen/rejected texts: use data=pairs (explicit or implicit prompt)"
+    for columns, fmt, hint in FORMAT_HINTS:
+        if columns <= keys:
+            return f"; {hint}" if fmt != current else ""
     if keys:
         return f"; the rows have columns {', '.join(sorted(map(str, keys)))}: map them with data.columns.NAME=COLUMN"
     return ""
@@ -255,7 +287,7 @@ def load_pairs(data: Any, seed: int) -> Pairs:
     evals = _cap(evals, data.max_eval_pairs, seed + 1)
     if not train:
         source = f"data.path={data.path!r}" if data.path else f"dataset {data.hub_id!r}"
-        hint = _suggest_format(sample) if sample else ""
+        hint = _suggest_format(sample, data.format) if sample else ""
         raise DataError(
             f"no usable training pairs in {source} for data.format={data.format} "
             f"(dropped: {_describe(dropped.get('train', {}))}){hint}"

@@ -30,7 +30,11 @@ from typing import Any
 from dpo_cli.data.fields import RowError, field
 from dpo_cli.errors import DataError
 
-Message = dict[str, str]  # {"role": "user" | "assistant" | "system" | ..., "content": str}
+Message = dict[str, str]  # {"role": "user" | "assistant" | "system" | "tool", "content": str}
+# The roles chat templates understand (transformers' convention). Another role (HH-style
+# human/bot, ShareGPT's gpt) is a data problem, named with its row and field, not something
+# to blame on the template, which renders it verbatim or refuses it in its own words.
+ROLES = ("system", "user", "assistant", "tool")
 
 NOT_A_PREFIX = "templated prompt is not a prefix of the templated conversation"
 NO_TEMPLATE = "the tokenizer has no chat template; set data.chat_template=FILE (a Jinja template)"
@@ -53,6 +57,12 @@ def messages(value: Any, name: str) -> list[Message]:
             if not isinstance(m.get(key), str):
                 got = "missing" if key not in m else f"a {type(m[key]).__name__}"
                 raise RowError(name, f"field {name!r}: message {i + 1} needs a string {key!r}, got {got}")
+        if m["role"] not in ROLES:
+            raise RowError(
+                name,
+                f"field {name!r}: message {i + 1} has role {m['role']!r}; the roles are {', '.join(ROLES)} (rename "
+                "the others in the data, e.g. human -> user, bot or gpt -> assistant)",
+            )
         out.append({"role": m["role"], "content": m["content"]})
     return out
 

@@ -46,7 +46,7 @@ class Sequence:
     shared: int  # LD-DPO's shared length (the shorter response of the pair)
 
 
-def _sequences(examples: list[Tokenized], kl: bool) -> list[Sequence]:
+def _sequences(examples: list[Tokenized], kl: bool, kl_donor: Tokenized | None = None) -> list[Sequence]:
     """Every sequence of the batch, CHOSEN, then REJECTED, then KL.
 
     A pair gives a CHOSEN and a REJECTED sequence whose shared length is the shorter of the two
@@ -58,6 +58,8 @@ def _sequences(examples: list[Tokenized], kl: bool) -> list[Sequence]:
     is example j's prompt followed by example j - 1's completion (cyclically), as in TRL's
     KTOTrainer. For pairs the rotation runs over the sequences (chosen responses, then rejected
     ones), so every KL sequence mixes two different pairs once there are at least two of them.
+    A batch of one example has no other example to mismatch with: `kl_donor` (an example from
+    outside the batch) then gives the KL sequences' responses, its i-th sequence's to the i-th.
     """
     chosen, rejected = [], []
     for i, ex in enumerate(examples):
@@ -70,6 +72,12 @@ def _sequences(examples: list[Tokenized], kl: bool) -> list[Sequence]:
             chosen.append(Sequence(ex["prompt_ids"], ex["chosen_ids"], CHOSEN, i, shared))
             rejected.append(Sequence(ex["prompt_ids"], ex["rejected_ids"], REJECTED, i, shared))
     seqs = chosen + rejected
+    if kl and len(examples) == 1 and kl_donor is not None:
+        donor = _sequences([kl_donor], False)
+        return seqs + [
+            Sequence(s.prompt, donor[j % len(donor)].response, KL, s.example, len(donor[j % len(donor)].response))
+            for j, s in enumerate(seqs)
+        ]
     if kl:
         # Unpaired examples rotate in example order (as TRL's KTOTrainer does); pairs in
         # sequence order, chosen responses first, so that no prompt meets its own responses.
@@ -79,6 +87,31 @@ def _sequences(examples: list[Tokenized], kl: bool) -> list[Sequence]:
             for j, s in enumerate(order)
         ]
     return seqs
+
+
+def _scored(prompt: list[int], response: list[int]) -> int:
+    """How many of `response`'s tokens `collate` scores: all, but the first when the prompt is
+    empty (nothing predicts it)."""
+    return len(response) - (1 if response and not prompt else 0)
+
+
+def chosen_token_means(examples: list[Tokenized]) -> tuple[float, float]:
+    """(scored response tokens, scored whole-sequence tokens) of the examples' CHOSEN sequences
+    (an unpaired example's desirable completion; an undesirable one has none), per example:
+    the denominators of a token-mean NLL over these examples, counted exactly as `collate`
+    scores them, before any forward pass (see `evaluate.batch_loss`)."""
+    response = whole = 0
+    for ex in examples:
+        if "completion_ids" in ex:
+            if not ex["label"]:
+                continue
+            prompt, chosen = ex["prompt_ids"], ex["completion_ids"]
+        else:
+            prompt, chosen = ex["prompt_ids"], ex["chosen_ids"]
+        response += _scored(prompt, chosen)
+        whole += max(len(prompt) - 1, 0) + _scored(prompt, chosen)
+    n = max(len(examples), 1)
+    return response / n, whole / n
 
 
 def _units(seqs: list[Sequence], layout: str) -> list[tuple[list[int], list[int]]]:
@@ -133,8 +166,10 @@ def collate(
     index: list[int] | None = None,
     layout: str = "padded",
     whole: bool = False,
+    kl_donor: Tokenized | None = None,
 ) -> dict[str, torch.Tensor]:
     """Batch examples (pairs or unpaired completions) into model input rows (see the module doc).
+    `kl_donor`: the example whose responses a one-example batch's KL sequences take.
 
     Keys, per row (R, L): input_ids, attention_mask (1 on tokens, 0 on padding), and for
     `packed`/`shared` position_ids, segment (which unit a token belongs to, -1 on padding) and
@@ -152,7 +187,7 @@ def collate(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
-    seqs = _sequences(examples, kl)
+    seqs = _sequences(examples, kl, kl_donor)
     units = _units(seqs, layout)
     rows = _rows(units, seqs, layout)
     width = max(sum(len(units[u][0]) + sum(len(seqs[i].response) for i in units[u][1]) for u in row) for row in rows)

@@ -30,6 +30,7 @@ ASSISTANT = "\n\nAssistant:"
 NO_SHARED_PROMPT = "no shared prompt (chosen and rejected differ from the start)"
 NO_SHARED_MESSAGES = "no shared prompt messages (chosen and rejected differ from the first message)"
 EMPTY_RESPONSE = "empty response (no messages after the prompt)"
+EMPTY_TEXT = "empty response (chosen or rejected is empty or only white space)"
 NOT_ASSISTANT = "a response holds a user or system turn, not only assistant turns"
 
 
@@ -103,6 +104,6 @@ def normalize(row: dict) -> dict[str, Any] | str:
             return split_implicit(chosen, rejected)
         same_kind("prompt", prompt, "chosen", chosen)
         if not chosen.strip() or not rejected.strip():
-            return EMPTY_RESPONSE
+            return EMPTY_TEXT
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     return split_messages(chosen, rejected, prompt)  # a text prompt is the user's turn

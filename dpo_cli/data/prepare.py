@@ -172,6 +172,7 @@ def prepare(data: Any, tokenizer: Any, seed: int, check: bool = True, need_text:
     cache hit, rendering is skipped too unless `need_text` (an export of the rendered text).
     """
     pairs = load_pairs(data, seed)
+    warn_about_eval(data, pairs)
     n_train = len(pairs.train)
     eval_pairs = list(pairs.eval)
     template = chat.load_template(data.chat_template) if data.get("chat_template") else None
@@ -203,6 +204,41 @@ def prepare(data: Any, tokenizer: Any, seed: int, check: bool = True, need_text:
     if check:
         check_prepared(prepared)
     return prepared
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(os.path.expanduser(a), os.path.expanduser(b))
+    except OSError:  # not both there: the reader has said so
+        return False
+
+
+def warn_about_eval(data: Any, pairs: Pairs) -> None:
+    """One WARNING line each for held-out metrics that would mislead or not exist: data.eval_path
+    naming the training file itself (under any spelling), and no held-out pairs at all, which
+    training accepts (eval_every then evaluates nothing; generation evaluation refuses it)."""
+    path, eval_path = data.get("path"), data.get("eval_path")
+    if path is not None and eval_path is not None and _same_file(path, eval_path):
+        log.warning(
+            "data.eval_path=%r is the training file data.path=%r: the held-out metrics would be measured on "
+            "training pairs; point data.eval_path at other pairs, or remove it to hold data.eval_holdout pairs out",
+            eval_path,
+            path,
+        )
+    if pairs.eval:
+        return
+    unit = "examples" if unpaired_data(data) else "pairs"
+    holdout, total = data.get("eval_holdout"), len(pairs.train)
+    if data.format == "mix":
+        why = "no source of data.mixture holds any out"
+    else:
+        why = "data.eval_holdout=0" if not holdout else f"data.eval_holdout={holdout} of {total} {unit}"
+    log.warning(
+        "no held-out %s (%s): held-out evaluation (eval_loss, eval_rewards/*) is skipped; set data.eval_holdout=N "
+        "or data.eval_path=FILE to evaluate",
+        unit,
+        why,
+    )
 
 
 def check_prepared(p: Prepared) -> None:

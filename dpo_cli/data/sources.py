@@ -71,6 +71,7 @@ def read_rows_with_origin(path: str, what: str, split: str | None = None) -> lis
         files = [(path, expanded)]
     else:
         shown = f"{path!r}" + (f" (expanded to {expanded!r})" if expanded != path else "")
+        shown += "" if os.path.isabs(expanded) else f" (relative to {os.getcwd()})"
         raise DataError(f"{what}={shown}: no such file or directory; point it at a {SUPPORTED} or a directory of them")
     rows: list[Origin] = []
     for file, real in files:

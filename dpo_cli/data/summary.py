@@ -46,7 +46,9 @@ def report(data: Prepared, tokenizer: Any, batch_size: int, n_examples: int = 3)
     truncated share, tokens and steps per epoch, and a few examples with their boundaries."""
     train = data.train
     rows = data.pairs.rows
-    kept = data.n_train + len(data.pairs.eval)
+    # Normalized pairs, counted before chat rendering (which a tokenization-cache hit skips, so
+    # that pairs it would drop are only known on a fresh run): the same figure either way.
+    kept = data.n_train + len(data.eval_pairs)
     lines = [
         f"rows read: {', '.join(f'{k} {v}' for k, v in rows.items()) or 'generated'}; "
         f"{data.unit} kept: {len(train)} train, {len(data.eval)} eval (of {kept} normalized)",
@@ -82,13 +84,20 @@ def report(data: Prepared, tokenizer: Any, batch_size: int, n_examples: int = 3)
     return "\n".join(lines)
 
 
-def export(data: Prepared, path: str) -> Path:
+def export(data: Prepared, path: str, overwrite: bool = False) -> Path:
     """Write the normalized training and eval pairs (the text that is then tokenized) as JSONL:
-    {"split", "prompt", "chosen", "rejected"} (or "completion", "label" for unpaired data)."""
+    {"split", "prompt", "chosen", "rejected"} (or "completion", "label" for unpaired data).
+
+    The config check refuses an existing file (and always the input); the file is still opened
+    exclusively unless `overwrite`, so that one created meanwhile is not replaced either."""
     out = Path(path).expanduser()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        f = out.open("w")
+        f = out.open("w" if overwrite else "x")
+    except FileExistsError:
+        raise DataError(
+            f"inspect.export={path!r} already exists; choose another file, or set inspect.overwrite=true"
+        ) from None
     except OSError as e:
         raise DataError(f"inspect.export={path!r} cannot be written ({e.strerror}); choose another file") from None
     with f:

@@ -82,27 +82,32 @@ def mean_logps(logps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logps / tokens.clamp(min=1)
 
 
-def nll_shares(logps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Each sequence's share of the batch's token-mean NLL, (B,).
+def nll_shares(logps: torch.Tensor, tokens: torch.Tensor, denominator: float | None = None) -> torch.Tensor:
+    """Each sequence's share of a token-mean NLL, (B,).
 
-    NLL = -sum_i logps_i / sum_i tokens_i: the mean over all tokens of the batch, as TRL's `sft`
-    loss and CPO/ORPO's NLL term compute it. Sequence i's share is -logps_i * B / sum tokens,
-    so that the mean over sequences is exactly that NLL and it combines with per-pair losses by
-    a plain mean.
+    NLL = -sum_i logps_i / D, D = `denominator`: by default this batch's tokens (sum_i tokens_i),
+    the mean over all tokens of the batch, as TRL's `sft` loss and CPO/ORPO's NLL term compute
+    it per batch. In training and evaluation D is the batch's share of its optimizer step's (or
+    eval set's) tokens (`SequenceLogps.nll_tokens`), so that the NLL is one token mean over the
+    whole step: a micro batch of long responses then weighs what its tokens weigh, whatever the
+    micro batch size, accumulation or number of processes. Sequence i's share is
+    -logps_i * B / D, so that the mean over sequences is exactly that NLL and it combines with
+    per-pair losses by a plain mean.
     """
-    return -logps * logps.shape[0] / tokens.sum().clamp(min=1)
+    d = tokens.sum().clamp(min=1) if denominator is None else max(denominator, 1.0)
+    return -logps * logps.shape[0] / d
 
 
 def chosen_nll(policy: SequenceLogps) -> torch.Tensor:
     """`nll_shares` of the chosen responses' tokens."""
-    return nll_shares(policy.chosen, policy.chosen_tokens)
+    return nll_shares(policy.chosen, policy.chosen_tokens, policy.nll_tokens)
 
 
 def chosen_whole_nll(policy: SequenceLogps) -> torch.Tensor:
     """`nll_shares` over every token of the chosen sequences but the first (prompt and
     response), as TRL's ORPOTrainer and the ORPO authors' code take it by default."""
     assert policy.chosen_whole is not None and policy.chosen_whole_tokens is not None, "needs logprobs.WHOLE"
-    return nll_shares(policy.chosen_whole, policy.chosen_whole_tokens)
+    return nll_shares(policy.chosen_whole, policy.chosen_whole_tokens, policy.nll_whole_tokens)
 
 
 def policy_means(policy: SequenceLogps) -> tuple[torch.Tensor, torch.Tensor]:

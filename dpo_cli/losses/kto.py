@@ -25,8 +25,9 @@ class KTOLoss(Loss):
     and undesirable (REJECTED) examples; the metric `kl` is z0.
 
     Data: unpaired rows (`data=kto`: prompt, completion, label), or pairs, whose chosen
-    response counts as desirable and rejected response as undesirable. A micro batch needs at
-    least two examples, or the KL rows would match their own prompts.
+    response counts as desirable and rejected response as undesirable. A training micro batch
+    needs at least two examples, or the KL rows would match their own prompts; an eval batch of
+    one takes another eval example's completion (`evaluate.make_batch`).
     The paper uses beta = 0.1; TRL recommends keeping lambda_D n_D / (lambda_U n_U) in
     [1, 4/3] for n_D desirable and n_U undesirable examples (the paper's Eq. 8 discussion).
     Equals TRL's KTOTrainer (loss_type="kto").
