@@ -404,7 +404,7 @@ def train(cfg: DictConfig, r: Run, stop: StopOnSignal) -> dict[str, float]:
             if grad_norm is not None:
                 finite = finite * torch.isfinite(grad_norm)
             if _all_finite(accelerator, finite):
-                r.optimizer.step()
+                _optimizer_step(r.optimizer, lr)
                 if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the step did not happen
                     r.scheduler.step()
                 window.metrics.add(step_parts.parts)
@@ -507,6 +507,19 @@ def _forward_backward(cfg: DictConfig, r: Run, indices: list[int], window: Windo
         finite *= torch.isfinite(loss.detach()).all()
         window.add_tokens(batch)
     return step_parts, finite
+
+
+def _optimizer_step(optimizer: Any, lr: float) -> None:
+    """optimizer.step(), with a learning rate whose step size does not fit the parameters'
+    dtype (Adam at lr 1e38: lr / (1 - beta1) overflows float32 inside torch) told as such."""
+    try:
+        optimizer.step()
+    except RuntimeError as e:
+        if "without overflow" not in str(e):
+            raise
+        raise UserError(
+            f"the optimizer's step size at learning rate {lr:g} overflows the weights' dtype ({e}); lower optimizer.lr"
+        ) from None
 
 
 def _all_finite(accelerator: Any, finite: torch.Tensor) -> bool:

@@ -384,7 +384,7 @@ def test_load_pairs_missing_file(tmp_path):
 def test_load_pairs_wrong_keys(tmp_path):
     bad = tmp_path / "qa.jsonl"
     bad.write_text('{"question": "Why?", "answer": "Because."}\n{"question": "How?", "answer": "Thus."}\n')
-    with pytest.raises(DataError, match="line 1: field 'chosen' is missing"):
+    with pytest.raises(DataError, match="line 1: fields 'chosen' and 'rejected' are missing"):
         load_pairs(hh_config(bad), seed=0)
 
 

@@ -165,10 +165,18 @@ def test_consecutive_non_finite_steps_stop_the_run_with_its_last_good_state(trai
 
 
 def test_a_diverging_learning_rate_ends_with_exit_3_and_no_final_model(tmp_path):
-    proc = _run(tmp_path / "run", ["optimizer.lr=1e38", "train.max_nonfinite_steps=2"])
+    proc = _run(tmp_path / "run", ["optimizer.lr=1e30", "train.max_nonfinite_steps=2"])
     assert proc.returncode == EXIT_NONFINITE, proc.stdout
     assert "Traceback" not in proc.stdout and "non-finite" in proc.stdout
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_a_learning_rate_whose_step_overflows_is_one_clear_error(tmp_path):
+    """lr 1e38 with a warmup that starts at lr / 2: AdamW's step size lr / (1 - beta1) = 5e38
+    does not fit float32, and torch raised RuntimeError (a traceback, exit 1) on step 1."""
+    proc = _run(tmp_path / "run", ["optimizer.lr=1e38"])
+    assert proc.returncode == 2, proc.stdout
+    assert "Traceback" not in proc.stdout and "lower optimizer.lr" in proc.stdout
 
 
 def test_a_window_of_skipped_steps_ends_through_the_guard_with_the_progress_bar_on(tmp_path):

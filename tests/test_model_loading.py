@@ -177,12 +177,12 @@ def test_dpo_train_with_only_name_or_path_trains_that_model_with_pretrained_sett
 def test_multirun_with_only_name_or_path_uses_model_pretrained_in_every_job(tmp_path):
     model_dir = save_tiny_model(tmp_path / "llama")
     proc = run_cli(
-        ["dpo-train", "-m", "mode=inspect", f"model.name_or_path={model_dir}", "train.seed=1,2", *QUIET]
-        + [*FAST, f"hydra.sweep.dir={tmp_path}/sweep"],
+        ["dpo-train", "-m", f"model.name_or_path={model_dir}", "train.seed=1,2", *QUIET]
+        + [*FAST, "train.max_steps=1", "train.eval_every=null", "judge=none", f"hydra.sweep.dir={tmp_path}/sweep"],
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for job in ("0", "1"):
+    for job in ("0", "1"):  # a training job each (mode=inspect writes no run directory to read back)
         composed = yaml.safe_load((tmp_path / "sweep" / job / ".hydra" / "config.yaml").read_text())
         assert composed["model"]["random_init"] is None and composed["optimizer"]["lr"] == 5e-7
 

@@ -8,8 +8,10 @@ at the same positions, same masks), compute dpo-cli's loss on the same policy wi
 reference holding TRL's reference weights, and compare: the loss, its gradient with respect
 to every policy weight, and each metric both tools log. All in float32; values agree within
 1e-5 absolute plus 1e-6 relative (log-probs are sums over tens of tokens, and TRL's chunked
-log-softmax rounds differently from ours). Gradients agree within 1e-5 of each weight
-tensor's largest gradient entry.
+log-softmax rounds differently from ours); the loss within 1e-5 plus 4e-6 relative (IPO's
+squared distance to 1/(2 beta) = 5 turns the log-probs' rounding into a loss of about 25 that
+differs by 2.3e-6 relative with its alpha-divergence, measured with transformers 5.25).
+Gradients agree within 1e-5 of each weight tensor's largest gradient entry.
 
 Policy and reference are one random model with different seeded noise added to every weight,
 so log-ratios are of order 1 to 10 nats with both signs, pairs are ranked both right and
@@ -71,6 +73,7 @@ pytestmark = [
 ]
 
 ATOL, RTOL = 1e-5, 1e-6
+LOSS_RTOL = 4e-6  # see the module docstring: float32 rounding of a loss of about 25 (IPO)
 BETA = 0.1
 
 # Short strings of different lengths: prompts and responses differ in length both ways, so
@@ -239,7 +242,7 @@ def make_run(models: Models, trl_loss: torch.Tensor, trl_metrics: dict, loss_fn:
 
 
 def assert_loss_and_grads_match(run: Run) -> None:
-    assert_close(run.our_loss, run.trl_loss, atol=ATOL, rtol=RTOL)
+    assert_close(run.our_loss, run.trl_loss, atol=ATOL, rtol=LOSS_RTOL)
     assert any(g.abs().max() > 0 for g in run.trl_grads)
     for ours, theirs in zip(run.our_grads, run.trl_grads, strict=True):
         assert_close(ours, theirs, atol=ATOL * max(1.0, theirs.abs().max().item()), rtol=0)
