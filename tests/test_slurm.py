@@ -57,7 +57,10 @@ def cluster():
 
 def _env() -> dict[str, str]:
     # The venv's tools first, as after `source .venv/bin/activate`; sbatch exports them to the job.
-    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    # Without WANDB_SERVICE: an earlier in-process W&B test set it to this pytest process's own
+    # wandb service, which a job would join instead of starting its own, as a real job does.
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**env, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
 
 
 def sbatch(out_dir: Path, args: list[str], env: dict | None = None) -> str:

@@ -167,7 +167,11 @@ def test_large_jsonl_reads_every_row_in_order(tmp_path):
 def test_missing_path_message_is_exact(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert error("x.jsonl") == (
-        "data.path='x.jsonl': no such file or directory; "
+        f"data.path='x.jsonl' (relative to {tmp_path}): no such file or directory; "
+        "point it at a .jsonl/.json/.parquet/.csv file (optionally .gz) or a directory of them"
+    )
+    assert error(str(tmp_path / "x.jsonl")) == (  # an absolute path is not "relative to" anything
+        f"data.path='{tmp_path / 'x.jsonl'}': no such file or directory; "
         "point it at a .jsonl/.json/.parquet/.csv file (optionally .gz) or a directory of them"
     )
 
