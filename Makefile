@@ -31,7 +31,7 @@ install: $(BIN)/dpo-train ## create .venv and install dpo-cli (editable) with de
 train: install ## train the built-in tiny model on the built-in task (seconds on a laptop CPU)
 	$(BIN)/dpo-train $(ARGS)
 
-test: install ## run the test suite (offline; about 28 minutes on 2 CPU cores; the SLURM tests need scripts/slurm/local_cluster.sh)
+test: install ## run the test suite (offline; about 25 minutes on 2 CPU cores; the SLURM tests need scripts/slurm/local_cluster.sh)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-all: install ## the test suite including slow tests
