@@ -478,6 +478,7 @@ RESUMABLE_CHANGES = (
     "train.logits_chunk",
     "model.attn_implementation",  # the attention kernel: rounding, not what is computed (its default became null)
     "logger.progress",
+    "logger.report",  # whether report.png/report.html are drawn
     "logger.wandb",
     "logger.peak_tflops",  # only what mfu is divided by
     "data.cache_dir",  # where tokenized data is cached, not what it is

@@ -177,6 +177,7 @@ class WandbConfig:
 class LoggerConfig:
     log_every: int = 1
     progress: bool = True
+    report: bool = True
     peak_tflops: Optional[float] = None
     wandb: WandbConfig = field(default_factory=WandbConfig)
 

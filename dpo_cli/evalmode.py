@@ -247,7 +247,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             record = {"model": cfg.model.name_or_path, "reference": what, "loss": repr(loss_fn),
                       "judge": generation.judge.describe() if generation else None, "metrics": values}  # fmt: skip
             (run_dir / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
-            write_reports(run_dir)
-            log.info("%s", summary(run_dir, row, None, generation, Path(cfg.model.name_or_path)))
+            if cfg.logger.report:
+                write_reports(run_dir)
+            log.info("%s", summary(run_dir, row, None, generation, Path(cfg.model.name_or_path), cfg.logger.report))
     accelerator.end_training()
     return row

@@ -38,7 +38,12 @@ def generation_line(row: dict[str, Any], generation: Any) -> str | None:
 
 
 def summary(
-    run_dir: Path, last: dict[str, Any], steps: int | None, generation: Any, model_dir: Path | None = None
+    run_dir: Path,
+    last: dict[str, Any],
+    steps: int | None,
+    generation: Any,
+    model_dir: Path | None = None,
+    report: bool = True,
 ) -> str:
     """The summary block: `last` holds the last train and eval rows' metrics."""
     head = f"done: {steps} optimizer steps" if steps is not None else "done: evaluation"
@@ -53,9 +58,8 @@ def summary(
     if gen:
         lines.append(f"  generations                {gen}")
     lines.append(f"  model                      {model_dir or run_dir / 'final'}")
-    lines.append(
-        f"  report                     {run_dir / 'report.html'} (curves and samples), {run_dir / 'report.png'}"
-    )
+    drawn = f"{run_dir / 'report.html'} (curves and samples), {run_dir / 'report.png'}"
+    lines.append(f"  report                     {drawn if report else 'not drawn (logger.report=false)'}")
     samples = sorted((run_dir / "samples").glob("step-*.jsonl"), key=lambda p: int(p.stem.split("-")[1]))
     metrics = f"{run_dir / 'metrics.jsonl'}" + (f"; samples {samples[-1]}" if samples else "")
     lines.append(f"  metrics                    {metrics}")

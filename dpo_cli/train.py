@@ -466,8 +466,9 @@ def train(cfg: DictConfig, r: Run, stop: StopOnSignal) -> dict[str, float]:
         r.tokenizer.chat_template = load_template(cfg.data.chat_template)
     checkpoint.save_final(accelerator, policy, r.tokenizer, r.run_dir / "final", cfg.export.merge_lora)
     if accelerator.is_main_process:
-        write_reports(r.run_dir)
-        log.info("%s", summary(r.run_dir, last, r.n_steps, r.generation))
+        if cfg.logger.report:
+            write_reports(r.run_dir)
+        log.info("%s", summary(r.run_dir, last, r.n_steps, r.generation, report=cfg.logger.report))
     accelerator.end_training()  # tears down the process group so processes exit cleanly
     return last
 
@@ -549,7 +550,7 @@ def _evaluate(
     row = {"step": step, **values}
     metrics.log(row)
     log.info("eval step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in values.items()))
-    if r.accelerator.is_main_process:
+    if r.accelerator.is_main_process and cfg.logger.report:
         try:  # the report is a view of metrics.jsonl and samples/: failing to draw it never stops training
             write_reports(r.run_dir)
         except Exception as e:  # noqa: BLE001 - whatever matplotlib or the disk raises
