@@ -9,7 +9,7 @@ TORCH_CPU ?= torch==2.13.0
 SMOLLM2_DIR := models/smollm2-135m-instruct
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-all lint format bench smollm2 clean
+.PHONY: help install train test test-fast test-all lint format bench smollm2 clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ train: install ## train the built-in tiny model on the built-in task (seconds on
 
 test: install ## run the test suite (offline; about 25 minutes on 2 CPU cores; the SLURM tests need scripts/slurm/local_cluster.sh)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: install ## the inner loop: the tests that train no whole run and start no process (marker `integration`)
+	$(BIN)/pytest -m "not slow and not integration" $(PYTEST_ARGS)
 
 test-all: install ## the test suite including slow tests
 	$(BIN)/pytest -m "slow or not slow" $(PYTEST_ARGS)

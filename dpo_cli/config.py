@@ -1,29 +1,40 @@
-"""Config schemas (Hydra ConfigStore) and whole-config validation.
+"""Whole-config validation: every problem at once, before any weights load.
 
-The dataclasses below make an unknown key or a wrongly typed value fail when Hydra composes the
-config. `validate` then checks what types cannot express (ranges, cross-field rules, that a
-`_target_` exists and accepts the given keys) and reports every problem at once, before any
-weights are loaded. Comments on the meaning of each key live in the YAML files under `conf/`.
+The schema (`dpo_cli.schema`) makes an unknown key or a wrongly typed value fail when Hydra
+composes the config. `validate` then checks what types cannot express (ranges, cross-field
+rules, that a `_target_` exists and accepts the given keys) and reports every problem at once,
+before any weights are loaded. It reads every part's options (data formats, losses, models,
+layouts), so it sits above them: no part imports this module.
 """
 
 from __future__ import annotations
 
-import importlib
+import difflib
 import inspect
 import numbers
 import os
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import is_dataclass
+from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli import schedule
-from dpo_cli.data.collate import LAYOUTS
+from dpo_cli.batch import KL_ROWS, LAYOUTS
+from dpo_cli.data import FORMATS, UNPAIRED_FORMATS, unpaired_data
 from dpo_cli.distributed import cpu_only
 from dpo_cli.errors import ConfigError
+from dpo_cli.losses.combination import check_weights
+from dpo_cli.modeling import attention_problem, max_positions, position_problem
+
+# The schema's names that callers have found here (`config.register_configs`, ...) are re-exported (`as`).
+from dpo_cli.schema import ColumnsConfig as ColumnsConfig
+from dpo_cli.schema import Config, import_target, source_config
+from dpo_cli.schema import DataConfig as DataConfig
+from dpo_cli.schema import SyntheticConfig as SyntheticConfig
+from dpo_cli.schema import register_configs as register_configs
 
 MODES = ("train", "inspect", "eval")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -32,198 +43,6 @@ MODEL_DTYPES = (*DTYPES, "auto")  # auto: the dtype the checkpoint's config name
 WANDB_MODES = ("online", "offline", "disabled")
 TRUNCATION_MODES = ("keep_end", "keep_start")
 SCHEDULERS = schedule.NAMES
-
-
-@dataclass
-class LoraConfig:
-    r: Optional[int] = None  # null = full fine-tuning
-    alpha: float = 16
-    dropout: float = 0.0
-    target_modules: Any = "all-linear"  # peft's names: "all-linear" or a list of module names
-
-
-@dataclass
-class WarmStartConfig:
-    steps: int = 0  # 0 = none
-    lr: float = 1e-3
-    batch_size: int = 32
-    responses: str = "both"  # both, chosen
-
-
-@dataclass
-class ModelConfig:
-    name_or_path: Optional[str] = None
-    revision: Optional[str] = None
-    gguf_file: Optional[str] = None
-    tokenizer: Optional[str] = None
-    random_init: Optional[dict[str, Any]] = None
-    dtype: str = "float32"
-    attn_implementation: Optional[str] = None  # null: the best the model supports (modeling.resolve_attention)
-    trust_remote_code: bool = False
-    disable_dropout: bool = True
-    gradient_checkpointing: bool = False
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
-
-
-@dataclass
-class ReferenceConfig:
-    name_or_path: Optional[str] = None  # null = the initial policy (or the base model under LoRA)
-    revision: Optional[str] = None
-    gguf_file: Optional[str] = None
-    dtype: Optional[str] = None  # null = model.dtype
-    precompute: bool = False
-    cache_dir: Optional[str] = None
-
-
-@dataclass
-class ExportConfig:
-    merge_lora: bool = False
-
-
-@dataclass
-class SyntheticConfig:
-    num_train: int = 4096
-    num_eval: int = 256
-    min_digits: int = 3
-    max_digits: int = 8
-
-
-@dataclass
-class ColumnsConfig:
-    """Source column names for the formats' fields (null = the field's own name)."""
-
-    prompt: Optional[str] = None
-    chosen: Optional[str] = None
-    rejected: Optional[str] = None
-    completion: Optional[str] = None
-    label: Optional[str] = None
-    score_chosen: Optional[str] = None  # ultrafeedback
-    score_rejected: Optional[str] = None
-    info: Optional[str] = None  # tldr
-    summaries: Optional[str] = None
-    choice: Optional[str] = None
-    post_id: Optional[str] = None  # shp
-    history: Optional[str] = None
-    human_ref_A: Optional[str] = None
-    human_ref_B: Optional[str] = None
-    score_A: Optional[str] = None
-    score_B: Optional[str] = None
-    labels: Optional[str] = None
-
-
-@dataclass
-class DataConfig:
-    format: str = MISSING
-    hub_id: Optional[str] = None
-    hub_config: Optional[str] = None
-    hub_data_dir: Optional[str] = None
-    path: Optional[str] = None
-    eval_path: Optional[str] = None
-    train_split: str = "train"
-    eval_split: Optional[str] = None
-    eval_holdout: float = 256
-    max_train_pairs: Optional[int] = None
-    max_eval_pairs: Optional[int] = None
-    max_length: int = 512
-    max_prompt_length: int = 256
-    truncation_mode: str = "keep_end"
-    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
-    chat_template: Optional[str] = None
-    cache_dir: Optional[str] = None
-    synthetic: Optional[SyntheticConfig] = None
-    shp_max_pairs_per_post: Optional[int] = None
-    mixture: Optional[dict[str, Any]] = None
-    weights: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class SchedulerConfig:
-    name: str = "cosine"
-    warmup_steps: Optional[int] = None
-    warmup_ratio: float = 0.1
-
-
-@dataclass
-class TrainConfig:
-    batch_size: int = 64
-    micro_batch_size: int = 8
-    max_steps: Optional[int] = None
-    epochs: int = 1
-    eval_every: Optional[int] = 100
-    save_every: Optional[int] = 500
-    keep_checkpoints: Optional[int] = 2
-    resume: Optional[str] = None
-    seed: int = 42
-    mixed_precision: str = "no"
-    max_grad_norm: Optional[float] = 1.0
-    max_nonfinite_steps: Optional[int] = 10
-    layout: str = "auto"
-    logits_chunk: Optional[int] = 1024
-    sort_by_length: bool = True
-
-
-@dataclass
-class WandbConfig:
-    mode: str = "online"
-    project: str = "dpo-cli"
-    entity: Optional[str] = None
-    name: Optional[str] = None
-    group: Optional[str] = None
-    tags: list[str] = field(default_factory=list)
-
-
-@dataclass
-class LoggerConfig:
-    log_every: int = 1
-    progress: bool = True
-    report: bool = True
-    peak_tflops: Optional[float] = None
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-
-
-@dataclass
-class InspectConfig:
-    export: Optional[str] = None
-    overwrite: bool = False
-    examples: int = 3
-
-
-@dataclass
-class EvalConfig:
-    generate_every: Optional[int] = None
-    prompts: int = 64
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    batch_size: int = 16
-    confidence: float = 0.95
-
-
-@dataclass
-class Config:
-    mode: str = "train"
-    inspect: InspectConfig = field(default_factory=InspectConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    # Loss and optimizer are `_target_` nodes whose keys depend on the target class, so their
-    # keys are checked against the target's signature in `validate` rather than by a schema.
-    loss: dict[str, Any] = MISSING
-    optimizer: dict[str, Any] = MISSING
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    # A judge is a `_target_` node (conf/judge/), checked like the loss; null = no generation evaluation.
-    judge: Optional[dict[str, Any]] = None
-
-
-def register_configs() -> None:
-    """Register the schema that `conf/config.yaml` names first in its defaults list."""
-    ConfigStore.instance().store(name="dpo_cli_schema", node=Config)
 
 
 def _choice(problems: list[str], key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -236,21 +55,6 @@ def _positive(problems: list[str], key: str, value: Any, allow_none: bool = Fals
         return
     if value is None or value <= 0:
         problems.append(f"{key}={value!r} must be > 0")
-
-
-def schema_default(key: str, missing: Any) -> Any:
-    """The schema's default for a dotted key (e.g. train.seed), or `missing` if it has none."""
-    node: Any = OmegaConf.structured(Config)
-    for part in key.split("."):
-        if not isinstance(node, DictConfig) or part not in node or OmegaConf.is_missing(node, part):
-            return missing
-        node = node[part]
-    return OmegaConf.to_container(node) if isinstance(node, DictConfig) else node
-
-
-def import_target(path: str) -> Callable[..., Any]:
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
 
 
 def _numeric_hint(target: Callable[..., Any], name: str) -> bool:
@@ -306,7 +110,7 @@ def _check_random_init(arch: Any, max_length: Any = None) -> list[str]:
     arch = dict(arch)
     if "model_type" not in arch:
         return ["model.random_init needs a model_type (e.g. llama, gpt2, qwen2)"]
-    from transformers import CONFIG_MAPPING, AutoConfig
+    from transformers import CONFIG_MAPPING, AutoConfig  # here: transformers takes seconds to import (CLI start-up)
 
     model_type = arch.pop("model_type")
     if model_type not in CONFIG_MAPPING:
@@ -324,8 +128,6 @@ def _check_random_init(arch: Any, max_length: Any = None) -> list[str]:
     known = CONFIG_MAPPING[model_type]().to_dict()
     unknown = sorted(k for k in arch if k not in known and k in vars(built))
     problems = [f"model.random_init.{k} is not a {model_type} config key; check the spelling" for k in unknown]
-    from dpo_cli.modeling import max_positions, position_problem
-
     limit = max_positions(built)
     if limit is not None and isinstance(max_length, int) and max_length > limit:
         problems.append(position_problem(max_length, limit))
@@ -335,8 +137,6 @@ def _check_random_init(arch: Any, max_length: Any = None) -> list[str]:
 def _build(problems: list[str], key: str, node: Any, group: str) -> Any:
     """Instantiate a well-formed `_target_` node; the object checks its own value ranges (e.g.
     beta > 0) and each line of its ValueError becomes a problem prefixed with `key`."""
-    from hydra.utils import instantiate
-
     n_problems = len(problems)
     _check_target(problems, key, node, group)
     if len(problems) > n_problems:
@@ -383,9 +183,6 @@ def _check_loss(problems: list[str], node: Any, unpaired: bool, micro_batch_size
     key), then what it needs of the data: pairs, and two examples per micro batch for KTO.
     A loss that does not build still has its data needs checked, from its class. Returns the
     terms (objects, or classes for terms that did not build) by name."""
-    from dpo_cli.logprobs import KL_ROWS
-    from dpo_cli.losses.combination import check_weights
-
     if isinstance(node, DictConfig) and "terms" in node:
         nodes = dict(node.terms) if isinstance(node.terms, DictConfig) else {}
         terms = {name: _build(problems, f"loss.terms.{name}", n, "loss") for name, n in nodes.items()}
@@ -416,8 +213,6 @@ def _check_loss(problems: list[str], node: Any, unpaired: bool, micro_batch_size
 
 
 def _check_model(p: list[str], m: Any, max_length: Any) -> None:
-    from dpo_cli.modeling import attention_problem
-
     if m.name_or_path is not None and m.random_init is not None:
         p.append(
             f"model.name_or_path={m.name_or_path!r} and model.random_init are both set: the model group "
@@ -489,8 +284,6 @@ def _check_reference(p: list[str], cfg: DictConfig, needs_reference: bool, kl_ro
 def _check_mixture(p: list[str], d: Any) -> None:
     """data.format=mix: sources are other data configs, all paired or all unpaired; weights
     name sources and lie in (0, 1]."""
-    from dpo_cli.data import FORMATS, UNPAIRED_FORMATS
-
     sources = dict(d.mixture or {})
     if not sources:
         p.append(
@@ -524,25 +317,7 @@ def _check_mixture(p: list[str], d: Any) -> None:
             p.append(f"data.weights.{name}={w!r} must be in (0, 1]: the share of that source's training pairs used")
 
 
-def source_config(source: Any) -> DictConfig:
-    """A mixture source as a typed data section (schema defaults for keys it leaves out)."""
-    return OmegaConf.merge(OmegaConf.structured(DataConfig), source)  # type: ignore[return-value]
-
-
-def unpaired_data(d: Any) -> bool:
-    """Whether the data section yields unpaired (KTO) examples."""
-    from dpo_cli.data import UNPAIRED_FORMATS
-
-    if d.format == "mix":
-        return any(
-            isinstance(s, DictConfig) and s.get("format") in UNPAIRED_FORMATS for s in (d.mixture or {}).values()
-        )
-    return d.format in UNPAIRED_FORMATS
-
-
 def _check_data(p: list[str], d: Any) -> None:
-    from dpo_cli.data import FORMATS  # imported here: data imports heavy libraries
-
     _choice(p, "data.format", d.format, tuple(FORMATS))
     if d.format == "mix":
         _check_mixture(p, d)
@@ -725,8 +500,6 @@ def validate(cfg: DictConfig) -> None:
     _check_data(p, cfg.data)
     unpaired = unpaired_data(cfg.data)
     terms = _check_loss(p, cfg.loss, unpaired=unpaired, micro_batch_size=cfg.train.micro_batch_size)
-    from dpo_cli.logprobs import KL_ROWS
-
     needs_reference = any(getattr(t, "requires_reference", True) for t in terms.values()) or not terms
     _check_reference(p, cfg, needs_reference, any(KL_ROWS in getattr(t, "needs", ()) for t in terms.values()))
     if cfg.export.merge_lora and cfg.model.lora.r is None:
@@ -769,8 +542,6 @@ SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit (set_seed seeds numpy, random a
 def _schema_sections(schema: type, prefix: str = "") -> dict[str, type | None]:
     """Every dotted key `schema` defines -> the dataclass of its section, or None for a value or
     a free-form mapping (model.random_init, data.mixture, data.weights, loss, optimizer)."""
-    from dataclasses import is_dataclass
-
     keys: dict[str, type | None] = {}
     for name, hint in typing.get_type_hints(schema).items():
         inner = [a for a in (typing.get_args(hint) or (hint,)) if a is not type(None)]
@@ -800,8 +571,6 @@ def not_a_key(key: str, cfg: DictConfig | None = None) -> str:
     """'KEY is not a config key; did you mean X?': X the closest key of KEY's section (by name),
     else a key of the same name elsewhere (`lr` -> optimizer.lr). Candidates: the schema's keys
     and those `cfg` holds in free-form sections (optimizer.lr, loss.beta)."""
-    import difflib
-
     sections = _schema_sections(Config)
     present = _dotted(OmegaConf.to_container(cfg, resolve=False)) if cfg is not None else []
     unknown = set(_unknown(present, sections))

@@ -1,11 +1,22 @@
-"""Process-group helpers shared by the CLI (before Hydra starts) and the training loop."""
+"""Process-group helpers shared by the CLI (before Hydra starts) and the training loop, and
+the ways processes agree: on one process's answer (`broadcast_from_main`, `on_main`) and on
+the first failure any of them met (`first_failure`).
+
+accelerate is imported inside the functions that need it: the CLI imports this module before
+Hydra starts, and importing accelerate there would slow every command.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
+
+from dpo_cli.errors import UserError
+
+T = TypeVar("T")
 
 
 def world_size_from_env() -> int:
@@ -31,6 +42,38 @@ def broadcast_from_main(value: Any) -> Any:
 
     PartialState(cpu=cpu_only())  # the Accelerator built later in train.run reuses this state
     return broadcast_object_list([value], from_process=0)[0]
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """`fn()` computed once, on the main process, and its result (or UserError) on every process:
+    for decisions all of them must share (which checkpoint to resume from) and actions only one
+    may take (renaming or deleting files)."""
+    if world_size_from_env() <= 1:
+        return fn()
+    from accelerate import PartialState
+
+    outcome: tuple[bool, Any] | None = None
+    if PartialState(cpu=cpu_only()).is_main_process:
+        try:
+            outcome = (True, fn())
+        except UserError as e:
+            broadcast_from_main((False, str(e)))
+            raise
+    ok, value = broadcast_from_main(outcome)
+    if not ok:
+        raise UserError(value)
+    return value
+
+
+def first_failure(accelerator: Any, failure: Any) -> Any:
+    """The first failure any process met (None if none), on every process; also a barrier. All
+    processes then raise together instead of leaving the others waiting in a collective."""
+    if accelerator.num_processes == 1:
+        return failure
+    from accelerate.utils import gather_object
+
+    failures = [f for f in gather_object([failure]) if f is not None]
+    return failures[0] if failures else None
 
 
 def sharded(accelerator: Any) -> bool:

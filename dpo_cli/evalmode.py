@@ -26,8 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli import checkpoint, config, evalgen, layout, rundir
 from dpo_cli.data.prepare import prepare
+from dpo_cli.data.tokenize import Tokenized
 from dpo_cli.errors import ConfigError, UserError
 from dpo_cli.evaluate import evaluate
+from dpo_cli.losses import Loss
 from dpo_cli.metrics import JsonlSink, MetricLogger, WandbSink, resolve_wandb_mode
 from dpo_cli.modeling import load_model, load_tokenizer
 from dpo_cli.recap import summary
@@ -209,35 +211,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             raise ConfigError(["mode=eval needs held-out data: the data config gives no eval split"])
         loss_fn = instantiate(cfg.loss)
         generation = evalgen.setup(cfg, accelerator, tokenizer, data.eval_pairs, run_dir)
-        policy = load_saved(cfg.model, cfg.model.name_or_path, tokenizer).to(accelerator.device).eval()
-        reference, what = _reference(cfg, policy, tokenizer)
-        if isinstance(reference, ModelReference):
-            reference.model.to(accelerator.device)
-        choice = layout.choose(cfg.train.layout, cfg.train.logits_chunk, policy, False)
-        micro = cfg.train.micro_batch_size
-        choice = layout.probe(choice, policy, data.eval, tokenizer.pad_token_id, loss_fn.needs, micro)
-        if isinstance(reference, ModelReference):
-            layout.check_reference(choice.layout, reference.model)
-            if choice.head is not None:
-                from dpo_cli.lmhead import Head
-
-                reference.head = Head.find(reference.model, choice.head.chunk)[0]
-        else:
-            reference.head = choice.head
+        policy, reference, what, choice = _models(cfg, accelerator, tokenizer, data.eval, loss_fn)
         log.info("mode=eval: %s against %s on %d held-out %s", cfg.model.name_or_path, what, len(data.eval), data.unit)
         ref_source = reference if loss_fn.requires_reference else None
         values = evaluate(
             policy, ref_source, loss_fn, data.eval, accelerator, cfg.train.micro_batch_size, tokenizer.pad_token_id,
             choice.layout, choice.head,
         )  # fmt: skip
-        sinks: list[Any] = [JsonlSink(run_dir / "metrics.jsonl")] if accelerator.is_main_process else []
-        mode = resolve_wandb_mode(cfg.logger.wandb.mode, run_dir) if accelerator.is_main_process else "disabled"
-        if sinks and mode != "disabled":
-            w = cfg.logger.wandb
-            sinks.append(
-                WandbSink(mode, w.project, w.entity, w.name, w.group, w.tags, config.to_container(cfg), run_dir)
-            )
-        with MetricLogger(sinks) as metrics:
+        with _sinks(cfg, accelerator, run_dir) as metrics:
             if generation is not None:
                 evalgen.reference_samples(generation, cfg, accelerator, tokenizer, reference, policy)
                 values.update(evalgen.run(generation, policy, tokenizer, cfg.eval, accelerator, 0, metrics))
@@ -252,3 +233,36 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             log.info("%s", summary(run_dir, row, None, generation, Path(cfg.model.name_or_path), cfg.logger.report))
     accelerator.end_training()
     return row
+
+
+def _models(
+    cfg: DictConfig, accelerator: Any, tokenizer: Any, eval_set: list[Tokenized], loss_fn: Loss
+) -> tuple[Any, Any, str, layout.Choice]:
+    """The saved policy and its reference on the device, what the reference is, and the layout
+    and LM head (`layout.Choice`) both score the eval set with."""
+    policy = load_saved(cfg.model, cfg.model.name_or_path, tokenizer).to(accelerator.device).eval()
+    reference, what = _reference(cfg, policy, tokenizer)
+    if isinstance(reference, ModelReference):
+        reference.model.to(accelerator.device)
+    choice = layout.choose(cfg.train.layout, cfg.train.logits_chunk, policy, False)
+    micro = cfg.train.micro_batch_size
+    choice = layout.probe(choice, policy, eval_set, tokenizer.pad_token_id, loss_fn.needs, micro)
+    if isinstance(reference, ModelReference):
+        layout.check_reference(choice.layout, reference.model)
+        if choice.head is not None:
+            from dpo_cli.lmhead import Head
+
+            reference.head = Head.find(reference.model, choice.head.chunk)[0]
+    else:
+        reference.head = choice.head
+    return policy, reference, what, choice
+
+
+def _sinks(cfg: DictConfig, accelerator: Any, run_dir: Path) -> MetricLogger:
+    """metrics.jsonl and W&B on the main process; none elsewhere."""
+    sinks: list[Any] = [JsonlSink(run_dir / "metrics.jsonl")] if accelerator.is_main_process else []
+    mode = resolve_wandb_mode(cfg.logger.wandb.mode, run_dir) if accelerator.is_main_process else "disabled"
+    if sinks and mode != "disabled":
+        w = cfg.logger.wandb
+        sinks.append(WandbSink(mode, w.project, w.entity, w.name, w.group, w.tags, config.to_container(cfg), run_dir))
+    return MetricLogger(sinks)

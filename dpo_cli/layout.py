@@ -1,9 +1,9 @@
-"""Which layout a run uses, the attention inputs it needs, and a check that it is exact.
+"""Which layout a run uses, which layouts a model supports, and a check that it is exact.
 
 `train.layout` names how sequences sit in the model's rows (see `data.collate`): padded,
 packed, or shared (packed, with one prompt per pair). Packed rows need attention that keeps
 sequences apart and, under prompt sharing, keeps the two responses apart while both see their
-prompt. The back-end decides how that is said:
+prompt. The back-end decides how that is said (`attention.attention_inputs` says it):
 
 - sdpa / eager (the CPU default, and any GPU): an explicit (R, 1, L, L) mask, boolean for
   sdpa, additive for eager, built from each token's segment, branch and position; position
@@ -35,32 +35,19 @@ from typing import Any
 
 import torch
 
+from dpo_cli.attention import MASKED, VARLEN, attn_implementation, sliding_window
+from dpo_cli.attention import attention_inputs as attention_inputs  # re-exported: callers know it here
+from dpo_cli.batch import CHOSEN, KL, KL_ROWS, REJECTED, SHARED, WHOLE, WPO
 from dpo_cli.data.collate import collate
 from dpo_cli.data.tokenize import Tokenized, example_length
 from dpo_cli.errors import ConfigError
 from dpo_cli.lmhead import Head, inner_model
-from dpo_cli.logprobs import CHOSEN, KL, KL_ROWS, REJECTED, SHARED, WHOLE, WPO, SequenceLogps, batch_logps
+from dpo_cli.logprobs import SequenceLogps, batch_logps
 
 log = logging.getLogger(__name__)
 
-MASKED = ("sdpa", "eager")  # back-ends given an explicit 4D mask
-VARLEN = ("flash_attention_2", "flash_attention_3")  # back-ends given restarting position ids only
 ALL_LAYOUTS = ("shared", "packed", "padded")  # best first
 ALIBI_FLAGS = ("alibi", "use_alibi")  # config attributes by which a model says it uses ALiBi
-
-
-def attn_implementation(config: Any) -> str:
-    return getattr(config, "_attn_implementation", None) or "eager"
-
-
-def _window(config: Any) -> tuple[int | None, str]:
-    """The sliding window every layer uses (None: full attention), or a reason no single mask fits."""
-    types = set(getattr(config, "layer_types", None) or [])
-    if len(types) > 1 or types - {"full_attention", "sliding_attention"}:
-        return None, f"its layers mix attention kinds ({', '.join(sorted(types))})"
-    if types == {"full_attention"}:
-        return None, ""
-    return getattr(config, "sliding_window", None), ""
 
 
 def _alibi(config: Any) -> bool:
@@ -74,7 +61,7 @@ def _structure(inner: Any) -> tuple[tuple[str, ...], str]:
     """The layouts the model's own structure allows, whatever the attention back-end, and why
     not more ("" when all)."""
     config, name = inner.config, type(inner).__name__
-    _, mixed = _window(config)
+    _, mixed = sliding_window(config)
     if mixed:
         return ("padded",), mixed
     if "position_ids" not in inspect.signature(inner.forward).parameters:
@@ -162,31 +149,6 @@ def check_reference(layout: str, model: torch.nn.Module) -> None:
         raise ConfigError(
             [f"train.layout: the reference model cannot score {layout} batches ({why}); set train.layout=padded"]
         )
-
-
-def attention_inputs(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, Any]:
-    """The attention keywords for a batch's rows: the padding mask for padded rows; for packed
-    rows, restarting position ids and the mask `supported` promises for the back-end."""
-    if "segment" not in batch:
-        return {"attention_mask": batch["attention_mask"]}
-    config = inner_model(model).config
-    position = batch["position_ids"]
-    if attn_implementation(config) in VARLEN:
-        return {"position_ids": position}
-    segment, branch = batch["segment"], batch["branch"]
-    length = segment.shape[1]
-    q, k = (slice(None), slice(None), None), (slice(None), None, slice(None))  # (R, L, 1), (R, 1, L)
-    causal = torch.ones(length, length, dtype=torch.bool, device=segment.device).tril()
-    allowed = causal & (segment[q] == segment[k]) & ((branch[k] == 0) | (branch[k] == branch[q]))
-    window, _ = _window(config)
-    if window is not None:
-        allowed &= position[q] - position[k] < window
-    allowed |= torch.eye(length, dtype=torch.bool, device=segment.device)  # padding sees itself: no empty row
-    mask = allowed[:, None]
-    if attn_implementation(config) == "eager":
-        dtype = next(model.parameters()).dtype
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    return {"attention_mask": mask, "position_ids": position}
 
 
 # The examples the start-up check scores, as fractions of the way from the longest to the

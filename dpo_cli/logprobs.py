@@ -17,17 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dpo_cli.attention import attention_inputs
+from dpo_cli.batch import CHOSEN, IGNORE_INDEX, KL, REJECTED, ROW_FIELDS, SHARED, TARGET_FIELDS, WHOLE, WPO
+from dpo_cli.batch import KL_ROWS as KL_ROWS  # re-exported with the other names of the batch contract
 from dpo_cli.lmhead import Head, chunked_logps, position_stats
-
-IGNORE_INDEX = -100
-CHOSEN, REJECTED, KL = 0, 1, 2  # sequence roles (batch["role"])
-
-# Extra per-sequence values a loss may ask for (`loss.needs`); each costs compute, so only
-# what some loss needs is computed.
-SHARED = "shared"  # summed log-probs of the first shared_tokens response tokens (LD-DPO)
-WPO = "wpo"  # WPO's length-normalised, aligned sequence log-prob (no grad)
-KL_ROWS = "kl"  # the batch carries KTO's mismatched KL rows
-WHOLE = "whole"  # log-probs over prompt and response tokens too (ORPO's NLL, as TRL and the ORPO code)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +59,7 @@ class SequenceLogps:
     nll_tokens, nll_whole_tokens: what a token-mean NLL divides this batch's summed chosen
         (whole-sequence) log-probs by: the batch's share of the tokens of its whole optimizer
         step (or eval set), so that the NLL is one token mean over the step however it is split
-        into micro batches and processes (set by `evaluate.batch_loss`); None = this batch's
+        into micro batches and processes (set by `scoring.batch_loss`); None = this batch's
         own token count.
     """
 
@@ -101,7 +94,7 @@ def _targets(batch: dict[str, torch.Tensor], whole: bool) -> dict[str, torch.Ten
     if "t_row" in batch:
         if whole and not bool(batch["whole"]):
             raise ValueError("whole-sequence log-probs need a batch collated with whole=True")
-        return {k: batch[k] for k in ("t_row", "t_col", "t_id", "t_seq", "t_rank")}
+        return {k: batch[k] for k in TARGET_FIELDS}
     labels = batch["labels"][:, 1:]
     scored = labels != IGNORE_INDEX
     if whole:
@@ -131,13 +124,11 @@ def _forward(
     """Per-target values for the rows selected by the boolean mask `rows` (None: all rows):
     "logps" (with gradients), and without gradients "mean_logit" (with `stats`) and
     "log_sum_sq" (with `wpo`). `targets` must be those of the selected rows."""
-    from dpo_cli.layout import attention_inputs
 
     def select(t: torch.Tensor) -> torch.Tensor:
         return t if rows is None else t[rows]
 
-    keys = ("input_ids", "attention_mask", "position_ids", "segment", "branch")
-    sub = {k: select(batch[k]) for k in keys if k in batch}
+    sub = {k: select(batch[k]) for k in ROW_FIELDS if k in batch}
     inputs = {"input_ids": sub["input_ids"], **attention_inputs(sub, model), "use_cache": False}
     where = (targets["t_row"], targets["t_col"])
     values: dict[str, torch.Tensor] = {}
@@ -205,8 +196,28 @@ def batch_logps(
     has_kl = bool(row_kl.any())
     main_targets = _select_rows(targets, ~row_kl) if has_kl else targets
     per_target = _forward(model, batch, ~row_kl if has_kl else None, main_targets, head, stats, WPO in extras)
-    seq, rank = main_targets["t_seq"], main_targets["t_rank"]
-    at = (seq, main_targets["t_col"])
+    values = _sequence_values(per_target, main_targets, batch, n, extras, stats)
+    kl = None
+    if has_kl:
+        with torch.no_grad():
+            kl_targets = _select_rows(targets, row_kl)
+            kl_values = _forward(model, batch, row_kl, kl_targets, head, False, False)["logps"]
+            kl = _per_sequence(kl_values, (kl_targets["t_seq"], kl_targets["t_col"]), n)[role == KL]
+    return _by_role(values, role, kl)
+
+
+def _sequence_values(
+    per_target: dict[str, torch.Tensor],
+    targets: dict[str, torch.Tensor],
+    batch: dict[str, torch.Tensor],
+    n: int,
+    extras: frozenset[str],
+    stats: bool,
+) -> dict[str, torch.Tensor]:
+    """Per-sequence sums of the per-target values (`_forward`'s) of the `n` sequences: "logps"
+    and "tokens" over response tokens, and what `extras` and `stats` ask for."""
+    seq, rank = targets["t_seq"], targets["t_rank"]
+    at = (seq, targets["t_col"])
     response = rank > 0
     logps = per_target["logps"]
 
@@ -229,13 +240,12 @@ def batch_logps(
         values["wpo"] = aligned / tokens.clamp(min=1)
     if SHARED in extras:
         values["shared"] = summed(logps, response & (rank <= batch["shared_tokens"][seq]))
+    return values
+
+
+def _by_role(values: dict[str, torch.Tensor], role: torch.Tensor, kl: torch.Tensor | None) -> ForwardOutput:
+    """Per-sequence `values` split by role: CHOSEN and REJECTED sequences, in their order."""
     c, r = role == CHOSEN, role == REJECTED
-    kl = None
-    if has_kl:
-        with torch.no_grad():
-            kl_targets = _select_rows(targets, row_kl)
-            kl_values = _forward(model, batch, row_kl, kl_targets, head, False, False)["logps"]
-            kl = _per_sequence(kl_values, (kl_targets["t_seq"], kl_targets["t_col"]), n)[role == KL]
 
     def opt(name: str, which: torch.Tensor) -> torch.Tensor | None:
         return values[name][which] if name in values else None

@@ -5,6 +5,9 @@ model is counted exactly in seconds without reading its weights. Activations and
 formulas, not measurements: they say the order of magnitude and how it moves with the micro
 batch, the length and gradient checkpointing. Real peak memory also includes the allocator's
 overhead and fragmentation, the CUDA context and kernel workspaces.
+
+accelerate, transformers, peft and psutil are imported inside the functions that use them:
+the preflight needs them, the CLI's start-up does not.
 """
 
 from __future__ import annotations
@@ -16,10 +19,9 @@ from typing import Any
 import torch
 
 from dpo_cli.errors import ModelLoadError
-from dpo_cli.modeling import resolve_attention
+from dpo_cli.modeling import DTYPES, model_config, reference_config, resolve_attention
 
 GiB, MiB = 1024**3, 1024**2
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Config keys for the layer shape; the first one a config has counts (GPT-2 names them n_*).
 HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
 LAYER_KEYS = ("num_hidden_layers", "n_layer")
@@ -96,43 +98,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 def resolve_dtype(name: str | None, config: Any) -> torch.dtype:
     """`name` (float32, bfloat16, float16), or for auto the dtype the checkpoint's config names
     (float32 when it names none, as transformers then loads float32)."""
-    if name in DTYPE_NAMES:
-        return DTYPE_NAMES[name]
+    if name in DTYPES:
+        return DTYPES[name]
     named = getattr(config, "dtype", None)
     if isinstance(named, str):
-        named = DTYPE_NAMES.get(named)
+        named = DTYPES.get(named)
     return named if isinstance(named, torch.dtype) else torch.float32
-
-
-def model_config(model: Any, tokenizer: Any) -> Any:
-    """The transformers config `modeling.load_model` builds the policy from, without weights:
-    random_init's architecture with the tokenizer's vocabulary, or the pretrained config."""
-    from dpo_cli.modeling import random_init_config
-
-    if model.random_init is not None:
-        return random_init_config(model.random_init, tokenizer)
-    from dpo_cli.modeling import _pretrained_kwargs
-
-    return _load_config(model.name_or_path, "model.name_or_path", _pretrained_kwargs(model))
-
-
-def reference_config(reference: Any, trust_remote_code: bool) -> Any:
-    """The config of a separate reference model (reference.name_or_path)."""
-    from dpo_cli.modeling import source_kwargs
-
-    r = reference
-    source = source_kwargs(r.name_or_path, r.revision, r.gguf_file or "config.json", "reference.name_or_path")
-    kwargs = dict(revision=r.revision, gguf_file=r.gguf_file, trust_remote_code=trust_remote_code, **source)
-    return _load_config(r.name_or_path, "reference.name_or_path", kwargs)
-
-
-def _load_config(name: str, key: str, kwargs: dict[str, Any]) -> Any:
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(name, **kwargs)
-    except (OSError, ValueError, ImportError) as e:
-        raise ModelLoadError(f"{key}={name!r}: could not load its config: {e}") from None
 
 
 def meta_model(config: Any, dtype: torch.dtype, trust_remote_code: bool = False) -> torch.nn.Module:
@@ -338,7 +309,7 @@ def _reference(
         return _bytes(params), what, True, dtype
     if cfg.model.lora.r is not None:
         return 0, "adapter disabled: the LoRA base model with its adapter off (no second copy)", True, None
-    dtype = policy_dtype if r.dtype in (None, "auto") else DTYPE_NAMES[r.dtype]
+    dtype = policy_dtype if r.dtype in (None, "auto") else DTYPES[r.dtype]
     what = f"frozen copy of the initial policy: {short_count(policy_numel)} parameters in {dtype_name(dtype)}"
     return policy_numel * dtype.itemsize, what, True, dtype
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from dpo_cli.evaluate import Averages
 from dpo_cli.logprobs import KL
 from dpo_cli.reference import PrecomputedReference
+from dpo_cli.scoring import Averages
 
 
 def flops_per_token(parameters: int, reference: Any) -> tuple[float, float]:

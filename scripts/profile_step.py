@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     import dpo_cli.cli
     from dpo_cli import layout
     from dpo_cli.data.prepare import prepare
-    from dpo_cli.evaluate import REFERENCE_EXTRAS, make_batch
     from dpo_cli.modeling import load_model, load_tokenizer
     from dpo_cli.reference import live_reference
+    from dpo_cli.scoring import REFERENCE_EXTRAS, make_batch
 
     tmp = Path(tempfile.mkdtemp(prefix="dpo_profile."))
     data_file = tmp / "hh.jsonl"

@@ -21,17 +21,31 @@ os.environ["DPO_CLI_CACHE_DIR"] = tempfile.mkdtemp(prefix="dpo-cli-test-cache-")
 os.environ["DPO_CLI_REFERENCE_CACHE_DIR"] = tempfile.mkdtemp(prefix="dpo-cli-test-refcache-")
 BIN = Path(sys.executable).parent
 
-QUIET = ["logger.wandb.mode=disabled", "logger.progress=false"]
-# Small and quick: 8 pairs per step, evaluation on 32 held-out pairs, no warm start. Plain DPO
-# (the built-in task's default is RPO, DPO + NLL): a test's own loss=... comes later and wins.
-FAST = [
-    "loss=dpo",
-    "train.batch_size=8",
-    "train.micro_batch_size=4",
-    "data.synthetic.num_train=256",
-    "data.synthetic.num_eval=32",
-    "model.warm_start.steps=0",
-]
+# No W&B, no progress bar, no report drawing (most of a short run's time) and no generation
+# evaluation (data=synthetic chooses judge=sort). A test of reports or generation asks for them
+# after these (logger.report=true, judge=sort): a later override wins.
+QUIET = ["logger.wandb.mode=disabled", "logger.progress=false", "logger.report=false", "judge=none"]
+# Small and quick: conf/debug/default.yaml (8 pairs per step, 256 training and 32 held-out pairs,
+# no warm start, and QUIET's settings). Plain DPO (the built-in task's default is RPO, DPO + NLL):
+# a test's own loss=... comes later and wins.
+FAST = ["debug=default", "loss=dpo"]
+
+
+# The test now running (set before its fixtures), for `_integration_only`.
+_RUNNING: dict[str, pytest.Item] = {}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _RUNNING["item"] = item
+
+
+def _integration_only(what: str) -> None:
+    """A test that trains a whole run or starts a process carries the `integration` mark, which
+    `make test-fast` leaves out; one that does not fails here, naming the mark."""
+    item = _RUNNING.get("item")
+    if item is not None and item.get_closest_marker("integration") is None:
+        pytest.fail(f"{item.nodeid} {what}: mark it @pytest.mark.integration (make test-fast leaves those out)")
 
 
 def make_config(overrides: list[str]):
@@ -41,22 +55,36 @@ def make_config(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-@pytest.fixture
-def train_run(tmp_path, monkeypatch):
-    """Call `train.run` on composed overrides inside a run directory; returns (result, run_dir)."""
+def _train(overrides: list[str], run_dir: Path, fast: bool, monkeypatch: pytest.MonkeyPatch):
     from accelerate.state import AcceleratorState
 
-    def _run(overrides: list[str], run_dir: Path | None = None, fast: bool = True):
-        run_dir = run_dir or tmp_path / "run"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        monkeypatch.chdir(run_dir)  # outside Hydra's launcher, the run dir is the working directory
-        cfg = make_config(QUIET + (FAST if fast else []) + overrides)
-        from dpo_cli import train
+    from dpo_cli import train
 
-        AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator per run, as in a fresh process
-        return train.run(cfg), run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(run_dir)  # outside Hydra's launcher, the run dir is the working directory
+    cfg = make_config(QUIET + (FAST if fast else []) + overrides)
+    AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator per run, as in a fresh process
+    result = train.run(cfg)
+    _integration_only("trained a whole run")  # a run refused before training is quick: any test may
+    return result, run_dir
+
+
+@pytest.fixture
+def train_run(tmp_path, monkeypatch):
+    """Call `train.run` on composed overrides (after QUIET and, unless fast=False, FAST) inside a
+    run directory; returns (result, run_dir)."""
+
+    def _run(overrides: list[str], run_dir: Path | None = None, fast: bool = True):
+        return _train(overrides, run_dir or tmp_path / "run", fast, monkeypatch)
 
     return _run
+
+
+def train_once(run_dir: Path, overrides: list[str], fast: bool = True):
+    """`train_run` for a module-scoped fixture: one run whose outputs many tests read (none may
+    change them); the working directory is restored afterwards. Returns (result, run_dir)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return _train(overrides, run_dir, fast, monkeypatch)
 
 
 def data_config(**values):
@@ -76,6 +104,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a command from the venv's bin/ (dpo-train, accelerate, torchrun) as a user would."""
+    _integration_only(f"started a process ({args[0]})")
     full_env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **(env or {})}
     exe = str(BIN / args[0]) if (BIN / args[0]).exists() else args[0]
     return subprocess.run([exe, *args[1:]], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -94,6 +94,7 @@ def model_section(path: Path, *overrides: str):
     return make_config(pretrained(path, *overrides)).model
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_every_architecture_trains_from_a_local_directory(train_run, tmp_path, arch):
     """With default settings: the attention back-end each model supports best (Gemma-2 and
@@ -177,6 +178,7 @@ def test_checkpointed_blocks_get_gradients_with_frozen_embeddings(tmp_path):
         assert all(g is None for g in _layer_grads(plain).values())
 
 
+@pytest.mark.integration
 def test_gradient_checkpointing_trains_to_the_same_losses(train_run, tmp_path):
     model_dir = save_tiny_model(tmp_path / "llama")
     losses = {}

@@ -65,7 +65,7 @@ def names(run_dir: Path) -> list[str]:
 
 def test_save_writes_a_manifest_of_every_file_last(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    write_manifest = checkpoint._write_manifest
+    write_manifest = checkpoint.store._write_manifest
 
     def checked(path: Path) -> None:
         # Last: every process's files and trainer_state.json are in place, and the rename waits.
@@ -73,7 +73,7 @@ def test_save_writes_a_manifest_of_every_file_last(tmp_path, monkeypatch):
         assert path.name == "step-2.tmp" and not (path.parent / "step-2").exists()
         write_manifest(path)
 
-    monkeypatch.setattr(checkpoint, "_write_manifest", checked)
+    monkeypatch.setattr(checkpoint.store, "_write_manifest", checked)
     (path,) = save_steps(run_dir, 2)
 
     manifest = json.loads((path / "manifest.json").read_text())
@@ -235,7 +235,7 @@ def test_stale_tmp_directories_are_removed_on_resume_and_on_save(tmp_path, caplo
 
 
 def fake_disk(monkeypatch, free: int) -> None:
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, free))
+    monkeypatch.setattr(checkpoint.store.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, free))
 
 
 def test_save_refuses_before_writing_when_the_disk_is_too_full(tmp_path, monkeypatch):
@@ -267,19 +267,20 @@ def test_the_space_estimate_is_the_previous_checkpoint_or_the_tensors(tmp_path, 
     optimizer = torch.optim.AdamW(model.parameters())
     acc = FakeAccelerator()
     acc._models, acc._optimizers = [model], [optimizer]
-    assert checkpoint._tensor_bytes(acc) == 3 * 1010 * 4
+    assert checkpoint.store._tensor_bytes(acc) == 3 * 1010 * 4
     model(torch.ones(1, 100)).sum().backward()
     optimizer.step()
-    assert checkpoint._tensor_bytes(acc) == 3 * 1010 * 4 + 2 * 4  # plus a step counter per parameter
+    assert checkpoint.store._tensor_bytes(acc) == 3 * 1010 * 4 + 2 * 4  # plus a step counter per parameter
 
 
+@pytest.mark.integration
 def test_the_space_asked_for_is_close_to_a_real_checkpoints_size(train_run, tmp_path, monkeypatch):
     """Measured on the tiny model: the space a save asks for is at least the checkpoint's real
     size (a disk just too small is refused before writing) and at most 1.25 times it (it asked
     for 16 times, a fixed 64 MiB on top, refusing disks with room to spare)."""
     args = ["train.max_steps=2", "train.save_every=1", "train.eval_every=null", "train.keep_checkpoints=null"]
     _, measured = train_run(args, tmp_path / "measured")
-    real = max(checkpoint._size_of(p) for p in checkpoint.complete_checkpoints(measured))
+    real = max(checkpoint.store._size_of(p) for p in checkpoint.complete_checkpoints(measured))
     # Both estimates: step 1's from the tensors, step 2's from step 1's size.
     fake_disk(monkeypatch, free=int(1.25 * real))
     _, roomy = train_run(args, tmp_path / "roomy")
@@ -316,7 +317,7 @@ def test_a_failed_manifest_write_is_a_user_error_too(tmp_path, monkeypatch):
     def full(path: Path) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(path / "manifest.json"))
 
-    monkeypatch.setattr(checkpoint, "_write_manifest", full)
+    monkeypatch.setattr(checkpoint.store, "_write_manifest", full)
     with pytest.raises(UserError, match=r"No space left on device.*removed the partial step-4.tmp"):
         save_steps(run_dir, 4, keep=1)
     assert names(run_dir) == ["step-2"]
@@ -340,7 +341,7 @@ def test_only_the_shared_tensor_warning_is_silenced_and_only_while_saving(caplog
     logger = get_logger("accelerate.utils.other")  # where accelerate warns, through its adapter
     tied = "Removed shared tensor {'lm_head.weight'} while saving. This should be OK, but check ..."
     with caplog.at_level(logging.WARNING):
-        with checkpoint._quiet_shared_tensor_warning():
+        with checkpoint.store._quiet_shared_tensor_warning():
             logger.warning(tied)
             logger.warning("another warning")
         logger.warning(tied)
@@ -420,6 +421,7 @@ class Stop(Exception):
     """Stands for a run killed right after it saved a checkpoint."""
 
 
+@pytest.mark.integration
 def test_a_run_resumed_from_an_older_checkpoint_outranks_its_abandoned_future(train_run, tmp_path, monkeypatch, caplog):
     _, run_dir = train_run([*ARGS, "train.keep_checkpoints=null"], tmp_path / "r")
     assert names(run_dir) == ["step-1", "step-2", "step-3"]
@@ -443,6 +445,7 @@ def test_a_run_resumed_from_an_older_checkpoint_outranks_its_abandoned_future(tr
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2]
 
 
+@pytest.mark.integration
 def test_an_old_checkpoint_resumes_and_a_broken_one_is_a_user_error(train_run, tmp_path):
     """Checkpoints from before manifests and before a setting existed (at its default) resume;
     one that accelerate cannot load is a UserError naming it, not a traceback."""

@@ -22,6 +22,7 @@ def assert_one_clear_error(proc: subprocess.CompletedProcess, *needles: str) -> 
         assert needle in out, (needle, out)
 
 
+@pytest.mark.integration
 def test_cfg_job_prints_the_composed_config(tmp_path):
     proc = run_cli(["dpo-train", "model=llama", "data=hh", "--cfg", "job"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -29,6 +30,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     assert "hub_id: Anthropic/hh-rlhf" in proc.stdout
 
 
+@pytest.mark.integration
 def test_bad_values_are_reported_together_before_loading(tmp_path):
     proc = run_cli(
         [
@@ -45,11 +47,13 @@ def test_bad_values_are_reported_together_before_loading(tmp_path):
     assert not (tmp_path / "r" / "final").exists()
 
 
+@pytest.mark.integration
 def test_unknown_key_fails_at_compose(tmp_path):
     proc = run_cli(["dpo-train", "train.bath_size=4"], cwd=tmp_path)
     assert_one_clear_error(proc, "bath_size")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "env",
     [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],  # offline mode; hub unreachable
@@ -66,6 +70,7 @@ def test_uncached_hub_model_fails_fast_with_a_fix(tmp_path, env):
     assert time.monotonic() - start < 60  # the hub client alone retries for ~30 s
 
 
+@pytest.mark.integration
 def test_missing_local_data_file_is_a_clear_error(tmp_path):
     proc = run_cli(["dpo-train", "data=hh", "data.path=nowhere.jsonl", f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path)
     assert_one_clear_error(proc, "data.path='nowhere.jsonl'", "no such file")
@@ -101,6 +106,7 @@ def _two_process_run(launcher: list[str], tmp_path: Path) -> Path:
     return run_dirs[0]
 
 
+@pytest.mark.integration
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     "launcher",
@@ -119,6 +125,7 @@ def test_two_processes_match_one(launcher, tmp_path, train_run):
                 assert abs(a[key] - b[key]) < 1e-4, (key, a, b)
 
 
+@pytest.mark.integration
 def test_wheel_ships_conf_and_runs_from_any_directory(tmp_path):
     wheel_dir = tmp_path / "wheel"
     subprocess.run(
@@ -189,6 +196,7 @@ def test_every_readme_command_composes_and_validates():
             validate(cfg)
 
 
+@pytest.mark.integration
 def test_readme_lists_every_metric_written(train_run):
     _, run_dir = train_run(["train.max_steps=2", "train.eval_every=1"])
     readme = (REPO / "README.md").read_text()
@@ -197,6 +205,7 @@ def test_readme_lists_every_metric_written(train_run):
     assert not missing, f"metrics written but not documented in README: {missing}"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "env",
     [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],

@@ -33,6 +33,7 @@ def bad_keys(tmp_path_factory):
     return run_cli([*args, *QUIET], cwd=cwd), cwd
 
 
+@pytest.mark.integration
 def test_unknown_keys_are_named_with_the_key_meant(bad_keys):
     proc, _ = bad_keys
     assert_one_clear_error(
@@ -49,6 +50,7 @@ def test_unknown_keys_are_named_with_the_key_meant(bad_keys):
     assert "use +train.max_step" not in proc.stdout + proc.stderr  # Hydra's advice adds the typo
 
 
+@pytest.mark.integration
 def test_a_config_error_leaves_no_run_directory(bad_keys):
     proc, cwd = bad_keys
     assert proc.returncode == 2
@@ -89,6 +91,7 @@ def test_an_override_inside_a_null_section_is_named_not_a_traceback():
 # --- sweeps: every job checked before the first starts --------------------------------------------
 
 
+@pytest.mark.integration
 def test_a_sweep_with_an_invalid_job_starts_none(tmp_path):
     proc = run_cli(["dpo-train", "-m", "loss.beta=0,0.1", *QUIET, *FAST], cwd=tmp_path)
     assert_one_clear_error(
@@ -114,6 +117,7 @@ def test_sweep_jobs_follow_hydras_order():
 # --- the run directory -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_a_run_directory_under_a_file_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("")
     proc = run_cli(["dpo-train", *QUIET, f"hydra.run.dir={tmp_path}/file/run"], cwd=tmp_path)
@@ -137,6 +141,7 @@ def test_run_stamps_of_the_same_second_differ():
     assert a.startswith("2025-01-02/03-04-05-") and b.startswith("2025-01-02/03-04-05-")
 
 
+@pytest.mark.integration
 def test_a_resume_keeps_the_original_hydra_files(tmp_path):
     run_dir = tmp_path / "run"
     small = ["data.synthetic.num_train=16", "data.synthetic.num_eval=8"]
@@ -173,6 +178,7 @@ def _hold_elsewhere(run_dir, seconds: float = 0) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", HOLD, str(run_dir), str(seconds)], capture_output=True, text=True)
 
 
+@pytest.mark.integration
 def test_a_held_run_directory_refuses_a_second_run_until_released(tmp_path):
     run_dir = tmp_path / "run"
     with rundir.hold(run_dir):
@@ -186,6 +192,7 @@ def test_a_held_run_directory_refuses_a_second_run_until_released(tmp_path):
     assert after.returncode == 0 and "held" in after.stdout, after.stderr
 
 
+@pytest.mark.integration
 def test_a_killed_runs_lock_does_not_block(tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir), "60"], stdout=subprocess.PIPE, text=True)
@@ -262,6 +269,7 @@ def _unfinished_run(tmp_path):
     return run
 
 
+@pytest.mark.integration
 def test_mode_eval_of_a_run_without_final_says_the_run_did_not_finish(tmp_path):
     """It said 'the reference ... is unknown' (the run directory) or 'no such directory' (its final/)."""
     from dpo_cli.evalmode import check_reference_known
@@ -308,6 +316,7 @@ def test_bf16_autocast_on_a_cpu_passes_the_start_up_check_without_warnings(caplo
 # --- inputs that do not resolve: one line, exit 2, nothing created ------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("override", "needles"),
     [
@@ -332,6 +341,7 @@ def test_an_input_that_does_not_resolve_is_one_line_not_a_traceback(tmp_path, ov
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.integration
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     "launcher",
@@ -364,6 +374,7 @@ def test_an_indivisible_batch_under_a_launcher_ends_every_process_with_one_line(
 # --- runs that end before they really start leave nothing behind ----------------------------------
 
 
+@pytest.mark.integration
 def test_a_failed_start_leaves_no_run_directory(tmp_path):
     """The data file is missing: found after Hydra made the run directory, which goes again."""
     proc = run_cli(["dpo-train", "data=hh", "data.path=nowhere.jsonl", *QUIET], cwd=tmp_path)
@@ -372,6 +383,7 @@ def test_a_failed_start_leaves_no_run_directory(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no outputs/<date>/<time>/ with .hydra/ and train.log
 
 
+@pytest.mark.integration
 def test_a_failed_start_in_an_existing_directory_keeps_it_as_it_was(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -383,6 +395,7 @@ def test_a_failed_start_in_an_existing_directory_keeps_it_as_it_was(tmp_path):
     assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.integration
 def test_inspect_creates_no_run_directory(tmp_path):
     proc = run_cli(["dpo-train", "mode=inspect", *QUIET, *FAST], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -396,6 +409,7 @@ def test_inspect_creates_no_run_directory(tmp_path):
 # --- train.resume=auto continues a run, never a directory of something else ----------------------
 
 
+@pytest.mark.integration
 def test_resume_auto_refuses_a_directory_that_is_not_a_run(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -441,6 +455,7 @@ def _records(sweep_dir) -> dict[str, str]:
     }
 
 
+@pytest.mark.integration
 def test_a_second_sweep_into_a_used_sweep_directory_is_refused(swept):
     before = _records(swept / "S")
     assert "beta: 0.1" in before["0/config.yaml"]
@@ -463,6 +478,7 @@ def test_a_second_sweep_into_a_used_sweep_directory_is_refused(swept):
     ]
 
 
+@pytest.mark.integration
 def test_resuming_a_sweep_with_other_values_is_refused(swept):
     before = _records(swept / "S")
     args = ["dpo-train", "-m", f"hydra.sweep.dir={swept}/S", "loss.beta=0.3,0.4", *SWEEP, "train.resume=auto"]
@@ -472,6 +488,7 @@ def test_resuming_a_sweep_with_other_values_is_refused(swept):
     assert _records(swept / "S") == before
 
 
+@pytest.mark.integration
 def test_the_same_sweep_resumed_continues_and_keeps_each_jobs_record(swept):
     before = _records(swept / "S")
     args = ["dpo-train", "-m", f"hydra.sweep.dir={swept}/S", "loss.beta=0.1,0.2", *SWEEP, "train.resume=auto"]

@@ -281,3 +281,25 @@ def test_deleting_a_loss_parameter_is_refused_with_the_default_it_would_take(com
     (problem,) = info.value.problems
     assert problem.startswith(f"{key} is not set, so the loss would use") and default in problem, problem
     assert f"set {key}=" in problem
+
+
+# --- debug=default: the quick run the tests use ---------------------------------------------------
+
+
+def test_debug_config_wins_over_the_groups_and_loses_to_the_command_line(compose_cfg):
+    """debug=default comes last in the defaults list: its values beat data=synthetic's judge=sort
+    (and that file's eval.generate_every) and model=tiny's batch sizes; what the command line
+    names beats debug's."""
+    plain = compose_cfg()
+    assert plain.judge is not None and plain.eval.generate_every == 32 and plain.train.batch_size == 64
+    cfg = compose_cfg(["debug=default"])
+    validate(cfg)
+    assert cfg.judge is None and cfg.eval.generate_every is None
+    assert (cfg.train.batch_size, cfg.train.micro_batch_size) == (8, 4)
+    assert (cfg.data.synthetic.num_train, cfg.data.synthetic.num_eval) == (256, 32)
+    assert cfg.model.warm_start.steps == 0
+    assert cfg.logger.report is False and cfg.logger.progress is False and cfg.logger.wandb.mode == "disabled"
+    asked = compose_cfg(["debug=default", "judge=sort", "logger.report=true", "train.batch_size=16"])
+    validate(asked)
+    assert asked.judge._target_ == "dpo_cli.judges.SortJudge" and asked.eval.generate_every == 32
+    assert asked.logger.report is True and asked.train.batch_size == 16

@@ -276,9 +276,11 @@ DATA_FIXTURES = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", sorted(DATA_FIXTURES))
 def test_every_data_config_trains_from_its_fixture(name, train_run, monkeypatch):
-    """(ultrafeedback, which needs a chat template, is in test_preflight.py.)"""
+    """(ultrafeedback, which needs a chat template, is in test_preflight.py.) With debug=default
+    (FAST): no warm start of model=tiny first, which is not what this test is about."""
     from conftest import REPO
 
     args = [a.replace("tests/fixtures", str(REPO / "tests" / "fixtures")) for a in DATA_FIXTURES[name]]
@@ -290,8 +292,7 @@ def test_every_data_config_trains_from_its_fixture(name, train_run, monkeypatch)
             "train.batch_size=2",
             "train.micro_batch_size=2",
             "train.max_steps=2",
-        ],
-        fast=False,
+        ]
     )
     assert result["step"] == 2 and math.isfinite(result["loss"]) and math.isfinite(result["eval_loss"])
 
@@ -407,7 +408,14 @@ def test_a_missing_data_file_says_relative_to_what_only_for_a_relative_path(tmp_
 
 
 def test_the_offline_hint_is_not_offered_when_offline_mode_is_already_on(monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # The libraries read HF_HUB_OFFLINE when first imported (by an earlier test, in a suite):
+    # offline as a process started with it is, not 23 s of retries against an unreachable hub.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError) as e:
         load_pairs(data_cfg(format="hh", hub_id="nobody/no-such-dataset", eval_split="test"), seed=0)
     msg = str(e.value)

@@ -7,17 +7,35 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_config, read_metrics
+from conftest import make_config, read_metrics, train_once
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_cli.errors import ConfigError, UserError
 from dpo_cli.modeling import load_model, load_tokenizer
 
 THROUGHPUT = {"tokens_per_s", "pairs_per_s"}
+# One short run that many tests read (and copy before changing): 4 steps, evaluated and saved
+# every 2, every checkpoint kept, the reports drawn.
+SHORT = ["train.max_steps=4", "train.eval_every=2", "train.save_every=2", "train.keep_checkpoints=null"]
 
 
-def test_short_run_trains_every_parameter_and_writes_outputs(train_run):
-    result, run_dir = train_run(["train.max_steps=4", "train.eval_every=2", "train.save_every=2"])
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """(result, run_dir) of SHORT, trained once for the module; tests must not change run_dir."""
+    return train_once(tmp_path_factory.mktemp("short") / "run", [*SHORT, "logger.report=true"])
+
+
+@pytest.fixture
+def short_copy(short_run, tmp_path):
+    """A copy of the short run's directory, for a test that continues or changes it."""
+    run_dir = tmp_path / "r"
+    shutil.copytree(short_run[1], run_dir)
+    return run_dir
+
+
+@pytest.mark.integration
+def test_short_run_trains_every_parameter_and_writes_outputs(short_run):
+    result, run_dir = short_run
 
     rows = read_metrics(run_dir)
     train_rows = [r for r in rows if "loss" in r]
@@ -59,6 +77,7 @@ def test_short_run_trains_every_parameter_and_writes_outputs(train_run):
     assert (run_dir / "checkpoints" / "step-4" / "trainer_state.json").is_file()
 
 
+@pytest.mark.integration
 def test_resume_reproduces_an_uninterrupted_run(train_run, tmp_path):
     args = [
         "train.max_steps=6",
@@ -89,10 +108,16 @@ def test_resume_reproduces_an_uninterrupted_run(train_run, tmp_path):
         torch.testing.assert_close(final_a[name], final_b[name], rtol=0, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_default_run_learns_the_builtin_task(train_run):
-    """The run `make train` does (full default config): a held-out accuracy of >= 0.9, and the
-    policy's own answers judged better than the reference's (the whole interval above 0.5)."""
-    result, run_dir = train_run([], fast=False)
+    """The run `make train` does (full default config: the built-in task's judge and the reports
+    too): a held-out accuracy of >= 0.9, and the policy's own answers judged better than the
+    reference's (the whole interval above 0.5). Only its last evaluation is made: evaluating
+    changes no training step (generation forks the RNG; test_log_every_averages_over_the_window
+    compares runs evaluated at other steps), so its end is the default run's."""
+    result, run_dir = train_run(
+        ["judge=sort", "logger.report=true", "train.eval_every=null", "eval.generate_every=null"], fast=False
+    )
     assert result["eval_rewards/accuracies"] >= 0.9
     assert result["eval_win_rate"] > 0.5 and result["eval_win_rate_low"] > 0.5
     assert result["step"] == 256
@@ -101,6 +126,7 @@ def test_default_run_learns_the_builtin_task(train_run):
     assert (run_dir / "samples" / "step-256.jsonl").is_file()
 
 
+@pytest.mark.integration
 def test_wandb_without_credentials_logs_offline(train_run, monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -110,9 +136,12 @@ def test_wandb_without_credentials_logs_offline(train_run, monkeypatch, tmp_path
     assert len(offline_runs) == 1
 
 
-def test_log_every_averages_over_the_window(train_run, tmp_path):
-    _, every = train_run(["train.max_steps=4"], tmp_path / "every")
-    _, pairs = train_run(["train.max_steps=4", "logger.log_every=2"], tmp_path / "pairs")
+@pytest.mark.integration
+def test_log_every_averages_over_the_window(train_run, short_run, tmp_path):
+    # short_run logs every step and evaluates every 2; this run evaluates only at the end, so
+    # the rows also show that evaluating changes no training step.
+    every = short_run[1]
+    _, pairs = train_run([*SHORT, "logger.log_every=2", "train.eval_every=null"], tmp_path / "pairs")
     rows1 = {r["step"]: r for r in read_metrics(every) if "loss" in r}
     rows2 = {r["step"]: r for r in read_metrics(pairs) if "loss" in r}
     assert sorted(rows2) == [2, 4]
@@ -123,14 +152,16 @@ def test_log_every_averages_over_the_window(train_run, tmp_path):
         assert rows2[step]["grad_norm"] == rows1[step]["grad_norm"]  # the last step's
 
 
-def test_a_used_run_dir_is_not_overwritten(train_run, tmp_path):
-    _, run_dir = train_run(["train.max_steps=2", "train.save_every=null"], tmp_path / "r")
+@pytest.mark.integration
+def test_a_used_run_dir_is_not_overwritten(train_run, short_copy):
+    run_dir = short_copy
     before = (run_dir / "metrics.jsonl").read_text()
     with pytest.raises(UserError, match="already holds a run"):
         train_run(["train.max_steps=2"], run_dir)
     assert (run_dir / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("change", "needle"),
     [
@@ -140,26 +171,26 @@ def test_a_used_run_dir_is_not_overwritten(train_run, tmp_path):
     ],
     ids=["length", "lr", "data"],
 )
-def test_resume_refuses_a_changed_run(train_run, tmp_path, change, needle):
-    _, run_dir = train_run(["train.max_steps=4", "train.save_every=2"], tmp_path / "r")
+def test_resume_refuses_a_changed_run(train_run, short_copy, change, needle):
     with pytest.raises(UserError, match=needle):
-        train_run(["train.max_steps=4", "train.save_every=2", *change, "train.resume=auto"], run_dir)
+        train_run([*SHORT, *change, "train.resume=auto"], short_copy)
 
 
-def test_resume_may_change_where_and_how_often_it_writes(train_run, tmp_path):
-    _, run_dir = train_run(["train.max_steps=4", "train.save_every=2", "train.keep_checkpoints=null"], tmp_path / "r")
+@pytest.mark.integration
+def test_resume_may_change_where_and_how_often_it_writes(train_run, short_copy):
+    run_dir = short_copy
     shutil.rmtree(run_dir / "checkpoints" / "step-4")
     train_run(["train.max_steps=4", "train.save_every=1", "train.eval_every=1", "train.resume=auto"], run_dir)
     assert (run_dir / "checkpoints" / "step-3").is_dir()
 
 
-def test_resume_tolerates_a_metrics_line_cut_short(train_run, tmp_path):
-    args = ["train.max_steps=4", "train.save_every=2", "train.keep_checkpoints=null"]
-    _, run_dir = train_run(args, tmp_path / "r")
+@pytest.mark.integration
+def test_resume_tolerates_a_metrics_line_cut_short(train_run, short_copy):
+    run_dir = short_copy
     shutil.rmtree(run_dir / "checkpoints" / "step-4")
     with (run_dir / "metrics.jsonl").open("a") as f:
         f.write('{"step": 5, "lo')  # a crash in the middle of a write
-    train_run([*args, "train.resume=auto"], run_dir)
+    train_run([*SHORT, "train.resume=auto"], run_dir)
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2, 3, 4]
 
 
@@ -169,6 +200,7 @@ def test_warmup_longer_than_the_run_is_refused_before_loading(train_run):
         train_run(["scheduler.warmup_steps=40"])
 
 
+@pytest.mark.integration
 def test_one_step_runs_with_the_default_warmup(train_run):
     result, _ = train_run(["train.max_steps=1"])
     assert result["lr"] > 0  # 10% of one step rounds down to no warmup

@@ -243,9 +243,10 @@ def test_the_default_run_is_judged_exactly_and_other_data_is_not_judged():
 # --- in a run ------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_a_run_writes_samples_metrics_and_reuses_the_references_samples(train_run, tmp_path):
-    overrides = ["train.max_steps=4", "train.eval_every=2", "eval.generate_every=2", "eval.prompts=8"]
-    _, run_dir = train_run(overrides)
+    overrides = ["train.max_steps=4", "train.eval_every=2", "judge=sort", "eval.generate_every=2", "eval.prompts=8"]
+    _, run_dir = train_run([*overrides, "logger.report=true"])
     rows = read_metrics(run_dir)
     generated = [r for r in rows if "eval_win_rate" in r]
     assert [r["step"] for r in generated] == [2, 4]
@@ -265,6 +266,7 @@ def test_a_run_writes_samples_metrics_and_reuses_the_references_samples(train_ru
     assert (run_dir / "report.html").is_file() and (run_dir / "report.png").is_file()
 
 
+@pytest.mark.integration
 def test_samples_reach_a_wandb_table(tmp_path, monkeypatch):
     """A real offline W&B run gets the samples as a table (wandb writes it as a JSON media file)."""
     from accelerate.state import AcceleratorState
@@ -280,9 +282,7 @@ def test_samples_reach_a_wandb_table(tmp_path, monkeypatch):
     monkeypatch.chdir(run_dir)
     from conftest import FAST
 
-    cfg = make_config(
-        [*FAST, "logger.wandb.mode=offline", "logger.progress=false", "train.max_steps=2", "eval.prompts=4"]
-    )
+    cfg = make_config([*FAST, "logger.wandb.mode=offline", "judge=sort", "train.max_steps=2", "eval.prompts=4"])
     AcceleratorState._reset_state(reset_partial_state=True)
     train.run(cfg)
     (table,) = (run_dir / "wandb").glob("offline-run-*/files/media/table/eval_samples_*.table.json")

@@ -15,7 +15,7 @@ from test_architectures import save_tiny_model
 from test_cli import assert_one_clear_error
 from test_evalgen import save_reward_model
 
-GEN = ["eval.prompts=8", "eval.batch_size=2"]
+GEN = ["judge=sort", "eval.prompts=8", "eval.batch_size=2"]  # generation evaluation (QUIET turns it off)
 
 
 def _train(args: list[str], run_dir: Path) -> Path:
@@ -39,12 +39,14 @@ def _contents(directory: Path) -> dict[str, str]:
             for p in sorted(directory.rglob("*")) if p.is_file()}  # fmt: skip
 
 
+@pytest.mark.integration
 def test_eval_mode_on_a_runs_final_model_reproduces_its_last_evaluation(tmp_path):
     run_dir = _train(["train.max_steps=4", "model.warm_start.steps=8", *GEN], tmp_path / "run")
     assert (run_dir / "warm_start" / "model.safetensors").is_file()  # the reference is rebuilt from it
     trained = [r for r in read_metrics(run_dir) if "eval_loss" in r][-1]
     before = _contents(run_dir)
-    record, rows = _eval([*FAST, *GEN, f"model.name_or_path={run_dir / 'final'}"], tmp_path, tmp_path / "eval")
+    args = [*FAST, *GEN, "logger.report=true", f"model.name_or_path={run_dir / 'final'}"]
+    record, rows = _eval(args, tmp_path, tmp_path / "eval")
     (row,) = rows
     assert row["step"] == 0 and record["metrics"] == {k: v for k, v in row.items() if k != "step"}
     assert "initial policy of the run" in record["reference"]
@@ -67,6 +69,7 @@ def _responses(path: Path, key: str) -> list[str]:
     return [json.loads(line)[key] for line in path.read_text().splitlines()]
 
 
+@pytest.mark.integration
 def test_eval_mode_on_a_lora_adapter_uses_its_base_as_reference(tmp_path):
     """The reference's samples come from the base model with the adapter off (the eval
     command line sets no model.lora.r: the loaded model says it is an adapter)."""
@@ -85,6 +88,7 @@ def test_eval_mode_on_a_lora_adapter_uses_its_base_as_reference(tmp_path):
     assert _responses(out / "samples" / "step-0.jsonl", "policy") != base
 
 
+@pytest.mark.integration
 def test_two_saved_models_head_to_head_with_a_reward_model(tmp_path):
     a = save_tiny_model(tmp_path / "a")
     b = save_tiny_model(tmp_path / "b", hidden_size=32)  # another model, same tokenizer
@@ -102,6 +106,7 @@ def test_two_saved_models_head_to_head_with_a_reward_model(tmp_path):
     assert ab_row["eval_judge_score"] == pytest.approx(ba_row["eval_reference_judge_score"])
 
 
+@pytest.mark.integration
 def test_eval_mode_without_a_known_reference_says_what_to_set(tmp_path):
     model = save_tiny_model(tmp_path / "m")
     proc = run_cli(["dpo-train", "mode=eval", *QUIET, *FAST, f"model.name_or_path={model}",
@@ -109,6 +114,7 @@ def test_eval_mode_without_a_known_reference_says_what_to_set(tmp_path):
     assert_one_clear_error(proc, "set reference.name_or_path")
 
 
+@pytest.mark.integration
 @pytest.mark.distributed
 def test_generation_sharded_over_two_processes_gives_the_samples_of_one(tmp_path):
     run_dir = _train(["train.max_steps=2", "train.eval_every=null", *GEN], tmp_path / "run")
@@ -124,13 +130,14 @@ def test_generation_sharded_over_two_processes_gives_the_samples_of_one(tmp_path
     assert two["eval_win_rate"] == one["eval_win_rate"]
 
 
+@pytest.mark.integration
 def test_the_laptop_recipe_runs_end_to_end_with_local_stand_ins(tmp_path):
     """experiment=smollm2_hh_laptop with what it would download replaced by local files: a tiny
     Llama for SmolLM2, the HH fixture for the hub dataset, a tiny reward model for the judge."""
     model = save_tiny_model(tmp_path / "model", max_position_embeddings=512)
     rm = save_reward_model(tmp_path / "rm")
     proc = run_cli(
-        ["dpo-train", "experiment=smollm2_hh_laptop", *QUIET, f"model.name_or_path={model}",
+        ["dpo-train", "experiment=smollm2_hh_laptop", *QUIET, "judge=reward_model", f"model.name_or_path={model}",
          f"data.path={REPO / 'tests' / 'fixtures' / 'hh_sample.jsonl'}", "data.eval_holdout=4",
          "data.max_train_pairs=null", "data.max_eval_pairs=null", "train.batch_size=4", "train.micro_batch_size=2",
          "train.max_steps=2", "train.eval_every=null", f"judge.name_or_path={rm}", "eval.prompts=4",

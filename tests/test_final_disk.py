@@ -58,6 +58,7 @@ def _assert_nothing_half_written(run_dir: Path) -> None:
     assert checkpoint.verify(run_dir / "checkpoints" / "step-2") is None
 
 
+@pytest.mark.integration
 def test_too_little_space_for_final_is_refused_before_writing(train_run, monkeypatch, small_disk):
     run_dir = small_disk / "run"
     message = _run_filling_before_final(train_run, monkeypatch, run_dir, small_disk, leave=64 * 1024)
@@ -66,11 +67,12 @@ def test_too_little_space_for_final_is_refused_before_writing(train_run, monkeyp
     _assert_nothing_half_written(run_dir)
 
 
+@pytest.mark.integration
 def test_a_disk_that_fills_while_writing_final_leaves_nothing_half_written(train_run, monkeypatch, small_disk):
     """The space check passes (the disk looks empty), the write then meets the real ENOSPC."""
     run_dir = small_disk / "run"
     roomy = shutil._ntuple_diskusage(10**12, 0, 10**12)
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: roomy)
+    monkeypatch.setattr(checkpoint.export.shutil, "disk_usage", lambda path: roomy)
     message = _run_filling_before_final(train_run, monkeypatch, run_dir, small_disk, leave=300 * 1024)
     assert "could not write" in message and "No space left on device" in message
     _assert_nothing_half_written(run_dir)

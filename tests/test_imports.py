@@ -54,6 +54,7 @@ print(json.dumps({"before": before, "after": state()}))
 """
 
 
+@pytest.mark.integration
 def test_imports_change_no_global_state():
     """STYLE.md: never change global state at import time (TF32 flags, env vars)."""
     done = subprocess.run(

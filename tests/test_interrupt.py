@@ -16,7 +16,7 @@ import torch
 from conftest import BIN, FAST, QUIET, read_metrics
 from safetensors.torch import load_file
 
-from dpo_cli import evaluate, train
+from dpo_cli import step
 from dpo_cli.errors import EXIT_INTERRUPTED, EXIT_NONFINITE, NonFiniteError
 
 ARGS = [*QUIET, *FAST, "train.max_steps=24", "train.save_every=4", "train.eval_every=8", "train.keep_checkpoints=null"]
@@ -67,6 +67,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2], ids=lambda s: s.name)
 def test_a_signal_saves_a_checkpoint_and_the_resume_matches(tmp_path, uninterrupted, sig):
     run_dir = tmp_path / "run"
@@ -84,6 +85,7 @@ def test_a_signal_saves_a_checkpoint_and_the_resume_matches(tmp_path, uninterrup
     _assert_same_run(uninterrupted, run_dir)
 
 
+@pytest.mark.integration
 def test_a_second_ctrl_c_exits_at_once():
     """The handler the loop installs, in a process of its own: the first SIGINT asks for a
     stop, the second one (once the first was seen) ends the process at once, exit 130."""
@@ -103,6 +105,7 @@ def test_a_second_ctrl_c_exits_at_once():
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.integration
 def test_kill_9_at_several_moments_then_resume_matches(tmp_path, uninterrupted):
     """kill -9 while computing, evaluating, writing metrics or saving a checkpoint (wherever the
     random moment falls), three times, resuming each time: the run ends as if uninterrupted."""
@@ -124,7 +127,7 @@ def test_kill_9_at_several_moments_then_resume_matches(tmp_path, uninterrupted):
 def _nan_on(calls: set[int], monkeypatch) -> None:
     """Make the training loss of the given batch_loss calls (0-based) NaN: a fault injected
     into the real loss, as an fp16 overflow or a bad row would produce."""
-    real = evaluate.batch_loss
+    real = step.batch_loss
     seen = {"n": 0}
 
     def faulty(*args, **kwargs):
@@ -133,14 +136,15 @@ def _nan_on(calls: set[int], monkeypatch) -> None:
         seen["n"] += 1
         return (loss * float("nan"), parts) if n in calls else (loss, parts)
 
-    monkeypatch.setattr(train, "batch_loss", faulty)
+    monkeypatch.setattr(step, "batch_loss", faulty)
 
 
+@pytest.mark.integration
 def test_a_non_finite_step_is_skipped_counted_and_leaves_the_weights(train_run, monkeypatch, tmp_path, caplog):
     """A NaN loss at step 2 (its two micro batches): the update is skipped, `nonfinite_steps`
     counts it, the step's pair indices are logged; the run then trains on and finishes."""
     _nan_on({2, 3}, monkeypatch)
-    caplog.set_level("WARNING", logger="dpo_cli.train")
+    caplog.set_level("WARNING", logger="dpo_cli.step")
     _, run_dir = train_run(["train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=null"])
     rows = [r for r in read_metrics(run_dir) if "grad_norm" in r]
     assert [r["nonfinite_steps"] for r in rows] == [0, 1, 1, 1]
@@ -152,6 +156,7 @@ def test_a_non_finite_step_is_skipped_counted_and_leaves_the_weights(train_run, 
     assert all(torch.equal(one[k], two[k]) for k in one), "the skipped step changed the weights"
 
 
+@pytest.mark.integration
 def test_consecutive_non_finite_steps_stop_the_run_with_its_last_good_state(train_run, monkeypatch, tmp_path):
     _nan_on(set(range(2, 100)), monkeypatch)
     with pytest.raises(NonFiniteError, match="3 optimizer steps in a row") as e:
@@ -164,6 +169,7 @@ def test_consecutive_non_finite_steps_stop_the_run_with_its_last_good_state(trai
     assert all(torch.isfinite(v).all() for v in saved.values())
 
 
+@pytest.mark.integration
 def test_a_diverging_learning_rate_ends_with_exit_3_and_no_final_model(tmp_path):
     proc = _run(tmp_path / "run", ["optimizer.lr=1e30", "train.max_nonfinite_steps=2"])
     assert proc.returncode == EXIT_NONFINITE, proc.stdout
@@ -171,6 +177,7 @@ def test_a_diverging_learning_rate_ends_with_exit_3_and_no_final_model(tmp_path)
     assert not (tmp_path / "run" / "final").exists()
 
 
+@pytest.mark.integration
 def test_a_learning_rate_whose_step_overflows_is_one_clear_error(tmp_path):
     """lr 1e38 with a warmup that starts at lr / 2: AdamW's step size lr / (1 - beta1) = 5e38
     does not fit float32, and torch raised RuntimeError (a traceback, exit 1) on step 1."""
@@ -179,6 +186,7 @@ def test_a_learning_rate_whose_step_overflows_is_one_clear_error(tmp_path):
     assert "Traceback" not in proc.stdout and "lower optimizer.lr" in proc.stdout
 
 
+@pytest.mark.integration
 def test_a_window_of_skipped_steps_ends_through_the_guard_with_the_progress_bar_on(tmp_path):
     """lr 1e6 diverges: the guard skips steps as designed, and a logging window whose steps were
     all skipped has no loss. The progress bar used to raise KeyError: 'loss' (exit 1, a
@@ -192,6 +200,7 @@ def test_a_window_of_skipped_steps_ends_through_the_guard_with_the_progress_bar_
     assert skipped and all(r["nonfinite_steps"] >= 1 and r["lr"] > 0 for r in skipped)
 
 
+@pytest.mark.integration
 def test_a_generation_row_alone_does_not_stop_the_progress_bar(train_run):
     """Generation due at a step where the held-out evaluation is not (eval.generate_every=2,
     train.eval_every=1000): its row has no eval_loss, which the progress bar used to read as a
@@ -203,12 +212,14 @@ def test_a_generation_row_alone_does_not_stop_the_progress_bar(train_run):
     assert alone and "eval_loss" not in alone[0]
 
 
+@pytest.mark.integration
 def test_constant_schedule_honours_its_warmup(train_run):
     _, run_dir = train_run(["scheduler.name=constant", "scheduler.warmup_steps=2", "train.max_steps=4"])
     lrs = [r["lr"] for r in read_metrics(run_dir) if "lr" in r]
     assert lrs == [5e-4, 1e-3, 1e-3, 1e-3]  # warmup from lr / 2 on the first step
 
 
+@pytest.mark.integration
 def test_a_run_that_saved_no_checkpoint_is_started_over_by_resume_auto(train_run, tmp_path):
     args = ["train.max_steps=2", "train.save_every=null"]
     _, run_dir = train_run(args)
@@ -220,6 +231,7 @@ def test_a_run_that_saved_no_checkpoint_is_started_over_by_resume_auto(train_run
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2]
 
 
+@pytest.mark.integration
 def test_signal_handlers_are_restored_after_a_run(train_run):
     before = signal.getsignal(signal.SIGTERM)
     train_run(["train.max_steps=1"])
@@ -256,13 +268,13 @@ def test_a_signal_arriving_while_the_first_is_logged_is_taken_quietly():
 LAUNCHED = """
 import os, sys
 if os.environ.get("FAULT") and os.environ.get("RANK") == "1":
-    from dpo_cli import evaluate, train
-    real, calls, seen = evaluate.batch_loss, {int(c) for c in os.environ["FAULT"].split(",")}, [0]
+    from dpo_cli import step
+    real, calls, seen = step.batch_loss, {int(c) for c in os.environ["FAULT"].split(",")}, [0]
     def faulty(*args, **kwargs):
         loss, parts = real(*args, **kwargs)
         seen[0] += 1
         return (loss * float("nan"), parts) if seen[0] - 1 in calls else (loss, parts)
-    train.batch_loss = faulty
+    step.batch_loss = faulty
 from dpo_cli.cli import main
 sys.argv = ["dpo-train", *sys.argv[1:]]
 main()
@@ -296,6 +308,7 @@ def _resume_on_two_and_compare(tmp_path: Path, run_dir: Path, uninterrupted: Pat
                 assert abs(a[key] - b[key]) < 1e-4, (key, a, b)
 
 
+@pytest.mark.integration
 @pytest.mark.distributed
 def test_two_processes_agree_on_a_signal_one_of_them_received(tmp_path, uninterrupted):
     """SIGTERM to rank 1 alone: both processes stop after the same step, the checkpoint is
@@ -317,6 +330,7 @@ def test_two_processes_agree_on_a_signal_one_of_them_received(tmp_path, uninterr
     _resume_on_two_and_compare(tmp_path, run_dir, uninterrupted)
 
 
+@pytest.mark.integration
 @pytest.mark.distributed
 def test_two_processes_agree_to_skip_a_step_only_one_of_them_saw_as_non_finite(tmp_path):
     """Rank 1's loss is NaN on step 2 only: neither process applies that update (the weights
@@ -334,6 +348,7 @@ def test_two_processes_agree_to_skip_a_step_only_one_of_them_saw_as_non_finite(t
     assert all(torch.equal(one[k], two[k]) for k in one)
 
 
+@pytest.mark.integration
 @pytest.mark.distributed
 def test_a_one_process_checkpoint_resumes_on_two_processes(tmp_path, uninterrupted):
     """The global batch is the same on 1 and 2 processes, so a checkpoint written by one process

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from dpo_cli.evaluate import make_batch
 from dpo_cli.logprobs import KL
 from dpo_cli.losses.kto import KTOLoss
+from dpo_cli.scoring import make_batch
 
 UNPAIRED = [
     {"prompt_ids": [1, 2], "completion_ids": [10, 11], "label": True},

@@ -175,6 +175,7 @@ def test_chunked_head_gradients_match_autograd_of_full_logits():
 LOSS_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "grad_norm")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("loss", ["dpo", "kto", "orpo"])
 def test_shared_chunked_run_trains_like_a_padded_full_logits_run(train_run, tmp_path, loss):
     """Six optimizer steps of the default layout (prompt-shared, packed, chunked LM head) and of

@@ -42,6 +42,7 @@ def test_org_name_is_a_path_when_its_first_component_is_a_local_directory(tmp_pa
     assert looks_like_path(SMOLLM2_DIR) and looks_like_path("./x") and looks_like_path("a/b/c")
 
 
+@pytest.mark.integration
 def test_smollm2_location_before_it_is_fetched_says_to_run_make_smollm2(tmp_path):
     proc = run_cli(
         ["dpo-train", "model=smollm2", f"model.name_or_path={SMOLLM2_DIR}", f"hydra.run.dir={tmp_path}/r"],
@@ -121,6 +122,7 @@ def test_gguf_file_missing_from_the_directory(tmp_path):
     assert f"{model_dir} has no m.gguf (it holds: config.json, generation_config.json, model.safetensors" in problem
 
 
+@pytest.mark.integration
 def test_directory_without_weights_exits_2_before_loading(tmp_path):
     model_dir = save_tiny_model(tmp_path / "llama")
     (model_dir / "model.safetensors").unlink()
@@ -159,6 +161,7 @@ def test_model_tiny_with_name_or_path_says_to_use_model_pretrained():
     assert "use model=pretrained model.name_or_path=some/dir" in problem
 
 
+@pytest.mark.integration
 def test_dpo_train_with_only_name_or_path_trains_that_model_with_pretrained_settings(tmp_path):
     model_dir = save_tiny_model(tmp_path / "llama")
     run_dir = tmp_path / "r"
@@ -174,6 +177,7 @@ def test_dpo_train_with_only_name_or_path_trains_that_model_with_pretrained_sett
     assert abs(read_metrics(run_dir)[0]["loss"] - math.log(2)) < 1e-6
 
 
+@pytest.mark.integration
 def test_multirun_with_only_name_or_path_uses_model_pretrained_in_every_job(tmp_path):
     model_dir = save_tiny_model(tmp_path / "llama")
     proc = run_cli(
@@ -211,6 +215,7 @@ def test_model_smollm2_uses_the_local_copy_when_there_is_one(tmp_path, monkeypat
 # --- the attention back-end: the best the model supports unless asked ----------------------------
 
 
+@pytest.mark.integration
 def test_gemma2_from_a_directory_trains_with_default_settings_and_an_explicit_sdpa_is_refused(tmp_path):
     """Gemma-2 has no sdpa (it soft-caps attention logits). With default settings
     (model.attn_implementation=null) it runs eager, says so, and trains; an explicit sdpa is

@@ -35,7 +35,6 @@ from torch.testing import assert_close
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dpo_cli.data.collate import collate
-from dpo_cli.evaluate import Averages, batch_loss
 from dpo_cli.logprobs import IGNORE_INDEX, KL
 from dpo_cli.losses import (
     AOTLoss,
@@ -62,6 +61,7 @@ from dpo_cli.losses import (
 )
 from dpo_cli.modeling import byte_tokenizer
 from dpo_cli.reference import ModelReference
+from dpo_cli.scoring import Averages, batch_loss
 
 # TRL itself is imported where each trainer is built.
 pytest.importorskip("trl", minversion="1.16")

@@ -31,6 +31,7 @@ def weightless_model(tmp_path):
     return model_dir
 
 
+@pytest.mark.integration
 def test_inspect_reports_and_exports_without_weights(tmp_path):
     model_dir = weightless_model(tmp_path)
     export = tmp_path / "pairs.jsonl"
@@ -69,6 +70,7 @@ def test_inspect_reports_and_exports_without_weights(tmp_path):
     assert proc.returncode != 0
 
 
+@pytest.mark.integration
 def test_inspect_reports_data_training_would_refuse(tmp_path):
     proc = run_cli(
         [
@@ -88,6 +90,7 @@ def test_inspect_reports_data_training_would_refuse(tmp_path):
     assert "mode=inspect: training would refuse this run (1 problem):" in out and "Traceback" not in out
 
 
+@pytest.mark.integration
 def test_inspect_of_a_bad_file_is_one_clear_error(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"chosen": "a", "rejected": "b"}\n{"chosen": "a", \n')
@@ -99,6 +102,7 @@ def test_inspect_of_a_bad_file_is_one_clear_error(tmp_path):
     assert proc.returncode == 2
 
 
+@pytest.mark.integration
 def test_ultrafeedback_trains_with_a_chat_template_file_and_exports_the_templated_text(tmp_path, train_run):
     from test_chat import CHATML
 
@@ -115,7 +119,7 @@ def test_ultrafeedback_trains_with_a_chat_template_file_and_exports_the_template
         "train.micro_batch_size=2",
         "train.max_steps=2",
     ]
-    result, run_dir = train_run(args, fast=False)
+    result, run_dir = train_run(args)  # FAST: no warm start of model=tiny first (not what this tests)
     assert result["step"] == 2 and result["loss"] == result["loss"]  # finite: NaN != NaN
     from transformers import AutoTokenizer
 
@@ -191,6 +195,7 @@ def test_inspect_export_never_overwrites_the_input(tmp_path, monkeypatch):
         assert problem.endswith(f"is the input ({named}); write the export to another file"), (args, problem)
 
 
+@pytest.mark.integration
 def test_inspect_export_onto_the_input_leaves_it_unchanged(tmp_path):
     """What a user ran: `data.path=d.jsonl inspect.export=d.jsonl` replaced 12 HH rows with 10 pairs."""
     data = tmp_path / "d.jsonl"
@@ -268,6 +273,7 @@ def _refusal(overrides: list[str], base: list[str] = TINY) -> str:
     return str(info.value)
 
 
+@pytest.mark.integration
 def test_inspect_lists_every_problem_training_would_refuse_and_exits_2(tmp_path):
     """LoRA target modules the model lacks (peft's error was buried in the memory lines, and
     the exit was 0) and a reward-model judge that cannot be had: the report, then the list."""

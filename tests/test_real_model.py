@@ -17,6 +17,7 @@ from conftest import QUIET, REPO, read_metrics, run_cli
 LOCAL_COPY = REPO / "models" / "smollm2-135m-instruct"  # where `make smollm2` writes
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_smollm2_trains_on_hh_and_saves_a_loadable_model(tmp_path):
     if (LOCAL_COPY / "config.json").is_file():

@@ -16,6 +16,7 @@ def _cache_files(cache: Path) -> list[Path]:
     return sorted(cache.glob("*.pt"))
 
 
+@pytest.mark.integration
 def test_a_run_with_another_warm_start_misses_the_cache(train_run, tmp_path, caplog):
     """The review's repro, tiny: two runs sharing a cache that differ only in
     model.warm_start.steps. The second one's reference is its own warm-started policy, so

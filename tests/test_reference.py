@@ -47,6 +47,7 @@ def test_batches_carry_dataset_indices():
     assert collate(pairs, pad_id=0)["index"].tolist() == [0, 1, 2, 0, 1, 2]
 
 
+@pytest.mark.integration
 def test_live_separate_and_precomputed_references_give_the_same_run(train_run, tmp_path):
     """The initial policy as a frozen copy, the same weights loaded from a directory as a
     separate reference, and log-probs precomputed before training: the same losses and eval
@@ -69,6 +70,7 @@ def test_live_separate_and_precomputed_references_give_the_same_run(train_run, t
                     assert abs(a[key] - b[key]) < 1e-5, (name, key, a[key], b[key])
 
 
+@pytest.mark.integration
 def test_cache_hit_on_a_beta_change_miss_on_a_data_or_model_change(train_run, tmp_path, caplog, monkeypatch):
     """A second run that changes only beta, the learning rate or the step count reads the
     entry (no reference model loaded, the file not rewritten); new data or new reference
@@ -105,6 +107,7 @@ def test_cache_hit_on_a_beta_change_miss_on_a_data_or_model_change(train_run, tm
     assert len(_cache_files(cache)) == 3
 
 
+@pytest.mark.integration
 def test_a_cache_entry_cut_short_is_rejected_and_recomputed(train_run, tmp_path, caplog):
     cache = tmp_path / "cache"
     args = [*STEPS, "reference.precompute=true", f"reference.cache_dir={cache}"]
@@ -118,6 +121,7 @@ def test_a_cache_entry_cut_short_is_rejected_and_recomputed(train_run, tmp_path,
     torch.load(entry, weights_only=True)  # rewritten whole
 
 
+@pytest.mark.integration
 def test_a_cache_entry_with_altered_values_is_rejected(train_run, tmp_path, caplog):
     cache = tmp_path / "cache"
     args = ["train.max_steps=2", "reference.precompute=true", f"reference.cache_dir={cache}"]
@@ -131,6 +135,7 @@ def test_a_cache_entry_with_altered_values_is_rejected(train_run, tmp_path, capl
     assert "checksum does not match" in caplog.text
 
 
+@pytest.mark.integration
 def test_lora_trains_only_the_adapter_and_exports_it(train_run, tmp_path):
     """model.lora.r=8: only lora_ weights change; final/ holds the adapter (and the random-init
     base it needs) and, with export.merge_lora, the merged model; both reload with the standard
@@ -167,6 +172,7 @@ def test_lora_trains_only_the_adapter_and_exports_it(train_run, tmp_path):
     assert all(torch.allclose(from_disk[k], in_memory[k], atol=1e-6) for k in in_memory)
 
 
+@pytest.mark.integration
 def test_full_fine_tune_export_reloads_with_the_runs_log_probs(train_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -204,6 +210,7 @@ def test_adapter_reference_is_the_base_model():
     assert not torch.allclose(adapted.chosen, expected.chosen, atol=1e-3)
 
 
+@pytest.mark.integration
 def test_lora_with_gradient_checkpointing_trains_the_adapter(train_run):
     """Frozen embeddings under gradient checkpointing: the checkpointed blocks still get
     gradients, so the adapter learns (its loss moves off log 2)."""
@@ -213,29 +220,45 @@ def test_lora_with_gradient_checkpointing_trains_the_adapter(train_run):
     assert all(g > 0 for g in _rows(run_dir, "grad_norm"))
 
 
+@pytest.mark.integration
 def test_bfloat16_copy_of_the_policy_as_reference(train_run, caplog):
-    caplog.set_level("INFO", logger="dpo_cli.train")
+    caplog.set_level("INFO", logger="dpo_cli.build")
     _, run_dir = train_run(["reference.dtype=bfloat16", "train.max_steps=2"])
     assert "torch.bfloat16" in caplog.text
     assert all(math.isfinite(v) for v in _rows(run_dir, "loss"))
 
 
-@pytest.mark.parametrize(
-    ("args", "needle"),
-    [
-        (["loss=kto", "reference.precompute=true"], "reference.precompute=true with a loss that uses KTO"),
-        (["loss=simpo", "reference.precompute=true"], "no term of the loss needs a reference"),
-        (["export.merge_lora=true"], "export.merge_lora=true needs LoRA"),
-        (["model.lora.r=0"], "model.lora.r=0 must be > 0"),
-        (["model.lora.r=4", "reference.dtype=bfloat16"], "reference.dtype=bfloat16 with LoRA"),
-    ],
-)
-def test_reference_settings_that_cannot_work_are_refused(tmp_path, args, needle):
+REFUSED = [
+    (["loss=kto", "reference.precompute=true"], "reference.precompute=true with a loss that uses KTO"),
+    (["loss=simpo", "reference.precompute=true"], "no term of the loss needs a reference"),
+    (["export.merge_lora=true"], "export.merge_lora=true needs LoRA"),
+    (["model.lora.r=0"], "model.lora.r=0 must be > 0"),
+    (["model.lora.r=4", "reference.dtype=bfloat16"], "reference.dtype=bfloat16 with LoRA"),
+]
+
+
+@pytest.mark.parametrize(("args", "needle"), REFUSED)
+def test_reference_settings_that_cannot_work_are_refused(args, needle):
+    """Refused by the config's validation, before any weights load (from the command line, as
+    the next test shows for one of them: one clear error)."""
+    from dpo_cli.config import validate
+    from dpo_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        validate(make_config([*QUIET, *FAST, *args]))
+    assert any(needle in p for p in e.value.problems), e.value.problems
+
+
+@pytest.mark.integration
+def test_a_reference_setting_that_cannot_work_is_one_clear_error_from_the_cli(tmp_path):
+    args, needle = REFUSED[0]
     proc = run_cli(["dpo-train", *QUIET, *FAST, *args, f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path)
     assert_one_clear_error(proc, needle)
+    assert proc.returncode == 2
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
 
 
+@pytest.mark.integration
 def test_lora_target_modules_that_match_nothing_name_the_real_ones(tmp_path):
     proc = run_cli(
         [
@@ -251,6 +274,7 @@ def test_lora_target_modules_that_match_nothing_name_the_real_ones(tmp_path):
     assert_one_clear_error(proc, "model.lora.target_modules=['qkv']", "q_proj")
 
 
+@pytest.mark.integration
 def test_a_reference_with_another_tokenizer_is_refused_before_weights_load(tmp_path):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -266,6 +290,7 @@ def test_a_reference_with_another_tokenizer_is_refused_before_weights_load(tmp_p
     assert_one_clear_error(proc, "has a different tokenizer from the policy's")
 
 
+@pytest.mark.integration
 @pytest.mark.distributed
 def test_two_processes_share_the_precompute_and_a_sweep_shares_the_entry(tmp_path):
     """Two gloo processes each compute their share, one entry is written; a 2-job sweep on
@@ -300,6 +325,7 @@ def test_two_processes_share_the_precompute_and_a_sweep_shares_the_entry(tmp_pat
     assert len(_cache_files(cache)) == 1
 
 
+@pytest.mark.integration
 def test_a_lora_run_with_precomputed_reference_resumes_exactly(train_run, tmp_path):
     """Stopped after its step-2 checkpoint and resumed: the adapter, the optimizer and the
     cached reference continue the run as if it had not stopped."""

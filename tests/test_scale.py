@@ -55,6 +55,7 @@ def _train_rows(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir) if "loss" in r]
 
 
+@pytest.mark.integration
 @pytest.mark.distributed
 def test_global_batch_is_the_same_optimization_for_any_world_size(tmp_path):
     """Batch 8 as 1 process x micro 8, 1 x micro 2 x accumulation 4, 2 processes x micro 2 x 2,
@@ -77,6 +78,7 @@ def test_global_batch_is_the_same_optimization_for_any_world_size(tmp_path):
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (name, key, a, b)
 
 
+@pytest.mark.integration
 @pytest.mark.distributed
 def test_token_mean_terms_do_not_depend_on_how_the_step_is_split(tmp_path):
     """The built-in task's RPO (DPO + a token-mean NLL of the chosen responses), batch 12 sorted
@@ -95,6 +97,7 @@ def test_token_mean_terms_do_not_depend_on_how_the_step_is_split(tmp_path):
             assert row[key] == pytest.approx(base[key], rel=1e-6), (name, key, row[key], base[key])
 
 
+@pytest.mark.integration
 @pytest.mark.distributed
 def test_resume_on_another_number_of_processes_keeps_training(tmp_path):
     """A checkpoint of 4 processes x micro 2 (accumulation 1) at step 3, resumed by 2 processes x
@@ -115,6 +118,7 @@ def test_resume_on_another_number_of_processes_keeps_training(tmp_path):
             assert row[key] == pytest.approx(want[row["step"]][key], rel=1e-4, abs=1e-5), (key, row)
 
 
+@pytest.mark.integration
 def test_all_finite_means_every_process(tmp_path):
     """The non-finite guard's vote: one process with a non-finite loss makes every process skip.
     (accelerate's reduce has no "min": asked for one, it summed, so 0 + 1 counted as finite.)"""
@@ -122,9 +126,9 @@ def test_all_finite_means_every_process(tmp_path):
     script.write_text(
         "import torch\n"
         "from accelerate import Accelerator\n"
-        "from dpo_cli.train import _all_finite\n"
+        "from dpo_cli.guard import all_finite\n"
         "acc = Accelerator(cpu=True)\n"
-        "votes = (_all_finite(acc, torch.tensor(float(acc.process_index))), _all_finite(acc, torch.tensor(1.0)))\n"
+        "votes = (all_finite(acc, torch.tensor(float(acc.process_index))), all_finite(acc, torch.tensor(1.0)))\n"
         f"open(f'{tmp_path}/vote-{{acc.process_index}}', 'w').write(' '.join(map(str, votes)))\n"
         "acc.end_training()\n"  # tear the process group down: gloo aborts a process left in it
     )
@@ -135,6 +139,7 @@ def test_all_finite_means_every_process(tmp_path):
     assert votes == ["False True", "False True"]
 
 
+@pytest.mark.integration
 def test_launcher_accumulation_setting_does_not_scale_the_loss_again(tmp_path):
     """Known defect: accelerate reads ACCELERATE_GRADIENT_ACCUMULATION_STEPS (set by DeepSpeed
     launches or by hand) and its backward divided the loss by it on top of dpo-cli's own
@@ -149,6 +154,7 @@ def test_launcher_accumulation_setting_does_not_scale_the_loss_again(tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), (a, b)
 
 
+@pytest.mark.integration
 def test_launcher_accumulation_that_disagrees_is_refused(tmp_path):
     proc = _launch(tmp_path, "bad", 1, 4, env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"})
     out = proc.stdout + proc.stderr
@@ -158,6 +164,7 @@ def test_launcher_accumulation_that_disagrees_is_refused(tmp_path):
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
 
 
+@pytest.mark.integration
 def test_fsdp_launch_without_gpus_says_what_to_change(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the FSDP launch would run")
@@ -177,6 +184,7 @@ def test_fsdp_launch_without_gpus_says_what_to_change(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.integration
 def test_batch_that_does_not_divide_across_processes(tmp_path):
     run_dir = tmp_path / "run"
     cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "dpo_cli"]
@@ -222,6 +230,7 @@ def test_grad_norm_of_a_launcher_that_reports_none():
     assert not grad_norm_of(t, "cpu").requires_grad
 
 
+@pytest.mark.integration
 def test_loop_survives_a_launcher_that_reports_no_grad_norm(train_run, monkeypatch):
     """Under DeepSpeed, accelerate's clip_grad_norm_ may return None (the engine clips): the
     loop trains on, the guard still checks the loss, and the rows leave grad_norm out."""
@@ -234,6 +243,7 @@ def test_loop_survives_a_launcher_that_reports_no_grad_norm(train_run, monkeypat
     assert all("grad_norm" not in r for r in rows)
 
 
+@pytest.mark.integration
 def test_wait_for_main_process(tmp_path):
     """The sbatch template's check that a node reaches the main process: a clear message and
     exit 2 when nothing answers, exit 0 when the port accepts connections."""

@@ -54,6 +54,7 @@ def test_an_unknown_schedule_fails_when_built():
         make_scheduler(torch.optim.SGD([param], lr=1.0), "step", 2, 10)
 
 
+@pytest.mark.integration
 def test_the_first_step_of_a_default_run_changes_the_weights(train_run):
     """With the default warmup (10% of the steps), step 1 used to train at lr 0, so step 2's
     loss was still exactly log 2; now the first row's lr is positive and step 2 has moved."""

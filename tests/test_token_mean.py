@@ -14,11 +14,11 @@ from dpo_cli.data.batching import micro_batches, step_indices
 from dpo_cli.data.collate import chosen_token_means, collate
 from dpo_cli.data.prepare import prepare
 from dpo_cli.data.tokenize import example_length
-from dpo_cli.evaluate import batch_loss, make_batch
 from dpo_cli.logprobs import CHOSEN, WHOLE, batch_logps
 from dpo_cli.losses.base import nll_shares
 from dpo_cli.modeling import byte_tokenizer, load_model
 from dpo_cli.reference import ModelReference
+from dpo_cli.scoring import batch_loss, make_batch
 
 
 def test_nll_shares_average_to_the_sum_over_the_denominator():

@@ -113,6 +113,7 @@ def test_the_sink_logs_offline_when_the_server_cannot_be_reached(wandb_env, monk
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
 
 
+@pytest.mark.integration
 def test_a_resumed_run_continues_the_same_wandb_run(wandb_env):
     run_dir = wandb_env / "run"
     run_dir.mkdir()
@@ -186,6 +187,7 @@ sys.stdin.read()  # wait to be killed
 """
 
 
+@pytest.mark.integration
 def test_a_killed_run_keeps_every_row_it_logged(tmp_path):
     """kill -9 gives no chance to flush buffers or close files: each row must already be out."""
     path = tmp_path / "metrics.jsonl"
@@ -213,6 +215,7 @@ def test_jsonl_resume_rewrites_the_file_in_place(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
 
 
+@pytest.mark.integration
 def test_a_slurm_job_id_reaches_the_run_directory_and_the_wandb_run(wandb_env, monkeypatch, tmp_path):
     """Under SLURM (its variables as sbatch sets them), the job's identity is appended to
     <run dir>/slurm.jsonl and put in the W&B run's config (a real offline W&B run)."""

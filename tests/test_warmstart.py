@@ -36,6 +36,7 @@ def _weights(model) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+@pytest.mark.integration
 def test_a_saved_warm_start_made_with_other_settings_is_redone_not_loaded(tmp_path, caplog):
     """A run directory reused after a failed start (8 warm-start steps), now asked for 16: it
     used to load the 8-step weights with an INFO line."""
@@ -80,6 +81,7 @@ def _start(run_dir, extra):
     )
 
 
+@pytest.mark.integration
 def test_the_warm_start_shows_progress_and_stops_on_the_first_signal(tmp_path):
     """It used to print nothing for minutes and act on SIGTERM only after the warm start and one
     training step; now it says what it does, shows a bar, and stops within a step."""
@@ -104,6 +106,7 @@ def test_the_warm_start_shows_progress_and_stops_on_the_first_signal(tmp_path):
     assert not (run_dir / "warm_start" / "model.safetensors").exists()
 
 
+@pytest.mark.integration
 def test_a_failed_start_s_recorded_config_gives_way_to_the_next_start(tmp_path):
     """A start that failed after its warm start (warm_start/ written, no step trained) left its
     .hydra/config.yaml, and the next start into the directory recorded its own config under

@@ -15,10 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from omegaconf import DictConfig
+
 from dpo_cli.data import hh, kto, pairs, shp, synthetic, tldr, ultrafeedback
 from dpo_cli.data.fields import RowError
-from dpo_cli.data.sources import has_split
+from dpo_cli.data.sources import has_split, read_rows_with_origin
 from dpo_cli.errors import DataError
+from dpo_cli.hub import hub_reachable, offline_mode, offline_setting
+from dpo_cli.schema import source_config
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,15 @@ UNPAIRED_FORMATS = frozenset({"kto"})
 MIX_WIDE = ("max_length", "max_prompt_length", "truncation_mode", "chat_template", "cache_dir")
 
 
+def unpaired_data(d: Any) -> bool:
+    """Whether the data section yields unpaired (KTO) examples."""
+    if d.format == "mix":
+        return any(
+            isinstance(s, DictConfig) and s.get("format") in UNPAIRED_FORMATS for s in (d.mixture or {}).values()
+        )
+    return d.format in UNPAIRED_FORMATS
+
+
 @dataclass
 class Pairs:
     train: list[Pair]
@@ -69,13 +82,10 @@ def _read_rows(
 ) -> tuple[Any, list[str] | None]:
     """Rows from local files (see `sources`), with where each comes from ("'a.jsonl' line 7"),
     or a hub dataset split (where = None: its 1-based row numbers)."""
-    from dpo_cli.data.sources import read_rows_with_origin
-    from dpo_cli.hub import hub_reachable, offline_mode, offline_setting
-
     if path is not None:
         origins = read_rows_with_origin(path, what, split)
         return [o.row for o in origins], [o.where() for o in origins]
-    import datasets
+    import datasets  # here: it takes a second to import, and only hub datasets need it
 
     fix = f"download it where there is network and set data.path=/path/to/{split}.jsonl.gz"
     if offline_setting():
@@ -233,8 +243,6 @@ def _load_mixture(data: Any, seed: int) -> Pairs:
     then data.weights[name] (default 1.0) of its training pairs kept (a seeded sample), as
     alignment-handbook's dataset mixer weights them; eval pairs are kept whole. Counts are
     reported per source."""
-    from dpo_cli.config import source_config
-
     weights = dict(data.get("weights") or {})
     out = Pairs(train=[], eval=[])
     origin: dict[int, str] = {}  # id(pair) -> source, to count each source after the caps

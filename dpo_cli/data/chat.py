@@ -98,7 +98,7 @@ def load_template(path: str) -> str:
         raise DataError(f"{where} is not UTF-8 text; a chat template is a Jinja text file") from None
     if not text.strip():
         raise DataError(f"{where} is empty; it should hold a Jinja chat template")
-    import jinja2
+    import jinja2  # here: it comes with transformers, and only chat templates need it
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -124,7 +124,7 @@ def render(pairs: list[dict], tokenizer: Any, chat_template: str | None) -> tupl
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
         raise DataError(NO_TEMPLATE)
-    import jinja2
+    import jinja2  # here, as in load_template: it comes with transformers, and only chat data needs it
 
     def apply(conversation: list[Message], generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(
@@ -159,9 +159,17 @@ def render(pairs: list[dict], tokenizer: Any, chat_template: str | None) -> tupl
         out.update({k: whole[len(text) :] for k, whole in wholes.items()})
         rendered.append(out)
 
-    # The trainer splits the whole's token ids at the prompt's length: check they agree there,
-    # tokenizing in chunks (a batch is faster than one call per text; all at once holds every id).
-    todo = [p for p in rendered if p is not None and p.get("templated")]
+    # The trainer splits the whole's token ids at the prompt's length: check they agree there.
+    bad = _not_token_prefixes([p for p in rendered if p is not None and p.get("templated")], tokenizer)
+    if bad:
+        dropped[NOT_A_PREFIX] += len(bad)
+    return [p for p in rendered if p is not None and id(p) not in bad], dict(dropped)
+
+
+def _not_token_prefixes(todo: list[dict], tokenizer: Any) -> set[int]:
+    """The rendered pairs (by `id`) whose prompt's token ids are not a prefix of each whole
+    conversation's, tokenizing in chunks (a batch is faster than one call per text; all at once
+    holds every id)."""
     bad = set()
     for start in range(0, len(todo), _CHUNK):
         chunk = todo[start : start + _CHUNK]
@@ -171,6 +179,4 @@ def render(pairs: list[dict], tokenizer: Any, chat_template: str | None) -> tupl
             prompt, *wholes = [next(ids) for _ in group]
             if any(whole[: len(prompt)] != prompt for whole in wholes):
                 bad.add(id(p))
-    if bad:
-        dropped[NOT_A_PREFIX] += len(bad)
-    return [p for p in rendered if p is not None and id(p) not in bad], dict(dropped)
+    return bad

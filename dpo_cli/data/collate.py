@@ -19,7 +19,7 @@ A layout decides how the sequences sit in the model's input rows:
   the first token of each.
 
 Besides the rows (input_ids, attention_mask, and for packed layouts position_ids, segment and
-branch, from which `layout.attention_inputs` builds the mask), a batch lists its *targets*:
+branch, from which `attention.attention_inputs` builds the mask), a batch lists its *targets*:
 one entry per scored token, naming the row and column that predicts it, the token, the
 sequence it belongs to and its rank among that sequence's response tokens. Log-probs are then
 one gather and one scatter by sequence id, the same for every layout.
@@ -31,10 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dpo_cli.batch import CHOSEN, IGNORE_INDEX, KL, LAYOUTS, REJECTED, TARGET_FIELDS
 from dpo_cli.data.tokenize import Tokenized
-from dpo_cli.logprobs import CHOSEN, IGNORE_INDEX, KL, REJECTED
-
-LAYOUTS = ("padded", "packed", "shared")
 
 
 @dataclass
@@ -99,7 +97,7 @@ def chosen_token_means(examples: list[Tokenized]) -> tuple[float, float]:
     """(scored response tokens, scored whole-sequence tokens) of the examples' CHOSEN sequences
     (an unpaired example's desirable completion; an undesirable one has none), per example:
     the denominators of a token-mean NLL over these examples, counted exactly as `collate`
-    scores them, before any forward pass (see `evaluate.batch_loss`)."""
+    scores them, before any forward pass (see `scoring.batch_loss`)."""
     response = whole = 0
     for ex in examples:
         if "completion_ids" in ex:
@@ -190,6 +188,35 @@ def collate(
     seqs = _sequences(examples, kl, kl_donor)
     units = _units(seqs, layout)
     rows = _rows(units, seqs, layout)
+    grid, targets = _lay_out(rows, units, seqs, pad_id, whole)
+    example = torch.tensor([s.example for s in seqs], dtype=torch.long)
+    t = torch.tensor(targets, dtype=torch.long).reshape(-1, 5)
+    batch = {
+        "input_ids": grid["input_ids"],
+        "attention_mask": (grid["segment"] >= 0).long(),
+        "row_kl": torch.tensor([seqs[units[row[0]][1][0]].role == KL for row in rows]),
+        "role": torch.tensor([s.role for s in seqs], dtype=torch.long),
+        "example": example,
+        "index": example if index is None else torch.tensor(index, dtype=torch.long)[example],
+        "shared_tokens": torch.tensor([s.shared for s in seqs], dtype=torch.long),
+        "tokens": torch.bincount(t[:, 3][t[:, 4] > 0], minlength=len(seqs)).float(),
+        "length": torch.tensor([len(s.prompt) + len(s.response) for s in seqs], dtype=torch.long),
+        **{name: t[:, k] for k, name in enumerate(TARGET_FIELDS)},
+        "whole": torch.tensor(whole),
+    }
+    if layout == "padded":
+        batch["labels"] = _labels(t, grid["input_ids"].shape)
+    else:
+        batch.update(position_ids=grid["position_ids"], segment=grid["segment"], branch=grid["branch"])
+    return batch
+
+
+def _lay_out(
+    rows: list[list[int]], units: list[tuple[list[int], list[int]]], seqs: list[Sequence], pad_id: int, whole: bool
+) -> tuple[dict[str, torch.Tensor], list[tuple[int, int, int, int, int]]]:
+    """The rows' tensors (R, L), each unit's prompt then its sequences' responses back to back:
+    input_ids, position_ids, segment and branch; and the targets, as (row, predicting column,
+    token, sequence, rank) in the order of TARGET_FIELDS."""
     width = max(sum(len(units[u][0]) + sum(len(seqs[i].response) for i in units[u][1]) for u in row) for row in rows)
     n_rows = len(rows)
     input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
@@ -221,31 +248,14 @@ def collate(
                         targets.append((r, predictor, response[k], i, k + 1))
                 start += m
             col = start
-    example = torch.tensor([s.example for s in seqs], dtype=torch.long)
-    t = torch.tensor(targets, dtype=torch.long).reshape(-1, 5)
-    role = torch.tensor([s.role for s in seqs], dtype=torch.long)
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": (segment >= 0).long(),
-        "row_kl": torch.tensor([seqs[units[row[0]][1][0]].role == KL for row in rows]),
-        "role": role,
-        "example": example,
-        "index": example if index is None else torch.tensor(index, dtype=torch.long)[example],
-        "shared_tokens": torch.tensor([s.shared for s in seqs], dtype=torch.long),
-        "tokens": torch.bincount(t[:, 3][t[:, 4] > 0], minlength=len(seqs)).float(),
-        "length": torch.tensor([len(s.prompt) + len(s.response) for s in seqs], dtype=torch.long),
-        "t_row": t[:, 0],
-        "t_col": t[:, 1],
-        "t_id": t[:, 2],
-        "t_seq": t[:, 3],
-        "t_rank": t[:, 4],
-        "whole": torch.tensor(whole),
-    }
-    if layout == "padded":
-        labels = torch.full((n_rows, width), IGNORE_INDEX, dtype=torch.long)
-        response = t[:, 4] > 0
-        labels[t[response, 0], t[response, 1] + 1] = t[response, 2]
-        batch["labels"] = labels
-    else:
-        batch.update(position_ids=position_ids, segment=segment, branch=branch)
-    return batch
+    grid = {"input_ids": input_ids, "position_ids": position_ids, "segment": segment, "branch": branch}
+    return grid, targets
+
+
+def _labels(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Padded rows' labels: the input id at each response token, IGNORE_INDEX elsewhere
+    (`t`: the targets as (M, 5) rows in the order of TARGET_FIELDS)."""
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    response = t[:, 4] > 0
+    labels[t[response, 0], t[response, 1] + 1] = t[response, 2]
+    return labels

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpo_cli.config import unpaired_data
-from dpo_cli.data import Pair, Pairs, chat, load_pairs
+import torch
+from tqdm.auto import tqdm
+
+from dpo_cli.data import Pair, Pairs, chat, load_pairs, tokenize, unpaired_data
 from dpo_cli.data.tokenize import Tokenized, TruncationStats, check_kept, tokenize_pairs
 
 log = logging.getLogger(__name__)
@@ -46,8 +48,6 @@ def _tokenize(pairs: list[Pair], tokenizer: Any, lengths: dict[str, Any], what: 
     """tokenize_pairs over chunks, with a progress bar when there is more than one."""
     if len(pairs) <= CHUNK:
         return tokenize_pairs(pairs, tokenizer, **lengths)
-    from tqdm.auto import tqdm
-
     out: list[Tokenized] = []
     total = TruncationStats()
     for start in tqdm(range(0, len(pairs), CHUNK), desc=f"tokenizing {what}", unit="chunk"):
@@ -76,8 +76,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def _code_version() -> str:
     """A hash of the modules that decide token ids, so that changing them misses old caches."""
-    from dpo_cli.data import tokenize
-
     return hashlib.sha256(Path(tokenize.__file__).read_bytes() + Path(chat.__file__).read_bytes()).hexdigest()[:16]
 
 
@@ -95,8 +93,6 @@ def _cache_key(pairs: Pairs, template: str | None, tokenizer: Any, lengths: dict
 def _pack(examples: list[Tokenized]) -> dict[str, Any]:
     """Examples as flat int32 tensors (values and lengths per key): torch.load reads tensors at
     disk speed, while nested Python lists go through its slow safe unpickler."""
-    import torch
-
     if not examples:
         return {}
     packed = {}
@@ -124,8 +120,6 @@ def _unpack(packed: dict[str, Any]) -> list[Tokenized]:
 
 
 def _load_cached(path: Path) -> tuple[list, list, TruncationStats, TruncationStats] | None:
-    import torch
-
     try:
         saved = torch.load(path, weights_only=True)  # tensors and plain containers only: no code runs
         return (
@@ -142,8 +136,6 @@ def _load_cached(path: Path) -> tuple[list, list, TruncationStats, TruncationSta
 def _save_cached(path: Path, train: list, evals: list, ts: TruncationStats, es: TruncationStats) -> None:
     """Write the cache; a cache that cannot be written (read-only home on a cluster) only costs
     the next run its tokenization, so it is a warning, not a failure."""
-    import torch
-
     stats = {"train_stats": dataclasses.asdict(ts), "eval_stats": dataclasses.asdict(es)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
