@@ -45,7 +45,9 @@ def _integration_only(what: str) -> None:
     `make test-fast` leaves out; one that does not fails here, naming the mark."""
     item = _RUNNING.get("item")
     if item is not None and item.get_closest_marker("integration") is None:
-        pytest.fail(f"{item.nodeid} {what}: mark it @pytest.mark.integration (make test-fast leaves those out)")
+        pytest.fail(
+            f"{item.nodeid} {what}: mark it @pytest.mark.integration (make test-fast leaves those out)", pytrace=False
+        )
 
 
 def make_config(overrides: list[str]):
