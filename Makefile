@@ -34,7 +34,7 @@ train: install ## train the built-in tiny model on the built-in task (seconds on
 test: install ## run the test suite (offline; about 25 minutes on 2 CPU cores; the SLURM tests need scripts/slurm/local_cluster.sh)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-fast: install ## the inner loop: the tests that train no whole run and start no process (about 2.5 minutes on 2 CPU cores)
+test-fast: install ## the inner loop: the tests that train no whole run and start no process (about 2 minutes on 2 CPU cores)
 	$(BIN)/pytest -m "not slow and not integration" $(PYTEST_ARGS)
 
 test-all: install ## the test suite including slow tests
