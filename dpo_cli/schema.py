@@ -195,14 +195,14 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     # Loss and optimizer are `_target_` nodes whose keys depend on the target class, so their
     # keys are checked against the target's signature in `validate` rather than by a schema.
-    loss: dict[str, Any] = MISSING
-    optimizer: dict[str, Any] = MISSING
+    loss: Any = MISSING
+    optimizer: Any = MISSING
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     # A judge is a `_target_` node (conf/judge/), checked like the loss; null = no generation evaluation.
-    judge: Optional[dict[str, Any]] = None
+    judge: Any = None
 
 
 def register_configs() -> None:
