@@ -10,7 +10,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from dpo_cli import checkpoint, config, evalgen, layout, rundir, slurm
 from dpo_cli.data.batching import steps_per_epoch
@@ -34,6 +34,7 @@ from dpo_cli.reference import (
     reference_model_config,
 )
 from dpo_cli.schedule import make_scheduler, warmup_steps
+from dpo_cli.schema import Config, TrainConfig, as_plain
 from dpo_cli.signals import StopOnSignal
 from dpo_cli.throughput import flops_per_token
 from dpo_cli.warmstart import warm_started
@@ -41,14 +42,13 @@ from dpo_cli.warmstart import warm_started
 log = logging.getLogger(__name__)
 
 
-def build(cfg: DictConfig, run_dir: Path, held: ExitStack, stop: StopOnSignal) -> Run:
-    """Validate the config, then build the run's parts: data before weights, so that a bad
+def build(cfg: Config, run_dir: Path, held: ExitStack, stop: StopOnSignal) -> Run:
+    """Build the run's parts from the validated, typed config: data before weights, so that a bad
     dataset fails before minutes of model loading; the resume point before any training.
     The run directory's lock joins `held`, which the caller keeps until the run ends; `stop`
     ends the warm start early on a signal."""
     from hydra.utils import instantiate
 
-    config.validate(cfg)
     accelerator, resume_from, wandb_mode = _start(cfg, run_dir, held)
     check_max_length(cfg.model, cfg.data.max_length)  # from the model's config, before data and weights
     tokenizer = load_tokenizer(cfg.model)
@@ -91,13 +91,13 @@ def build(cfg: DictConfig, run_dir: Path, held: ExitStack, stop: StopOnSignal) -
     )
 
 
-def _start(cfg: DictConfig, run_dir: Path, held: ExitStack) -> tuple[Any, Path | None, str]:
+def _start(cfg: Config, run_dir: Path, held: ExitStack) -> tuple[Any, Path | None, str]:
     """The Accelerator, the checkpoint to resume from (or None) and the W&B mode that can run
     here; the run directory held, the seed set, the launch and the config logged."""
     from accelerate.utils import set_seed
 
     t = cfg.train
-    accum = config.check_world(cfg, world_size_from_env())
+    accum = config.check_world(t, world_size_from_env())
     accelerator = _make_accelerator(t, accum)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)  # messages once, from the main process
@@ -121,11 +121,11 @@ def _start(cfg: DictConfig, run_dir: Path, held: ExitStack) -> tuple[Any, Path |
         accum,
         accelerator.num_processes,
     )
-    _to_log_file("config:\n" + OmegaConf.to_yaml(cfg, resolve=True))
+    _to_log_file("config:\n" + OmegaConf.to_yaml(as_plain(cfg)))
     return accelerator, resume_from, wandb_mode
 
 
-def _make_accelerator(t: DictConfig, accum: int) -> Any:
+def _make_accelerator(t: TrainConfig, accum: int) -> Any:
     """The Accelerator for `train.mixed_precision` and `accum` micro batches per step (the
     launcher's environment cannot change it), or a UserError for what it cannot run."""
     from accelerate import Accelerator, DistributedType
@@ -167,7 +167,7 @@ def _to_log_file(text: str) -> None:
             handler.handle(record)
 
 
-def _resume_point(t: DictConfig, run_dir: Path, main_process: bool = True) -> Path | None:
+def _resume_point(t: TrainConfig, run_dir: Path, main_process: bool = True) -> Path | None:
     """The checkpoint to resume from, after refusing to mix a new run into an old run dir. A
     directory whose run saved no checkpoint has nothing to continue: train.resume=auto starts
     it over, keeping the old metrics beside the new ones."""
@@ -192,7 +192,7 @@ def _resume_point(t: DictConfig, run_dir: Path, main_process: bool = True) -> Pa
     raise UserError(f"{run_dir} already holds a run (metrics.jsonl); {how}, or choose another hydra.run.dir")
 
 
-def _data(cfg: DictConfig, tokenizer: Any) -> tuple[Data, list[dict], int]:
+def _data(cfg: Config, tokenizer: Any) -> tuple[Data, list[dict], int]:
     """The tokenized train and eval examples, the normalized eval pairs (for generation) and
     the run's length in optimizer steps."""
     t = cfg.train
@@ -217,7 +217,7 @@ def _data(cfg: DictConfig, tokenizer: Any) -> tuple[Data, list[dict], int]:
 
 
 def _policy(
-    cfg: DictConfig, data: Data, loss_fn: Loss, accelerator: Any, run_dir: Path, stop: StopOnSignal
+    cfg: Config, data: Data, loss_fn: Loss, accelerator: Any, run_dir: Path, stop: StopOnSignal
 ) -> tuple[Any, int]:
     """The policy to train, loaded, warm-started and wrapped with LoRA when asked, and its
     number of parameters."""
@@ -239,7 +239,7 @@ def _policy(
 
 
 def _warm_start(
-    cfg: DictConfig, policy: Any, train_set: list[Tokenized], pad_id: int, accelerator: Any, run_dir: Path,
+    cfg: Config, policy: Any, train_set: list[Tokenized], pad_id: int, accelerator: Any, run_dir: Path,
     stop: StopOnSignal,
 ) -> None:  # fmt: skip
     """model.warm_start on `policy` (or its saved weights), with a progress bar; a signal stops
@@ -250,8 +250,7 @@ def _warm_start(
             "hold; train the SFT model first (loss=sft) and start from it, or use a DDP launch"
         )
     m = cfg.model
-    source = {k: OmegaConf.to_container(m, resolve=True)[k] for k in ("name_or_path", "revision", "gguf_file",
-                                                                      "random_init", "dtype")}  # fmt: skip
+    source = {k: as_plain(getattr(m, k)) for k in ("name_or_path", "revision", "gguf_file", "random_init", "dtype")}
     warm_started(
         policy.to(accelerator.device), train_set, m.warm_start, cfg.train.seed, pad_id, run_dir / "warm_start",
         accelerator.is_main_process, source=source, progress=bool(cfg.logger.progress and accelerator.is_main_process),
@@ -260,7 +259,7 @@ def _warm_start(
 
 
 def _optimization(
-    cfg: DictConfig, policy: Any, accelerator: Any, warmup: int, n_steps: int
+    cfg: Config, policy: Any, accelerator: Any, warmup: int, n_steps: int
 ) -> tuple[Any, Optimization]:
     """The policy and its optimizer prepared by accelerate, the learning-rate schedule and the
     non-finite guard."""
@@ -284,7 +283,7 @@ def _optimization(
     return policy, optimization
 
 
-def _models(cfg: DictConfig, data: Data, loss_fn: Loss, policy: Any, parameters: int, accelerator: Any) -> Models:
+def _models(cfg: Config, data: Data, loss_fn: Loss, policy: Any, parameters: int, accelerator: Any) -> Models:
     """The prepared policy (of `parameters` parameters) with its layout, LM head and reference
     (from the policy before any update, or its own weights)."""
     t = cfg.train
@@ -312,7 +311,7 @@ def _models(cfg: DictConfig, data: Data, loss_fn: Loss, policy: Any, parameters:
 
 
 def _reference(
-    cfg: DictConfig,
+    cfg: Config,
     loss_fn: Loss,
     tokenizer: Any,
     policy: Any,
@@ -357,7 +356,7 @@ def _reference(
 
 
 def _outputs(
-    cfg: DictConfig,
+    cfg: Config,
     accelerator: Any,
     run_dir: Path,
     run_shape: dict[str, Any],
@@ -388,7 +387,7 @@ def _outputs(
 
 
 def _sinks(
-    cfg: DictConfig, accelerator: Any, run_dir: Path, wandb_mode: str, resume_step: int | None, start: int, n_steps: int
+    cfg: Config, accelerator: Any, run_dir: Path, wandb_mode: str, resume_step: int | None, start: int, n_steps: int
 ) -> Callable[[], MetricLogger]:
     """What opens the run's metric sinks when the loop starts: metrics.jsonl (its rows after
     `resume_step` dropped), W&B and the progress bar on the main process; none elsewhere."""

@@ -19,7 +19,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_cli import overrides, rundir
+from dpo_cli import config, overrides, rundir
 from dpo_cli.config import register_configs
 from dpo_cli.distributed import broadcast_from_main
 from dpo_cli.errors import UserError
@@ -121,6 +121,31 @@ def pretrained_by_default(argv: list[str]) -> list[str]:
     return argv
 
 
+# Spellings of earlier versions, still understood on the command line (the new one is logged):
+# the scheduler and logger groups became keys; a data format's own keys moved into data.format.
+# A prefix ending in "=" matches a whole group choice, one ending in "." any key under it.
+RENAMED = {
+    "scheduler=": "scheduler.name=",
+    "logger=local": "logger.wandb.mode=disabled",
+    "logger=default": "",
+    **config.RENAMED_KEYS,
+}
+
+
+def old_spellings(argv: list[str]) -> list[str]:
+    """`argv` with each override of an earlier version's spelling rewritten (RENAMED), noted."""
+    out = argv[:1]
+    for arg in argv[1:]:
+        new = arg
+        for old, replacement in RENAMED.items():
+            if arg == old or (old[-1] in "=." and arg.startswith(old)):
+                new = replacement + arg[len(old) :]
+                _notes.append(f"{arg!r} is spelled {new!r} now" if new else f"{arg!r} is the default now; dropped")
+                break
+        out += [new] if new else []
+    return out
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     from dpo_cli import preflight, slurm, train
@@ -130,14 +155,15 @@ def _hydra_main(cfg: DictConfig) -> None:
     for note in _notes if main_process else ():
         log.info("%s", note)
     try:
-        if cfg.mode == "inspect":
-            preflight.run(cfg)
-        elif cfg.mode == "eval":
+        typed = config.validate(cfg)  # the one conversion: every part below reads the typed config
+        if typed.mode == "inspect":
+            preflight.run(typed)
+        elif typed.mode == "eval":
             from dpo_cli import evalmode
 
-            evalmode.run(cfg, train.run_dir_of(cfg))
+            evalmode.run(typed, train.run_dir_of())
         else:
-            train.run(cfg)
+            train.run(typed)
     except UserError as e:
         if main_process:
             log.error("%s", e)
@@ -215,7 +241,7 @@ def main() -> None:
     os.environ[STAMP_ENV] = _run_stamp
     main_process = int(os.environ.get("RANK", "0")) == 0
     # Hydra reads sys.argv itself (and so does every job of a -m sweep), so the edits go there.
-    sys.argv = pretrained_by_default(sys.argv)
+    sys.argv = pretrained_by_default(old_spellings(sys.argv))
     problem: tuple[str, int] | None = None
     try:
         # Every job's config, and the run directory, before Hydra creates anything.

@@ -1,148 +1,143 @@
 """Whole-config validation: every problem at once, before any weights load.
 
-The schema (`dpo_cli.schema`) makes an unknown key or a wrongly typed value fail when Hydra
-composes the config. `validate` then checks what types cannot express (ranges, cross-field
-rules, that a `_target_` exists and accepts the given keys) and reports every problem at once,
-before any weights are loaded. It reads every part's options (data formats, losses, models,
-layouts), so it sits above them: no part imports this module.
+The schema (`dpo_cli.schema` and the sections' own modules) makes an unknown key or a wrongly
+typed value fail when Hydra composes the config. `validate` gathers the rest and reports every
+problem at once, before any weights are loaded: each section's own checks (beside its
+dataclass), the `_target_` nodes built (so that a loss checks its own ranges), and the rules
+between sections (the loss against the data, fp16 against the model's dtype). It returns the
+typed config (`OmegaConf.to_object`), which is all the parts below the entry point read. It
+reads every part's options, so it sits above them: no part imports this module.
 """
 
 from __future__ import annotations
 
 import difflib
-import inspect
 import numbers
 import os
 import typing
-from collections.abc import Callable
+from dataclasses import fields as dataclass_fields
 from dataclasses import is_dataclass
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from dpo_cli import schedule
-from dpo_cli.batch import KL_ROWS, LAYOUTS
+from dpo_cli import options
+from dpo_cli.batch import KL_ROWS
 from dpo_cli.data import FORMATS, UNPAIRED_FORMATS, unpaired_data
 from dpo_cli.distributed import cpu_only
 from dpo_cli.errors import ConfigError
 from dpo_cli.losses.combination import check_weights
-from dpo_cli.modeling import attention_problem, max_positions, position_problem
+from dpo_cli.modeling.diagnostics import model_problems
+from dpo_cli.modeling.options import choice, positive, reference_problems
+from dpo_cli.options import import_target
+from dpo_cli.schema import (
+    MODES,
+    TRUNCATION_MODES,
+    Config,
+    as_plain,
+    eval_problems,
+    logger_problems,
+    scheduler_problems,
+    source_config,
+    train_problems,
+)
 
-# The schema's names that callers have found here (`config.register_configs`, ...) are re-exported (`as`).
-from dpo_cli.schema import ColumnsConfig as ColumnsConfig
-from dpo_cli.schema import Config, import_target, source_config
-from dpo_cli.schema import DataConfig as DataConfig
-from dpo_cli.schema import SyntheticConfig as SyntheticConfig
-from dpo_cli.schema import register_configs as register_configs
+# Keys an earlier version spelled otherwise: old dotted prefix -> new (cli.old_spellings rewrites
+# them on the command line; checkpoint.compat reads a checkpoint's recorded settings through them).
+RENAMED_KEYS: dict[str, str] = {}
 
-MODES = ("train", "inspect", "eval")
-PRECISIONS = ("no", "bf16", "fp16")
-DTYPES = ("float32", "bfloat16", "float16")
-MODEL_DTYPES = (*DTYPES, "auto")  # auto: the dtype the checkpoint's config names
-WANDB_MODES = ("online", "offline", "disabled")
-TRUNCATION_MODES = ("keep_end", "keep_start")
-SCHEDULERS = schedule.NAMES
-
-
-def _choice(problems: list[str], key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        problems.append(f"{key}={value!r} is not one of {', '.join(allowed)}; set {key}=<one of them>")
-
-
-def _positive(problems: list[str], key: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or value <= 0:
-        problems.append(f"{key}={value!r} must be > 0")
+# Generated schemas of the `_target_` options a conf/ group offers: (group, name, target, options_of kwargs).
+OPTIMIZERS = ("AdamW", "RMSprop")
+JUDGES = ("SortJudge", "RewardModelJudge")
 
 
-def _numeric_hint(target: Callable[..., Any], name: str) -> bool:
-    """Whether parameter `name` is annotated as a number (float, int, float | None, ...)."""
-    try:
-        hint = typing.get_type_hints(target).get(name)
-    except Exception:  # noqa: BLE001 - unresolvable annotations: no check
-        return False
-    args = typing.get_args(hint) or (hint,)
-    return any(a in (int, float) for a in args)
+def register_configs() -> None:
+    """Register the schema that `conf/config.yaml` names first in its defaults list, and the
+    generated options of the optimizers and judges that conf/optimizer and conf/judge extend."""
+    ConfigStore.instance().store(name="dpo_cli_schema", node=Config)
+    for name in OPTIMIZERS:
+        options.register("optimizer", name, f"torch.optim.{name}", partial=True, skip=("params",))
+    for name in JUDGES:
+        options.register("judge", name, f"dpo_cli.judges.{name}")
 
 
-def _check_target(problems: list[str], key: str, node: Any, group: str | None = None) -> None:
-    """Check that `node._target_` imports and accepts every other key, with values of the
-    same kind as the parameter's default (a number where the default is a number) or, for a
-    None default, its annotation (a number where it says float | None)."""
-    if not isinstance(node, (dict, DictConfig)) or "_target_" not in node:
-        problems.append(f"{key} must be a mapping with a _target_ (see conf/{group or key}/)")
-        return
-    try:
-        target = import_target(str(node["_target_"]))
-    except (ImportError, AttributeError, ValueError):
-        problems.append(f"{key}._target_={node['_target_']!r} cannot be imported; check the dotted path")
-        return
-    params = inspect.signature(target).parameters
-    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    for name, value in node.items():
-        if name in ("_target_", "_partial_"):
+def target_of(node: Any) -> Any:
+    return node.get("_target_") if isinstance(node, dict) else getattr(node, "_target_", None)
+
+
+def node_fields(node: Any) -> dict[str, Any]:
+    """A `_target_` node's keys and values, typed (an options object) or not (a mapping)."""
+    if is_dataclass(node):
+        return {f.name: getattr(node, f.name) for f in dataclass_fields(node)}
+    return dict(node) if isinstance(node, dict) else {}
+
+
+def _target_nodes(node: Any, prefix: str = "") -> list[tuple[str, DictConfig]]:
+    """Every `_target_` node of the composed config, with its dotted key."""
+    if not isinstance(node, DictConfig) or node._is_none() or node._is_missing() or node._is_interpolation():
+        return []
+    found = [(prefix.rstrip("."), node)] if "_target_" in node else []
+    for k in node:
+        if k != "hydra" and not OmegaConf.is_missing(node, k) and OmegaConf.is_config(node._get_node(k)):
+            found += _target_nodes(node._get_node(k), f"{prefix}{k}.")
+    return found
+
+
+def target_key_problems(cfg: DictConfig) -> list[str]:
+    """A problem for each key of a `_target_` node that its target does not take. A typed node
+    refuses a misspelled `key=value` at compose time, but `+key=value` adds any key (which the
+    typed object would then drop without a word), and `_target_=...` may name another class."""
+    problems = []
+    for key, node in _target_nodes(cfg):
+        try:
+            schema = options.options_of(str(node._target_), skip=("params",))
+        except (ImportError, AttributeError, ValueError):
+            problems.append(f"{key}._target_={node._target_!r} cannot be imported; check the dotted path")
             continue
-        if name not in params:
-            if not takes_kwargs:
-                allowed = ", ".join(p for p in params if p not in ("self", "params"))
-                problems.append(f"{key}.{name} is not a parameter of {node['_target_']}; allowed: {allowed}")
-            continue
-        default = params[name].default
-        if isinstance(default, bool):
-            ok, expected = isinstance(value, bool), f"a bool like the default {default!r}"
-        elif isinstance(default, numbers.Real) or (
-            default is None
-            and value is not None
-            and _numeric_hint(target.__init__ if inspect.isclass(target) else target, name)
-        ):
-            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-            expected = "a number or null" if default is None else f"a number like the default {default!r}"
-        else:
-            ok, expected = True, ""
-        if not ok:
-            problems.append(f"{key}.{name}={value!r} has the wrong type; expected {expected}")
-
-
-def _check_random_init(arch: Any, max_length: Any = None) -> list[str]:
-    """Problems with model.random_init: its model_type and kwargs must build a transformers config."""
-    arch = dict(arch)
-    if "model_type" not in arch:
-        return ["model.random_init needs a model_type (e.g. llama, gpt2, qwen2)"]
-    from transformers import CONFIG_MAPPING, AutoConfig  # here: transformers takes seconds to import (CLI start-up)
-
-    model_type = arch.pop("model_type")
-    if model_type not in CONFIG_MAPPING:
-        return [
-            f"model.random_init.model_type={model_type!r} is not a transformers model type (e.g. llama, gpt2, qwen2, mistral)"
+        allowed = [f.name for f in dataclass_fields(schema) if not f.name.startswith("_")]
+        problems += [
+            f"{key}.{k} is not a parameter of {node._target_}; allowed: {', '.join(allowed)}"
+            for k in node
+            if k not in allowed and not str(k).startswith("_")
         ]
-    try:
-        built = AutoConfig.for_model(model_type, **arch)
-    except Exception as e:  # noqa: BLE001 - config classes raise their own validation errors
-        cause = e.__cause__ or e
-        first = next((line.strip() for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
-        return [f"model.random_init does not build a transformers config: {first[:300]}"]
-    # Config classes keep unknown kwargs as plain attributes (a typo would pass silently);
-    # known ones are either in the defaults or consumed (e.g. rope_theta into rope_parameters).
-    known = CONFIG_MAPPING[model_type]().to_dict()
-    unknown = sorted(k for k in arch if k not in known and k in vars(built))
-    problems = [f"model.random_init.{k} is not a {model_type} config key; check the spelling" for k in unknown]
-    limit = max_positions(built)
-    if limit is not None and isinstance(max_length, int) and max_length > limit:
-        problems.append(position_problem(max_length, limit))
     return problems
 
 
+def typed_node(key: str, node: Any, group: str) -> tuple[Any, list[str]]:
+    """`node` as its target's options object, or None and the problems: a typed node as it is
+    (unless its `_target_` was changed: then as a mapping); a mapping (a target no conf/ file
+    gives a schema) checked against its target's generated options, so that an unknown key or a
+    wrong type is refused as in a typed node."""
+    if is_dataclass(node):
+        if type(node).__name__ == f"{str(node._target_).rpartition('.')[2]}Options":
+            return node, []
+        node = node_fields(node)
+    if not isinstance(node, dict) or "_target_" not in node:
+        return None, [f"{key} must be a mapping with a _target_ (see conf/{group}/)"]
+    try:
+        schema = options.options_of(str(node["_target_"]), partial=bool(node.get("_partial_")), skip=("params",))
+    except (ImportError, AttributeError, ValueError):
+        return None, [f"{key}._target_={node['_target_']!r} cannot be imported; check the dotted path"]
+    known = {f.name for f in dataclass_fields(schema)}
+    if set(node) - known:
+        return None, []  # its keys the target does not take: reported by target_key_problems
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node)), []
+    except OmegaConfBaseException as e:
+        return None, [f"{key}.{e.key}={e.value!r} has the wrong type: {str(e).splitlines()[0]}"]  # type: ignore[attr-defined]
+
+
 def _build(problems: list[str], key: str, node: Any, group: str) -> Any:
-    """Instantiate a well-formed `_target_` node; the object checks its own value ranges (e.g.
-    beta > 0) and each line of its ValueError becomes a problem prefixed with `key`."""
-    n_problems = len(problems)
-    _check_target(problems, key, node, group)
-    if len(problems) > n_problems:
+    """Instantiate a `_target_` node (typed, or a mapping checked against its target's generated
+    options); the object checks its own value ranges (e.g. beta > 0) and each line of its
+    ValueError becomes a problem prefixed with `key`."""
+    node, found = typed_node(key, node, group)
+    problems.extend(found)
+    if node is None:
         return None
-    if group == "loss":
-        problems.extend(_unset_parameters(key, node))
     try:
         return instantiate(node)
     except Exception as e:  # noqa: BLE001 - any construction failure is a config problem
@@ -151,29 +146,10 @@ def _build(problems: list[str], key: str, node: Any, group: str) -> Any:
         return None
 
 
-def _unset_parameters(key: str, node: Any) -> list[str]:
-    """A problem for each parameter of a loss that its node does not set: the class default
-    would apply without a word (`~loss.beta` deletes the key; every conf/loss file sets every
-    parameter, so that the run's recorded config says what it trained with)."""
-    target = import_target(str(node["_target_"]))
-    problems = []
-    for name, param in inspect.signature(target).parameters.items():
-        if name in node or param.default is inspect.Parameter.empty:  # no default: instantiate says so
-            continue
-        if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
-            continue
-        value = OmegaConf.to_yaml({"v": param.default}).strip().removeprefix("v: ")  # as an override spells it
-        problems.append(
-            f"{key}.{name} is not set, so the loss would use {target.__name__}'s default {value} without a word; "
-            f"set {key}.{name}={value} to train with it"
-        )
-    return problems
-
-
 def _loss_class(node: Any) -> Any:
     """The class a loss node names, for its capability flags when it could not be built."""
     try:
-        return import_target(str(node["_target_"]))
+        return import_target(str(target_of(node)))
     except Exception:  # noqa: BLE001 - already reported by _check_target
         return None
 
@@ -183,13 +159,14 @@ def _check_loss(problems: list[str], node: Any, unpaired: bool, micro_batch_size
     key), then what it needs of the data: pairs, and two examples per micro batch for KTO.
     A loss that does not build still has its data needs checked, from its class. Returns the
     terms (objects, or classes for terms that did not build) by name."""
-    if isinstance(node, DictConfig) and "terms" in node:
-        nodes = dict(node.terms) if isinstance(node.terms, DictConfig) else {}
+    fields = node_fields(node)
+    if "terms" in fields:
+        nodes = dict(fields["terms"]) if isinstance(fields["terms"], dict) else {}
         terms = {name: _build(problems, f"loss.terms.{name}", n, "loss") for name, n in nodes.items()}
         if all(t is not None for t in terms.values()):
             _build(problems, "loss", node, "loss")  # the combination's own checks (weights, ...)
         else:
-            weights = node.get("weights") or {}
+            weights = fields.get("weights") or {}
             problems.extend(f"loss.{p}" for p in check_weights(list(nodes), dict(weights)))
         parts = {name: t if t is not None else _loss_class(nodes[name]) for name, t in terms.items()}
     else:
@@ -212,75 +189,6 @@ def _check_loss(problems: list[str], node: Any, unpaired: bool, micro_batch_size
     return parts
 
 
-def _check_model(p: list[str], m: Any, max_length: Any) -> None:
-    if m.name_or_path is not None and m.random_init is not None:
-        p.append(
-            f"model.name_or_path={m.name_or_path!r} and model.random_init are both set: the model group "
-            "(model=tiny, the default) builds a random model from model.random_init; to train "
-            f"{m.name_or_path!r}, use model=pretrained model.name_or_path={m.name_or_path}"
-        )
-    elif m.name_or_path is None and m.random_init is None:
-        p.append(
-            "set model.name_or_path (pretrained weights: model=pretrained model.name_or_path=DIR_OR_HUB_ID) "
-            "or model.random_init (an architecture to initialise randomly, e.g. model=tiny)"
-        )
-    if m.random_init is not None:
-        p.extend(_check_random_init(m.random_init, max_length))
-    if m.gguf_file is not None and m.name_or_path is None:
-        p.append("model.gguf_file needs model.name_or_path (the directory or hub id holding the file)")
-    _choice(p, "model.dtype", m.dtype, MODEL_DTYPES)
-    attention = attention_problem(m.attn_implementation)
-    if attention:
-        p.append(attention)
-    _check_lora(p, m.lora)
-
-
-def _check_lora(p: list[str], lora: Any) -> None:
-    if lora.r is None:
-        return
-    _positive(p, "model.lora.r", lora.r)
-    _positive(p, "model.lora.alpha", lora.alpha)
-    if not 0 <= lora.dropout < 1:
-        p.append(f"model.lora.dropout={lora.dropout} must be in [0, 1)")
-    tm = lora.target_modules
-    if not (isinstance(tm, str) or (OmegaConf.is_list(tm) and len(tm) and all(isinstance(x, str) for x in tm))):
-        p.append(
-            f"model.lora.target_modules={tm!r} must be all-linear or a list of module names, "
-            "e.g. model.lora.target_modules=[q_proj,v_proj]"
-        )
-
-
-def _check_reference(p: list[str], cfg: DictConfig, needs_reference: bool, kl_rows: bool) -> None:
-    """The reference section against the loss: a reference-free loss loads none, so reference
-    settings would be ignored (said, not silently); KTO's KL rows mix examples per batch, so
-    their reference log-probs cannot be looked up per example."""
-    r = cfg.reference
-    if r.dtype is not None:
-        _choice(p, "reference.dtype", r.dtype, MODEL_DTYPES)
-    if r.dtype not in (None, cfg.model.dtype) and r.name_or_path is None and cfg.model.lora.r is not None:
-        p.append(
-            f"reference.dtype={r.dtype} with LoRA: the reference is the policy's own base weights (adapter "
-            "disabled), which are in model.dtype; remove reference.dtype, or set reference.name_or_path"
-        )
-    if r.gguf_file is not None and r.name_or_path is None:
-        p.append("reference.gguf_file needs reference.name_or_path (the directory or hub id holding the file)")
-    if r.precompute and kl_rows:
-        p.append(
-            "reference.precompute=true with a loss that uses KTO's KL rows: those rows pair prompts with other "
-            "examples' completions batch by batch, so their reference log-probs cannot be cached per example; "
-            "set reference.precompute=false (the reference model then runs live)"
-        )
-    if not needs_reference:
-        set_keys = [
-            k for k in ("name_or_path", "revision", "gguf_file", "dtype", "precompute") if r[k] not in (None, False)
-        ]
-        if set_keys:
-            p.append(
-                f"{', '.join(f'reference.{k}={r[k]!r}' for k in set_keys)}: no term of the loss needs a reference "
-                "model (reference-free loss), so no reference is loaded and these would be ignored; remove them"
-            )
-
-
 def _check_mixture(p: list[str], d: Any) -> None:
     """data.format=mix: sources are other data configs, all paired or all unpaired; weights
     name sources and lie in (0, 1]."""
@@ -291,13 +199,13 @@ def _check_mixture(p: list[str], d: Any) -> None:
         )
     kinds = set()
     for name, s in sources.items():
-        fmt = s.get("format") if isinstance(s, DictConfig) else None
+        fmt = s.get("format") if isinstance(s, dict) else None
         if fmt not in FORMATS or fmt == "mix":
             p.append(f"data.mixture.{name}.format={fmt!r} is not one of {', '.join(f for f in FORMATS if f != 'mix')}")
             continue
         kinds.add(fmt in UNPAIRED_FORMATS)
         try:
-            source = source_config(s)
+            source = OmegaConf.to_object(source_config(s))
         except Exception as e:  # noqa: BLE001 - a wrong type or an unknown key in the source
             first = str(e).splitlines()[0]
             p.append(f"data.mixture.{name}: {first}")
@@ -318,24 +226,24 @@ def _check_mixture(p: list[str], d: Any) -> None:
 
 
 def _check_data(p: list[str], d: Any) -> None:
-    _choice(p, "data.format", d.format, tuple(FORMATS))
+    p.extend(choice("data.format", d.format, tuple(FORMATS)))
     if d.format == "mix":
         _check_mixture(p, d)
     if d.format == "synthetic" and d.synthetic is None:
         p.append("data.format=synthetic needs a data.synthetic section (see conf/data/synthetic.yaml)")
     if d.format not in ("synthetic", "mix") and d.path is None and d.hub_id is None:
         p.append(f"data: set data.path (a local file) or data.hub_id for format {d.format!r}")
-    _positive(p, "data.max_length", d.max_length)
-    _positive(p, "data.max_prompt_length", d.max_prompt_length)
+    p.extend(positive("data.max_length", d.max_length))
+    p.extend(positive("data.max_prompt_length", d.max_prompt_length))
     if d.max_length is not None and d.max_prompt_length is not None and d.max_prompt_length >= d.max_length:
         p.append(
             f"data.max_prompt_length={d.max_prompt_length} must be smaller than "
             f"data.max_length={d.max_length}, leaving room for the response"
         )
-    _choice(p, "data.truncation_mode", d.truncation_mode, TRUNCATION_MODES)
-    _positive(p, "data.max_train_pairs", d.max_train_pairs, allow_none=True)
-    _positive(p, "data.max_eval_pairs", d.max_eval_pairs, allow_none=True)
-    _positive(p, "data.shp_max_pairs_per_post", d.shp_max_pairs_per_post, allow_none=True)
+    p.extend(choice("data.truncation_mode", d.truncation_mode, TRUNCATION_MODES))
+    p.extend(positive("data.max_train_pairs", d.max_train_pairs, allow_none=True))
+    p.extend(positive("data.max_eval_pairs", d.max_eval_pairs, allow_none=True))
+    p.extend(positive("data.shp_max_pairs_per_post", d.shp_max_pairs_per_post, allow_none=True))
     if d.chat_template is not None and not os.path.isfile(os.path.expanduser(d.chat_template)):
         what = "is a directory" if os.path.isdir(os.path.expanduser(d.chat_template)) else "no such file"
         p.append(f"data.chat_template={d.chat_template!r}: {what}; point it at a Jinja chat template file")
@@ -343,52 +251,25 @@ def _check_data(p: list[str], d: Any) -> None:
         p.append(f"data.eval_holdout={d.eval_holdout} must be >= 0")
     if d.synthetic is not None:
         s = d.synthetic
-        _positive(p, "data.synthetic.num_train", s.num_train)
-        _positive(p, "data.synthetic.num_eval", s.num_eval)
+        p.extend(positive("data.synthetic.num_train", s.num_train))
+        p.extend(positive("data.synthetic.num_eval", s.num_eval))
         if not 2 <= s.min_digits <= s.max_digits:
             p.append(f"data.synthetic needs 2 <= min_digits <= max_digits, got {s.min_digits}, {s.max_digits}")
 
 
-def _check_optimization(p: list[str], cfg: DictConfig) -> None:
-    """optimizer, scheduler and train sections (they constrain each other)."""
-    _check_target(p, "optimizer", cfg.optimizer, "optimizer")
-    if isinstance(cfg.optimizer, DictConfig):
-        if not cfg.optimizer.get("_partial_", False):
-            p.append("optimizer._partial_ must be true: the parameters are passed at run time")
-        lr = cfg.optimizer.get("lr")
-        if isinstance(lr, numbers.Real) and lr <= 0:
-            p.append(f"optimizer.lr={lr} must be > 0")
 
-    s = cfg.scheduler
-    _choice(p, "scheduler.name", s.name, SCHEDULERS)
-    if s.warmup_steps is not None and s.warmup_steps < 0:
-        p.append(f"scheduler.warmup_steps={s.warmup_steps} must be >= 0")
-    if not 0 <= s.warmup_ratio < 1:
-        p.append(f"scheduler.warmup_ratio={s.warmup_ratio} must be in [0, 1)")
 
+def _check_optimization(p: list[str], cfg: Config) -> None:
+    """optimizer, scheduler and train sections, and the precision rules between them and the model."""
+    optimizer = _build(p, "optimizer", cfg.optimizer, "optimizer")
+    fields = node_fields(cfg.optimizer)
+    if fields and not fields.get("_partial_", False):
+        p.append("optimizer._partial_ must be true: the parameters are passed at run time")
+    lr = fields.get("lr")
+    if optimizer is not None and isinstance(lr, numbers.Real) and lr <= 0:
+        p.append(f"optimizer.lr={lr} must be > 0")
     t = cfg.train
-    _positive(p, "train.batch_size", t.batch_size)
-    _positive(p, "train.micro_batch_size", t.micro_batch_size)
-    if t.batch_size > 0 and t.micro_batch_size > 0 and t.batch_size % t.micro_batch_size:
-        p.append(
-            f"train.batch_size={t.batch_size} must be a multiple of "
-            f"train.micro_batch_size={t.micro_batch_size} (x the number of processes)"
-        )
-    _positive(p, "train.max_steps", t.max_steps, allow_none=True)
-    _positive(p, "train.epochs", t.epochs)
-    _positive(p, "train.eval_every", t.eval_every, allow_none=True)
-    _positive(p, "train.save_every", t.save_every, allow_none=True)
-    _positive(p, "train.keep_checkpoints", t.keep_checkpoints, allow_none=True)
-    if t.max_steps and s.warmup_steps is not None and s.warmup_steps >= t.max_steps:
-        p.append(
-            f"scheduler.warmup_steps={s.warmup_steps} is not below train.max_steps={t.max_steps}: "
-            "the learning rate would never reach optimizer.lr"
-        )
-    _positive(p, "train.max_grad_norm", t.max_grad_norm, allow_none=True)
-    _positive(p, "train.max_nonfinite_steps", t.max_nonfinite_steps, allow_none=True)
-    _choice(p, "train.mixed_precision", t.mixed_precision, PRECISIONS)
-    _choice(p, "train.layout", t.layout, ("auto", *LAYOUTS))  # auto: dpo_cli.layout.choose
-    _positive(p, "train.logits_chunk", t.logits_chunk, allow_none=True)
+    p.extend(scheduler_problems(cfg.scheduler, t.max_steps) + train_problems(t))
     if t.mixed_precision == "fp16" and cpu_only():
         p.append("train.mixed_precision=fp16 needs a GPU (fp16 autocast does not run on CPUs); use bf16 or no")
     elif t.mixed_precision == "fp16" and cfg.model.dtype != "float32":
@@ -404,65 +285,17 @@ def _check_optimization(p: list[str], cfg: DictConfig) -> None:
         )
 
 
-def _check_logger(p: list[str], lg: Any, save_every: int | None) -> None:
-    _positive(p, "logger.log_every", lg.log_every)
-    _positive(p, "logger.peak_tflops", lg.peak_tflops, allow_none=True)
-    if save_every and lg.log_every and lg.log_every > 0 and save_every % lg.log_every:
-        p.append(
-            f"train.save_every={save_every} must be a multiple of logger.log_every={lg.log_every}, so that "
-            "a resumed run logs the same averaged rows as an uninterrupted one"
-        )
-    _choice(p, "logger.wandb.mode", lg.wandb.mode, WANDB_MODES)
-
-
-def _check_eval(p: list[str], cfg: DictConfig) -> None:
-    """The judge (a `_target_` built here, loading nothing), generation settings and warm start."""
-    e, ws = cfg.eval, cfg.model.warm_start
-    if cfg.judge is not None:
-        _build(p, "judge", cfg.judge, "judge")
-    elif e.generate_every is not None:
-        p.append(
-            f"eval.generate_every={e.generate_every} needs a judge to compare the policy's responses with the "
-            "reference's: choose one (judge=reward_model judge.name_or_path=..., or judge=sort for data=synthetic), "
-            "or remove eval.generate_every"
-        )
-    _positive(p, "eval.generate_every", e.generate_every, allow_none=True)
-    for key in ("max_new_tokens", "batch_size"):
-        _positive(p, f"eval.{key}", e[key])
-    if e.prompts < 0:
-        p.append(f"eval.prompts={e.prompts} must be >= 0 (0 = no generation evaluation)")
-    if e.temperature < 0:
-        p.append(f"eval.temperature={e.temperature} must be >= 0 (0 = greedy decoding)")
-    if not 0 < e.top_p <= 1:
-        p.append(f"eval.top_p={e.top_p} must be in (0, 1]")
-    if not 0 < e.confidence < 1:
-        p.append(f"eval.confidence={e.confidence} must be in (0, 1), e.g. 0.95")
-    if ws.steps < 0:
-        p.append(f"model.warm_start.steps={ws.steps} must be >= 0 (0 = no warm start)")
-    if ws.steps:
-        _positive(p, "model.warm_start.lr", ws.lr)
-        _positive(p, "model.warm_start.batch_size", ws.batch_size)
-        _choice(p, "model.warm_start.responses", ws.responses, ("both", "chosen"))
-        if cfg.model.lora.r is not None and cfg.model.name_or_path is not None:
-            # A random-init base is saved with the adapter (final/base): its warm start travels with it.
-            p.append(
-                "model.warm_start fine-tunes every weight of model.name_or_path before LoRA training, and the "
-                "adapter saved would name the untouched model as its base: set model.warm_start.steps=0, or train "
-                "the SFT model first (loss=sft) and start from it"
-            )
-
-
-def _export_inputs(data: DictConfig) -> dict[str, str]:
+def _export_inputs(data: Any) -> dict[str, str]:
     """The local files a data config reads (key -> path): an export must never replace one."""
-    found = {f"data.{k}": data[k] for k in ("path", "eval_path", "chat_template") if data.get(k)}
-    for name, source in (data.get("mixture") or {}).items():
+    found = {f"data.{k}": getattr(data, k) for k in ("path", "eval_path", "chat_template") if getattr(data, k, None)}
+    for name, source in (getattr(data, "mixture", None) or {}).items():
         for k in ("path", "eval_path", "chat_template"):
-            if isinstance(source, DictConfig) and source.get(k):
-                found[f"data.mixture.{name}.{k}"] = source[k]
+            if getattr(source, k, None):
+                found[f"data.mixture.{name}.{k}"] = getattr(source, k)
     return found
 
 
-def _check_export(p: list[str], cfg: DictConfig) -> None:
+def _check_export(p: list[str], cfg: Config) -> None:
     """inspect.export is a new file (or inspect.overwrite=true), and never the data it reports on:
     an export onto its own input would replace the rows with what they normalize to."""
     export = cfg.inspect.export
@@ -483,37 +316,49 @@ def _check_export(p: list[str], cfg: DictConfig) -> None:
         p.append(f"inspect.export={export!r} already exists; choose another file, or set inspect.overwrite=true")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check the whole composed config; raise one ConfigError listing every problem found.
-    Each section checks itself; the loss is built here so that its own range checks run."""
+def typed(cfg: DictConfig) -> Config:
+    """The composed config as the schema's objects (interpolations resolved): what the parts read."""
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise ConfigError([f"{getattr(e, 'full_key', '') or 'config'}: {str(e).splitlines()[0]}"]) from None
 
+
+def validate(cfg: DictConfig) -> Config:
+    """Check the whole composed config; raise one ConfigError listing every problem found, or
+    return it typed. Each section checks itself; the loss is built here so that its own range
+    checks run."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError([f"{k} is required (it is ??? in the config); set {k}=<value>" for k in missing])
-    p: list[str] = []
-    p.extend(unknown_keys(cfg) + _seed_problems(cfg.train.seed))
-    _choice(p, "mode", cfg.mode, MODES)
-    if cfg.inspect.examples < 0:
-        p.append(f"inspect.examples={cfg.inspect.examples} must be >= 0")
-    _check_export(p, cfg)
-    _check_model(p, cfg.model, cfg.data.max_length)
-    _check_data(p, cfg.data)
-    unpaired = unpaired_data(cfg.data)
-    terms = _check_loss(p, cfg.loss, unpaired=unpaired, micro_batch_size=cfg.train.micro_batch_size)
+    unknown = unknown_keys(cfg) + target_key_problems(cfg)
+    c = typed(cfg)
+    p: list[str] = unknown + choice("mode", c.mode, MODES)
+    if c.inspect.examples < 0:
+        p.append(f"inspect.examples={c.inspect.examples} must be >= 0")
+    _check_export(p, c)
+    p.extend(model_problems(c.model, c.data.max_length))
+    _check_data(p, c.data)
+    terms = _check_loss(p, c.loss, unpaired=unpaired_data(c.data), micro_batch_size=c.train.micro_batch_size)
     needs_reference = any(getattr(t, "requires_reference", True) for t in terms.values()) or not terms
-    _check_reference(p, cfg, needs_reference, any(KL_ROWS in getattr(t, "needs", ()) for t in terms.values()))
-    if cfg.export.merge_lora and cfg.model.lora.r is None:
+    kl_rows = any(KL_ROWS in getattr(t, "needs", ()) for t in terms.values())
+    p.extend(reference_problems(c.reference, c.model, needs_reference, kl_rows))
+    if c.export.merge_lora and c.model.lora.r is None:
         p.append("export.merge_lora=true needs LoRA (model.lora.r); a full fine-tune already exports the whole model")
-    _check_optimization(p, cfg)
-    _check_logger(p, cfg.logger, cfg.train.save_every)
-    _check_eval(p, cfg)
+    _check_optimization(p, c)
+    p.extend(logger_problems(c.logger, c.train.save_every))
+    if c.judge is not None:
+        _build(p, "judge", c.judge, "judge")
+    p.extend(eval_problems(c.eval, c.judge is not None))
     if p:
         raise ConfigError(p)
+    return c
 
 
-def check_world(cfg: DictConfig, world_size: int) -> int:
-    """Return gradient-accumulation steps so that batch = micro x accumulation x processes."""
-    batch, micro = cfg.train.batch_size, cfg.train.micro_batch_size
+def check_world(t: Any, world_size: int) -> int:
+    """Return gradient-accumulation steps so that batch = micro x accumulation x processes
+    (`t`: the train section)."""
+    batch, micro = t.batch_size, t.micro_batch_size
     per_step = micro * world_size
     if batch % per_step:
         fixes = [f"train.batch_size={max(per_step, batch // per_step * per_step)}"]
@@ -527,16 +372,63 @@ def check_world(cfg: DictConfig, world_size: int) -> int:
                 f"{micro} x {world_size}: set {' or '.join(fixes)}, or launch another number of processes"
             ]
         )
-    return cfg.train.batch_size // per_step
+    return batch // per_step
 
 
-def to_container(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+def renamed(flat_key: str) -> str:
+    """`flat_key` as this version spells it (RENAMED_KEYS: an old dotted prefix -> the new one)."""
+    for old, new in RENAMED_KEYS.items():
+        if flat_key == old or flat_key.startswith(old + "."):
+            return new + flat_key[len(old) :]
+    return flat_key
 
 
-# --- keys the schema does not define; train.seed's range -----------------------------------------
+def saved_config(path: Any) -> Config:
+    """A run's recorded config (its .hydra/config.yaml), typed; keys an earlier version spelled
+    otherwise are read under their new names, and keys this version no longer has are dropped."""
+    recorded = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    base = OmegaConf.structured(Config)
+    flat = _flat(recorded)
+    node = OmegaConf.create({})
+    for key, value in flat.items():
+        key = renamed(key)
+        if _in_schema(base, key):
+            OmegaConf.update(node, key, value, force_add=True)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(base, node))  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise ConfigError([f"{path}: the run's recorded config cannot be read: {str(e).splitlines()[0]}"]) from None
 
-SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit (set_seed seeds numpy, random and torch)
+
+def _in_schema(base: DictConfig, key: str) -> bool:
+    """Whether the typed sections on `key`'s path all have it (below an Any node, anything goes)."""
+    node: Any = base
+    for part in key.split("."):
+        if not isinstance(node, DictConfig):
+            return True
+        if part not in node:
+            return False
+        node = node._get_node(part)
+    return True
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict's leaves by dotted key; `_target_` nodes (loss, optimizer, judge) and free
+    mappings stay whole, as the schema types them Any."""
+    if not isinstance(node, dict) or "_target_" in node or not node:
+        return {prefix.rstrip("."): node}
+    flat: dict[str, Any] = {}
+    for k, v in node.items():
+        flat.update(_flat(v, f"{prefix}{k}."))
+    return flat
+
+
+def to_container(cfg: Config) -> dict[str, Any]:
+    """The typed config as plain dicts (for W&B and the log file)."""
+    return as_plain(cfg)
+
+
+# --- keys the schema does not define ------------------------------------------------------------
 
 
 def _schema_sections(schema: type, prefix: str = "") -> dict[str, type | None]:
@@ -596,8 +488,3 @@ def unknown_keys(cfg: DictConfig) -> list[str]:
     present = _dotted(OmegaConf.to_container(cfg, resolve=False))
     return [not_a_key(k, cfg) for k in _unknown(present, _schema_sections(Config))]
 
-
-def _seed_problems(seed: Any) -> list[str]:
-    if isinstance(seed, int) and not 0 <= seed <= SEED_MAX:
-        return [f"train.seed={seed} must be in [0, 2**32 - 1] (numpy's seed range); set e.g. train.seed=42"]
-    return []

@@ -26,6 +26,7 @@ import torch
 from dpo_cli.data.chat import is_conversational, load_template, render
 from dpo_cli.data.tokenize import tokenize_pairs, truncate
 from dpo_cli.judges import Prompt
+from dpo_cli.schema import Config, DataConfig, EvalConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,11 @@ class Sample:
     finished: bool  # it ended (EOS) within eval.max_new_tokens
 
 
-def eval_prompts(pairs: list[dict], tokenizer: Any, data: Any, n: int) -> list[GenPrompt]:
+def eval_prompts(pairs: list[dict], tokenizer: Any, data: DataConfig, n: int) -> list[GenPrompt]:
     """The first `n` distinct prompts of `pairs` (normalized eval pairs or unpaired examples),
     as token ids exactly as training renders and tokenizes them; a prompt longer than
     data.max_prompt_length is cut as training cuts a long pair's prompt."""
-    template = load_template(data.chat_template) if data.get("chat_template") else None
+    template = load_template(data.chat_template) if data.chat_template else None
     out: list[GenPrompt] = []
     seen: set[str] = set()
     for pair in pairs:
@@ -85,7 +86,7 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model: Any, prompts: list[GenPrompt], tokenizer: Any, settings: Any, accelerator: Any) -> list[Sample]:
+def generate(model: Any, prompts: list[GenPrompt], tokenizer: Any, settings: EvalConfig, accelerator: Any) -> list[Sample]:
     """One sample per prompt from `model` (unwrapped), decoded with `settings` (the config's
     `eval` section), batches spread over processes; every process gets every sample, in order."""
     from accelerate.utils import gather_object
@@ -162,7 +163,7 @@ def _verdicts(judge: Any, prompts: list[GenPrompt], samples: list[Sample]) -> li
 class GenerationEval:
     """Held-out prompts, a judge, the decoding settings, and the reference's samples once made."""
 
-    def __init__(self, prompts: list[GenPrompt], judge: Any, settings: Any, samples_dir: Path):
+    def __init__(self, prompts: list[GenPrompt], judge: Any, settings: EvalConfig, samples_dir: Path):
         self.prompts, self.judge, self.settings, self.dir = prompts, judge, settings, samples_dir
         self.reference: list[Sample] = []
         self.reference_scores: list[float] = []
@@ -246,7 +247,7 @@ def write_samples(samples_dir: Path, step: int, rows: list[dict[str, Any]]) -> P
     return path
 
 
-def setup(cfg: Any, accelerator: Any, tokenizer: Any, eval_pairs: list[dict], run_dir: Path) -> GenerationEval | None:
+def setup(cfg: Config, accelerator: Any, tokenizer: Any, eval_pairs: list[dict], run_dir: Path) -> GenerationEval | None:
     """Generation evaluation for a run, before any weights load (None without a judge or with
     eval.prompts=0): the judge, checked against the prompts, and loaded on the main process
     (only it scores), so that a reward model that cannot be had fails first."""
@@ -276,7 +277,7 @@ def setup(cfg: Any, accelerator: Any, tokenizer: Any, eval_pairs: list[dict], ru
 
 
 def reference_samples(
-    gen: GenerationEval, cfg: Any, accelerator: Any, tokenizer: Any, reference: Any, policy: Any
+    gen: GenerationEval, cfg: Config, accelerator: Any, tokenizer: Any, reference: Any, policy: Any
 ) -> None:
     """The reference's samples, from samples/reference.jsonl when it was made for the same
     prompts, settings, reference and judge, else generated now (before any update: the initial
@@ -306,7 +307,7 @@ def reference_samples(
         )  # fmt: skip
 
 
-def run(gen: GenerationEval, model: Any, tokenizer: Any, settings: Any, accelerator: Any, step: int, sink: Any) -> dict:
+def run(gen: GenerationEval, model: Any, tokenizer: Any, settings: EvalConfig, accelerator: Any, step: int, sink: Any) -> dict:
     """Sample from `model` (every process takes part), judge against the reference on the main
     process, write samples/step-N.jsonl and the W&B table; the metrics (main process only)."""
     samples = generate(model, gen.prompts, tokenizer, settings, accelerator)

@@ -17,12 +17,13 @@ reports and samples never change after it has run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from dpo_cli import checkpoint, config, evalgen, layout, rundir
 from dpo_cli.data.prepare import prepare
@@ -32,9 +33,11 @@ from dpo_cli.evaluate import evaluate
 from dpo_cli.losses import Loss
 from dpo_cli.metrics import JsonlSink, MetricLogger, WandbSink, resolve_wandb_mode
 from dpo_cli.modeling import load_model, load_tokenizer
+from dpo_cli.modeling.options import ModelConfig
 from dpo_cli.recap import summary
 from dpo_cli.reference import AdapterReference, ModelReference, check_reference_tokenizer
 from dpo_cli.report import write_reports
+from dpo_cli.schema import Config
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +54,15 @@ def adapter_base(path: str | None) -> str | None:
     return base
 
 
-def _section(model: Any, name_or_path: str) -> DictConfig:
+def _section(model: ModelConfig, name_or_path: str) -> ModelConfig:
     """A copy of model section `model` loading `name_or_path` (pretrained weights, no LoRA)."""
-    section = OmegaConf.create(OmegaConf.to_container(model, resolve=True))
-    section.name_or_path, section.random_init, section.gguf_file = name_or_path, None, None
-    section.lora.r, section.warm_start.steps, section.gradient_checkpointing = None, 0, False
-    return section
+    return dataclasses.replace(
+        model, name_or_path=name_or_path, random_init=None, gguf_file=None, gradient_checkpointing=False,
+        lora=dataclasses.replace(model.lora, r=None), warm_start=dataclasses.replace(model.warm_start, steps=0),
+    )  # fmt: skip
 
 
-def load_saved(model: Any, path: str, tokenizer: Any) -> Any:
+def load_saved(model: ModelConfig, path: str, tokenizer: Any) -> Any:
     """The model saved at `path`: a full model directory (or hub id), or a LoRA adapter over
     the base its adapter_config.json names (a peft model, adapter active)."""
     base = adapter_base(path)
@@ -119,10 +122,10 @@ def run_dir_of_final(path: str) -> Path | None:
     return None
 
 
-def run_config_of(path: str) -> DictConfig | None:
+def run_config_of(path: str) -> Config | None:
     """The saved config of the dpo-cli run whose final/ (or checkpoint) `path` is, if any."""
     run_dir = run_dir_of_final(path)
-    return OmegaConf.load(run_dir / ".hydra" / "config.yaml") if run_dir is not None else None
+    return config.saved_config(run_dir / ".hydra" / "config.yaml") if run_dir is not None else None
 
 
 def _unfinished(path: str) -> str | None:
@@ -146,7 +149,7 @@ def _unfinished(path: str) -> str | None:
     return f"{run} is a dpo-cli run whose final/ is missing (the run did not finish); {how}"
 
 
-def check_reference_known(cfg: DictConfig) -> None:
+def check_reference_known(cfg: Config) -> None:
     """Refuse, before any weights load, a model whose reference cannot be found."""
     path = cfg.model.name_or_path
     unfinished = _unfinished(path) if path is not None else None
@@ -162,7 +165,7 @@ def check_reference_known(cfg: DictConfig) -> None:
         )
 
 
-def _reference(cfg: DictConfig, policy: Any, tokenizer: Any) -> tuple[Any, str]:
+def _reference(cfg: Config, policy: Any, tokenizer: Any) -> tuple[Any, str]:
     """The reference source for mode=eval and what it is (see the module docstring)."""
     path = cfg.model.name_or_path
     if cfg.reference.name_or_path is not None:
@@ -182,7 +185,7 @@ def _reference(cfg: DictConfig, policy: Any, tokenizer: Any) -> tuple[Any, str]:
     from dpo_cli.warmstart import warm_started
 
     initial = load_model(run_cfg.model, tokenizer, run_cfg.train.seed)
-    if OmegaConf.select(run_cfg, "model.warm_start.steps", default=0):  # runs of earlier versions had none
+    if run_cfg.model.warm_start.steps:  # runs of earlier versions had none (the default: 0)
         saved = run_dir_of_final(path) / "warm_start"
         train_set = [] if saved.is_dir() else prepare(run_cfg.data, tokenizer, run_cfg.train.seed, check=False).train
         warm_started(initial, train_set, run_cfg.model.warm_start, run_cfg.train.seed, tokenizer.pad_token_id, saved,
@@ -191,14 +194,13 @@ def _reference(cfg: DictConfig, policy: Any, tokenizer: Any) -> tuple[Any, str]:
     return ModelReference(initial, what), what
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    """Evaluate model.name_or_path; return the eval row."""
+def run(cfg: Config, run_dir: Path) -> dict[str, float]:
+    """Evaluate model.name_or_path (the config validated and typed); return the eval row."""
     from accelerate import Accelerator
     from hydra.utils import instantiate
 
     from dpo_cli.distributed import cpu_only
 
-    config.validate(cfg)
     if cfg.model.name_or_path is None:
         raise ConfigError(["mode=eval evaluates a saved model: set model.name_or_path=RUN/final (or a hub id)"])
     check_reference_known(cfg)
@@ -236,7 +238,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
 
 def _models(
-    cfg: DictConfig, accelerator: Any, tokenizer: Any, eval_set: list[Tokenized], loss_fn: Loss
+    cfg: Config, accelerator: Any, tokenizer: Any, eval_set: list[Tokenized], loss_fn: Loss
 ) -> tuple[Any, Any, str, layout.Choice]:
     """The saved policy and its reference on the device, what the reference is, and the layout
     and LM head (`layout.Choice`) both score the eval set with."""
@@ -258,7 +260,7 @@ def _models(
     return policy, reference, what, choice
 
 
-def _sinks(cfg: DictConfig, accelerator: Any, run_dir: Path) -> MetricLogger:
+def _sinks(cfg: Config, accelerator: Any, run_dir: Path) -> MetricLogger:
     """metrics.jsonl and W&B on the main process; none elsewhere."""
     sinks: list[Any] = [JsonlSink(run_dir / "metrics.jsonl")] if accelerator.is_main_process else []
     mode = resolve_wandb_mode(cfg.logger.wandb.mode, run_dir) if accelerator.is_main_process else "disabled"

@@ -18,10 +18,9 @@ import sys
 import time
 from typing import Any
 
-from omegaconf import DictConfig
-
 from dpo_cli.distributed import cpu_only
 from dpo_cli.errors import EXIT_USER_ERROR, UserError
+from dpo_cli.schema import TrainConfig
 
 ACCUMULATION_ENV = "ACCELERATE_GRADIENT_ACCUMULATION_STEPS"
 SHARDED_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
@@ -60,7 +59,7 @@ def accumulation_plugin(accum: int) -> Any:
     return GradientAccumulationPlugin(num_steps=accum, sync_with_dataloader=False)
 
 
-def configure_deepspeed(accelerator: Any, t: DictConfig, accum: int) -> None:
+def configure_deepspeed(accelerator: Any, t: TrainConfig, accum: int) -> None:
     """Fill a DeepSpeed launch's batch, accumulation and clipping settings from the config
     (dpo-cli has no dataloader for accelerate to read them from); refuse values set otherwise."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)

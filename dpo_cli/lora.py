@@ -8,10 +8,10 @@ import warnings
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from dpo_cli import memory
 from dpo_cli.errors import ConfigError
+from dpo_cli.modeling import options
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
@@ -19,12 +19,12 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
-def apply_lora(model: torch.nn.Module, lora: Any, gradient_checkpointing: bool) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, lora: options.LoraConfig, gradient_checkpointing: bool) -> torch.nn.Module:
     """`model` wrapped with LoRA adapters as `lora` (the config section model.lora) says."""
     from peft import LoraConfig, get_peft_model
 
     targets = lora.target_modules
-    targets = list(targets) if OmegaConf.is_list(targets) or isinstance(targets, list) else str(targets)
+    targets = list(targets) if isinstance(targets, (list, tuple)) else str(targets)
     if gradient_checkpointing:
         # With the embeddings frozen, checkpointed blocks would see inputs that need no grad;
         # non-reentrant checkpointing handles that, and this keeps reentrant variants right too.
@@ -45,7 +45,7 @@ def apply_lora(model: torch.nn.Module, lora: Any, gradient_checkpointing: bool) 
         ) from None
 
 
-def check_targets(m: Any, tokenizer: Any) -> None:
+def check_targets(m: options.ModelConfig, tokenizer: Any) -> None:
     """Refuse target modules the policy does not have (the config section `model`, LoRA on),
     before any weights load: peft wraps the policy built on the meta device (no weights), so
     that a typo fails in seconds, as mode=inspect reports it, not after minutes of loading and

@@ -20,6 +20,8 @@ import torch
 
 from dpo_cli.errors import ModelLoadError
 from dpo_cli.modeling import DTYPES, model_config, reference_config, resolve_attention
+from dpo_cli.modeling.options import LoraConfig, ModelConfig
+from dpo_cli.schema import Config
 
 GiB, MiB = 1024**3, 1024**2
 # Config keys for the layer shape; the first one a config has counts (GPT-2 names them n_*).
@@ -123,7 +125,7 @@ def meta_model(config: Any, dtype: torch.dtype, trust_remote_code: bool = False)
     return model.to(dtype)
 
 
-def add_lora(model: torch.nn.Module, lora: Any) -> tuple[torch.nn.Module, str]:
+def add_lora(model: torch.nn.Module, lora: LoraConfig) -> tuple[torch.nn.Module, str]:
     """`model` with peft's LoRA adapters (base frozen, adapters trainable), as training applies
     them; or, where peft cannot wrap the meta model, `model` with its parameters frozen and the
     adapter count computed from the target layers' shapes (returned as the second value)."""
@@ -165,17 +167,17 @@ def lora_parameters(model: torch.nn.Module, r: int, target_modules: Any) -> int:
     return total
 
 
-def optimizer_states(node: Any) -> tuple[int, str]:
+def optimizer_states(node: object) -> tuple[int, str]:
     """How many tensors the size of each trainable parameter the optimizer keeps (torch's
     optimizers keep them in the parameter's dtype), and a line saying so."""
-    target = str(node.get("_target_", ""))
+    target = str(getattr(node, "_target_", ""))
     name = target.rpartition(".")[2]
-    momentum = bool(node.get("momentum", 0))
+    momentum = bool(getattr(node, "momentum", 0))
     known = {
-        "torch.optim.AdamW": 2 + bool(node.get("amsgrad", False)),
-        "torch.optim.Adam": 2 + bool(node.get("amsgrad", False)),
+        "torch.optim.AdamW": 2 + bool(getattr(node, "amsgrad", False)),
+        "torch.optim.Adam": 2 + bool(getattr(node, "amsgrad", False)),
         "torch.optim.SGD": int(momentum),
-        "torch.optim.RMSprop": 1 + momentum + bool(node.get("centered", False)),
+        "torch.optim.RMSprop": 1 + momentum + bool(getattr(node, "centered", False)),
         "torch.optim.Adagrad": 1,
     }
     if target in known:
@@ -254,7 +256,7 @@ def _dtype_names(params: list[torch.nn.Parameter]) -> str:
     return "/".join(sorted({dtype_name(p.dtype) for p in params})) or "-"
 
 
-def _policy(m: Any, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
+def _policy(m: ModelConfig, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
     """The policy's config and its counts, from the model on the meta device with LoRA applied:
     parameters, weight bytes, trainable parameters and their bytes, the output vocabulary."""
     config = model_config(m, tokenizer)
@@ -285,7 +287,7 @@ def _policy(m: Any, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
 
 
 def _reference(
-    cfg: Any, loss: Any, policy_numel: int, policy_dtype: torch.dtype
+    cfg: Config, loss: Any, policy_numel: int, policy_dtype: torch.dtype
 ) -> tuple[int, str, bool, torch.dtype | None]:
     """(bytes, what, whether a reference model runs forward passes during training, the dtype
     of a reference model of its own)."""
@@ -314,7 +316,7 @@ def _reference(
     return policy_numel * dtype.itemsize, what, True, dtype
 
 
-def _hints(cfg: Any, live_reference: bool, reference_dtype: torch.dtype | None) -> list[str]:
+def _hints(cfg: Config, live_reference: bool, reference_dtype: torch.dtype | None) -> list[str]:
     """The settings that would lower the estimate, leaving out those already set."""
     m = cfg.model
     hints = [f"lower train.micro_batch_size (now {cfg.train.micro_batch_size}; activations and logits scale with it)"]
@@ -329,7 +331,7 @@ def _hints(cfg: Any, live_reference: bool, reference_dtype: torch.dtype | None) 
     return hints
 
 
-def estimate(cfg: Any, tokenizer: Any, loss: Any, capacity_bytes: int | None = None) -> MemoryEstimate:
+def estimate(cfg: Config, tokenizer: Any, loss: Any, capacity_bytes: int | None = None) -> MemoryEstimate:
     """The memory one training process will hold, for the composed config `cfg`, the run's
     tokenizer and loss object (for `requires_reference`), without loading any weights.
     `capacity_bytes` replaces the device's memory (default: the current CUDA device's, else

@@ -249,9 +249,9 @@ def job_problems(cfg: DictConfig, full: bool) -> list[str]:
     if found:
         return found
     try:
-        config.validate(task)
+        typed = config.validate(task)
         if world_size_from_env() > 1:
-            config.check_world(task, world_size_from_env())
+            config.check_world(typed.train, world_size_from_env())
     except ConfigError as e:
         return e.problems
     except OmegaConfBaseException:

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 
 from dpo_cli import config, layout, memory
 from dpo_cli.data.batching import steps_per_epoch
@@ -21,8 +20,10 @@ from dpo_cli.distributed import world_size_from_env
 from dpo_cli.errors import ConfigError, DataError, UserError
 from dpo_cli.lora import check_targets
 from dpo_cli.modeling import check_max_length, load_tokenizer, resolve_attention
+from dpo_cli.modeling.options import ModelConfig
 from dpo_cli.reference import check_reference_tokenizer, reference_model_config
 from dpo_cli.schedule import warmup_steps
+from dpo_cli.schema import Config
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 REFUSED = re.compile(r"training would refuse this(?: data)?: (.*)")
 
 
-def run(cfg: DictConfig) -> str:
+def run(cfg: Config) -> str:
     """The data report and the memory estimate for the same overrides as a training run;
     returns them (and logs them). Every check training runs before its first step runs here
     too (those that need weights on the meta device instead): what it would refuse once the
@@ -39,8 +40,7 @@ def run(cfg: DictConfig) -> str:
     would not start). Problems found before the data (the config, the model's and reference's
     files) are raised at once, as training raises them. An estimate beyond the device's memory
     is a WARNING line, not a refusal."""
-    config.validate(cfg)
-    config.check_world(cfg, world_size_from_env())
+    config.check_world(cfg.train, world_size_from_env())
     check_max_length(cfg.model, cfg.data.max_length)
     tokenizer = load_tokenizer(cfg.model)
     if cfg.reference.name_or_path is not None:
@@ -85,7 +85,7 @@ def refusals(text: str) -> list[str]:
     return found
 
 
-def data_problem(cfg: DictConfig, data: Prepared) -> str | None:
+def data_problem(cfg: Config, data: Prepared) -> str | None:
     """What training refuses once the data is read: mostly degenerate pairs, a batch larger
     than the training set, a warmup as long as the run (its length known from the data when
     train.max_steps is unset)."""
@@ -104,7 +104,7 @@ def data_problem(cfg: DictConfig, data: Prepared) -> str | None:
     return None
 
 
-def structure(m: DictConfig, tokenizer: Any) -> str:
+def structure(m: ModelConfig, tokenizer: Any) -> str:
     """What training checks of the policy's structure (LoRA's target modules, gradient
     checkpointing), on the meta device: training checks the first before the weights load
     (`lora.check_targets`), the second as they load."""
@@ -126,7 +126,7 @@ def structure(m: DictConfig, tokenizer: Any) -> str:
     return "\n".join([f"model: {lora}{checkpointing}", *(f"  training would refuse this: {p}" for p in problems)])
 
 
-def generation(cfg: DictConfig, tokenizer: Any, eval_pairs: list[dict]) -> str:
+def generation(cfg: Config, tokenizer: Any, eval_pairs: list[dict]) -> str:
     """What generation evaluation will do: the judge (built, not loaded), the prompts, when."""
     from dpo_cli.evalgen import eval_prompts
 
@@ -149,7 +149,7 @@ def generation(cfg: DictConfig, tokenizer: Any, eval_pairs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def batches(cfg: DictConfig, tokenizer: Any) -> str:
+def batches(cfg: Config, tokenizer: Any) -> str:
     """Which layout and LM-head path training will use, and why (from the model's config on
     the meta device; training checks them against the plain path on real examples at start)."""
     m = cfg.model

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli.data.batching import eval_batches
 from dpo_cli.data.collate import collate
@@ -46,6 +45,7 @@ from dpo_cli.errors import ModelLoadError
 from dpo_cli.hub import hub_reachable, looks_like_path
 from dpo_cli.lmhead import Head
 from dpo_cli.logprobs import CHOSEN, REJECTED, SHARED
+from dpo_cli.modeling.options import ModelConfig
 from dpo_cli.reference import (
     ModelReference,
     PrecomputedReference,
@@ -54,6 +54,7 @@ from dpo_cli.reference import (
     reference_model_config,
     release,
 )
+from dpo_cli.schema import Config, as_plain
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def _model_dir(name: str, revision: str | None) -> Path:
         ) from None
 
 
-def weights_digest(section: Any, memo: dict[str, Any]) -> str:
+def weights_digest(section: ModelConfig, memo: dict[str, Any]) -> str:
     """A content hash of the files that make a pretrained model: config.json and its weights
     (only `gguf_file` when the model loads from one)."""
     root = _model_dir(section.name_or_path, section.revision)
@@ -135,7 +136,7 @@ def tensors_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _source(cfg: DictConfig, tokenizer: Any, policy: torch.nn.Module, memo: dict) -> dict[str, Any]:
+def _source(cfg: Config, tokenizer: Any, policy: torch.nn.Module, memo: dict) -> dict[str, Any]:
     """What the reference's weights are: a separate model's files, or, when the reference is
     the initial policy, that policy's weights after the warm start (hashed in memory: they
     follow from the warm start's settings, the seed, the data and, where a run directory
@@ -148,7 +149,7 @@ def _source(cfg: DictConfig, tokenizer: Any, policy: torch.nn.Module, memo: dict
     if cfg.model.name_or_path is not None:
         return {"weights": weights_digest(cfg.model, memo)}
     return {
-        "random_init": OmegaConf.to_container(cfg.model.random_init),
+        "random_init": as_plain(cfg.model.random_init),
         "seed": cfg.train.seed,
         "vocab": len(tokenizer),
         "special": [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id],
@@ -156,7 +157,7 @@ def _source(cfg: DictConfig, tokenizer: Any, policy: torch.nn.Module, memo: dict
 
 
 def entry_key(
-    cfg: DictConfig,
+    cfg: Config,
     tokenizer: Any,
     policy: torch.nn.Module,
     train_set: list[Tokenized],
@@ -281,7 +282,7 @@ def _save_memo(memo: dict[str, Any], path: Path | None) -> None:
 
 
 def precompute(
-    cfg: DictConfig,
+    cfg: Config,
     tokenizer: Any,
     policy: torch.nn.Module,
     datasets: dict[str, list[Tokenized]],

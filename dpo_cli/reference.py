@@ -16,6 +16,7 @@ and the losses never ask which one they have (DESIGN.md, "The reference is a sou
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import logging
 from collections.abc import Iterator
@@ -23,11 +24,12 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli.errors import ModelLoadError
 from dpo_cli.lmhead import Head
 from dpo_cli.logprobs import CHOSEN, REJECTED, SHARED, SequenceLogps, batch_logps
+from dpo_cli.modeling.options import ModelConfig
+from dpo_cli.schema import Config, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -130,26 +132,18 @@ class PrecomputedReference:
         )
 
 
-def reference_model_config(cfg: DictConfig) -> DictConfig:
+def reference_model_config(cfg: Config) -> ModelConfig:
     """The model section that loads `reference.name_or_path`: the policy's settings (attention,
     remote code) with the reference's source and dtype, no LoRA, no gradient checkpointing."""
-    r = cfg.reference
-    return OmegaConf.merge(
-        cfg.model,
-        {
-            "name_or_path": r.name_or_path,
-            "revision": r.revision,
-            "gguf_file": r.gguf_file,
-            "tokenizer": None,
-            "random_init": None,
-            "dtype": r.dtype or cfg.model.dtype,
-            "gradient_checkpointing": False,
-            "lora": {"r": None},
-        },
-    )  # type: ignore[return-value]
+    r, m = cfg.reference, cfg.model
+    return dataclasses.replace(
+        m, name_or_path=r.name_or_path, revision=r.revision, gguf_file=r.gguf_file, tokenizer=None,
+        random_init=None, dtype=r.dtype or m.dtype, gradient_checkpointing=False,
+        lora=dataclasses.replace(m.lora, r=None),
+    )  # fmt: skip
 
 
-def check_reference_tokenizer(cfg: DictConfig, tokenizer: Any) -> None:
+def check_reference_tokenizer(cfg: Config, tokenizer: Any) -> None:
     """A separate reference must read the policy's token ids as the same tokens: DPO compares
     the log-probs of one sequence of ids under both models. Checked before any weights load."""
     from dpo_cli.modeling import load_tokenizer
@@ -169,7 +163,7 @@ def check_reference_tokenizer(cfg: DictConfig, tokenizer: Any) -> None:
 
 
 def load_reference_model(
-    cfg: DictConfig, tokenizer: Any, policy: torch.nn.Module, head: Head | None = None
+    cfg: Config, tokenizer: Any, policy: torch.nn.Module, head: Head | None = None
 ) -> ModelReference:
     """The live reference model: the separate model when reference.name_or_path is set,
     else a frozen copy of the initial `policy` (cast to reference.dtype when that differs).
@@ -188,7 +182,7 @@ def load_reference_model(
     return ModelReference(model, what, own_head)
 
 
-def place_reference(model: torch.nn.Module, accelerator: Any, t: DictConfig) -> Any:
+def place_reference(model: torch.nn.Module, accelerator: Any, t: TrainConfig) -> Any:
     """A frozen reference model made ready to run beside the policy: on this process's device,
     or, when the policy's weights are sharded, split across processes the same way (FSDP2, or
     a DeepSpeed ZeRO-3 inference engine), never whole on each of them."""
@@ -211,7 +205,7 @@ def place_reference(model: torch.nn.Module, accelerator: Any, t: DictConfig) -> 
 
 
 def live_reference(
-    cfg: DictConfig, tokenizer: Any, policy: torch.nn.Module, copy_policy: bool = True, head: Head | None = None
+    cfg: Config, tokenizer: Any, policy: torch.nn.Module, copy_policy: bool = True, head: Head | None = None
 ) -> ModelReference | AdapterReference:
     """The model-backed reference for `policy` (the unwrapped model, before any update; `head`
     its chunked LM head, if it scores with one). With `copy_policy=False` (precomputing before
@@ -240,7 +234,7 @@ def is_adapter(model: torch.nn.Module) -> bool:
 
 @contextmanager
 def generating_model(
-    cfg: DictConfig, reference: Any, policy: torch.nn.Module, tokenizer: Any, device: Any
+    cfg: Config, reference: Any, policy: torch.nn.Module, tokenizer: Any, device: Any
 ) -> Iterator[Any]:
     """The model whose samples are the reference's, for generation evaluation: the live
     reference model (an `AdapterReference`'s with its adapter off); else, before any update,

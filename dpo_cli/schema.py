@@ -1,68 +1,48 @@
-"""Config schemas: one dataclass per section, registered in Hydra's ConfigStore.
+"""The config's schema: the root `Config`, its small sections with their checks, and what reads it.
 
-They make an unknown key or a wrongly typed value fail when Hydra composes the config; what
-types cannot express (ranges, cross-field rules, `_target_` nodes) is `config.validate`'s.
-Comments on the meaning of each key live in the YAML files under `conf/`. This module imports
-no other part of dpo_cli: any part can read the schema (a section's shape, a key's default)
-without importing the validation, which reads every part.
+One dataclass per section, registered in Hydra's ConfigStore (by `config.register_configs`):
+an unknown key or a wrongly typed value fails when Hydra composes the config, and
+`OmegaConf.to_object` at the entry point turns the composed config into these objects, which
+every part then reads by attribute. The meaning of each key is said beside it; the YAML files
+under `conf/` hold only the values that differ from these defaults. Sections with their own
+module keep their dataclass and checks there (`modeling.options`: model, reference;
+`data.options`: data; the loss, optimizer, judge and data format nodes get theirs generated
+from their class, `options`). What one section cannot check alone (the loss against the data,
+fp16 against the model's dtype) is `config.validate`'s.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from dpo_cli.batch import LAYOUTS
+from dpo_cli.modeling.options import ModelConfig, ReferenceConfig, choice, positive
+from dpo_cli.schedule import NAMES as SCHEDULES
 
-@dataclass
-class LoraConfig:
-    r: Optional[int] = None  # null = full fine-tuning
-    alpha: float = 16
-    dropout: float = 0.0
-    target_modules: Any = "all-linear"  # peft's names: "all-linear" or a list of module names
-
-
-@dataclass
-class WarmStartConfig:
-    steps: int = 0  # 0 = none
-    lr: float = 1e-3
-    batch_size: int = 32
-    responses: str = "both"  # both, chosen
+MODES = ("train", "inspect", "eval")
+PRECISIONS = ("no", "bf16", "fp16")
+WANDB_MODES = ("online", "offline", "disabled")
+TRUNCATION_MODES = ("keep_end", "keep_start")
 
 
 @dataclass
-class ModelConfig:
-    name_or_path: Optional[str] = None
-    revision: Optional[str] = None
-    gguf_file: Optional[str] = None
-    tokenizer: Optional[str] = None
-    random_init: Optional[dict[str, Any]] = None
-    dtype: str = "float32"
-    attn_implementation: Optional[str] = None  # null: the best the model supports (modeling.resolve_attention)
-    trust_remote_code: bool = False
-    disable_dropout: bool = True
-    gradient_checkpointing: bool = False
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+class InspectConfig:
+    """mode=inspect (the preflight)."""
 
-
-@dataclass
-class ReferenceConfig:
-    name_or_path: Optional[str] = None  # null = the initial policy (or the base model under LoRA)
-    revision: Optional[str] = None
-    gguf_file: Optional[str] = None
-    dtype: Optional[str] = None  # null = model.dtype
-    precompute: bool = False
-    cache_dir: Optional[str] = None
+    export: Optional[str] = None  # write the normalized pairs (the text then tokenized) to this JSONL file; null = no export
+    overwrite: bool = False  # true: inspect.export may replace an existing file (never the input data)
+    examples: int = 3  # how many tokenized examples the report shows, with prompt/response boundaries marked
 
 
 @dataclass
 class ExportConfig:
-    merge_lora: bool = False
+    """What final/ holds at the end of a run."""
+
+    merge_lora: bool = False  # with LoRA: also write the base model with the adapter merged in, to final/merged/
 
 
 @dataclass
@@ -123,91 +103,169 @@ class DataConfig:
 
 @dataclass
 class SchedulerConfig:
-    name: str = "cosine"
-    warmup_steps: Optional[int] = None
-    warmup_ratio: float = 0.1
+    """The learning rate: linear warmup to optimizer.lr, then `name`'s decay (dpo_cli/schedule.py)."""
+
+    name: str = "cosine"  # cosine (to 0 at the last step), linear, constant (no decay), constant_with_warmup
+    warmup_steps: Optional[int] = None  # warmup length in optimizer steps; null = use warmup_ratio
+    warmup_ratio: float = 0.1  # warmup length as a fraction of all optimizer steps, in [0, 1)
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64
-    micro_batch_size: int = 8
-    max_steps: Optional[int] = None
-    epochs: int = 1
-    eval_every: Optional[int] = 100
-    save_every: Optional[int] = 500
-    keep_checkpoints: Optional[int] = 2
-    resume: Optional[str] = None
-    seed: int = 42
-    mixed_precision: str = "no"
-    max_grad_norm: Optional[float] = 1.0
-    max_nonfinite_steps: Optional[int] = 10
+    """The training loop (dpo_cli/train.py); sizes in pairs, lengths in optimizer steps."""
+
+    batch_size: int = 64  # global batch, in pairs per optimizer step (= micro_batch_size x accumulation x processes)
+    micro_batch_size: int = 8  # pairs per forward pass per process; lower it when memory runs out
+    max_steps: Optional[int] = None  # optimizer steps to train; null = train.epochs passes over the training pairs
+    epochs: int = 1  # passes over the training pairs, used when max_steps is null
+    eval_every: Optional[int] = 100  # evaluate every N optimizer steps (and always at the end); null = only at the end
+    save_every: Optional[int] = 500  # write checkpoints/step-N every N steps; null = never (final/ is always written)
+    keep_checkpoints: Optional[int] = 2  # how many of the newest checkpoints to keep; null = all
+    resume: Optional[str] = None  # null = start fresh; auto = latest complete checkpoint in the run dir; or a checkpoints/step-N path
+    seed: int = 42  # seeds model init, data order and every RNG
+    mixed_precision: str = "no"  # no, bf16 or fp16 (autocast through accelerate; weights stay in model.dtype)
+    max_grad_norm: Optional[float] = 1.0  # clip the global gradient norm to this; null = no clipping (the norm is still logged)
+    max_nonfinite_steps: Optional[int] = 10  # a NaN/inf step is skipped; stop after this many in a row (null = never)
+    # How sequences sit in the model's rows: auto (the fastest exact one the attention back-end supports),
+    # shared (packed, each prompt once for both responses), packed (several sequences per row), padded (one per row).
     layout: str = "auto"
-    logits_chunk: Optional[int] = 1024
-    sort_by_length: bool = True
+    logits_chunk: Optional[int] = 1024  # the LM head runs on scored positions only, this many at a time; null = the model's full logits
+    sort_by_length: bool = True  # within a step, micro batches and processes get pairs of similar length (the step's pairs do not change)
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "online"
-    project: str = "dpo-cli"
-    entity: Optional[str] = None
-    name: Optional[str] = None
-    group: Optional[str] = None
-    tags: list[str] = field(default_factory=list)
+    """Weights & Biases (wandb.init arguments)."""
+
+    mode: str = "online"  # online, offline or disabled; online without an API key falls back to offline
+    project: str = "dpo-cli"  # W&B project
+    entity: Optional[str] = None  # W&B team or user; null = your default entity
+    name: Optional[str] = None  # run name; null = the run directory's name
+    group: Optional[str] = None  # W&B group, e.g. for the jobs of one sweep
+    tags: list[str] = field(default_factory=list)  # W&B tags
 
 
 @dataclass
 class LoggerConfig:
-    log_every: int = 1
-    progress: bool = True
-    report: bool = True
-    peak_tflops: Optional[float] = None
+    """Metrics go to <run dir>/metrics.jsonl, a console progress bar, and Weights & Biases."""
+
+    log_every: int = 1  # write a train metrics row every N optimizer steps (pair metrics and throughput averaged over them)
+    progress: bool = True  # show a progress bar (step, loss, accuracy, ETA) on the console
+    report: bool = True  # draw report.png and report.html (curves, samples) after each evaluation and at the end
+    peak_tflops: Optional[float] = None  # the device's peak TFLOP/s per process at the run's precision, for `mfu`; null = not logged
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
-class InspectConfig:
-    export: Optional[str] = None
-    overwrite: bool = False
-    examples: int = 3
-
-
-@dataclass
 class EvalConfig:
-    generate_every: Optional[int] = None
-    prompts: int = 64
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    batch_size: int = 16
-    confidence: float = 0.95
+    """Generation evaluation (with a judge): responses to held-out prompts from the policy and the
+    reference, judged pairwise."""
+
+    generate_every: Optional[int] = None  # generate and judge every N steps, and always at the end; null = at the end only (needs a judge)
+    prompts: int = 64  # held-out prompts (the first N distinct prompts of the eval split); 0 = no generation evaluation
+    max_new_tokens: int = 256  # longest response, in tokens (a response that reaches it counts as unfinished)
+    temperature: float = 1.0  # sampling temperature; 0 = greedy decoding
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with this much probability; 1.0 = all
+    seed: int = 0  # seeds the sampling (batch k of prompts uses seed + k: the same samples on any number of processes)
+    batch_size: int = 16  # prompts per generate() call, per process (with the KV cache)
+    confidence: float = 0.95  # level of the win rate's confidence interval (Wilson score interval over prompts)
 
 
 @dataclass
 class Config:
-    mode: str = "train"
+    mode: str = "train"  # train; inspect (validate, tokenize and report the data; no weights); eval (evaluate model.name_or_path)
     inspect: InspectConfig = field(default_factory=InspectConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    # Loss and optimizer are `_target_` nodes whose keys depend on the target class, so their
-    # keys are checked against the target's signature in `validate` rather than by a schema.
+    # `_target_` nodes typed by their class's generated options (dpo_cli/options.py, conf/loss/,
+    # conf/optimizer/, conf/judge/); a judge of null = no generation evaluation.
     loss: Any = MISSING
     optimizer: Any = MISSING
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # A judge is a `_target_` node (conf/judge/), checked like the loss; null = no generation evaluation.
     judge: Any = None
 
 
-def register_configs() -> None:
-    """Register the schema that `conf/config.yaml` names first in its defaults list."""
-    ConfigStore.instance().store(name="dpo_cli_schema", node=Config)
+# --- each section's own checks -------------------------------------------------------------------
+
+
+def scheduler_problems(s: SchedulerConfig, max_steps: int | None) -> list[str]:
+    p = choice("scheduler.name", s.name, SCHEDULES)
+    if s.warmup_steps is not None and s.warmup_steps < 0:
+        p.append(f"scheduler.warmup_steps={s.warmup_steps} must be >= 0")
+    if not 0 <= s.warmup_ratio < 1:
+        p.append(f"scheduler.warmup_ratio={s.warmup_ratio} must be in [0, 1)")
+    if max_steps and s.warmup_steps is not None and s.warmup_steps >= max_steps:
+        p.append(
+            f"scheduler.warmup_steps={s.warmup_steps} is not below train.max_steps={max_steps}: "
+            "the learning rate would never reach optimizer.lr"
+        )
+    return p
+
+
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit (set_seed seeds numpy, random and torch)
+
+
+def train_problems(t: TrainConfig) -> list[str]:
+    p = positive("train.batch_size", t.batch_size) + positive("train.micro_batch_size", t.micro_batch_size)
+    if t.batch_size > 0 and t.micro_batch_size > 0 and t.batch_size % t.micro_batch_size:
+        p.append(
+            f"train.batch_size={t.batch_size} must be a multiple of "
+            f"train.micro_batch_size={t.micro_batch_size} (x the number of processes)"
+        )
+    for key in ("max_steps", "eval_every", "save_every", "keep_checkpoints", "max_grad_norm", "max_nonfinite_steps"):
+        p += positive(f"train.{key}", getattr(t, key), allow_none=True)
+    p += positive("train.epochs", t.epochs) + positive("train.logits_chunk", t.logits_chunk, allow_none=True)
+    p += choice("train.mixed_precision", t.mixed_precision, PRECISIONS)
+    p += choice("train.layout", t.layout, ("auto", *LAYOUTS))  # auto: dpo_cli.layout.choose
+    if not 0 <= t.seed <= SEED_MAX:
+        p.append(f"train.seed={t.seed} must be in [0, 2**32 - 1] (numpy's seed range); set e.g. train.seed=42")
+    return p
+
+
+def logger_problems(lg: LoggerConfig, save_every: int | None) -> list[str]:
+    p = positive("logger.log_every", lg.log_every) + positive("logger.peak_tflops", lg.peak_tflops, allow_none=True)
+    if save_every and lg.log_every > 0 and save_every % lg.log_every:
+        p.append(
+            f"train.save_every={save_every} must be a multiple of logger.log_every={lg.log_every}, so that "
+            "a resumed run logs the same averaged rows as an uninterrupted one"
+        )
+    return p + choice("logger.wandb.mode", lg.wandb.mode, WANDB_MODES)
+
+
+def eval_problems(e: EvalConfig, has_judge: bool) -> list[str]:
+    p = positive("eval.generate_every", e.generate_every, allow_none=True)
+    if not has_judge and e.generate_every is not None:
+        p.append(
+            f"eval.generate_every={e.generate_every} needs a judge to compare the policy's responses with the "
+            "reference's: choose one (judge=reward_model judge.name_or_path=..., or judge=sort for data=synthetic), "
+            "or remove eval.generate_every"
+        )
+    p += positive("eval.max_new_tokens", e.max_new_tokens) + positive("eval.batch_size", e.batch_size)
+    if e.prompts < 0:
+        p.append(f"eval.prompts={e.prompts} must be >= 0 (0 = no generation evaluation)")
+    if e.temperature < 0:
+        p.append(f"eval.temperature={e.temperature} must be >= 0 (0 = greedy decoding)")
+    if not 0 < e.top_p <= 1:
+        p.append(f"eval.top_p={e.top_p} must be in (0, 1]")
+    if not 0 < e.confidence < 1:
+        p.append(f"eval.confidence={e.confidence} must be in (0, 1), e.g. 0.95")
+    return p
+
+
+def as_plain(value: Any) -> Any:
+    """The typed config (or any part of it) as plain dicts, lists and scalars, `_target_` kept."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: as_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: as_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [as_plain(v) for v in value]
+    return value
 
 
 def schema_default(key: str, missing: Any) -> Any:
@@ -223,9 +281,3 @@ def schema_default(key: str, missing: Any) -> Any:
 def source_config(source: Any) -> DictConfig:
     """A mixture source as a typed data section (schema defaults for keys it leaves out)."""
     return OmegaConf.merge(OmegaConf.structured(DataConfig), source)  # type: ignore[return-value]
-
-
-def import_target(path: str) -> Callable[..., Any]:
-    """The class or function a `_target_` names (a dotted path)."""
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)

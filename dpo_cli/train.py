@@ -10,7 +10,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
 from dpo_cli import evalgen, slurm
 from dpo_cli.build import build
@@ -20,6 +19,7 @@ from dpo_cli.metrics import MetricLogger
 from dpo_cli.parts import Cadence, Run
 from dpo_cli.recap import summary
 from dpo_cli.report import write_reports
+from dpo_cli.schema import Config
 from dpo_cli.signals import StopOnSignal
 from dpo_cli.step import train_step
 from dpo_cli.throughput import Window
@@ -27,20 +27,20 @@ from dpo_cli.throughput import Window
 log = logging.getLogger(__name__)
 
 
-def run_dir_of(cfg: DictConfig) -> Path:
+def run_dir_of() -> Path:
     """Hydra's output directory for this job (the current directory outside Hydra)."""
     from hydra.core.hydra_config import HydraConfig
 
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(os.getcwd())
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
+def run(cfg: Config) -> dict[str, float]:
     """Train the policy described by `cfg`; return the last train and eval metrics. Signals
     (SIGTERM, SIGINT, SIGUSR1) are caught from the start: during the loop they end the run
     after the current step, with a checkpoint (see `train`)."""
     with StopOnSignal() as stop, ExitStack() as held:
         try:
-            r = build(cfg, run_dir_of(cfg), held, stop)
+            r = build(cfg, run_dir_of(), held, stop)
             return train(r, stop)
         except Interrupted as e:
             # Under SLURM a warning signal requeues the job, once the checkpoint is saved and the

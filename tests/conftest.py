@@ -54,19 +54,19 @@ def make_config(overrides: list[str]):
     """The composed config for these command-line overrides (what `dpo-train ARGS` would run)."""
     cli.register()
     with initialize_config_dir(config_dir=cli.config_dir(), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name="config", overrides=cli.old_spellings(["dpo-train", *overrides])[1:])
 
 
 def _train(overrides: list[str], run_dir: Path, fast: bool, monkeypatch: pytest.MonkeyPatch):
     from accelerate.state import AcceleratorState
 
-    from dpo_cli import train
+    from dpo_cli import config, train
 
     run_dir.mkdir(parents=True, exist_ok=True)
     monkeypatch.chdir(run_dir)  # outside Hydra's launcher, the run dir is the working directory
     cfg = make_config(QUIET + (FAST if fast else []) + overrides)
     AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator per run, as in a fresh process
-    result = train.run(cfg)
+    result = train.run(config.validate(cfg))  # what the entry point passes down: the typed config
     _integration_only("trained a whole run")  # a run refused before training is quick: any test may
     return result, run_dir
 

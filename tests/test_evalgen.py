@@ -12,6 +12,7 @@ import torch
 import transformers
 from conftest import make_config, read_metrics
 
+from dpo_cli.config import validate
 from dpo_cli.data.synthetic import make_pairs
 from dpo_cli.errors import ConfigError, ModelLoadError
 from dpo_cli.evalgen import GenerationEval, GenPrompt, Sample, eval_prompts, win_rate
@@ -284,7 +285,7 @@ def test_samples_reach_a_wandb_table(tmp_path, monkeypatch):
 
     cfg = make_config([*FAST, "logger.wandb.mode=offline", "judge=sort", "train.max_steps=2", "eval.prompts=4"])
     AcceleratorState._reset_state(reset_partial_state=True)
-    train.run(cfg)
+    train.run(validate(cfg))
     (table,) = (run_dir / "wandb").glob("offline-run-*/files/media/table/eval_samples_*.table.json")
     content = json.loads(table.read_text())
     samples = [json.loads(line) for line in (run_dir / "samples" / "step-2.jsonl").read_text().splitlines()]
@@ -295,7 +296,7 @@ def test_samples_reach_a_wandb_table(tmp_path, monkeypatch):
 def test_the_preflight_says_what_generation_evaluation_will_do():
     from dpo_cli import preflight
 
-    text = preflight.run(make_config(["mode=inspect", "eval.generate_every=8"]))
+    text = preflight.run(validate(make_config(["mode=inspect", "eval.generate_every=8"])))
     assert "generation evaluation: 64 held-out prompts, every 8 steps and at the end; judge exact" in text
-    off = preflight.run(make_config(["mode=inspect", "judge=none"]))
+    off = preflight.run(validate(make_config(["mode=inspect", "judge=none"])))
     assert "generation evaluation: off" in off

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from test_preflight import HH_SAMPLE, weightless_model
 
 from dpo_cli import memory, preflight
+from dpo_cli.config import validate
 from dpo_cli.errors import ModelLoadError, UserError
 from dpo_cli.modeling import byte_tokenizer, count_parameters, load_model
 
@@ -216,7 +217,7 @@ def test_the_device_capacity_is_the_gpu_or_the_physical_ram():
 
 
 def test_the_preflight_reports_memory():
-    text = preflight.run(make_config([*BASE, "mode=inspect"]))
+    text = preflight.run(validate(make_config([*BASE, "mode=inspect"])))
     assert "optimizer steps of" in text  # the data report comes first
     assert "\n\nmemory estimate per training process" in text and "\n  total " in text
 
@@ -227,7 +228,7 @@ def test_the_preflight_of_a_pretrained_model_counts_it_from_its_config_alone(tmp
     model_dir = weightless_model(tmp_path)  # config.json and a tokenizer, no weights
     args = ["model=pretrained", f"model.name_or_path={model_dir}", "data=hh", f"data.path={HH_SAMPLE}"]
     cfg = make_config([*QUIET, *args, "data.eval_holdout=2", "train.batch_size=4", "train.micro_batch_size=2"])
-    text = preflight.run(OmegaConf.merge(cfg, {"mode": "inspect"}))
+    text = preflight.run(validate(OmegaConf.merge(cfg, {"mode": "inspect"})))
     n = count_parameters(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)))[1]
     assert f"policy: {n / 1e6:.2f}M parameters in float32" in text
     est = memory.estimate(cfg, byte_tokenizer(), instantiate(cfg.loss), capacity_bytes=1 << 40)
@@ -237,7 +238,7 @@ def test_the_preflight_of_a_pretrained_model_counts_it_from_its_config_alone(tmp
 def test_the_preflight_of_a_missing_model_directory_is_still_one_clear_error(tmp_path):
     args = ["model=pretrained", f"model.name_or_path={tmp_path / 'nothing'}", "mode=inspect"]
     with pytest.raises(UserError, match=r"model.name_or_path=.*nothing'?: no such directory"):
-        preflight.run(make_config([*BASE, *args]))
+        preflight.run(validate(make_config([*BASE, *args])))
 
 
 def test_a_gguf_model_is_counted_from_the_files_metadata(tmp_path):

@@ -131,7 +131,7 @@ def test_ultrafeedback_trains_with_a_chat_template_file_and_exports_the_template
     from dpo_cli import preflight
 
     cfg = make_config([*QUIET, *args, "mode=inspect", f"inspect.export={tmp_path}/uf.jsonl"])
-    text = preflight.run(cfg)
+    text = preflight.run(validate(cfg))
     assert "[prompt]<s><|im_start|>" in text and "<|im_start|>assistant\n[/prompt]" in text
     rows = [json.loads(line) for line in (tmp_path / "uf.jsonl").read_text().splitlines()]
     assert rows and all(r["prompt"].endswith("<|im_start|>assistant\n") and "templated" not in r for r in rows)
@@ -148,7 +148,7 @@ def test_max_length_beyond_a_pretrained_models_positions_is_refused_from_its_con
     model_dir = weightless_model(tmp_path)  # max_position_embeddings=1024
     args = ["model=pretrained", f"model.name_or_path={model_dir}", "data=hh", f"data.path={HH_SAMPLE}"]
     with pytest.raises(ConfigError, match=r"data.max_length=2048 is longer than the model's 1024 positions"):
-        preflight.run(make_config([*QUIET, *args, "mode=inspect", "data.max_length=2048"]))
+        preflight.run(validate(make_config([*QUIET, *args, "mode=inspect", "data.max_length=2048"])))
 
 
 # --- inspect.export never overwrites without being asked, and never the input --------------------
@@ -269,7 +269,7 @@ def _refusal(overrides: list[str], base: list[str] = TINY) -> str:
     from dpo_cli.errors import UserError
 
     with pytest.raises(UserError) as info:
-        preflight.run(make_config([*QUIET, *base, "mode=inspect", *overrides]))
+        preflight.run(validate(make_config([*QUIET, *base, "mode=inspect", *overrides])))
     return str(info.value)
 
 
@@ -309,7 +309,7 @@ def test_inspect_refuses_lora_targets_the_model_lacks():
 
     from dpo_cli import preflight
 
-    text = preflight.run(make_config([*QUIET, *TINY, "mode=inspect", "model.lora.r=8"]))  # all-linear: fine
+    text = preflight.run(validate(make_config([*QUIET, *TINY, "mode=inspect", "model.lora.r=8"])))  # all-linear: fine
     assert "training would refuse" not in text
 
 
@@ -336,7 +336,7 @@ def test_inspect_refuses_a_reward_model_judge_that_cannot_be_had(tmp_path, monke
 
     from dpo_cli import preflight
 
-    text = preflight.run(make_config([*QUIET, *TINY, "mode=inspect", *judge, f"judge.name_or_path={good}"]))
+    text = preflight.run(validate(make_config([*QUIET, *TINY, "mode=inspect", *judge, f"judge.name_or_path={good}"])))
     assert f"judge reward model {good}" in text and "training would refuse" not in text
 
 
@@ -375,7 +375,7 @@ def test_inspect_refuses_the_other_checks_training_runs_before_step_1(tmp_path):
     gpt1 = make_config([*QUIET, *TINY, "mode=inspect", "model.gradient_checkpointing=true", "data.max_length=64"])
     gpt1.model.random_init = {"model_type": "openai-gpt", "n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 64}
     with pytest.raises(UserError, match="model.gradient_checkpointing=true: OpenAIGPTLMHeadModel does not support"):
-        preflight.run(gpt1)
+        preflight.run(validate(gpt1))
     reference = weightless_model(tmp_path)
     tok = byte_tokenizer()
     tok.add_tokens(["<extra>"])

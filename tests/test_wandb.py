@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from dpo_cli import metrics
+from dpo_cli.config import validate
 from dpo_cli.metrics import JsonlSink, WandbSink, resolve_wandb_mode, wandb_reachable
 
 
@@ -231,7 +232,7 @@ def test_a_slurm_job_id_reaches_the_run_directory_and_the_wandb_run(wandb_env, m
     monkeypatch.chdir(run_dir)
     cfg = make_config([*FAST, "logger.wandb.mode=offline", "logger.progress=false", "train.max_steps=1"])
     AcceleratorState._reset_state(reset_partial_state=True)
-    train.run(cfg)
+    train.run(validate(cfg))
     job = json.loads((run_dir / "slurm.jsonl").read_text())
     assert (job["job_id"], job["partition"], job["nodes"]) == ("4242", "gpu", "node1")
     # An offline run keeps its config in the run's record log (protobuf; the value as JSON).

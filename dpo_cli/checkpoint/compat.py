@@ -8,11 +8,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from dpo_cli.checkpoint.store import STATE_FILE
 from dpo_cli.errors import UserError
-from dpo_cli.schema import import_target, schema_default
+from dpo_cli.options import import_target
+from dpo_cli.schema import Config, as_plain, schema_default
 
 # Keys that may change between a run and its resume: they decide where things are written or
 # how often, not what is computed.
@@ -37,7 +36,7 @@ RESUMABLE_CHANGES = (
 )
 
 
-def settings(cfg: Any) -> dict[str, Any]:
+def settings(cfg: Config) -> dict[str, Any]:
     """The resolved config as flat `key: value` pairs, without the keys a resume may change."""
     flat: dict[str, Any] = {}
 
@@ -50,7 +49,7 @@ def settings(cfg: Any) -> dict[str, Any]:
         else:
             flat[prefix.rstrip(".")] = node
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(as_plain(cfg), "")
     return flat
 
 

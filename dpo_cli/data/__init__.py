@@ -63,7 +63,7 @@ def unpaired_data(d: Any) -> bool:
     """Whether the data section yields unpaired (KTO) examples."""
     if d.format == "mix":
         return any(
-            isinstance(s, DictConfig) and s.get("format") in UNPAIRED_FORMATS for s in (d.mixture or {}).values()
+            isinstance(s, (dict, DictConfig)) and s.get("format") in UNPAIRED_FORMATS for s in (d.mixture or {}).values()
         )
     return d.format in UNPAIRED_FORMATS
 
@@ -151,8 +151,8 @@ def _load_rows(data: Any, seed: int) -> tuple[list[Pair], list[Pair], dict[str, 
     """Train and eval pairs, dropped-row counts per reason, the first training rows (for
     suggesting a format when nothing could be used), and rows read per split, of a format that
     reads rows."""
-    columns = {k: v for k, v in dict(data.get("columns") or {}).items() if v is not None}
-    hub = {"name": data.get("hub_config"), "data_dir": data.get("hub_data_dir")}
+    columns = {k: v for k, v in dict(getattr(data, "columns", None) or {}).items() if v is not None}
+    hub = {"name": getattr(data, "hub_config", None), "data_dir": getattr(data, "hub_data_dir", None)}
     hub = {k: v for k, v in hub.items() if v is not None}
     source = _read_rows(data.path, data.hub_id, data.train_split, "data.path", hub)
     sample = [dict(r) for r in itertools.islice(source[0], 3)]
@@ -188,7 +188,7 @@ def _finalize(data: Any, items: list[Pair], dropped: dict[str, int]) -> list[Pai
     """Per-split steps a row-by-row normalize cannot do: SHP's cap on pairs per post."""
     if data.format != "shp":
         return items
-    cap = data.get("shp_max_pairs_per_post")
+    cap = getattr(data, "shp_max_pairs_per_post", None)
     items, n = shp.finalize(items, cap)
     if n:
         dropped[shp.capped_reason(cap)] = n
@@ -243,7 +243,7 @@ def _load_mixture(data: Any, seed: int) -> Pairs:
     then data.weights[name] (default 1.0) of its training pairs kept (a seeded sample), as
     alignment-handbook's dataset mixer weights them; eval pairs are kept whole. Counts are
     reported per source."""
-    weights = dict(data.get("weights") or {})
+    weights = dict(getattr(data, "weights", None) or {})
     out = Pairs(train=[], eval=[])
     origin: dict[int, str] = {}  # id(pair) -> source, to count each source after the caps
     for i, (name, raw) in enumerate(data.mixture.items()):

@@ -167,11 +167,11 @@ def prepare(data: Any, tokenizer: Any, seed: int, check: bool = True, need_text:
     warn_about_eval(data, pairs)
     n_train = len(pairs.train)
     eval_pairs = list(pairs.eval)
-    template = chat.load_template(data.chat_template) if data.get("chat_template") else None
+    template = chat.load_template(data.chat_template) if getattr(data, "chat_template", None) else None
     lengths = dict(
         max_length=data.max_length, max_prompt_length=data.max_prompt_length, truncation_mode=data.truncation_mode
     )
-    cache_dir = data.get("cache_dir")
+    cache_dir = getattr(data, "cache_dir", None)
     key = _cache_key(pairs, template, tokenizer, lengths) if cache_dir else ""
     path = Path(cache_dir).expanduser() / f"{key}.pt" if cache_dir else None
     cached = _load_cached(path) if path is not None and path.is_file() else None
@@ -209,7 +209,7 @@ def warn_about_eval(data: Any, pairs: Pairs) -> None:
     """One WARNING line each for held-out metrics that would mislead or not exist: data.eval_path
     naming the training file itself (under any spelling), and no held-out pairs at all, which
     training accepts (eval_every then evaluates nothing; generation evaluation refuses it)."""
-    path, eval_path = data.get("path"), data.get("eval_path")
+    path, eval_path = getattr(data, "path", None), getattr(data, "eval_path", None)
     if path is not None and eval_path is not None and _same_file(path, eval_path):
         log.warning(
             "data.eval_path=%r is the training file data.path=%r: the held-out metrics would be measured on "
@@ -220,7 +220,7 @@ def warn_about_eval(data: Any, pairs: Pairs) -> None:
     if pairs.eval:
         return
     unit = "examples" if unpaired_data(data) else "pairs"
-    holdout, total = data.get("eval_holdout"), len(pairs.train)
+    holdout, total = getattr(data, "eval_holdout", None), len(pairs.train)
     if data.format == "mix":
         why = "no source of data.mixture holds any out"
     else:

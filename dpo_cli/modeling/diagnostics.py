@@ -14,6 +14,7 @@ import torch
 
 from dpo_cli import distributed
 from dpo_cli.errors import ConfigError, ModelLoadError
+from dpo_cli.modeling.options import ModelConfig, section_problems
 from dpo_cli.modeling.sources import pretrained_kwargs, source_problems
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -68,7 +69,7 @@ def position_problem(max_length: int, limit: int) -> str:
     )
 
 
-def check_max_length(model: Any, max_length: int) -> None:
+def check_max_length(model: ModelConfig, max_length: int) -> None:
     """The model checks that need files but no weights, run before data and weights load:
     the local directories the model section names (all their problems at once), then, from a
     pretrained model's config, data.max_length beyond its positions (running past them fails
@@ -146,3 +147,43 @@ def unsupported_attention(config: Any, value: str | None) -> str | None:
             f"model.attn_implementation={best}, or null (the default: the best the model supports, here {best})"
         )
     return None
+
+
+def random_init_problems(arch: dict[str, Any], max_length: int | None = None) -> list[str]:
+    """Problems with model.random_init: its model_type and kwargs must build a transformers config."""
+    arch = dict(arch)
+    if "model_type" not in arch:
+        return ["model.random_init needs a model_type (e.g. llama, gpt2, qwen2)"]
+    from transformers import CONFIG_MAPPING, AutoConfig  # here: transformers takes seconds to import (CLI start-up)
+
+    model_type = arch.pop("model_type")
+    if model_type not in CONFIG_MAPPING:
+        return [
+            f"model.random_init.model_type={model_type!r} is not a transformers model type (e.g. llama, gpt2, qwen2, mistral)"
+        ]
+    try:
+        built = AutoConfig.for_model(model_type, **arch)
+    except Exception as e:  # noqa: BLE001 - config classes raise their own validation errors
+        cause = e.__cause__ or e
+        first = next((line.strip() for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
+        return [f"model.random_init does not build a transformers config: {first[:300]}"]
+    # Config classes keep unknown kwargs as plain attributes (a typo would pass silently);
+    # known ones are either in the defaults or consumed (e.g. rope_theta into rope_parameters).
+    known = CONFIG_MAPPING[model_type]().to_dict()
+    unknown = sorted(k for k in arch if k not in known and k in vars(built))
+    problems = [f"model.random_init.{k} is not a {model_type} config key; check the spelling" for k in unknown]
+    limit = max_positions(built)
+    if limit is not None and isinstance(max_length, int) and max_length > limit:
+        problems.append(position_problem(max_length, limit))
+    return problems
+
+
+def model_problems(m: ModelConfig, max_length: int | None) -> list[str]:
+    """Every problem of the model section: its own (`options.section_problems`), then what
+    transformers says of a random init's architecture (`max_length`: data.max_length, against
+    its positions) and whether this machine has the attention back-end."""
+    p = section_problems(m)
+    if m.random_init is not None:
+        p += random_init_problems(m.random_init, max_length)
+    attention = attention_problem(m.attn_implementation)
+    return p + ([attention] if attention else [])

@@ -16,6 +16,7 @@ import torch
 from dpo_cli.errors import ConfigError, ModelLoadError
 from dpo_cli.hub import looks_like_path
 from dpo_cli.modeling.diagnostics import UNSET
+from dpo_cli.modeling.options import ModelConfig
 from dpo_cli.modeling.sources import (
     TOKENIZER_PROBE,
     pretrained_kwargs,
@@ -49,7 +50,7 @@ def byte_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def load_tokenizer(model: Any) -> Any:
+def load_tokenizer(model: ModelConfig) -> Any:
     """The tokenizer named by model.tokenizer (default: model.name_or_path), else the built-in one."""
     name = model.tokenizer or model.name_or_path
     if name is None:
@@ -76,7 +77,7 @@ def load_tokenizer(model: Any) -> Any:
     return tokenizer
 
 
-def load_model(model: Any, tokenizer: Any, seed: int) -> torch.nn.Module:
+def load_model(model: ModelConfig, tokenizer: Any, seed: int) -> torch.nn.Module:
     """The policy: pretrained weights (model.name_or_path), or model.random_init's architecture
     initialised from `seed`, with vocab_size and special token ids taken from the tokenizer;
     in model.dtype, with dropout off (model.disable_dropout) and gradient checkpointing on
@@ -108,7 +109,7 @@ def _log_attention(policy: torch.nn.Module, requested: str | None) -> None:
         log.info("attention: %s (model.attn_implementation=%s)", used, requested)
 
 
-def _random_model(config: Any, model: Any, seed: int) -> torch.nn.Module:
+def _random_model(config: Any, model: ModelConfig, seed: int) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     # dtype=auto means the checkpoint's dtype; a random architecture has no checkpoint: float32.
@@ -117,7 +118,7 @@ def _random_model(config: Any, model: Any, seed: int) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config, attn_implementation=model.attn_implementation).to(dtype)
 
 
-def _pretrained_model(model: Any) -> torch.nn.Module:
+def _pretrained_model(model: ModelConfig) -> torch.nn.Module:
     """model.name_or_path's weights. The config is loaded first and changed (dropout off)
     before the modules are built from it: modules copy their rates from it when built."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -155,7 +156,7 @@ def _pretrained_model(model: Any) -> torch.nn.Module:
     return policy
 
 
-def _attention_hint(error: Exception, model: Any) -> str:
+def _attention_hint(error: Exception, model: ModelConfig) -> str:
     """A fix for a model that does not support an explicit model.attn_implementation."""
     text = str(error).lower()
     if model.attn_implementation not in (None, "eager") and ("attn" in text or "attention" in text):
@@ -193,7 +194,7 @@ def zero_config_dropout(config: Any, prefix: str = "") -> list[str]:
     return zeroed
 
 
-def _disable_dropout(config: Any, model: Any) -> None:
+def _disable_dropout(config: Any, model: ModelConfig) -> None:
     """model.disable_dropout on the config a model is about to be built from."""
     if model.disable_dropout:
         zeroed = zero_config_dropout(config)

@@ -19,6 +19,7 @@ from typing import Any
 
 from dpo_cli.errors import ModelLoadError
 from dpo_cli.hub import fetch_command, hub_reachable, looks_like_path, offline_setting
+from dpo_cli.modeling.options import ModelConfig
 
 TOKENIZER_PROBE = "tokenizer_config.json"  # the file whose presence in the hub cache means a cached tokenizer
 # Files any one of which AutoTokenizer can start from (fast, SentencePiece, BPE and WordPiece vocabularies).
@@ -87,7 +88,7 @@ def weights_problem(name: str, key: str) -> str | None:
     )
 
 
-def source_problems(model: Any) -> list[str]:
+def source_problems(model: ModelConfig) -> list[str]:
     """Problems with the local directories the model section names (model.name_or_path, and
     model.tokenizer or else name_or_path's tokenizer files), found without loading anything.
     Hub ids are checked when loading."""
@@ -127,7 +128,7 @@ def source_kwargs(name: str, revision: str | None, filename: str, what: str) -> 
     )
 
 
-def pretrained_kwargs(model: Any) -> dict[str, Any]:
+def pretrained_kwargs(model: ModelConfig) -> dict[str, Any]:
     """from_pretrained kwargs shared by a pretrained model's config and weights (the config
     section `model`), after checking where they can come from (`source_kwargs`)."""
     source = source_kwargs(model.name_or_path, model.revision, model.gguf_file or "config.json", "model.name_or_path")
@@ -150,7 +151,7 @@ def random_init_config(random_init: Any, tokenizer: Any) -> Any:
     )
 
 
-def model_config(model: Any, tokenizer: Any) -> Any:
+def model_config(model: ModelConfig, tokenizer: Any) -> Any:
     """The transformers config `modeling.load_model` builds the policy from, without weights:
     random_init's architecture with the tokenizer's vocabulary, or the pretrained config."""
     if model.random_init is not None:

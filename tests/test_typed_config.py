@@ -1,0 +1,117 @@
+"""The config is typed end to end: composed once, converted to the schema's objects once
+(`config.validate`), and read by attribute below the entry point; the YAML files hold only what
+differs from the schema's defaults; earlier spellings still work on the command line."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from dpo_cli import cli, options
+from dpo_cli.config import validate
+from dpo_cli.schema import Config, LoggerConfig, TrainConfig
+from tests.conftest import make_config
+
+PACKAGE = Path(__file__).resolve().parents[1] / "dpo_cli"
+CONF = PACKAGE.parent / "conf"
+# The entry point and what composes the config before it is typed.
+UNTYPED = {"cli.py", "overrides.py", "config.py"}
+CONFIG_NAMES = {"cfg", "config_section", "data", "section", "settings", "lora", "t", "m", "r", "e", "lg", "s", "d"}
+
+
+def _config_parameters_typed_loosely() -> list[str]:
+    """Parameters below the entry point annotated DictConfig, or named like a config section and annotated Any."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name in UNTYPED and path.parent == PACKAGE:
+            continue
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for arg in [*fn.args.args, *fn.args.kwonlyargs]:
+                note = ast.unparse(arg.annotation) if arg.annotation is not None else ""
+                if "DictConfig" in note or (arg.arg in CONFIG_NAMES and note == "Any"):
+                    found.append(f"{path.relative_to(PACKAGE.parent)}:{fn.lineno} {fn.name}({arg.arg}: {note})")
+    return found
+
+
+def test_no_untyped_config_parameters_below_the_entry_point():
+    assert _config_parameters_typed_loosely() == []
+
+
+def test_validate_returns_the_schema_objects():
+    cfg = validate(make_config(["debug=default"]))
+    assert isinstance(cfg, Config) and isinstance(cfg.train, TrainConfig) and isinstance(cfg.logger, LoggerConfig)
+    # `_target_` nodes are their target's generated options, with every parameter of its signature.
+    assert type(cfg.optimizer).__name__ == "AdamWOptions" and cfg.optimizer.amsgrad is False
+    assert cfg.optimizer.lr == 1e-3 and cfg.optimizer.weight_decay == 0.0  # model=tiny's and adamw.yaml's values
+
+
+def test_an_optimizer_without_a_conf_file_is_checked_against_its_signature():
+    with pytest.raises(Exception) as info:
+        validate(make_config(["optimizer._target_=torch.optim.SGD", "+optimizer.nesterv=true"]))
+    assert "optimizer.nesterv is not a parameter of torch.optim.SGD" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "old, key, value",
+    [
+        ("scheduler=linear", "scheduler.name", "linear"),
+        ("scheduler=constant", "scheduler.name", "constant"),
+        ("logger=local", "logger.wandb.mode", "disabled"),
+    ],
+)
+def test_old_spellings_of_the_flag_groups_still_work(old, key, value):
+    assert OmegaConf.select(make_config([old]), key) == value
+    assert cli.old_spellings(["dpo-train", old]) == ["dpo-train", f"{key}={value}"]
+
+
+def test_logger_default_is_dropped_as_the_default():
+    assert cli.old_spellings(["dpo-train", "logger=default", "train.seed=1"]) == ["dpo-train", "train.seed=1"]
+
+
+def _leaves(node, prefix=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k != "defaults":
+                yield from _leaves(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], node
+
+
+def _schema_default(node_type, key):
+    """The default of dotted `key` in dataclass `node_type`, or a sentinel."""
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node_type):
+            return "<none>"
+        found = {f.name: f for f in dataclasses.fields(node_type)}.get(part)
+        if found is None:
+            return "<none>"
+        value = found.default if found.default is not dataclasses.MISSING else found.default_factory()
+        node_type = value if dataclasses.is_dataclass(value) else value
+    return node_type
+
+
+@pytest.mark.parametrize("path", ["conf/config.yaml", *(f"conf/model/{p.name}" for p in sorted((CONF / "model").glob("*.yaml")))])
+def test_root_and_model_files_hold_only_values_that_differ_from_the_schema(path):
+    raw = OmegaConf.to_container(OmegaConf.load(PACKAGE.parent / path), resolve=False)
+    global_package = "# @package _global_" in (PACKAGE.parent / path).read_text()
+    root = "" if global_package or path == "conf/config.yaml" else "model."
+    same = [k for k, v in _leaves(raw) if not k.startswith("hydra.") and _schema_default(Config, root + k) == v]
+    assert same == []
+
+
+@pytest.mark.parametrize("group, target", [("optimizer", "adamw"), ("optimizer", "rmsprop"), ("judge", "reward_model")])
+def test_option_files_hold_only_values_that_differ_from_the_signature(group, target):
+    raw = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{target}.yaml"), resolve=False)
+    schema_name = raw["defaults"][0].split("/")[-1].split("@")[0]
+    node = options.options_of(
+        {"AdamW": "torch.optim.AdamW", "RMSprop": "torch.optim.RMSprop"}.get(schema_name, f"dpo_cli.judges.{schema_name}")
+    )
+    same = [k for k, v in _leaves(raw) if v != "???" and _schema_default(node, k) == v]
+    assert same == []
