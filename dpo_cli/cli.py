@@ -121,28 +121,36 @@ def pretrained_by_default(argv: list[str]) -> list[str]:
     return argv
 
 
-# Spellings of earlier versions, still understood on the command line (the new one is logged):
-# the scheduler and logger groups became keys; a data format's own keys moved into data.format.
-# A prefix ending in "=" matches a whole group choice, one ending in "." any key under it.
-RENAMED = {
-    "scheduler=": "scheduler.name=",
-    "logger=local": "logger.wandb.mode=disabled",
-    "logger=default": "",
-    **config.RENAMED_KEYS,
+# Spellings of earlier versions, still understood on the command line (the new one is logged).
+# The scheduler and logger groups were flags and are keys now: group -> (key, option -> value).
+FLAG_GROUPS = {
+    "scheduler": ("scheduler.name", {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}),
+    "logger": ("logger.wandb.mode", {"default": "online", "local": "disabled"}),
 }
 
 
+def _renamed(arg: str) -> str:
+    """One override in this version's spelling: a flag group's choice as its key (a sweep's
+    comma-separated choices too), a key that moved (config.RENAMED_KEYS) under its new name."""
+    group, sep, choice = arg.partition("=")
+    if sep and group in FLAG_GROUPS:
+        key, values = FLAG_GROUPS[group]
+        options = choice.split(",")
+        if all(o in values for o in options):
+            return f"{key}={','.join(values[o] for o in options)}"
+    prefix = re.match(r"^[+~]*", arg).group(0)  # type: ignore[union-attr]
+    key = config.renamed(group.removeprefix(prefix)) if sep or prefix == "~" else None
+    return f"{prefix}{key}{sep}{choice}" if key is not None else arg
+
+
 def old_spellings(argv: list[str]) -> list[str]:
-    """`argv` with each override of an earlier version's spelling rewritten (RENAMED), noted."""
+    """`argv` with each override of an earlier version's spelling rewritten (`_renamed`), noted."""
     out = argv[:1]
     for arg in argv[1:]:
-        new = arg
-        for old, replacement in RENAMED.items():
-            if arg == old or (old[-1] in "=." and arg.startswith(old)):
-                new = replacement + arg[len(old) :]
-                _notes.append(f"{arg!r} is spelled {new!r} now" if new else f"{arg!r} is the default now; dropped")
-                break
-        out += [new] if new else []
+        new = _renamed(arg)
+        if new != arg:
+            _notes.append(f"{arg!r} is spelled {new!r} now")
+        out.append(new)
     return out
 
 

@@ -588,7 +588,7 @@ def plan(name: str, args: argparse.Namespace) -> dict:
 
 def dpo_cli_overrides(p: dict, n_steps: int, data_file: Path | None, args: argparse.Namespace) -> list[str]:
     overrides = list(MODELS[p["name"]]["overrides"]) + [
-        "logger=local",
+        "logger.wandb.mode=disabled",
         "logger.progress=false",
         "logger.log_every=1",
         f"train.max_steps={n_steps}",
