@@ -10,6 +10,10 @@ from __future__ import annotations
 
 IGNORE_INDEX = -100  # the label of a position that is not scored (a padded batch's prompt and padding)
 CHOSEN, REJECTED, KL = 0, 1, 2  # sequence roles (batch["role"]); sequences are numbered in this order
+ROLE_NAMES = ("chosen", "rejected", "kl")  # each role's name, by role
+# The roles a tokenized example's responses hold (see `data.tokenize`): a pair both, an unpaired
+# (KTO) example one, CHOSEN if desirable, REJECTED if not. KL sequences are the collator's own.
+RESPONSE_ROLES = (CHOSEN, REJECTED)
 
 # How sequences sit in the model's rows (see `data.collate`); `layout.choose` picks one.
 LAYOUTS = ("padded", "packed", "shared")

@@ -25,18 +25,23 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dpo_cli.data.tokenize import Tokenized, fingerprint
+from dpo_cli.batch import CHOSEN, RESPONSE_ROLES
+from dpo_cli.data.tokenize import Tokenized, fingerprint, responses_by_role
 from dpo_cli.errors import Interrupted, UserError
 
 log = logging.getLogger(__name__)
 
 
 def _sequences(example: Tokenized, responses: str) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids) for each response of `example` that is imitated."""
-    if "completion_ids" in example:  # unpaired: desirable completions only
-        return [(example["prompt_ids"], example["completion_ids"])] if example["label"] else []
-    keys = ("chosen_ids", "rejected_ids") if responses == "both" else ("chosen_ids",)
-    return [(example["prompt_ids"], example[k]) for k in keys]
+    """(prompt ids, response ids) for each response of `example` that is imitated: its chosen
+    one, and with `responses="both"` the rejected one beside it (the other half of a pair). An
+    example that holds no chosen response (an undesirable completion) is not imitated at all:
+    nothing in it is what to write."""
+    held = responses_by_role(example)
+    if CHOSEN not in held:
+        return []
+    roles = RESPONSE_ROLES if responses == "both" else (CHOSEN,)
+    return [(example["prompt_ids"], held[role]) for role in roles if role in held]
 
 
 def _batch(seqs: list[tuple[list[int], list[int]]], pad_id: int, device: Any) -> dict[str, torch.Tensor]:

@@ -184,8 +184,9 @@ def test_kto_conversational_render_and_tokenize(tok):
     ]
     (t,), _ = tokenize_pairs(rendered, tok, max_length=128, max_prompt_length=64)
     assert t["prompt_ids"].count(BOS) == 1 and t["prompt_ids"][0] == BOS
-    assert tok.decode(t["completion_ids"]) == "Yo<|im_end|>\n" and EOS not in t["completion_ids"]
-    assert t["label"] == 1
+    # A desirable completion is the example's chosen response; it holds no rejected one.
+    assert tok.decode(t["chosen_ids"]) == "Yo<|im_end|>\n" and EOS not in t["chosen_ids"]
+    assert t["rejected_ids"] == []
 
 
 # --- rendering ------------------------------------------------------------------------------------

@@ -86,9 +86,9 @@ def test_collate_unpaired_examples_with_kl_rows():
     KL row per example, in example order: example j's prompt with example j - 1's completion
     (cyclically): [p0 + c2], [p1 + c0], [p2 + c1]."""
     examples = [
-        {"prompt_ids": [1, 10], "completion_ids": [20, 2], "label": 1},
-        {"prompt_ids": [1, 11], "completion_ids": [21, 22, 2], "label": 0},
-        {"prompt_ids": [1, 12], "completion_ids": [23, 2], "label": 1},
+        {"prompt_ids": [1, 10], "chosen_ids": [20, 2], "rejected_ids": []},
+        {"prompt_ids": [1, 11], "chosen_ids": [], "rejected_ids": [21, 22, 2]},
+        {"prompt_ids": [1, 12], "chosen_ids": [23, 2], "rejected_ids": []},
     ]
     batch = collate(examples, pad_id=0, kl=True)
     assert batch["role"].tolist() == [CHOSEN, CHOSEN, REJECTED, KL, KL, KL]

@@ -233,8 +233,8 @@ def test_cache_packing_round_trips_pairs_and_unpaired_examples():
         {"prompt_ids": [], "chosen_ids": [7, 8], "rejected_ids": [9]},
     ]
     unpaired = [
-        {"prompt_ids": [1], "completion_ids": [2, 3], "label": 1},
-        {"prompt_ids": [4, 5], "completion_ids": [6], "label": 0},
+        {"prompt_ids": [1], "chosen_ids": [2, 3], "rejected_ids": []},
+        {"prompt_ids": [4, 5], "chosen_ids": [], "rejected_ids": [6]},
     ]
     for examples in (pairs_, unpaired, []):
         assert _unpack(_pack(examples)) == examples

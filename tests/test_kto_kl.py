@@ -6,19 +6,26 @@ from __future__ import annotations
 
 import pytest
 
+from dpo_cli.data.tokenize import responses_by_role
 from dpo_cli.logprobs import KL
 from dpo_cli.losses.kto import KTOLoss
 from dpo_cli.scoring import make_batch
 
 UNPAIRED = [
-    {"prompt_ids": [1, 2], "completion_ids": [10, 11], "label": True},
-    {"prompt_ids": [3], "completion_ids": [20, 21, 22], "label": False},
-    {"prompt_ids": [4, 5, 6], "completion_ids": [30], "label": True},
+    {"prompt_ids": [1, 2], "chosen_ids": [10, 11], "rejected_ids": []},
+    {"prompt_ids": [3], "chosen_ids": [], "rejected_ids": [20, 21, 22]},
+    {"prompt_ids": [4, 5, 6], "chosen_ids": [30], "rejected_ids": []},
 ]
 PAIRED = [
     {"prompt_ids": [1, 2], "chosen_ids": [10, 11], "rejected_ids": [12]},
     {"prompt_ids": [3], "chosen_ids": [20], "rejected_ids": [21, 22]},
 ]
+
+
+def _completion(example) -> list[int]:
+    """An unpaired example's one response, whatever its role."""
+    (ids,) = responses_by_role(example).values()
+    return ids
 
 
 def _kl_rows(batch) -> list[list[int]]:
@@ -32,7 +39,7 @@ def test_a_batch_of_one_unpaired_example_takes_another_examples_completion(last)
     batch = make_batch(UNPAIRED, [last], 0, KTOLoss(), "cpu")
     donor = UNPAIRED[last - 1] if last else UNPAIRED[1]
     assert (batch["role"] == KL).sum() == 1
-    assert _kl_rows(batch) == [UNPAIRED[last]["prompt_ids"] + donor["completion_ids"]]
+    assert _kl_rows(batch) == [UNPAIRED[last]["prompt_ids"] + _completion(donor)]
 
 
 def test_a_batch_of_one_pair_takes_another_pairs_responses():
@@ -44,5 +51,5 @@ def test_a_batch_of_one_pair_takes_another_pairs_responses():
 def test_batches_of_several_examples_are_unchanged():
     """Two or more examples mismatch among themselves (previous example's completion), as TRL."""
     batch = make_batch(UNPAIRED, [0, 1, 2], 0, KTOLoss(), "cpu")
-    want = [UNPAIRED[j]["prompt_ids"] + UNPAIRED[j - 1]["completion_ids"] for j in range(3)]
+    want = [UNPAIRED[j]["prompt_ids"] + _completion(UNPAIRED[j - 1]) for j in range(3)]
     assert sorted(_kl_rows(batch)) == sorted(want)

@@ -142,9 +142,9 @@ def test_packing_fills_rows_first_fit_decreasing_and_keeps_kl_rows_apart():
     """Unpaired examples of lengths 6, 3, 3 pack into two rows of capacity 6 (6 | 3 + 3), no
     padding; their KL sequences go to rows of their own, after the main rows."""
     examples = [
-        {"prompt_ids": [1, 2, 3], "completion_ids": [4, 5, 6], "label": 1},
-        {"prompt_ids": [1], "completion_ids": [7, 8], "label": 0},
-        {"prompt_ids": [2], "completion_ids": [9, 10], "label": 1},
+        {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5, 6], "rejected_ids": []},
+        {"prompt_ids": [1], "chosen_ids": [], "rejected_ids": [7, 8]},
+        {"prompt_ids": [2], "chosen_ids": [9, 10], "rejected_ids": []},
     ]
     batch = collate(examples, pad_id=0, kl=True, layout="packed")
     main = ~batch["row_kl"]

@@ -186,8 +186,8 @@ def test_kl_rows_are_scored_without_gradients_in_a_second_pass():
         kl       [log 0.4, log 0.025]
     """
     examples = [
-        {"prompt_ids": [0], "completion_ids": [1, 2], "label": 1},
-        {"prompt_ids": [0], "completion_ids": [3], "label": 0},
+        {"prompt_ids": [0], "chosen_ids": [1, 2], "rejected_ids": []},
+        {"prompt_ids": [0], "chosen_ids": [], "rejected_ids": [3]},
     ]
     batch = collate(examples, pad_id=0, kl=True)
     assert batch["role"].tolist() == [CHOSEN, REJECTED, KL, KL]

@@ -34,7 +34,9 @@ from datasets import Dataset
 from torch.testing import assert_close
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from dpo_cli.batch import CHOSEN, REJECTED
 from dpo_cli.data.collate import collate
+from dpo_cli.data.tokenize import make_example
 from dpo_cli.logprobs import IGNORE_INDEX, KL
 from dpo_cli.losses import (
     AOTLoss,
@@ -373,7 +375,7 @@ def run_kto(case: str, output_dir: Any) -> Run:
 
     rows = split_rows(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
     examples = [
-        {"prompt_ids": p, "completion_ids": c, "label": int(label)}
+        make_example(p, {CHOSEN if label else REJECTED: c})
         for (p, c), label in zip(rows, batch["label"].tolist(), strict=True)
     ]
     trl_kl_rows = split_rows(batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"])

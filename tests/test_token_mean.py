@@ -36,8 +36,8 @@ def test_token_means_count_what_collate_scores(whole):
         {"prompt_ids": [], "chosen_ids": [8, 9, 10], "rejected_ids": [11, 12]},
     ]
     unpaired = [
-        {"prompt_ids": [5, 6], "completion_ids": [7, 8, 9], "label": True},
-        {"prompt_ids": [5], "completion_ids": [7, 8], "label": False},
+        {"prompt_ids": [5, 6], "chosen_ids": [7, 8, 9], "rejected_ids": []},
+        {"prompt_ids": [5], "chosen_ids": [], "rejected_ids": [7, 8]},
     ]
     for batch_examples in (examples, unpaired):
         batch = collate(batch_examples, 0, whole=whole)

@@ -8,6 +8,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from dpo_cli.batch import CHOSEN, REJECTED
 from dpo_cli.data import synthetic
 from dpo_cli.data.tokenize import (
     IDENTICAL,
@@ -17,6 +18,7 @@ from dpo_cli.data.tokenize import (
     TruncationStats,
     check_kept,
     fingerprint,
+    responses_by_role,
     tokenize_pairs,
     truncate,
 )
@@ -87,15 +89,20 @@ def test_response_ids_are_the_whole_texts_ids_after_the_prompts(sp):
 
 
 def test_unpaired_completion_ids_are_the_whole_texts_ids_after_the_prompts(sp):
+    """A desirable completion becomes the example's CHOSEN response, an undesirable one its
+    REJECTED response: the same keys as a pair's, the other role holding no ids."""
     rows = [
         {"prompt": "2+11=", "completion": "13", "label": True},
         {"prompt": "2+2=", "completion": "5", "label": False},
     ]
     out, stats = tokenize_pairs(rows, sp, max_length=64, max_prompt_length=32)
-    assert [t["label"] for t in out] == [1, 0]
+    assert [sorted(t) for t in out] == [["chosen_ids", "prompt_ids", "rejected_ids"]] * 2
+    assert [list(responses_by_role(t)) for t in out] == [[CHOSEN], [REJECTED]]
+    assert out[0]["rejected_ids"] == [] and out[1]["chosen_ids"] == []
     for row, t in zip(rows, out, strict=True):
-        assert t["prompt_ids"] + t["completion_ids"] == ids(sp, row["prompt"] + row["completion"]) + [EOS]
-    assert sp.convert_ids_to_tokens(out[0]["completion_ids"]) == ["1", "3", "</s>"]
+        (completion,) = responses_by_role(t).values()
+        assert t["prompt_ids"] + completion == ids(sp, row["prompt"] + row["completion"]) + [EOS]
+    assert sp.convert_ids_to_tokens(out[0]["chosen_ids"]) == ["1", "3", "</s>"]
     assert stats.boundary_fallbacks == 0
 
 
@@ -238,7 +245,7 @@ def test_unpaired_examples_with_no_completion_tokens_are_dropped(tok):
         {"prompt": "1", "completion": " a", "label": False},
     ]
     out, stats = tokenize_pairs(rows, tok, max_length=8, max_prompt_length=8)
-    assert [t["label"] for t in out] == [0] and stats.dropped == {NO_COMPLETION_TOKENS: 1}
+    assert [list(responses_by_role(t)) for t in out] == [[REJECTED]] and stats.dropped == {NO_COMPLETION_TOKENS: 1}
 
 
 def test_dropped_counts_add_up_over_reasons(tok):

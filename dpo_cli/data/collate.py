@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dpo_cli.batch import CHOSEN, IGNORE_INDEX, KL, LAYOUTS, REJECTED, TARGET_FIELDS
-from dpo_cli.data.tokenize import Tokenized
+from dpo_cli.batch import CHOSEN, IGNORE_INDEX, KL, LAYOUTS, REJECTED, RESPONSE_ROLES, TARGET_FIELDS
+from dpo_cli.data.tokenize import Tokenized, responses_by_role
 
 
 @dataclass
@@ -42,34 +42,32 @@ class Sequence:
     role: int
     example: int  # position of its example in the list given to collate
     shared: int  # LD-DPO's shared length (the shorter response of the pair)
+    rank: int = 0  # its response's place among its example's responses (a pair's chosen: 0, rejected: 1)
 
 
 def _sequences(examples: list[Tokenized], kl: bool, kl_donor: Tokenized | None = None) -> list[Sequence]:
     """Every sequence of the batch, CHOSEN, then REJECTED, then KL.
 
-    A pair gives a CHOSEN and a REJECTED sequence whose shared length is the shorter of the two
-    responses (LD-DPO weights the tokens past it); an unpaired example ({prompt_ids,
-    completion_ids, label}) gives one sequence, CHOSEN if desirable, whose shared length is its
-    own length.
+    Each response an example holds (`responses_by_role`) gives a sequence of its role, whose
+    shared length is the example's shortest response: for a pair the shorter of the two
+    (LD-DPO weights the tokens past it), for an unpaired example its own length.
 
-    With `kl`, KTO's mismatched sequences follow: for unpaired examples the j-th KL sequence
-    is example j's prompt followed by example j - 1's completion (cyclically), as in TRL's
-    KTOTrainer. For pairs the rotation runs over the sequences (chosen responses, then rejected
-    ones), so every KL sequence mixes two different pairs once there are at least two of them.
+    With `kl`, KTO's mismatched sequences follow. They rotate over the sequences in order of
+    rank (every example's first response, then every second one), then of example: the j-th
+    KL sequence is the j-th sequence's prompt followed by the (j - 1)-th's response
+    (cyclically). Unpaired examples (one response each) so rotate in example order, as TRL's
+    KTOTrainer does; pairs run chosen responses, then rejected ones, so that every KL sequence
+    mixes two different pairs once there are at least two of them.
     A batch of one example has no other example to mismatch with: `kl_donor` (an example from
     outside the batch) then gives the KL sequences' responses, its i-th sequence's to the i-th.
     """
-    chosen, rejected = [], []
+    by_role: dict[int, list[Sequence]] = {role: [] for role in RESPONSE_ROLES}
     for i, ex in enumerate(examples):
-        if "completion_ids" in ex:
-            seq = Sequence(ex["prompt_ids"], ex["completion_ids"], CHOSEN if ex["label"] else REJECTED, i, 0)
-            seq.shared = len(seq.response)
-            (chosen if ex["label"] else rejected).append(seq)
-        else:
-            shared = min(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
-            chosen.append(Sequence(ex["prompt_ids"], ex["chosen_ids"], CHOSEN, i, shared))
-            rejected.append(Sequence(ex["prompt_ids"], ex["rejected_ids"], REJECTED, i, shared))
-    seqs = chosen + rejected
+        held = responses_by_role(ex)
+        shared = min(len(ids) for ids in held.values())
+        for rank, (role, ids) in enumerate(held.items()):
+            by_role[role].append(Sequence(ex["prompt_ids"], ids, role, i, shared, rank))
+    seqs = [s for role in RESPONSE_ROLES for s in by_role[role]]
     if kl and len(examples) == 1 and kl_donor is not None:
         donor = _sequences([kl_donor], False)
         return seqs + [
@@ -77,9 +75,8 @@ def _sequences(examples: list[Tokenized], kl: bool, kl_donor: Tokenized | None =
             for j, s in enumerate(seqs)
         ]
     if kl:
-        # Unpaired examples rotate in example order (as TRL's KTOTrainer does); pairs in
-        # sequence order, chosen responses first, so that no prompt meets its own responses.
-        order = sorted(seqs, key=lambda q: q.example) if "completion_ids" in examples[0] else list(seqs)
+        # By rank, then example: no prompt meets its own responses (see the docstring).
+        order = sorted(seqs, key=lambda q: (q.rank, q.example))
         seqs += [
             Sequence(s.prompt, order[j - 1].response, KL, s.example, len(order[j - 1].response))
             for j, s in enumerate(order)
@@ -100,12 +97,9 @@ def chosen_token_means(examples: list[Tokenized]) -> tuple[float, float]:
     scores them, before any forward pass (see `scoring.batch_loss`)."""
     response = whole = 0
     for ex in examples:
-        if "completion_ids" in ex:
-            if not ex["label"]:
-                continue
-            prompt, chosen = ex["prompt_ids"], ex["completion_ids"]
-        else:
-            prompt, chosen = ex["prompt_ids"], ex["chosen_ids"]
+        prompt, chosen = ex["prompt_ids"], responses_by_role(ex).get(CHOSEN)
+        if chosen is None:
+            continue
         response += _scored(prompt, chosen)
         whole += max(len(prompt) - 1, 0) + _scored(prompt, chosen)
     n = max(len(examples), 1)

@@ -27,7 +27,7 @@ from dpo_cli.data.tokenize import Tokenized, TruncationStats, check_kept, tokeni
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when tokenization changes what it produces for the same inputs
+CACHE_VERSION = 3  # bump when tokenization changes what it produces for the same inputs
 CHUNK = 20_000  # pairs per tokenizer call: the progress bar's step on large data
 
 

@@ -8,8 +8,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from dpo_cli.batch import ROLE_NAMES
 from dpo_cli.data.prepare import Prepared
-from dpo_cli.data.tokenize import Tokenized
+from dpo_cli.data.tokenize import Tokenized, responses_by_role
 from dpo_cli.errors import DataError
 
 PERCENTILES = (50, 90, 99, 100)
@@ -25,9 +26,9 @@ def _percentiles(values: list[int]) -> str:
 
 
 def _responses(example: Tokenized) -> list[tuple[str, list[int]]]:
-    if "completion_ids" in example:
-        return [("desirable" if example["label"] else "undesirable", example["completion_ids"])]
-    return [("chosen", example["chosen_ids"]), ("rejected", example["rejected_ids"])]
+    """(role name, ids) of each response the example holds: an unpaired example's desirable
+    completion is its chosen response, an undesirable one its rejected response."""
+    return [(ROLE_NAMES[role], ids) for role, ids in responses_by_role(example).items()]
 
 
 def render_example(example: Tokenized, tokenizer: Any) -> str:

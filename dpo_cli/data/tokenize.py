@@ -7,12 +7,18 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
+from dpo_cli.batch import CHOSEN, REJECTED, RESPONSE_ROLES, ROLE_NAMES
 from dpo_cli.data.chat import NOT_A_PREFIX
 from dpo_cli.errors import DataError
 
-# A tokenized pair {prompt_ids, chosen_ids, rejected_ids}, or an unpaired example
-# {prompt_ids, completion_ids, label} (label 1 = desirable, 0 = undesirable).
+# A tokenized example, paired or not, has one shape: the prompt's ids and its responses' ids
+# by role, {"prompt_ids": [...], "chosen_ids": [...], "rejected_ids": [...]} (RESPONSE_KEYS).
+# A pair holds both roles; an unpaired (KTO) example one, CHOSEN if its completion is
+# desirable, REJECTED if not, and no ids ([]) for the other. Every example holds every key, so
+# that the tokenization cache stores them as columns (`prepare._pack`). Later stages read
+# `responses_by_role` and never ask which kind of data they hold.
 Tokenized = dict[str, Any]
+RESPONSE_KEYS = {role: f"{ROLE_NAMES[role]}_ids" for role in RESPONSE_ROLES}
 
 # Why a pair or an example is dropped (keys of TruncationStats.dropped).
 IDENTICAL = "identical chosen and rejected"
@@ -31,6 +37,27 @@ _FIXES = {
         "conversation does (data.chat_template=FILE)"
     ),
 }
+
+
+def make_example(prompt: list[int], responses: dict[int, list[int]]) -> Tokenized:
+    """A tokenized example: `prompt`'s ids and `responses` (role -> ids) under RESPONSE_KEYS,
+    no ids for a role it does not hold.
+
+    >>> make_example([1, 10], {REJECTED: [30, 2]})
+    {'prompt_ids': [1, 10], 'chosen_ids': [], 'rejected_ids': [30, 2]}
+    """
+    return {"prompt_ids": prompt, **{key: responses.get(role, []) for role, key in RESPONSE_KEYS.items()}}
+
+
+def responses_by_role(example: Tokenized) -> dict[int, list[int]]:
+    """The responses `example` holds, role -> ids, in role order (RESPONSE_ROLES): both of a
+    pair, the one of an unpaired example. A role with no ids, or no key, is not held
+    (tokenization drops responses truncated to nothing, so a held response is never empty).
+
+    >>> responses_by_role({"prompt_ids": [1], "chosen_ids": [], "rejected_ids": [30, 2]})
+    {1: [30, 2]}
+    """
+    return {role: ids for role, key in RESPONSE_KEYS.items() if (ids := example.get(key))}
 
 
 @dataclass
@@ -95,7 +122,7 @@ def truncate(
         stats.responses += 1
         room = max(max_length - len(prompt), 0)
         chosen, rejected = chosen[:room], rejected[:room]
-    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+    return make_example(prompt, {CHOSEN: chosen, REJECTED: rejected})
 
 
 def _suffix_length(tokenizer: Any) -> int:
@@ -193,14 +220,14 @@ def tokenize_pairs(
     def drop(reason: str) -> None:
         stats.dropped[reason] = stats.dropped.get(reason, 0) + 1
 
-    if "completion" in pairs[0]:  # unpaired examples: truncated like a pair of two equal responses
+    if "completion" in pairs[0]:  # unpaired text: each completion becomes a response of its label's role
         completions = _responses(tokenizer, texts, prompts, [p["completion"] for p in pairs], stats, chat)
         for p, c, row in zip(prompts, completions, pairs, strict=True):
             t = truncate(p, c, [], max_length, max_prompt_length, keep_end, bos, stats)
             if not t["chosen_ids"]:
                 drop(NO_COMPLETION_TOKENS)
                 continue
-            out.append({"prompt_ids": t["prompt_ids"], "completion_ids": t["chosen_ids"], "label": int(row["label"])})
+            out.append(make_example(t["prompt_ids"], {CHOSEN if row["label"] else REJECTED: t["chosen_ids"]}))
         return out, stats
     chosen = _responses(tokenizer, texts, prompts, [p["chosen"] for p in pairs], stats, chat)
     rejected = _responses(tokenizer, texts, prompts, [p["rejected"] for p in pairs], stats, chat)
@@ -233,10 +260,9 @@ def check_kept(n_in: int, stats: TruncationStats, what: str) -> None:
 
 
 def example_length(example: Tokenized) -> int:
-    """Tokens an example puts in a batch with its prompt shared: prompt + both responses (or
-    prompt + completion); what length-aware batching sorts by."""
-    responses = ("completion_ids",) if "completion_ids" in example else ("chosen_ids", "rejected_ids")
-    return len(example["prompt_ids"]) + sum(len(example[k]) for k in responses)
+    """Tokens an example puts in a batch with its prompt shared: prompt + every response it
+    holds; what length-aware batching sorts by."""
+    return len(example["prompt_ids"]) + sum(len(ids) for ids in responses_by_role(example).values())
 
 
 def fingerprint(pairs: list[Tokenized]) -> str:
@@ -244,13 +270,13 @@ def fingerprint(pairs: list[Tokenized]) -> str:
     tokenizer and truncation (checked when a run resumes)."""
     h = hashlib.sha256()
     for p in pairs:
-        keys = (
-            ("prompt_ids", "chosen_ids", "rejected_ids")
-            if "chosen_ids" in p
-            else ("prompt_ids", "completion_ids", "label")
-        )
-        for key in keys:
-            value = p[key]
-            h.update(array("q", value if isinstance(value, list) else [value]).tobytes())
+        held = responses_by_role(p)
+        parts = [p["prompt_ids"], *held.values()]
+        if len(held) < len(RESPONSE_ROLES):
+            # Which role it holds, hashed as the unpaired examples' label (1 desirable) before
+            # examples had roles: the same data keeps its fingerprint, so a run resumes across.
+            parts.append([int(CHOSEN in held)])
+        for ids in parts:
+            h.update(array("q", ids).tobytes())
             h.update(b"|")
     return h.hexdigest()[:16]
