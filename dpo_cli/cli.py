@@ -23,6 +23,7 @@ from dpo_cli import config, overrides, rundir
 from dpo_cli.config import register_configs
 from dpo_cli.distributed import broadcast_from_main
 from dpo_cli.errors import UserError
+from dpo_cli.schema import renamed
 
 log = logging.getLogger("dpo_cli")
 
@@ -131,7 +132,7 @@ FLAG_GROUPS = {
 
 def _renamed(arg: str) -> str:
     """One override in this version's spelling: a flag group's choice as its key (a sweep's
-    comma-separated choices too), a key that moved (config.RENAMED_KEYS) under its new name."""
+    comma-separated choices too), a key that moved (schema.RENAMED_KEYS) under its new name."""
     group, sep, choice = arg.partition("=")
     if sep and group in FLAG_GROUPS:
         key, values = FLAG_GROUPS[group]
@@ -139,7 +140,7 @@ def _renamed(arg: str) -> str:
         if all(o in values for o in options):
             return f"{key}={','.join(values[o] for o in options)}"
     prefix = re.match(r"^[+~]*", arg).group(0)  # type: ignore[union-attr]
-    key = config.renamed(group.removeprefix(prefix)) if sep or prefix == "~" else None
+    key = renamed(group.removeprefix(prefix)) if sep or prefix == "~" else None
     return f"{prefix}{key}{sep}{choice}" if key is not None else arg
 
 

@@ -40,14 +40,11 @@ from dpo_cli.schema import (
     as_plain,
     eval_problems,
     logger_problems,
+    renamed,
     scheduler_problems,
     source_config,
     train_problems,
 )
-
-# Keys an earlier version spelled otherwise: old dotted prefix -> new (cli.old_spellings rewrites
-# them on the command line; checkpoint.compat reads a checkpoint's recorded settings through them).
-RENAMED_KEYS: dict[str, str] = {}
 
 # Generated schemas of the `_target_` options a conf/ group offers: (group, name, target, options_of kwargs).
 OPTIMIZERS = ("AdamW", "RMSprop")
@@ -373,14 +370,6 @@ def check_world(t: Any, world_size: int) -> int:
             ]
         )
     return batch // per_step
-
-
-def renamed(flat_key: str) -> str:
-    """`flat_key` as this version spells it (RENAMED_KEYS: an old dotted prefix -> the new one)."""
-    for old, new in RENAMED_KEYS.items():
-        if flat_key == old or flat_key.startswith(old + "."):
-            return new + flat_key[len(old) :]
-    return flat_key
 
 
 def saved_config(path: Any) -> Config:

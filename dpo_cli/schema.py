@@ -33,7 +33,9 @@ TRUNCATION_MODES = ("keep_end", "keep_start")
 class InspectConfig:
     """mode=inspect (the preflight)."""
 
-    export: Optional[str] = None  # write the normalized pairs (the text then tokenized) to this JSONL file; null = no export
+    export: Optional[str] = (
+        None  # write the normalized pairs (the text then tokenized) to this JSONL file; null = no export
+    )
     overwrite: bool = False  # true: inspect.export may replace an existing file (never the input data)
     examples: int = 3  # how many tokenized examples the report shows, with prompt/response boundaries marked
 
@@ -121,16 +123,24 @@ class TrainConfig:
     eval_every: Optional[int] = 100  # evaluate every N optimizer steps (and always at the end); null = only at the end
     save_every: Optional[int] = 500  # write checkpoints/step-N every N steps; null = never (final/ is always written)
     keep_checkpoints: Optional[int] = 2  # how many of the newest checkpoints to keep; null = all
-    resume: Optional[str] = None  # null = start fresh; auto = latest complete checkpoint in the run dir; or a checkpoints/step-N path
+    resume: Optional[str] = (
+        None  # null = start fresh; auto = latest complete checkpoint in the run dir; or a checkpoints/step-N path
+    )
     seed: int = 42  # seeds model init, data order and every RNG
     mixed_precision: str = "no"  # no, bf16 or fp16 (autocast through accelerate; weights stay in model.dtype)
-    max_grad_norm: Optional[float] = 1.0  # clip the global gradient norm to this; null = no clipping (the norm is still logged)
+    max_grad_norm: Optional[float] = (
+        1.0  # clip the global gradient norm to this; null = no clipping (the norm is still logged)
+    )
     max_nonfinite_steps: Optional[int] = 10  # a NaN/inf step is skipped; stop after this many in a row (null = never)
     # How sequences sit in the model's rows: auto (the fastest exact one the attention back-end supports),
     # shared (packed, each prompt once for both responses), packed (several sequences per row), padded (one per row).
     layout: str = "auto"
-    logits_chunk: Optional[int] = 1024  # the LM head runs on scored positions only, this many at a time; null = the model's full logits
-    sort_by_length: bool = True  # within a step, micro batches and processes get pairs of similar length (the step's pairs do not change)
+    logits_chunk: Optional[int] = (
+        1024  # the LM head runs on scored positions only, this many at a time; null = the model's full logits
+    )
+    sort_by_length: bool = (
+        True  # within a step, micro batches and processes get pairs of similar length (the step's pairs do not change)
+    )
 
 
 @dataclass
@@ -149,10 +159,14 @@ class WandbConfig:
 class LoggerConfig:
     """Metrics go to <run dir>/metrics.jsonl, a console progress bar, and Weights & Biases."""
 
-    log_every: int = 1  # write a train metrics row every N optimizer steps (pair metrics and throughput averaged over them)
+    log_every: int = (
+        1  # write a train metrics row every N optimizer steps (pair metrics and throughput averaged over them)
+    )
     progress: bool = True  # show a progress bar (step, loss, accuracy, ETA) on the console
     report: bool = True  # draw report.png and report.html (curves, samples) after each evaluation and at the end
-    peak_tflops: Optional[float] = None  # the device's peak TFLOP/s per process at the run's precision, for `mfu`; null = not logged
+    peak_tflops: Optional[float] = (
+        None  # the device's peak TFLOP/s per process at the run's precision, for `mfu`; null = not logged
+    )
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -161,7 +175,9 @@ class EvalConfig:
     """Generation evaluation (with a judge): responses to held-out prompts from the policy and the
     reference, judged pairwise."""
 
-    generate_every: Optional[int] = None  # generate and judge every N steps, and always at the end; null = at the end only (needs a judge)
+    generate_every: Optional[int] = (
+        None  # generate and judge every N steps, and always at the end; null = at the end only (needs a judge)
+    )
     prompts: int = 64  # held-out prompts (the first N distinct prompts of the eval split); 0 = no generation evaluation
     max_new_tokens: int = 256  # longest response, in tokens (a response that reaches it counts as unfinished)
     temperature: float = 1.0  # sampling temperature; 0 = greedy decoding
@@ -266,6 +282,19 @@ def as_plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [as_plain(v) for v in value]
     return value
+
+
+# Keys an earlier version spelled otherwise: old dotted prefix -> new (cli.old_spellings rewrites
+# them on the command line; checkpoint.compat and config.saved_config read a checkpoint's recorded settings through them).
+RENAMED_KEYS: dict[str, str] = {}
+
+
+def renamed(flat_key: str) -> str:
+    """`flat_key` as this version spells it (RENAMED_KEYS: an old dotted prefix -> the new one)."""
+    for old, new in RENAMED_KEYS.items():
+        if flat_key == old or flat_key.startswith(old + "."):
+            return new + flat_key[len(old) :]
+    return flat_key
 
 
 def schema_default(key: str, missing: Any) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 from dpo_cli.checkpoint.store import STATE_FILE
 from dpo_cli.errors import UserError
 from dpo_cli.options import import_target
-from dpo_cli.schema import Config, as_plain, schema_default
+from dpo_cli.schema import Config, as_plain, renamed, schema_default
 
 # Keys that may change between a run and its resume: they decide where things are written or
 # how often, not what is computed.
@@ -86,7 +86,8 @@ def check_compatible(path: Path, expected: dict) -> None:
     apart from RESUMABLE_CHANGES, the run length, the tokenized training data) has changed.
     Keys the checkpoint predates are fine while they keep their defaults (`added_default`);
     keys it has that the config no longer has (removed by a later version) are ignored."""
-    state = json.loads((path / STATE_FILE).read_text())
+    # Settings recorded under a key an earlier version spelled otherwise are read under the new one.
+    state = {renamed(k): v for k, v in json.loads((path / STATE_FILE).read_text()).items()}
     changed = []
     for k, v in expected.items():
         if k in state:
