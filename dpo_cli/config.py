@@ -11,7 +11,9 @@ reads every part's options, so it sits above them: no part imports this module.
 
 from __future__ import annotations
 
+import copy
 import difflib
+import logging
 import numbers
 import os
 import typing
@@ -45,6 +47,8 @@ from dpo_cli.schema import (
     source_config,
     train_problems,
 )
+
+log = logging.getLogger(__name__)
 
 # Generated schemas of the `_target_` options a conf/ group offers: (group, name, target, options_of kwargs).
 OPTIMIZERS = ("AdamW", "RMSprop")
@@ -321,15 +325,15 @@ def typed(cfg: DictConfig) -> Config:
         raise ConfigError([f"{getattr(e, 'full_key', '') or 'config'}: {str(e).splitlines()[0]}"]) from None
 
 
-def validate(cfg: DictConfig) -> Config:
+def validate(cfg: DictConfig, quiet: bool = False) -> Config:
     """Check the whole composed config; raise one ConfigError listing every problem found, or
     return it typed. Each section checks itself; the loss is built here so that its own range
-    checks run."""
+    checks run. `quiet`: no warnings (the command line's check before Hydra runs)."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError([f"{k} is required (it is ??? in the config); set {k}=<value>" for k in missing])
     unknown = unknown_keys(cfg) + target_key_problems(cfg)
-    c = typed(cfg)
+    c = typed(_without_orphan_judge(cfg, quiet))
     p: list[str] = unknown + choice("mode", c.mode, MODES)
     if c.inspect.examples < 0:
         p.append(f"inspect.examples={c.inspect.examples} must be >= 0")
@@ -350,6 +354,25 @@ def validate(cfg: DictConfig) -> Config:
     if p:
         raise ConfigError(p)
     return c
+
+
+def _without_orphan_judge(cfg: DictConfig, quiet: bool) -> DictConfig:
+    """`cfg`, without judge settings that no judge takes: a recipe's judge.* values when a later
+    group turned the judge off (experiment=X debug=default: debug chooses judge=none, and its
+    values are left without a `_target_`). Said in a warning, not dropped silently."""
+    judge = cfg.get("judge")
+    if not isinstance(judge, DictConfig) or "_target_" in judge:
+        return cfg
+    if not quiet:
+        keys = ", ".join(f"judge.{k}" for k in judge)
+        log.warning(
+            "%s are set, but no judge is chosen (judge=none, e.g. by debug=default): no generation evaluation, "
+            "and these are not used; choose a judge (judge=reward_model) to use them",
+            keys,
+        )
+    cfg = copy.deepcopy(cfg)
+    cfg.judge = None
+    return cfg
 
 
 def check_world(t: Any, world_size: int) -> int:

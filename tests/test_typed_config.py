@@ -133,3 +133,11 @@ def test_experiment_files_hold_only_what_differs_from_their_groups(name):
         if value != "???" and have == value:
             same.append(key)
     assert same == []
+
+
+def test_a_recipe_under_debug_runs_without_its_judge(caplog):
+    """`experiment=X debug=default` failed: debug chose judge=none after the recipe set judge.* keys,
+    leaving a judge mapping without a `_target_`. Now the run has no judge, and a warning names the keys."""
+    cfg = validate(make_config(["experiment=smollm2_hh_laptop", "debug=default"]))
+    assert cfg.judge is None
+    assert "judge.name_or_path" in caplog.text and "no judge is chosen" in caplog.text
