@@ -196,7 +196,7 @@ def _data(cfg: DictConfig, tokenizer: Any) -> tuple[Data, list[dict], int]:
     """The tokenized train and eval examples, the normalized eval pairs (for generation) and
     the run's length in optimizer steps."""
     t = cfg.train
-    data = prepare(cfg.data, tokenizer, t.seed)
+    data = prepare(OmegaConf.to_object(cfg.data), tokenizer, t.seed)
     log.info("data (the report mode=inspect prints):\n%s", report(data, tokenizer, t.batch_size))
     per_epoch = steps_per_epoch(len(data.train), t.batch_size)
     if per_epoch == 0:

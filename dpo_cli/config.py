@@ -23,17 +23,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli import schedule
 from dpo_cli.batch import KL_ROWS, LAYOUTS
-from dpo_cli.data import FORMATS, UNPAIRED_FORMATS, unpaired_data
+from dpo_cli.data.options import data_problems, input_files
+from dpo_cli.data.options import unpaired as unpaired_data
 from dpo_cli.distributed import cpu_only
 from dpo_cli.errors import ConfigError
 from dpo_cli.losses.combination import check_weights
 from dpo_cli.modeling import attention_problem, max_positions, position_problem
 
 # The schema's names that callers have found here (`config.register_configs`, ...) are re-exported (`as`).
-from dpo_cli.schema import ColumnsConfig as ColumnsConfig
-from dpo_cli.schema import Config, import_target, source_config
+from dpo_cli.schema import Config, import_target
 from dpo_cli.schema import DataConfig as DataConfig
-from dpo_cli.schema import SyntheticConfig as SyntheticConfig
 from dpo_cli.schema import register_configs as register_configs
 
 MODES = ("train", "inspect", "eval")
@@ -281,72 +280,9 @@ def _check_reference(p: list[str], cfg: DictConfig, needs_reference: bool, kl_ro
             )
 
 
-def _check_mixture(p: list[str], d: Any) -> None:
-    """data.format=mix: sources are other data configs, all paired or all unpaired; weights
-    name sources and lie in (0, 1]."""
-    sources = dict(d.mixture or {})
-    if not sources:
-        p.append(
-            "data.format=mix needs sources: add them with +data@data.mixture.NAME=DATA (e.g. +data@data.mixture.hh=hh)"
-        )
-    kinds = set()
-    for name, s in sources.items():
-        fmt = s.get("format") if isinstance(s, DictConfig) else None
-        if fmt not in FORMATS or fmt == "mix":
-            p.append(f"data.mixture.{name}.format={fmt!r} is not one of {', '.join(f for f in FORMATS if f != 'mix')}")
-            continue
-        kinds.add(fmt in UNPAIRED_FORMATS)
-        try:
-            source = source_config(s)
-        except Exception as e:  # noqa: BLE001 - a wrong type or an unknown key in the source
-            first = str(e).splitlines()[0]
-            p.append(f"data.mixture.{name}: {first}")
-            continue
-        # Each source is a data section of its own: check it as one, naming its keys.
-        own: list[str] = []
-        _check_data(own, source)
-        p.extend(
-            line.replace("data.", f"data.mixture.{name}.").replace("data:", f"data.mixture.{name}:") for line in own
-        )
-    if len(kinds) > 1:
-        p.append("data.mixture mixes paired and unpaired (kto) sources; a run trains on one kind")
-    for name, w in dict(d.weights or {}).items():
-        if name not in sources:
-            p.append(f"data.weights.{name}={w} names no source; the sources are: {', '.join(sources) or 'none'}")
-        elif isinstance(w, bool) or not isinstance(w, numbers.Real) or not 0 < w <= 1:
-            p.append(f"data.weights.{name}={w!r} must be in (0, 1]: the share of that source's training pairs used")
-
-
 def _check_data(p: list[str], d: Any) -> None:
-    _choice(p, "data.format", d.format, tuple(FORMATS))
-    if d.format == "mix":
-        _check_mixture(p, d)
-    if d.format == "synthetic" and d.synthetic is None:
-        p.append("data.format=synthetic needs a data.synthetic section (see conf/data/synthetic.yaml)")
-    if d.format not in ("synthetic", "mix") and d.path is None and d.hub_id is None:
-        p.append(f"data: set data.path (a local file) or data.hub_id for format {d.format!r}")
-    _positive(p, "data.max_length", d.max_length)
-    _positive(p, "data.max_prompt_length", d.max_prompt_length)
-    if d.max_length is not None and d.max_prompt_length is not None and d.max_prompt_length >= d.max_length:
-        p.append(
-            f"data.max_prompt_length={d.max_prompt_length} must be smaller than "
-            f"data.max_length={d.max_length}, leaving room for the response"
-        )
-    _choice(p, "data.truncation_mode", d.truncation_mode, TRUNCATION_MODES)
-    _positive(p, "data.max_train_pairs", d.max_train_pairs, allow_none=True)
-    _positive(p, "data.max_eval_pairs", d.max_eval_pairs, allow_none=True)
-    _positive(p, "data.shp_max_pairs_per_post", d.shp_max_pairs_per_post, allow_none=True)
-    if d.chat_template is not None and not os.path.isfile(os.path.expanduser(d.chat_template)):
-        what = "is a directory" if os.path.isdir(os.path.expanduser(d.chat_template)) else "no such file"
-        p.append(f"data.chat_template={d.chat_template!r}: {what}; point it at a Jinja chat template file")
-    if d.eval_holdout < 0:
-        p.append(f"data.eval_holdout={d.eval_holdout} must be >= 0")
-    if d.synthetic is not None:
-        s = d.synthetic
-        _positive(p, "data.synthetic.num_train", s.num_train)
-        _positive(p, "data.synthetic.num_eval", s.num_eval)
-        if not 2 <= s.min_digits <= s.max_digits:
-            p.append(f"data.synthetic needs 2 <= min_digits <= max_digits, got {s.min_digits}, {s.max_digits}")
+    """The data section's own checks (`dpo_cli.data.options.data_problems`), on its typed form."""
+    p.extend(data_problems(OmegaConf.to_object(d)))
 
 
 def _check_optimization(p: list[str], cfg: DictConfig) -> None:
@@ -454,12 +390,7 @@ def _check_eval(p: list[str], cfg: DictConfig) -> None:
 
 def _export_inputs(data: DictConfig) -> dict[str, str]:
     """The local files a data config reads (key -> path): an export must never replace one."""
-    found = {f"data.{k}": data[k] for k in ("path", "eval_path", "chat_template") if data.get(k)}
-    for name, source in (data.get("mixture") or {}).items():
-        for k in ("path", "eval_path", "chat_template"):
-            if isinstance(source, DictConfig) and source.get(k):
-                found[f"data.mixture.{name}.{k}"] = source[k]
-    return found
+    return input_files(OmegaConf.to_object(data))
 
 
 def _check_export(p: list[str], cfg: DictConfig) -> None:
@@ -498,7 +429,7 @@ def validate(cfg: DictConfig) -> None:
     _check_export(p, cfg)
     _check_model(p, cfg.model, cfg.data.max_length)
     _check_data(p, cfg.data)
-    unpaired = unpaired_data(cfg.data)
+    unpaired = unpaired_data(OmegaConf.to_object(cfg.data))
     terms = _check_loss(p, cfg.loss, unpaired=unpaired, micro_batch_size=cfg.train.micro_batch_size)
     needs_reference = any(getattr(t, "requires_reference", True) for t in terms.values()) or not terms
     _check_reference(p, cfg, needs_reference, any(KL_ROWS in getattr(t, "needs", ()) for t in terms.values()))

@@ -184,7 +184,11 @@ def _reference(cfg: DictConfig, policy: Any, tokenizer: Any) -> tuple[Any, str]:
     initial = load_model(run_cfg.model, tokenizer, run_cfg.train.seed)
     if OmegaConf.select(run_cfg, "model.warm_start.steps", default=0):  # runs of earlier versions had none
         saved = run_dir_of_final(path) / "warm_start"
-        train_set = [] if saved.is_dir() else prepare(run_cfg.data, tokenizer, run_cfg.train.seed, check=False).train
+        train_set = (
+            []
+            if saved.is_dir()
+            else prepare(OmegaConf.to_object(run_cfg.data), tokenizer, run_cfg.train.seed, check=False).train
+        )
         warm_started(initial, train_set, run_cfg.model.warm_start, run_cfg.train.seed, tokenizer.pad_token_id, saved,
                      main_process=False)  # fmt: skip
     what = f"the initial policy of the run that wrote {path} (seed {run_cfg.train.seed})"
@@ -206,7 +210,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu_only())
     with rundir.hold(run_dir, accelerator):
         tokenizer = load_tokenizer(cfg.model)
-        data = prepare(cfg.data, tokenizer, cfg.train.seed, check=False)
+        data = prepare(OmegaConf.to_object(cfg.data), tokenizer, cfg.train.seed, check=False)
         if not data.eval:
             raise ConfigError(["mode=eval needs held-out data: the data config gives no eval split"])
         loss_fn = instantiate(cfg.loss)

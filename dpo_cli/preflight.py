@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli import config, layout, memory
 from dpo_cli.data.batching import steps_per_epoch
@@ -46,7 +46,9 @@ def run(cfg: DictConfig) -> str:
     if cfg.reference.name_or_path is not None:
         check_max_length(reference_model_config(cfg), cfg.data.max_length)
         check_reference_tokenizer(cfg, tokenizer)
-    data = prepare(cfg.data, tokenizer, cfg.train.seed, check=False, need_text=bool(cfg.inspect.export))
+    data = prepare(
+        OmegaConf.to_object(cfg.data), tokenizer, cfg.train.seed, check=False, need_text=bool(cfg.inspect.export)
+    )
     text = report(data, tokenizer, cfg.train.batch_size, cfg.inspect.examples)
     problem = data_problem(cfg, data)
     if problem:

@@ -2,9 +2,10 @@
 
 They make an unknown key or a wrongly typed value fail when Hydra composes the config; what
 types cannot express (ranges, cross-field rules, `_target_` nodes) is `config.validate`'s.
-Comments on the meaning of each key live in the YAML files under `conf/`. This module imports
-no other part of dpo_cli: any part can read the schema (a section's shape, a key's default)
-without importing the validation, which reads every part.
+Comments on the meaning of each key live in the YAML files under `conf/` (the data section's,
+where its YAML files are deltas, beside its dataclasses in `dpo_cli.data.options`). This module
+imports no other part of dpo_cli but those dataclasses: any part can read the schema (a
+section's shape, a key's default) without importing the validation, which reads every part.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from dpo_cli.data.options import DataConfig, register_schemas
 
 
 @dataclass
@@ -63,62 +66,6 @@ class ReferenceConfig:
 @dataclass
 class ExportConfig:
     merge_lora: bool = False
-
-
-@dataclass
-class SyntheticConfig:
-    num_train: int = 4096
-    num_eval: int = 256
-    min_digits: int = 3
-    max_digits: int = 8
-
-
-@dataclass
-class ColumnsConfig:
-    """Source column names for the formats' fields (null = the field's own name)."""
-
-    prompt: Optional[str] = None
-    chosen: Optional[str] = None
-    rejected: Optional[str] = None
-    completion: Optional[str] = None
-    label: Optional[str] = None
-    score_chosen: Optional[str] = None  # ultrafeedback
-    score_rejected: Optional[str] = None
-    info: Optional[str] = None  # tldr
-    summaries: Optional[str] = None
-    choice: Optional[str] = None
-    post_id: Optional[str] = None  # shp
-    history: Optional[str] = None
-    human_ref_A: Optional[str] = None
-    human_ref_B: Optional[str] = None
-    score_A: Optional[str] = None
-    score_B: Optional[str] = None
-    labels: Optional[str] = None
-
-
-@dataclass
-class DataConfig:
-    format: str = MISSING
-    hub_id: Optional[str] = None
-    hub_config: Optional[str] = None
-    hub_data_dir: Optional[str] = None
-    path: Optional[str] = None
-    eval_path: Optional[str] = None
-    train_split: str = "train"
-    eval_split: Optional[str] = None
-    eval_holdout: float = 256
-    max_train_pairs: Optional[int] = None
-    max_eval_pairs: Optional[int] = None
-    max_length: int = 512
-    max_prompt_length: int = 256
-    truncation_mode: str = "keep_end"
-    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
-    chat_template: Optional[str] = None
-    cache_dir: Optional[str] = None
-    synthetic: Optional[SyntheticConfig] = None
-    shp_max_pairs_per_post: Optional[int] = None
-    mixture: Optional[dict[str, Any]] = None
-    weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -206,8 +153,10 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the schema that `conf/config.yaml` names first in its defaults list."""
+    """Register the schema that `conf/config.yaml` names first in its defaults list, and the
+    data formats' option schemas (/schema/format/<name>) that conf/data/*.yaml extend."""
     ConfigStore.instance().store(name="dpo_cli_schema", node=Config)
+    register_schemas()
 
 
 def schema_default(key: str, missing: Any) -> Any:
@@ -218,11 +167,6 @@ def schema_default(key: str, missing: Any) -> Any:
             return missing
         node = node[part]
     return OmegaConf.to_container(node) if isinstance(node, DictConfig) else node
-
-
-def source_config(source: Any) -> DictConfig:
-    """A mixture source as a typed data section (schema defaults for keys it leaves out)."""
-    return OmegaConf.merge(OmegaConf.structured(DataConfig), source)  # type: ignore[return-value]
 
 
 def import_target(path: str) -> Callable[..., Any]:

@@ -600,7 +600,7 @@ def dpo_cli_overrides(p: dict, n_steps: int, data_file: Path | None, args: argpa
     ]
     if p["data"] == "synthetic":
         # the same generated set for both run lengths, so that their set-up is the same
-        overrides += [f"data.synthetic.num_train={p['batch'] * p['steps'][1]}", "data.synthetic.num_eval=1"]
+        overrides += [f"data.format.num_train={p['batch'] * p['steps'][1]}", "data.format.num_eval=1"]
     else:
         overrides += ["data=hh", f"data.path={data_file}", "data.eval_holdout=0", "data.cache_dir=null"]
         if p["name"] == "tiny" and p["seq"] > 1024:

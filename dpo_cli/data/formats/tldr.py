@@ -24,9 +24,12 @@ neither post nor article text. A field of the wrong type is a RowError naming th
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from dataclasses import field as option
+from typing import Any, ClassVar
 
 from dpo_cli.data.fields import RowError, field
+from dpo_cli.data.formats.base import Format
 
 POST_TEMPLATE = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 ARTICLE_TEMPLATE = "Article:\n{article}\n\nTL;DR:"
@@ -95,3 +98,21 @@ def _shape(value: Any) -> str:
     if isinstance(value, list):
         return f"a list of {len(value)}: {value!r}"[:120]
     return _kind(value)
+
+
+@dataclass
+class TLDR(Format):
+    """OpenAI's TL;DR comparisons, with the summarize-from-feedback prompt templates."""
+
+    # source column of a field, e.g. data.format.columns.choice=preferred (unset = the field's own name)
+    columns: dict[str, str] = option(default_factory=dict)
+
+    name: ClassVar[str] = "tldr"
+    fields: ClassVar[tuple[str, ...]] = ("info", "summaries", "choice")
+    hint: ClassVar[tuple[frozenset[str], str]] = (
+        frozenset({"info", "summaries", "choice"}),
+        "these rows look like TL;DR comparisons: use data=tldr",
+    )
+
+    def normalize(self, row: dict) -> dict[str, str] | str:
+        return normalize(row)
