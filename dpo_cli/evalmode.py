@@ -25,6 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli import checkpoint, config, evalgen, layout, rundir
+from dpo_cli.data.options import DataConfig
 from dpo_cli.data.prepare import prepare
 from dpo_cli.data.tokenize import Tokenized
 from dpo_cli.errors import ConfigError, UserError
@@ -119,6 +120,11 @@ def run_dir_of_final(path: str) -> Path | None:
     return None
 
 
+def _typed_data(data: DictConfig) -> DataConfig:
+    """A recorded run's data section (read from its .hydra/config.yaml, untyped) as a DataConfig."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), data))
+
+
 def run_config_of(path: str) -> DictConfig | None:
     """The saved config of the dpo-cli run whose final/ (or checkpoint) `path` is, if any."""
     run_dir = run_dir_of_final(path)
@@ -187,7 +193,7 @@ def _reference(cfg: DictConfig, policy: Any, tokenizer: Any) -> tuple[Any, str]:
         train_set = (
             []
             if saved.is_dir()
-            else prepare(OmegaConf.to_object(run_cfg.data), tokenizer, run_cfg.train.seed, check=False).train
+            else prepare(_typed_data(run_cfg.data), tokenizer, run_cfg.train.seed, check=False).train
         )
         warm_started(initial, train_set, run_cfg.model.warm_start, run_cfg.train.seed, tokenizer.pad_token_id, saved,
                      main_process=False)  # fmt: skip

@@ -47,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_DIR = ROOT / "models" / "smollm2-135m-instruct"
 TRL_WORKER = Path(__file__).resolve().parent / "bench_trl.py"
-ASSISTANT = "\n\nAssistant:"  # where dpo-cli's hh loader splits a dialogue (dpo_cli/data/hh.py)
+ASSISTANT = "\n\nAssistant:"  # where dpo-cli's hh loader splits a dialogue (dpo_cli/data/formats/hh.py)
 
 # Per-model defaults. `hf_dir`: a Hugging Face directory TRL can load (the tiny model is built in code).
 MODELS = {
@@ -157,7 +157,7 @@ def write_hh(path: Path, triples: list[tuple[str, str, str]]) -> None:
 
 
 def split_hh(chosen: str, rejected: str) -> dict[str, str]:
-    """dpo-cli's hh split (dpo_cli/data/hh.py): the prompt is the dialogue up to and including the
+    """dpo-cli's hh split (dpo_cli/data/formats/hh.py): the prompt is the dialogue up to and including the
     last "\\n\\nAssistant:", the responses are what follows (the rows written here always share it)."""
     cut = chosen.rfind(ASSISTANT) + len(ASSISTANT)
     assert cut >= len(ASSISTANT) and rejected[:cut] == chosen[:cut], "an HH row without a shared prompt"

@@ -29,15 +29,15 @@ TRUNCATION_MODES = ("keep_end", "keep_start")
 # Settings a mixture applies to all its sources (tokenization happens once, on the mixed pairs).
 MIX_WIDE = ("max_length", "max_prompt_length", "truncation_mode", "chat_template", "cache_dir")
 # Old dotted keys -> new ones (a prefix covers the keys below it): for rewriting old command
-# lines and the configs recorded by old runs.
+# lines and the configs recorded by old runs. Where an old config names its format by a string
+# (`format: shp`) and sets one of these, the new `data.format` is that format's node
+# (`make_format("shp")`'s options, `_target_` included) with the moved keys; the old
+# `format: mix` is `format: null` beside its `mixture`.
 RENAMED = {
     "data.columns": "data.format.columns",
     "data.shp_max_pairs_per_post": "data.format.max_pairs_per_post",
     "data.synthetic": "data.format",
 }
-
-# Optional[...] rather than X | None below: OmegaConf reads the typing forms.
-# ruff: noqa: UP045
 
 
 @dataclass
@@ -106,6 +106,7 @@ def register_schemas() -> None:
 
 
 def is_mixture(d: SourceConfig) -> bool:
+    """Whether the section is a mixture of sources (data=mix), not one source."""
     return isinstance(d, DataConfig) and d.mixture is not None
 
 
@@ -181,7 +182,10 @@ def _mixture_problems(d: DataConfig) -> list[str]:
     if not sources:
         out.append("data=mix needs sources: add them with +data@data.mixture.NAME=DATA (e.g. +data@data.mixture.hh=hh)")
     if d.format is not None:
-        out.append(f"data.format={d.format!r} with data.mixture: each source has its own format; set data.format=null")
+        out.append(
+            "data.format and data.mixture are both set: a mixture's sources have their own formats; "
+            "start from data=mix (data.format=null)"
+        )
     for name, source in sources.items():
         out += [
             line.replace("data.", f"data.mixture.{name}.").replace("data:", f"data.mixture.{name}:")

@@ -64,7 +64,7 @@ class Format:
         known = (*self.fields, *self.optional)
         out = []
         for key, column in columns.items():
-            if key not in known:
+            if key not in known and column is not None:  # null: the field's own name, harmless
                 out.append(
                     f"data.format.columns.{key}={column!r}: format {self.name!r} has no field {key!r}; "
                     f"its fields are {', '.join(known)}"
