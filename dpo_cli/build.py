@@ -258,9 +258,7 @@ def _warm_start(
     )  # fmt: skip
 
 
-def _optimization(
-    cfg: Config, policy: Any, accelerator: Any, warmup: int, n_steps: int
-) -> tuple[Any, Optimization]:
+def _optimization(cfg: Config, policy: Any, accelerator: Any, warmup: int, n_steps: int) -> tuple[Any, Optimization]:
     """The policy and its optimizer prepared by accelerate, the learning-rate schedule and the
     non-finite guard."""
     from hydra.utils import instantiate

@@ -28,23 +28,23 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dpo_cli import options
 from dpo_cli.batch import KL_ROWS
-from dpo_cli.data import FORMATS, UNPAIRED_FORMATS, unpaired_data
+from dpo_cli.data.options import data_problems, input_files
+from dpo_cli.data.options import register_schemas as register_format_schemas
+from dpo_cli.data.options import unpaired as unpaired_data
 from dpo_cli.distributed import cpu_only
 from dpo_cli.errors import ConfigError
 from dpo_cli.losses.combination import check_weights
 from dpo_cli.modeling.diagnostics import model_problems
-from dpo_cli.modeling.options import choice, positive, reference_problems
+from dpo_cli.modeling.options import choice, reference_problems
 from dpo_cli.options import import_target
 from dpo_cli.schema import (
     MODES,
-    TRUNCATION_MODES,
     Config,
     as_plain,
     eval_problems,
     logger_problems,
     renamed,
     scheduler_problems,
-    source_config,
     train_problems,
 )
 
@@ -57,12 +57,14 @@ JUDGES = ("SortJudge", "RewardModelJudge")
 
 def register_configs() -> None:
     """Register the schema that `conf/config.yaml` names first in its defaults list, and the
-    generated options of the optimizers and judges that conf/optimizer and conf/judge extend."""
+    generated options of the optimizers, judges and data formats that conf/optimizer, conf/judge
+    and conf/data extend."""
     ConfigStore.instance().store(name="dpo_cli_schema", node=Config)
     for name in OPTIMIZERS:
         options.register("optimizer", name, f"torch.optim.{name}", partial=True, skip=("params",))
     for name in JUDGES:
         options.register("judge", name, f"dpo_cli.judges.{name}")
+    register_format_schemas()  # /schema/format/<name>, which conf/data/*.yaml extend
 
 
 def target_of(node: Any) -> Any:
@@ -190,76 +192,6 @@ def _check_loss(problems: list[str], node: Any, unpaired: bool, micro_batch_size
     return parts
 
 
-def _check_mixture(p: list[str], d: Any) -> None:
-    """data.format=mix: sources are other data configs, all paired or all unpaired; weights
-    name sources and lie in (0, 1]."""
-    sources = dict(d.mixture or {})
-    if not sources:
-        p.append(
-            "data.format=mix needs sources: add them with +data@data.mixture.NAME=DATA (e.g. +data@data.mixture.hh=hh)"
-        )
-    kinds = set()
-    for name, s in sources.items():
-        fmt = s.get("format") if isinstance(s, dict) else None
-        if fmt not in FORMATS or fmt == "mix":
-            p.append(f"data.mixture.{name}.format={fmt!r} is not one of {', '.join(f for f in FORMATS if f != 'mix')}")
-            continue
-        kinds.add(fmt in UNPAIRED_FORMATS)
-        try:
-            source = OmegaConf.to_object(source_config(s))
-        except Exception as e:  # noqa: BLE001 - a wrong type or an unknown key in the source
-            first = str(e).splitlines()[0]
-            p.append(f"data.mixture.{name}: {first}")
-            continue
-        # Each source is a data section of its own: check it as one, naming its keys.
-        own: list[str] = []
-        _check_data(own, source)
-        p.extend(
-            line.replace("data.", f"data.mixture.{name}.").replace("data:", f"data.mixture.{name}:") for line in own
-        )
-    if len(kinds) > 1:
-        p.append("data.mixture mixes paired and unpaired (kto) sources; a run trains on one kind")
-    for name, w in dict(d.weights or {}).items():
-        if name not in sources:
-            p.append(f"data.weights.{name}={w} names no source; the sources are: {', '.join(sources) or 'none'}")
-        elif isinstance(w, bool) or not isinstance(w, numbers.Real) or not 0 < w <= 1:
-            p.append(f"data.weights.{name}={w!r} must be in (0, 1]: the share of that source's training pairs used")
-
-
-def _check_data(p: list[str], d: Any) -> None:
-    p.extend(choice("data.format", d.format, tuple(FORMATS)))
-    if d.format == "mix":
-        _check_mixture(p, d)
-    if d.format == "synthetic" and d.synthetic is None:
-        p.append("data.format=synthetic needs a data.synthetic section (see conf/data/synthetic.yaml)")
-    if d.format not in ("synthetic", "mix") and d.path is None and d.hub_id is None:
-        p.append(f"data: set data.path (a local file) or data.hub_id for format {d.format!r}")
-    p.extend(positive("data.max_length", d.max_length))
-    p.extend(positive("data.max_prompt_length", d.max_prompt_length))
-    if d.max_length is not None and d.max_prompt_length is not None and d.max_prompt_length >= d.max_length:
-        p.append(
-            f"data.max_prompt_length={d.max_prompt_length} must be smaller than "
-            f"data.max_length={d.max_length}, leaving room for the response"
-        )
-    p.extend(choice("data.truncation_mode", d.truncation_mode, TRUNCATION_MODES))
-    p.extend(positive("data.max_train_pairs", d.max_train_pairs, allow_none=True))
-    p.extend(positive("data.max_eval_pairs", d.max_eval_pairs, allow_none=True))
-    p.extend(positive("data.shp_max_pairs_per_post", d.shp_max_pairs_per_post, allow_none=True))
-    if d.chat_template is not None and not os.path.isfile(os.path.expanduser(d.chat_template)):
-        what = "is a directory" if os.path.isdir(os.path.expanduser(d.chat_template)) else "no such file"
-        p.append(f"data.chat_template={d.chat_template!r}: {what}; point it at a Jinja chat template file")
-    if d.eval_holdout < 0:
-        p.append(f"data.eval_holdout={d.eval_holdout} must be >= 0")
-    if d.synthetic is not None:
-        s = d.synthetic
-        p.extend(positive("data.synthetic.num_train", s.num_train))
-        p.extend(positive("data.synthetic.num_eval", s.num_eval))
-        if not 2 <= s.min_digits <= s.max_digits:
-            p.append(f"data.synthetic needs 2 <= min_digits <= max_digits, got {s.min_digits}, {s.max_digits}")
-
-
-
-
 def _check_optimization(p: list[str], cfg: Config) -> None:
     """optimizer, scheduler and train sections, and the precision rules between them and the model."""
     optimizer = _build(p, "optimizer", cfg.optimizer, "optimizer")
@@ -286,16 +218,6 @@ def _check_optimization(p: list[str], cfg: Config) -> None:
         )
 
 
-def _export_inputs(data: Any) -> dict[str, str]:
-    """The local files a data config reads (key -> path): an export must never replace one."""
-    found = {f"data.{k}": getattr(data, k) for k in ("path", "eval_path", "chat_template") if getattr(data, k, None)}
-    for name, source in (getattr(data, "mixture", None) or {}).items():
-        for k in ("path", "eval_path", "chat_template"):
-            if getattr(source, k, None):
-                found[f"data.mixture.{name}.{k}"] = getattr(source, k)
-    return found
-
-
 def _check_export(p: list[str], cfg: Config) -> None:
     """inspect.export is a new file (or inspect.overwrite=true), and never the data it reports on:
     an export onto its own input would replace the rows with what they normalize to."""
@@ -308,7 +230,7 @@ def _check_export(p: list[str], cfg: Config) -> None:
         return
     if cfg.mode != "inspect":
         return
-    for key, path in _export_inputs(cfg.data).items():
+    for key, path in input_files(cfg.data).items():
         source = os.path.realpath(os.path.expanduser(path))
         if out == source or out.startswith(source.rstrip(os.sep) + os.sep):
             p.append(f"inspect.export={export!r} is the input ({key}); write the export to another file")
@@ -339,7 +261,7 @@ def validate(cfg: DictConfig, quiet: bool = False) -> Config:
         p.append(f"inspect.examples={c.inspect.examples} must be >= 0")
     _check_export(p, c)
     p.extend(model_problems(c.model, c.data.max_length))
-    _check_data(p, c.data)
+    p.extend(data_problems(c.data))
     terms = _check_loss(p, c.loss, unpaired=unpaired_data(c.data), micro_batch_size=c.train.micro_batch_size)
     needs_reference = any(getattr(t, "requires_reference", True) for t in terms.values()) or not terms
     kl_rows = any(KL_ROWS in getattr(t, "needs", ()) for t in terms.values())
@@ -499,4 +421,3 @@ def unknown_keys(cfg: DictConfig) -> list[str]:
     misspelled `key=value` at compose time, but `+key=value` adds any key, which nothing reads."""
     present = _dotted(OmegaConf.to_container(cfg, resolve=False))
     return [not_a_key(k, cfg) for k in _unknown(present, _schema_sections(Config))]
-

@@ -86,7 +86,9 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model: Any, prompts: list[GenPrompt], tokenizer: Any, settings: EvalConfig, accelerator: Any) -> list[Sample]:
+def generate(
+    model: Any, prompts: list[GenPrompt], tokenizer: Any, settings: EvalConfig, accelerator: Any
+) -> list[Sample]:
     """One sample per prompt from `model` (unwrapped), decoded with `settings` (the config's
     `eval` section), batches spread over processes; every process gets every sample, in order."""
     from accelerate.utils import gather_object
@@ -247,7 +249,9 @@ def write_samples(samples_dir: Path, step: int, rows: list[dict[str, Any]]) -> P
     return path
 
 
-def setup(cfg: Config, accelerator: Any, tokenizer: Any, eval_pairs: list[dict], run_dir: Path) -> GenerationEval | None:
+def setup(
+    cfg: Config, accelerator: Any, tokenizer: Any, eval_pairs: list[dict], run_dir: Path
+) -> GenerationEval | None:
     """Generation evaluation for a run, before any weights load (None without a judge or with
     eval.prompts=0): the judge, checked against the prompts, and loaded on the main process
     (only it scores), so that a reward model that cannot be had fails first."""
@@ -307,7 +311,9 @@ def reference_samples(
         )  # fmt: skip
 
 
-def run(gen: GenerationEval, model: Any, tokenizer: Any, settings: EvalConfig, accelerator: Any, step: int, sink: Any) -> dict:
+def run(
+    gen: GenerationEval, model: Any, tokenizer: Any, settings: EvalConfig, accelerator: Any, step: int, sink: Any
+) -> dict:
     """Sample from `model` (every process takes part), judge against the reference on the main
     process, write samples/step-N.jsonl and the W&B table; the metrics (main process only)."""
     samples = generate(model, gen.prompts, tokenizer, settings, accelerator)

@@ -31,7 +31,7 @@ SORT_PROMPT = re.compile(r"^sort (\d+):$")
 
 
 class SortJudge:
-    """The built-in task's rule (dpo_cli/data/synthetic.py): the response must be exactly the
+    """The built-in task's rule (dpo_cli/data/formats/synthetic.py): the response must be exactly the
     prompt's digits in ascending order (surrounding spaces aside). Scores 1 or 0; `verdict`
     says why a response failed (misordered, miscopied, other)."""
 

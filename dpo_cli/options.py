@@ -69,6 +69,15 @@ def _hints(target: Callable[..., Any]) -> dict[str, Any]:
         return {}
 
 
+def _factories(target: Callable[..., Any]) -> dict[str, Callable[[], Any]]:
+    """A dataclass target's fields made by a default_factory (field name -> factory)."""
+    if not (inspect.isclass(target) and dataclasses.is_dataclass(target)):
+        return {}
+    return {
+        f.name: f.default_factory for f in dataclasses.fields(target) if f.default_factory is not dataclasses.MISSING
+    }
+
+
 def options_of(target: str | Callable[..., Any], partial: bool = False, skip: tuple[str, ...] = ()) -> type:
     """A dataclass of `target`'s keyword parameters (less `skip`): `_target_` naming it (as given,
     when a dotted path), `_partial_` when the call completes at run time (an optimizer gets its
@@ -77,6 +86,7 @@ def options_of(target: str | Callable[..., Any], partial: bool = False, skip: tu
     path = target if isinstance(target, str) else target_path(target)
     target = import_target(target) if isinstance(target, str) else target
     hints = _hints(target)
+    factories = _factories(target)
     fields: list[tuple[str, Any, Any]] = [("_target_", str, dataclasses.field(default=path))]
     if partial:
         fields.append(("_partial_", bool, dataclasses.field(default=True)))
@@ -85,6 +95,8 @@ def options_of(target: str | Callable[..., Any], partial: bool = False, skip: tu
             continue
         kind = _field_type(hints.get(name, Any))
         default = MISSING if p.default is p.empty else p.default
+        if name in factories:  # a dataclass field's default_factory: its signature shows a sentinel
+            default = factories[name]()
         if isinstance(default, (list, tuple, dict)):
             value = dataclasses.field(default_factory=lambda d=default: type(d)(d) if isinstance(d, dict) else list(d))
         else:

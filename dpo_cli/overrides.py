@@ -176,13 +176,13 @@ def compose_job(overrides: list[str]) -> tuple[DictConfig | None, list[str]]:
             cfg = compose("config", [o.input_line for o in remaining], return_hydra_config=True)
         except AssertionError:
             # OmegaConf asserts (no message naming the key) when an override reaches into a
-            # section that is null here, e.g. data.synthetic.num_train with data=kto.
+            # section that is null here, e.g. model.random_init.hidden_size with model=pretrained.
             culprit = _null_section_override(remaining)
             if culprit is None:
                 raise
             problems.append(
                 f"{culprit.input_line}: {culprit.key_or_group} lies inside a section that is null in this config "
-                "(for example data.synthetic.* without data=synthetic); remove it, or choose the group that has it"
+                "(for example model.random_init.* with model=pretrained); remove it, or choose the group that has it"
             )
             remaining.remove(culprit)
         except (HydraException, OmegaConfBaseException) as e:

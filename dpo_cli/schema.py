@@ -20,6 +20,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from dpo_cli.batch import LAYOUTS
+from dpo_cli.data.options import RENAMED, DataConfig
 from dpo_cli.modeling.options import ModelConfig, ReferenceConfig, choice, positive
 from dpo_cli.schedule import NAMES as SCHEDULES
 
@@ -45,62 +46,6 @@ class ExportConfig:
     """What final/ holds at the end of a run."""
 
     merge_lora: bool = False  # with LoRA: also write the base model with the adapter merged in, to final/merged/
-
-
-@dataclass
-class SyntheticConfig:
-    num_train: int = 4096
-    num_eval: int = 256
-    min_digits: int = 3
-    max_digits: int = 8
-
-
-@dataclass
-class ColumnsConfig:
-    """Source column names for the formats' fields (null = the field's own name)."""
-
-    prompt: Optional[str] = None
-    chosen: Optional[str] = None
-    rejected: Optional[str] = None
-    completion: Optional[str] = None
-    label: Optional[str] = None
-    score_chosen: Optional[str] = None  # ultrafeedback
-    score_rejected: Optional[str] = None
-    info: Optional[str] = None  # tldr
-    summaries: Optional[str] = None
-    choice: Optional[str] = None
-    post_id: Optional[str] = None  # shp
-    history: Optional[str] = None
-    human_ref_A: Optional[str] = None
-    human_ref_B: Optional[str] = None
-    score_A: Optional[str] = None
-    score_B: Optional[str] = None
-    labels: Optional[str] = None
-
-
-@dataclass
-class DataConfig:
-    format: str = MISSING
-    hub_id: Optional[str] = None
-    hub_config: Optional[str] = None
-    hub_data_dir: Optional[str] = None
-    path: Optional[str] = None
-    eval_path: Optional[str] = None
-    train_split: str = "train"
-    eval_split: Optional[str] = None
-    eval_holdout: float = 256
-    max_train_pairs: Optional[int] = None
-    max_eval_pairs: Optional[int] = None
-    max_length: int = 512
-    max_prompt_length: int = 256
-    truncation_mode: str = "keep_end"
-    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
-    chat_template: Optional[str] = None
-    cache_dir: Optional[str] = None
-    synthetic: Optional[SyntheticConfig] = None
-    shp_max_pairs_per_post: Optional[int] = None
-    mixture: Optional[dict[str, Any]] = None
-    weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -286,7 +231,7 @@ def as_plain(value: Any) -> Any:
 
 # Keys an earlier version spelled otherwise: old dotted prefix -> new (cli.old_spellings rewrites
 # them on the command line; checkpoint.compat and config.saved_config read a checkpoint's recorded settings through them).
-RENAMED_KEYS: dict[str, str] = {}
+RENAMED_KEYS: dict[str, str] = {**RENAMED}  # data: a format's own keys moved into data.format
 
 
 def renamed(flat_key: str) -> str:
@@ -305,8 +250,3 @@ def schema_default(key: str, missing: Any) -> Any:
             return missing
         node = node[part]
     return OmegaConf.to_container(node) if isinstance(node, DictConfig) else node
-
-
-def source_config(source: Any) -> DictConfig:
-    """A mixture source as a typed data section (schema defaults for keys it leaves out)."""
-    return OmegaConf.merge(OmegaConf.structured(DataConfig), source)  # type: ignore[return-value]

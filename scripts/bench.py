@@ -47,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_DIR = ROOT / "models" / "smollm2-135m-instruct"
 TRL_WORKER = Path(__file__).resolve().parent / "bench_trl.py"
-ASSISTANT = "\n\nAssistant:"  # where dpo-cli's hh loader splits a dialogue (dpo_cli/data/hh.py)
+ASSISTANT = "\n\nAssistant:"  # where dpo-cli's hh loader splits a dialogue (dpo_cli/data/formats/hh.py)
 
 # Per-model defaults. `hf_dir`: a Hugging Face directory TRL can load (the tiny model is built in code).
 MODELS = {
@@ -157,7 +157,7 @@ def write_hh(path: Path, triples: list[tuple[str, str, str]]) -> None:
 
 
 def split_hh(chosen: str, rejected: str) -> dict[str, str]:
-    """dpo-cli's hh split (dpo_cli/data/hh.py): the prompt is the dialogue up to and including the
+    """dpo-cli's hh split (dpo_cli/data/formats/hh.py): the prompt is the dialogue up to and including the
     last "\\n\\nAssistant:", the responses are what follows (the rows written here always share it)."""
     cut = chosen.rfind(ASSISTANT) + len(ASSISTANT)
     assert cut >= len(ASSISTANT) and rejected[:cut] == chosen[:cut], "an HH row without a shared prompt"
@@ -600,7 +600,7 @@ def dpo_cli_overrides(p: dict, n_steps: int, data_file: Path | None, args: argpa
     ]
     if p["data"] == "synthetic":
         # the same generated set for both run lengths, so that their set-up is the same
-        overrides += [f"data.synthetic.num_train={p['batch'] * p['steps'][1]}", "data.synthetic.num_eval=1"]
+        overrides += [f"data.format.num_train={p['batch'] * p['steps'][1]}", "data.format.num_eval=1"]
     else:
         overrides += ["data=hh", f"data.path={data_file}", "data.eval_holdout=0", "data.cache_dir=null"]
         if p["name"] == "tiny" and p["seq"] > 1024:

@@ -90,14 +90,18 @@ def train_once(run_dir: Path, overrides: list[str], fast: bool = True):
 
 
 def data_config(**values):
-    """A data config section as the schema builds it (every key at its default), with `values`."""
-    from omegaconf import OmegaConf
+    """A typed data section (`DataConfig`, every key at its default but the tokenization cache,
+    off unless `cache_dir` is given) with `values`; `format` may be a format's name, and
+    `columns` its column map."""
+    from dpo_cli.data.formats import format_class
+    from dpo_cli.data.options import DataConfig
 
-    from dpo_cli.config import ColumnsConfig, DataConfig
-
-    if isinstance(values.get("columns"), dict):
-        values = {**values, "columns": ColumnsConfig(**values["columns"])}
-    return OmegaConf.structured(DataConfig(**values))
+    values = {"cache_dir": None, **values}
+    columns = values.pop("columns", None)
+    if isinstance(values.get("format"), str):
+        cls = format_class(values["format"])
+        values["format"] = cls(columns=columns) if columns else cls()
+    return DataConfig(**values)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -59,8 +59,8 @@ TRAIN = [
     "train.max_steps=2",
     "train.batch_size=4",
     "logger.log_every=1",
-    "data.synthetic.num_train=32",
-    "data.synthetic.num_eval=4",
+    "data.format.num_train=32",
+    "data.format.num_eval=4",
 ]
 
 

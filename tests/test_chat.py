@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import data_config
 
-from dpo_cli import data
-from dpo_cli.data import chat, kto, load_pairs, pairs, ultrafeedback
+from dpo_cli.data import chat, load_pairs
 from dpo_cli.data.fields import RowError
+from dpo_cli.data.formats import kto, pairs, ultrafeedback
 from dpo_cli.data.tokenize import tokenize_pairs
 from dpo_cli.errors import DataError
 from dpo_cli.modeling import byte_tokenizer
@@ -403,7 +403,6 @@ def data_cfg(**overrides):
 def test_ultrafeedback_file_to_token_ids(tok, monkeypatch):
     """The fixture read as data=ultrafeedback, rendered and tokenized: the tie is dropped when
     reading, every other pair is kept, and each tokenized pair is the templated conversation."""
-    monkeypatch.setitem(data.FORMATS, "ultrafeedback", ultrafeedback.normalize)  # until registered
     loaded = load_pairs(data_cfg(path=str(UF_SAMPLE)), seed=0)
     assert (len(loaded.train), len(loaded.eval)) == (5, 2)
     assert loaded.dropped == {"train": {ultrafeedback.TIE: 1}}

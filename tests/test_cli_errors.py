@@ -79,13 +79,22 @@ def test_refused_overrides_are_all_reported_in_process():
 
 
 def test_an_override_inside_a_null_section_is_named_not_a_traceback():
-    """data=kto has no data.synthetic section: OmegaConf asserts on data.synthetic.num_train
-    without naming it; the message names the override."""
+    """model=pretrained has no model.random_init section: OmegaConf asserts on
+    model.random_init.hidden_size without naming it; the message names the override. A key
+    another format has (data.format.num_train with data=kto) is an unknown key of data.format."""
     cli.register()
     with initialize_config_dir(config_dir=cli.config_dir(), version_base="1.3"):
-        cfg, problems = overrides.compose_job(["data=kto", "data.synthetic.num_train=5", "loss=kto"])
-    assert cfg is not None and cfg.data.format == "kto"
-    assert len(problems) == 1 and problems[0].startswith("data.synthetic.num_train=5: data.synthetic.num_train lies")
+        cfg, problems = overrides.compose_job(
+            ["model=pretrained", "model.name_or_path=x/y", "model.random_init.hidden_size=5"]
+        )
+        assert cfg is not None and cfg.model.random_init is None
+        assert len(problems) == 1
+        assert problems[0].startswith("model.random_init.hidden_size=5: model.random_init.hidden_size lies")
+        cfg, problems = overrides.compose_job(["data=kto", "data.format.num_train=5", "loss=kto"])
+    assert cfg is not None and cfg.data.format._target_ == "dpo_cli.data.formats.kto.KTO"
+    assert problems == [
+        "data.format.num_train is not a config key; `dpo-train --cfg job` prints the keys of data.format"
+    ]
 
 
 # --- sweeps: every job checked before the first starts --------------------------------------------
@@ -144,7 +153,7 @@ def test_run_stamps_of_the_same_second_differ():
 @pytest.mark.integration
 def test_a_resume_keeps_the_original_hydra_files(tmp_path):
     run_dir = tmp_path / "run"
-    small = ["data.synthetic.num_train=16", "data.synthetic.num_eval=8"]
+    small = ["data.format.num_train=16", "data.format.num_eval=8"]
     args = ["dpo-train", "train.max_steps=1", "train.save_every=1", *QUIET, *FAST, *small, f"hydra.run.dir={run_dir}"]
     first = run_cli(args, cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -434,8 +443,8 @@ def test_resume_auto_accepts_a_run_an_empty_or_a_new_directory(tmp_path):
 
 # --- a sweep never rewrites a finished job's record -----------------------------------------------
 
-SWEEP = ["train.max_steps=1", "train.save_every=1", *QUIET, *FAST, "data.synthetic.num_train=16"]
-SWEEP += ["data.synthetic.num_eval=8"]
+SWEEP = ["train.max_steps=1", "train.save_every=1", *QUIET, *FAST, "data.format.num_train=16"]
+SWEEP += ["data.format.num_eval=8"]
 
 
 @pytest.fixture(scope="module")

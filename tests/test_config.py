@@ -91,7 +91,8 @@ def test_every_group_file_composes_and_validates(compose_cfg, group, name):
 def test_default_config_validates(compose_cfg):
     cfg = compose_cfg()
     validate(cfg)
-    assert cfg.data.format == "synthetic" and cfg.model.random_init.model_type == "llama"
+    assert cfg.data.format._target_ == "dpo_cli.data.formats.synthetic.Synthetic"
+    assert cfg.model.random_init.model_type == "llama"
 
 
 @pytest.mark.parametrize("override", ["train.bath_size=3", "loss.bta=0.1", "model.nam_or_path=x/y"])
@@ -298,7 +299,7 @@ def test_debug_config_wins_over_the_groups_and_loses_to_the_command_line(compose
     validate(cfg)
     assert cfg.judge is None and cfg.eval.generate_every is None
     assert (cfg.train.batch_size, cfg.train.micro_batch_size) == (8, 4)
-    assert (cfg.data.synthetic.num_train, cfg.data.synthetic.num_eval) == (256, 32)
+    assert (cfg.data.format.num_train, cfg.data.format.num_eval) == (256, 32)
     assert cfg.model.warm_start.steps == 0
     assert cfg.logger.report is False and cfg.logger.progress is False and cfg.logger.wandb.mode == "disabled"
     asked = compose_cfg(["debug=default", "judge=sort", "logger.report=true", "train.batch_size=16"])

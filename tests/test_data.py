@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from conftest import data_config
 
-from dpo_cli.config import DataConfig, SyntheticConfig
-from dpo_cli.data import batching, hh, load_pairs, synthetic
+from dpo_cli.data import batching, load_pairs
 from dpo_cli.data.collate import collate
+from dpo_cli.data.formats import hh, synthetic
 from dpo_cli.data.tokenize import TruncationStats, tokenize_pairs, truncate
 from dpo_cli.errors import DataError
 from dpo_cli.logprobs import CHOSEN, KL, REJECTED
@@ -297,7 +297,7 @@ def test_split_pair_unsplittable_rows_give_the_reason(chosen, rejected, request)
 
 
 def hh_config(path, **kwargs):
-    return OmegaConf.structured(DataConfig(format="hh", path=str(path), **kwargs))
+    return data_config(format="hh", path=str(path), **kwargs)
 
 
 def fixture_pairs() -> list[dict[str, str]]:
@@ -427,23 +427,23 @@ def test_synthetic_deterministic():
 
 def test_synthetic_load_keeps_eval_prompts_out_of_train():
     # Short strings make collisions between two random streams likely: 1,080 possible prompts.
-    cfg = OmegaConf.structured(SyntheticConfig(num_train=400, num_eval=150, min_digits=2, max_digits=3))
-    train, evals = synthetic.load(cfg, seed=5)
+    task = synthetic.Synthetic(num_train=400, num_eval=150, min_digits=2, max_digits=3)
+    train, evals = task.generate(seed=5)
     assert (len(train), len(evals)) == (400, 150)
     train_prompts = {p["prompt"] for p in train}
     assert not train_prompts & {p["prompt"] for p in evals}
     unfiltered = synthetic.make_pairs(150, seed=99, min_digits=2, max_digits=3)
     assert train_prompts & {p["prompt"] for p in unfiltered}, "the domain is small enough for the check to bite"
-    assert synthetic.load(cfg, seed=5) == (train, evals)
+    assert task.generate(seed=5) == (train, evals)
 
 
 def test_load_pairs_synthetic_respects_max_pairs():
     """data.max_train_pairs / max_eval_pairs cap the synthetic task too (conf/data/synthetic.yaml
     documents them); they used to be ignored for format=synthetic."""
-    spec = SyntheticConfig(num_train=40, num_eval=10)
-    full = load_pairs(OmegaConf.structured(DataConfig(format="synthetic", synthetic=spec)), seed=3)
+    spec = synthetic.Synthetic(num_train=40, num_eval=10)
+    full = load_pairs(data_config(format=spec, max_eval_pairs=None), seed=3)
     assert (len(full.train), len(full.eval)) == (40, 10)
-    capped = OmegaConf.structured(DataConfig(format="synthetic", synthetic=spec, max_train_pairs=25, max_eval_pairs=4))
+    capped = data_config(format=spec, max_train_pairs=25, max_eval_pairs=4)
     out = load_pairs(capped, seed=3)
     assert (len(out.train), len(out.eval)) == (25, 4)
     assert out.train == [p for p in full.train if p in out.train]
@@ -499,5 +499,5 @@ def test_eval_batches_cover_every_index_once():
 def test_synthetic_small_prompt_space_is_an_error_not_a_hang():
     from dpo_cli.errors import DataError
 
-    with pytest.raises(DataError, match="data.synthetic: could not draw 50 pairs"):
-        synthetic.load(SyntheticConfig(num_train=2000, num_eval=50, min_digits=2, max_digits=2), seed=0)
+    with pytest.raises(DataError, match="data.format: could not draw 50 pairs"):
+        synthetic.Synthetic(num_train=2000, num_eval=50, min_digits=2, max_digits=2).generate(seed=0)

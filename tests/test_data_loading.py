@@ -3,14 +3,17 @@ the `pairs` format, and limits checked before any weights load."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 import pytest
 from conftest import data_config
+from omegaconf import OmegaConf
 
-from dpo_cli.data import load_pairs, pairs
+from dpo_cli.data import load_pairs
+from dpo_cli.data.formats import pairs
 from dpo_cli.errors import ConfigError, DataError
 
 ASSISTANT = "\n\nAssistant:"
@@ -66,7 +69,7 @@ def test_a_row_missing_a_field_names_the_row_and_the_field(tmp_path):
         load_pairs(data_cfg(path=str(path)), seed=0)
     msg = str(e.value)
     assert "data.path: 'h.jsonl' line 3" in msg or f"data.path: '{path}' line 3" in msg, msg
-    assert "'rejected' is missing" in msg and "data.columns.rejected" in msg
+    assert "'rejected' is missing" in msg and "data.format.columns.rejected" in msg
 
 
 def test_a_non_string_field_names_the_row_and_the_field(tmp_path):
@@ -86,21 +89,25 @@ def test_columns_map_other_names(tmp_path):
 
 
 def test_columns_from_the_command_line_and_typos(tmp_path):
+    """data.format.columns.FIELD=COLUMN needs no `+`; a field the format does not have fails
+    when Hydra composes (the schema types the columns by the format's fields)."""
     from conftest import make_config
-    from omegaconf.errors import ConfigKeyError
+    from hydra.errors import ConfigCompositionException
 
     cfg = make_config(
         [
             "data=pairs",
             "data.path=x.jsonl",
-            "data.columns={prompt: question, chosen: good}",
-            "data.columns.rejected=bad",
+            "data.format.columns={prompt: question, chosen: good}",
+            "data.format.columns.rejected=bad",
         ]
     )
-    assert (cfg.data.columns.prompt, cfg.data.columns.chosen, cfg.data.columns.rejected) == ("question", "good", "bad")
-    with pytest.raises(Exception) as e:
-        make_config(["data=pairs", "data.path=x.jsonl", "data.columns.chosn=good"])
-    assert "chosn" in str(e.value) or isinstance(e.value, ConfigKeyError)
+    columns = cfg.data.format.columns
+    assert (columns.prompt, columns.chosen, columns.rejected) == ("question", "good", "bad")
+    assert OmegaConf.to_object(cfg.data).format.columns.chosen == "good"
+    for typo in ("data.format.columns.chosn=good", "data.format.columns.score_A=x"):  # score_A: SHP's, not pairs'
+        with pytest.raises(ConfigCompositionException, match=typo.split("=")[0].rsplit(".", 1)[1]):
+            make_config(["data=pairs", "data.path=x.jsonl", typo])
 
 
 def test_pairs_explicit_prompt():
@@ -174,7 +181,7 @@ def test_a_mixture_takes_each_sources_share_and_reports_each(tmp_path):
     ]
     cfg = make_config(args)
     validate(cfg)
-    got = load_pairs(cfg.data, seed=0)
+    got = load_pairs(OmegaConf.to_object(cfg.data), seed=0)
     assert got.sources == {"hh": (4, 2), "simple": (8, 2)}
     assert len(got.train) == 12 and len(got.eval) == 4
     assert got.rows == {"hh/train": 10, "simple/train": 10}
@@ -208,7 +215,7 @@ def test_tokenization_cache_hits_and_misses(tmp_path, monkeypatch):
     assert second.train_stats == first.train_stats
 
     for changed, other_tok in (
-        (data_cfg(**{**cfg, "max_length": 100}), tok),  # a setting that changes the ids
+        (dataclasses.replace(cfg, max_length=100), tok),  # a setting that changes the ids
         (cfg, byte_tokenizer()),  # an equal tokenizer: still a hit
     ):
         calls.clear()
@@ -320,6 +327,7 @@ def test_an_explicit_eval_file_with_no_usable_pair_is_an_error(tmp_path):
 
 def test_mixture_sources_are_validated_and_counted_after_the_cap(tmp_path):
     from conftest import make_config
+    from hydra.errors import ConfigCompositionException
 
     from dpo_cli.config import validate
 
@@ -328,9 +336,10 @@ def test_mixture_sources_are_validated_and_counted_after_the_cap(tmp_path):
     with pytest.raises(ConfigError) as e:
         validate(make_config([*base, "data.mixture.hh.max_eval_pairs=-3"]))
     assert any("data.mixture.hh.max_eval_pairs=-3 must be > 0" in p for p in e.value.problems)
-    with pytest.raises(ConfigError, match="data.mixture.hh"):
-        validate(make_config([*base, "data.mixture.hh.max_train_pairs=abc"]))
-    got = load_pairs(make_config([*base, "data.max_train_pairs=3"]).data, seed=0)
+    # A mixture's sources are typed (SourceConfig): a wrong type fails when Hydra composes.
+    with pytest.raises(ConfigCompositionException, match="data.mixture.hh.max_train_pairs=abc"):
+        make_config([*base, "data.mixture.hh.max_train_pairs=abc"])
+    got = load_pairs(OmegaConf.to_object(make_config([*base, "data.max_train_pairs=3"]).data), seed=0)
     assert len(got.train) == 3 and got.sources == {"hh": (3, 2)}
 
 
@@ -391,7 +400,7 @@ def test_a_row_missing_several_fields_names_them_all(tmp_path):
         load_pairs(data_cfg(format="pairs", path=str(path)), seed=0)
     msg = str(e.value)
     assert "fields 'chosen' and 'rejected' are missing (the row has: text)" in msg, msg
-    assert "data.columns.chosen=COLUMN data.columns.rejected=COLUMN" in msg
+    assert "data.format.columns.chosen=COLUMN data.format.columns.rejected=COLUMN" in msg
     path = write_jsonl(tmp_path / "k.jsonl", [{"prompt": "a", "text": "b"}])
     with pytest.raises(DataError, match="fields 'completion' and 'label' are missing"):
         load_pairs(data_cfg(format="kto", path=str(path)), seed=0)

@@ -167,7 +167,7 @@ def test_a_used_run_dir_is_not_overwritten(train_run, short_copy):
     [
         (["train.max_steps=6"], "n_steps: 4 -> 6"),
         (["optimizer.lr=0.05"], "optimizer.lr: 0.001 -> 0.05"),
-        (["data.synthetic.num_train=257"], "data: "),
+        (["data.format.num_train=257"], "data: "),
     ],
     ids=["length", "lr", "data"],
 )

@@ -13,7 +13,7 @@ import transformers
 from conftest import make_config, read_metrics
 
 from dpo_cli.config import validate
-from dpo_cli.data.synthetic import make_pairs
+from dpo_cli.data.formats.synthetic import make_pairs
 from dpo_cli.errors import ConfigError, ModelLoadError
 from dpo_cli.evalgen import GenerationEval, GenPrompt, Sample, eval_prompts, win_rate
 from dpo_cli.judges import RewardModelJudge, SortJudge

@@ -27,7 +27,7 @@ EXPECTED = {
         "model.name_or_path": None,  # the user's SFT model: validation asks for it
         "reference.name_or_path": None,  # the initial policy, i.e. that SFT model
         "reference.dtype": "float16",
-        "data.format": "hh",
+        "data.format._target_": "dpo_cli.data.formats.hh.HH",
         "data.hub_id": "Anthropic/hh-rlhf",
         "data.max_length": 512,
         "data.max_prompt_length": 256,
@@ -50,7 +50,7 @@ EXPECTED = {
     },
     "dpo_paper_hh_sft": {
         "model.name_or_path": "EleutherAI/pythia-2.8b",
-        "data.format": "hh",
+        "data.format._target_": "dpo_cli.data.formats.hh.HH",
         "data.max_length": 512,
         "data.max_prompt_length": 256,
         "loss._target_": "dpo_cli.losses.SFTLoss",
@@ -65,7 +65,7 @@ EXPECTED = {
     "zephyr_dpo": {
         "model.name_or_path": "alignment-handbook/zephyr-7b-sft-full",
         "model.gradient_checkpointing": True,
-        "data.format": "ultrafeedback",
+        "data.format._target_": "dpo_cli.data.formats.ultrafeedback.UltraFeedback",
         "data.hub_id": "HuggingFaceH4/ultrafeedback_binarized",
         "data.train_split": "train_prefs",
         "data.eval_split": "test_prefs",
@@ -86,7 +86,7 @@ EXPECTED = {
     },
     "simpo_llama3_instruct": {
         "model.name_or_path": "meta-llama/Meta-Llama-3-8B-Instruct",
-        "data.format": "pairs",
+        "data.format._target_": "dpo_cli.data.formats.pairs.Pairs",
         "data.hub_id": "princeton-nlp/llama3-ultrafeedback",
         "data.path": None,
         "data.max_length": 2048,
@@ -105,7 +105,7 @@ EXPECTED = {
         "judge": None,
     },
     "smollm2_hh_laptop": {
-        "data.format": "hh",
+        "data.format._target_": "dpo_cli.data.formats.hh.HH",
         "data.max_length": 256,
         "data.max_train_pairs": 128,
         "loss._target_": "dpo_cli.losses.DPOLoss",

@@ -14,11 +14,11 @@ import random
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+from conftest import data_config
 
-from dpo_cli.config import DataConfig
-from dpo_cli.data import FORMATS, hh, load_pairs, pairs, shp, tldr
+from dpo_cli.data import load_pairs
 from dpo_cli.data.fields import RowError
+from dpo_cli.data.formats import hh, pairs, shp, tldr
 from dpo_cli.errors import DataError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -66,8 +66,7 @@ def test_tldr_fixture_exact_pairs():
 
 def test_tldr_fixture_through_load_pairs(monkeypatch):
     """The fixture file read the way training reads it: 7 pairs, the identical row counted."""
-    monkeypatch.setitem(FORMATS, "tldr", tldr.normalize)  # registered in dpo_cli.data; set here too
-    data = OmegaConf.structured(DataConfig(format="tldr", path=str(TLDR_SAMPLE), eval_holdout=2))
+    data = data_config(format="tldr", path=str(TLDR_SAMPLE), eval_holdout=2)
     out = load_pairs(data, seed=0)
     assert (len(out.train), len(out.eval)) == (5, 2)
     assert out.dropped == {"train": {tldr.IDENTICAL: 1}}
@@ -142,13 +141,12 @@ def test_tldr_missing_field(name):
 
 
 def test_tldr_bad_row_in_a_file_names_line_and_field(tmp_path, monkeypatch):
-    monkeypatch.setitem(FORMATS, "tldr", tldr.normalize)
     path = tmp_path / "c.jsonl"
     rows = _rows(TLDR_SAMPLE)
     rows[5]["summaries"][1]["text"] = None
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = OmegaConf.structured(DataConfig(format="tldr", path=str(path)))
-    with pytest.raises(DataError, match=r"line 6: field 'summaries' must be .*data\.columns\.summaries="):
+    data = data_config(format="tldr", path=str(path))
+    with pytest.raises(DataError, match=r"line 6: field 'summaries' must be .*data\.format\.columns\.summaries="):
         load_pairs(data, seed=0)
 
 

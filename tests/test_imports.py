@@ -19,7 +19,7 @@ MODULES = sorted(
 
 
 def test_walk_finds_the_package():
-    for name in ("dpo_cli.losses", "dpo_cli.logprobs", "dpo_cli.train", "dpo_cli.cli", "dpo_cli.data.hh"):
+    for name in ("dpo_cli.losses", "dpo_cli.logprobs", "dpo_cli.train", "dpo_cli.cli", "dpo_cli.data.formats.hh"):
         assert name in MODULES
     assert "dpo_cli.__main__" not in MODULES
 

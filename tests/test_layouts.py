@@ -188,8 +188,8 @@ def test_shared_chunked_run_trains_like_a_padded_full_logits_run(train_run, tmp_
         "train.batch_size=8",
         "train.micro_batch_size=4",
         "logger.log_every=1",
-        "data.synthetic.num_train=64",
-        "data.synthetic.num_eval=8",
+        "data.format.num_train=64",
+        "data.format.num_eval=8",
     ]
     rows = {}
     for name, overrides in {

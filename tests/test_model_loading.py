@@ -22,7 +22,7 @@ from dpo_cli.modeling import byte_tokenizer, check_max_length, load_model, load_
 
 SMOLLM2_DIR = "models/smollm2-135m-instruct"
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SHORT = ["train.max_steps=2", "logger.log_every=1", "data.synthetic.num_train=32", "data.synthetic.num_eval=4"]
+SHORT = ["train.max_steps=2", "logger.log_every=1", "data.format.num_train=32", "data.format.num_eval=4"]
 
 
 def exit_2(proc, *needles: str) -> None:

@@ -255,8 +255,8 @@ def test_the_normalized_count_is_the_same_on_a_cache_hit(tmp_path):
 
 # --- mode=inspect runs the checks training runs before its first step, and exits 2 on any --------
 
-TINY = ["loss=dpo", "train.batch_size=8", "train.micro_batch_size=4", "data.synthetic.num_train=64"]
-TINY += ["data.synthetic.num_eval=16", "model.warm_start.steps=0"]
+TINY = ["loss=dpo", "train.batch_size=8", "train.micro_batch_size=4", "data.format.num_train=64"]
+TINY += ["data.format.num_eval=16", "model.warm_start.steps=0"]
 NO_TARGETS = ["model.lora.r=8", "model.lora.target_modules=[nope]"]
 
 

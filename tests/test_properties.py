@@ -6,8 +6,8 @@ from __future__ import annotations
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from dpo_cli.data import hh, pairs, shp
 from dpo_cli.data.fields import RowError
+from dpo_cli.data.formats import hh, pairs, shp
 from dpo_cli.data.tokenize import tokenize_pairs
 from dpo_cli.modeling import byte_tokenizer
 

@@ -36,7 +36,7 @@ def test_a_run_with_another_warm_start_misses_the_cache(train_run, tmp_path, cap
     assert len(_cache_files(cache)) == 2
 
 
-SMALL = ["data.synthetic.num_train=48", "data.synthetic.num_eval=8"]
+SMALL = ["data.format.num_train=48", "data.format.num_eval=8"]
 WARM = ["model.warm_start.steps=2", "model.warm_start.batch_size=4"]
 
 
@@ -51,7 +51,7 @@ def _key(overrides: list[str], data: list[str] = SMALL) -> str:
     from dpo_cli.refcache import entry_key
     from dpo_cli.warmstart import warm_start
 
-    fast = [o for o in FAST if not o.startswith("data.synthetic.")]  # `data` says which data
+    fast = [o for o in FAST if not o.startswith("data.format.")]  # `data` says which data
     cfg = make_config([*QUIET, *fast, *data, *overrides])
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, tokenizer, cfg.train.seed)
@@ -71,7 +71,7 @@ def pretrained(tmp_path_factory) -> list[str]:
 
     from test_architectures import save_tiny_model
 
-    from dpo_cli.data.synthetic import make_pairs
+    from dpo_cli.data.formats.synthetic import make_pairs
 
     root = tmp_path_factory.mktemp("pretrained")
     for name, n, seed in (("train", 48, 1), ("eval", 8, 2)):
@@ -94,7 +94,7 @@ def pretrained(tmp_path_factory) -> list[str]:
         (WARM, ["model.random_init.num_hidden_layers=1"]),
         ([], ["reference.dtype=bfloat16"]),
         (WARM, ["reference.dtype=bfloat16"]),
-        ([], ["data.synthetic.num_train=40"]),
+        ([], ["data.format.num_train=40"]),
         (WARM, ["data.max_length=24"]),
     ],
     ids=lambda v: " ".join(v) or "no warm start",

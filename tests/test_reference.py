@@ -99,7 +99,7 @@ def test_cache_hit_on_a_beta_change_miss_on_a_data_or_model_change(train_run, tm
     assert loads == [str(ref_dir)], "the reference model was loaded again on a cache hit"
     assert _cache_files(cache) == [entry] and entry.stat().st_mtime_ns == stamp
 
-    train_run([*common, "train.max_steps=2", "data.synthetic.num_train=200"], tmp_path / "c")
+    train_run([*common, "train.max_steps=2", "data.format.num_train=200"], tmp_path / "c")
     assert len(_cache_files(cache)) == 2
     # Other reference weights, same data: the content hash of the files changes the key.
     _save_tiny(ref_dir, seed=7)

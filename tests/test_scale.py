@@ -21,8 +21,8 @@ COMMON = [
     "train.batch_size=8",
     "logger.log_every=1",
     "train.eval_every=null",
-    "data.synthetic.num_train=128",
-    "data.synthetic.num_eval=16",
+    "data.format.num_train=128",
+    "data.format.num_eval=16",
     "model.warm_start.steps=0",  # its weights depend on the number of threads: 1 process is compared with 2 and 4
     *QUIET,
 ]

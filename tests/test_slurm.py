@@ -31,7 +31,7 @@ README_SWEEP = ["train.max_steps=4", "loss.beta=0.05,0.2"]
 # 2560 training pairs (40 steps of 64) of the 16384: the jobs' training rows are compared, and drawing,
 # generating, or making and precomputing the reference of 16384 pairs cost more than the rows.
 LOGGING = ["logger.log_every=5", "logger=local", "logger.progress=false", "model.warm_start.steps=0", "loss=dpo"]
-LOGGING += ["logger.report=false", "judge=none", "data.synthetic.num_train=2560"]
+LOGGING += ["logger.report=false", "judge=none", "data.format.num_train=2560"]
 RUN = [*README_SBATCH, *LOGGING]
 THROUGHPUT = ("tokens_per_s", "pairs_per_s")
 
@@ -284,7 +284,7 @@ def test_submitit_job_of_two_processes(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["train.max_steps=4", "train.eval_every=null", "logger=local", "hydra.launcher.tasks_per_node=2"]
     # What LOGGING leaves out too: none of it is what this test is about.
-    args += ["model.warm_start.steps=0", "logger.report=false", "judge=none", "data.synthetic.num_train=2560"]
+    args += ["model.warm_start.steps=0", "logger.report=false", "judge=none", "data.format.num_train=2560"]
     proc = _sweep(sweep, args)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out

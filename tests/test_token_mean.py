@@ -53,7 +53,7 @@ def _step_loss_and_grad(loss_name: str, micro: int) -> tuple[float, torch.Tensor
     """One optimizer step of 12 pairs as the loop runs it on one process: length-sorted micro
     batches of `micro`, each micro batch's loss divided by their number (accelerate's
     accumulation), gradients summed."""
-    cfg = make_config([f"loss={loss_name}", "data.synthetic.num_train=64", "data.synthetic.num_eval=8"])
+    cfg = make_config([f"loss={loss_name}", "data.format.num_train=64", "data.format.num_eval=8"])
     tokenizer = byte_tokenizer()
     data = prepare(cfg.data, tokenizer, 0).train
     model = load_model(cfg.model, tokenizer, 0)

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from dpo_cli.batch import CHOSEN, REJECTED
-from dpo_cli.data import synthetic
+from dpo_cli.data.formats import synthetic
 from dpo_cli.data.tokenize import (
     IDENTICAL,
     IDENTICAL_AFTER_TRUNCATION,

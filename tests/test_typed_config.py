@@ -95,7 +95,9 @@ def _schema_default(node_type, key):
     return node_type
 
 
-@pytest.mark.parametrize("path", ["conf/config.yaml", *(f"conf/model/{p.name}" for p in sorted((CONF / "model").glob("*.yaml")))])
+@pytest.mark.parametrize(
+    "path", ["conf/config.yaml", *(f"conf/model/{p.name}" for p in sorted((CONF / "model").glob("*.yaml")))]
+)
 def test_root_and_model_files_hold_only_values_that_differ_from_the_schema(path):
     raw = OmegaConf.to_container(OmegaConf.load(PACKAGE.parent / path), resolve=False)
     global_package = "# @package _global_" in (PACKAGE.parent / path).read_text()
@@ -109,7 +111,9 @@ def test_option_files_hold_only_values_that_differ_from_the_signature(group, tar
     raw = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{target}.yaml"), resolve=False)
     schema_name = raw["defaults"][0].split("/")[-1].split("@")[0]
     node = options.options_of(
-        {"AdamW": "torch.optim.AdamW", "RMSprop": "torch.optim.RMSprop"}.get(schema_name, f"dpo_cli.judges.{schema_name}")
+        {"AdamW": "torch.optim.AdamW", "RMSprop": "torch.optim.RMSprop"}.get(
+            schema_name, f"dpo_cli.judges.{schema_name}"
+        )
     )
     same = [k for k, v in _leaves(raw) if v != "???" and _schema_default(node, k) == v]
     assert same == []
@@ -122,7 +126,9 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 def test_experiment_files_hold_only_what_differs_from_their_groups(name):
     """An experiment is a delta: each value it sets differs from what its group choices alone give."""
     raw = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / f"{name}.yaml"), resolve=False)
-    groups = [f"{k.removeprefix('override /')}={v}" for d in raw["defaults"] if isinstance(d, dict) for k, v in d.items()]
+    groups = [
+        f"{k.removeprefix('override /')}={v}" for d in raw["defaults"] if isinstance(d, dict) for k, v in d.items()
+    ]
     required = ["model.name_or_path=x/y"] if "model=pretrained" in groups else []
     required += ["judge.name_or_path=x/rm"] if "judge=reward_model" in groups else []
     base = make_config(groups + required)

@@ -23,7 +23,7 @@ from dpo_cli.warmstart import warm_start, warm_started
 
 
 def _setup(extra: list[str] = ()):
-    cfg = make_config(["data.synthetic.num_train=64", "data.synthetic.num_eval=8", *extra])
+    cfg = make_config(["data.format.num_train=64", "data.format.num_eval=8", *extra])
     tokenizer = byte_tokenizer()
     return cfg, tokenizer, prepare(cfg.data, tokenizer, 0).train
 

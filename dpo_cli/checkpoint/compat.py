@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from dpo_cli.checkpoint.store import STATE_FILE
+from dpo_cli.data.formats import format_class
 from dpo_cli.errors import UserError
-from dpo_cli.options import import_target
+from dpo_cli.options import import_target, target_path
 from dpo_cli.schema import Config, as_plain, renamed, schema_default
 
 # Keys that may change between a run and its resume: they decide where things are written or
@@ -41,7 +42,7 @@ def settings(cfg: Config) -> dict[str, Any]:
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
-        if prefix.rstrip(".") in RESUMABLE_CHANGES:
+        if prefix.rstrip(".") in RESUMABLE_CHANGES or prefix.endswith(".cache_dir."):  # a mixture source's too
             return
         if isinstance(node, dict):
             for k, v in node.items():
@@ -53,6 +54,25 @@ def settings(cfg: Config) -> dict[str, Any]:
     return flat
 
 
+def migrated(recorded: dict[str, Any]) -> dict[str, Any]:
+    """Settings an earlier version recorded, as this version records them: keys it spelled
+    otherwise under their new names (`schema.RENAMED_KEYS`), and a data format recorded by name
+    (`data.format: hh`) as the `_target_` of its class (a mixture's `mix`: no format)."""
+    out: dict[str, Any] = {}
+    for key, value in recorded.items():
+        key = renamed(key)
+        if (key == "data.format" or key.endswith(".format")) and isinstance(value, str):
+            if value == "mix":
+                out[key] = None
+                continue
+            try:
+                key, value = f"{key}._target_", target_path(format_class(value))
+            except Exception:  # noqa: BLE001 - a format this version does not have: a difference, said as such
+                pass
+        out[key] = value
+    return out
+
+
 def added_default(key: str, settings: dict[str, Any]) -> Any:
     """The default of a setting that a later version added, or a sentinel when there is none.
 
@@ -61,6 +81,10 @@ def added_default(key: str, settings: dict[str, Any]) -> Any:
     computed exactly what that default computes, so resuming with the default is safe.
     """
     node, _, name = key.rpartition(".")
+    if key.startswith("data.mixture.") and key.count(".") >= 3:  # a source's key: the data section's default
+        return added_default("data." + key.split(".", 3)[3], settings)
+    if node.endswith(".columns"):  # a format's source column: unset (null) is the field's own name
+        return None
     target = settings.get(f"{node}._target_")
     if target is not None:
         try:
@@ -86,8 +110,7 @@ def check_compatible(path: Path, expected: dict) -> None:
     apart from RESUMABLE_CHANGES, the run length, the tokenized training data) has changed.
     Keys the checkpoint predates are fine while they keep their defaults (`added_default`);
     keys it has that the config no longer has (removed by a later version) are ignored."""
-    # Settings recorded under a key an earlier version spelled otherwise are read under the new one.
-    state = {renamed(k): v for k, v in json.loads((path / STATE_FILE).read_text()).items()}
+    state = migrated(json.loads((path / STATE_FILE).read_text()))
     changed = []
     for k, v in expected.items():
         if k in state:

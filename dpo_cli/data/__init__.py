@@ -1,8 +1,10 @@
 """Preference data: source rows -> {prompt, chosen, rejected} -> token ids -> batches.
 
-Each step is its own module: a format module (`hh`, `synthetic`, ...) normalizes rows,
-`tokenize` turns pairs into token ids with the truncation rules, `collate` pads them into
-tensors, and `batching` decides which pairs each process sees at each step.
+Each step is its own module: a format (`formats/`: one module per format, e.g. `formats/hh.py`)
+normalizes rows, `tokenize` turns pairs into token ids with the truncation rules, `collate`
+pads them into tensors, and `batching` decides which pairs each process sees at each step.
+The loader here works through the format interface (`formats.base.Format`) only; a mixture
+(`data.mixture`) combines sources, each loaded as a data section of its own.
 """
 
 from __future__ import annotations
@@ -11,18 +13,15 @@ import itertools
 import logging
 import random
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig
-
-from dpo_cli.data import hh, kto, pairs, shp, synthetic, tldr, ultrafeedback
 from dpo_cli.data.fields import RowError
+from dpo_cli.data.formats import Format, hints, make_format
+from dpo_cli.data.options import MIX_WIDE, DataConfig, SourceConfig, is_mixture
 from dpo_cli.data.sources import has_split, read_rows_with_origin
-from dpo_cli.errors import DataError
+from dpo_cli.errors import ConfigError, DataError
 from dpo_cli.hub import hub_reachable, offline_mode, offline_setting
-from dpo_cli.schema import source_config
 
 log = logging.getLogger(__name__)
 
@@ -30,42 +29,6 @@ log = logging.getLogger(__name__)
 # lists of {role, content} messages (rendered with the chat template before tokenizing, after
 # which a pair carries "templated": True).
 Pair = dict[str, Any]
-
-# Row formats: name -> function turning one source row into a pair, or the reason it is dropped.
-# `synthetic` generates its pairs instead of reading rows.
-FORMATS: dict[str, Callable[[dict], Pair | str] | None] = {
-    "synthetic": None,
-    "mix": None,
-    "hh": hh.normalize,
-    "pairs": pairs.normalize,
-    "tldr": tldr.normalize,
-    "shp": shp.normalize,
-    "ultrafeedback": ultrafeedback.normalize,
-    "kto": kto.normalize,
-}
-# The fields each row format reads (after data.columns): a row that lacks several is told all.
-REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
-    "hh": ("chosen", "rejected"),
-    "pairs": ("chosen", "rejected"),
-    "tldr": ("info", "summaries", "choice"),
-    "shp": ("post_id", "history", "human_ref_A", "human_ref_B", "score_A", "score_B", "labels"),
-    "ultrafeedback": ("prompt", "chosen", "rejected", "score_chosen", "score_rejected"),
-    "kto": ("prompt", "completion", "label"),
-}
-# Formats whose examples are unpaired completions with a desirable/undesirable label: only
-# losses that do not need pairs (KTO, SFT) train on them.
-UNPAIRED_FORMATS = frozenset({"kto"})
-# Settings a mixture applies to all its sources (tokenization happens once, on the mixed pairs).
-MIX_WIDE = ("max_length", "max_prompt_length", "truncation_mode", "chat_template", "cache_dir")
-
-
-def unpaired_data(d: Any) -> bool:
-    """Whether the data section yields unpaired (KTO) examples."""
-    if d.format == "mix":
-        return any(
-            isinstance(s, (dict, DictConfig)) and s.get("format") in UNPAIRED_FORMATS for s in (d.mixture or {}).values()
-        )
-    return d.format in UNPAIRED_FORMATS
 
 
 @dataclass
@@ -104,7 +67,7 @@ def _read_rows(
 
 
 def _mapped(row: dict, columns: dict[str, str]) -> dict:
-    """The row with its columns renamed to the format's names (data.columns: name -> column)."""
+    """The row with its columns renamed to the format's names (data.format.columns: name -> column)."""
     if not columns:
         return row
     out = {k: v for k, v in row.items() if k not in columns.values()}
@@ -112,34 +75,34 @@ def _mapped(row: dict, columns: dict[str, str]) -> dict:
     return out
 
 
-def _normalize(
-    source: tuple[Any, list[str] | None], fmt: str, columns: dict[str, str], what: str
-) -> tuple[list[Pair], dict[str, int]]:
-    """Pairs from rows of format `fmt`, and how many rows were dropped for each reason. A row
+def _row_error(e: RowError, fmt: Format, mapped: dict, where: str) -> DataError:
+    """A DataError for a row the format cannot read: every missing field it needs when several
+    are, with the columns to map them from."""
+    missing = [f for f in fmt.fields if f not in mapped] if e.field not in mapped else []
+    if len(missing) > 1:
+        names = ", ".join(map(repr, missing[:-1])) + f" and {missing[-1]!r}"
+        has = ", ".join(map(str, mapped)) or "nothing"
+        maps = " ".join(f"data.format.columns.{f}=COLUMN" for f in missing)
+        return DataError(
+            f"{where}: fields {names} are missing (the row has: {has}); fix the data, or map other columns with {maps}"
+        )
+    return DataError(f"{where}: {e}; fix the data, or map another column with data.format.columns.{e.field}=COLUMN")
+
+
+def _normalize(source: tuple[Any, list[str] | None], fmt: Format, what: str) -> tuple[list[Pair], dict[str, int]]:
+    """Examples from rows of format `fmt`, and how many rows were dropped for each reason. A row
     that lacks fields or holds the wrong type is a DataError naming the row (file and line, or
     1-based row) and the fields (every missing one)."""
-    normalize = FORMATS[fmt]
-    assert normalize is not None
+    columns = fmt.column_map()
     rows, wheres = source
     pairs, dropped = [], Counter()
     for i, row in enumerate(rows):
         mapped = _mapped(dict(row), columns)
         try:
-            pair = normalize(mapped)
+            pair = fmt.normalize(mapped)
         except RowError as e:
             where = f"{what}: {wheres[i]}" if wheres else f"{what} row {i + 1}"
-            missing = [f for f in REQUIRED_FIELDS.get(fmt, ()) if f not in mapped] if e.field not in mapped else []
-            if len(missing) > 1:
-                names = ", ".join(map(repr, missing[:-1])) + f" and {missing[-1]!r}"
-                has = ", ".join(map(str, mapped)) or "nothing"
-                maps = " ".join(f"data.columns.{f}=COLUMN" for f in missing)
-                raise DataError(
-                    f"{where}: fields {names} are missing (the row has: {has}); fix the data, or map other columns "
-                    f"with {maps}"
-                ) from None
-            raise DataError(
-                f"{where}: {e}; fix the data, or map another column with data.columns.{e.field}=COLUMN"
-            ) from None
+            raise _row_error(e, fmt, mapped, where) from None
         if isinstance(pair, str):
             dropped[pair] += 1
         else:
@@ -147,31 +110,38 @@ def _normalize(
     return pairs, dict(dropped)
 
 
-def _load_rows(data: Any, seed: int) -> tuple[list[Pair], list[Pair], dict[str, dict[str, int]], list[dict], dict]:
+def _read_split(
+    data: SourceConfig, fmt: Format, path: str | None, split: str, key: str
+) -> tuple[list[Pair], dict[str, int], Any]:
+    """One split's examples (finalized), drop counts, and the rows read."""
+    hub = {"name": data.hub_config, "data_dir": data.hub_data_dir}
+    source = _read_rows(path, data.hub_id, split, key, {k: v for k, v in hub.items() if v is not None})
+    where = key if path is not None else f"dataset {data.hub_id!r}"
+    examples, dropped = _normalize(source, fmt, where)
+    examples, more = fmt.finalize(examples)
+    dropped.update(more)
+    return examples, dropped, source[0]
+
+
+def _load_rows(
+    data: SourceConfig, fmt: Format, seed: int
+) -> tuple[list[Pair], list[Pair], dict[str, dict[str, int]], list[dict], dict]:
     """Train and eval pairs, dropped-row counts per reason, the first training rows (for
     suggesting a format when nothing could be used), and rows read per split, of a format that
     reads rows."""
-    columns = {k: v for k, v in dict(getattr(data, "columns", None) or {}).items() if v is not None}
-    hub = {"name": getattr(data, "hub_config", None), "data_dir": getattr(data, "hub_data_dir", None)}
-    hub = {k: v for k, v in hub.items() if v is not None}
-    source = _read_rows(data.path, data.hub_id, data.train_split, "data.path", hub)
-    sample = [dict(r) for r in itertools.islice(source[0], 3)]
-    where = "data.path" if data.path else f"dataset {data.hub_id!r}"
-    train, dropped_train = _normalize(source, data.format, columns, where)
-    train = _finalize(data, train, dropped_train)
+    train, dropped_train, rows_train = _read_split(data, fmt, data.path, data.train_split, "data.path")
+    sample = [dict(r) for r in itertools.islice(rows_train, 3)]
     dropped = {"train": dropped_train}
-    rows = {"train": len(source[0])}
+    rows = {"train": len(rows_train)}
     # Eval rows: data.eval_path; else the eval split of the hub dataset or of a directory whose
     # files are named by split; else a seeded hold-out of the training pairs.
     split_dir = data.path is not None and data.eval_split is not None and has_split(data.path, data.eval_split)
     if data.eval_path is not None or (data.path is None and data.eval_split is not None) or split_dir:
         eval_path, key = (data.eval_path, "data.eval_path") if data.eval_path is not None else (data.path, "data.path")
-        source = _read_rows(eval_path, data.hub_id, data.eval_split or "test", key, hub)
-        where = key if eval_path else f"dataset {data.hub_id!r}"
-        evals, dropped["eval"] = _normalize(source, data.format, columns, where)
-        evals = _finalize(data, evals, dropped["eval"])
-        rows["eval"] = len(source[0])
+        evals, dropped["eval"], rows_eval = _read_split(data, fmt, eval_path, data.eval_split or "test", key)
+        rows["eval"] = len(rows_eval)
         if not evals:  # asked for explicitly, so an empty one is a mistake, not "no evaluation"
+            where = key if eval_path else f"dataset {data.hub_id!r}"
             raise DataError(
                 f"no usable eval pairs in {where} (dropped: {_describe(dropped['eval'])}); fix the eval data, "
                 "or set data.eval_path=null and data.eval_holdout=N to hold pairs out of training"
@@ -184,17 +154,6 @@ def _load_rows(data: Any, seed: int) -> tuple[list[Pair], list[Pair], dict[str, 
     return train, evals, dropped, sample, rows
 
 
-def _finalize(data: Any, items: list[Pair], dropped: dict[str, int]) -> list[Pair]:
-    """Per-split steps a row-by-row normalize cannot do: SHP's cap on pairs per post."""
-    if data.format != "shp":
-        return items
-    cap = getattr(data, "shp_max_pairs_per_post", None)
-    items, n = shp.finalize(items, cap)
-    if n:
-        dropped[shp.capped_reason(cap)] = n
-    return items
-
-
 def _cap(items: list[Pair], n: int | None, seed: int) -> list[Pair]:
     """At most n items, drawn at random (seeded) and kept in their order: sources are often
     sorted (a hub dataset concatenates its subsets), so the first n would be one subset."""
@@ -204,33 +163,16 @@ def _cap(items: list[Pair], n: int | None, seed: int) -> list[Pair]:
     return [items[i] for i in keep]
 
 
-# (columns, format, hint): the format that rows with those columns fit, first match first.
-FORMAT_HINTS = (
-    ({"info", "summaries", "choice"}, "tldr", "these rows look like TL;DR comparisons: use data=tldr"),
-    (
-        {"score_chosen", "score_rejected", "chosen", "rejected"},
-        "ultrafeedback",
-        "these rows look like UltraFeedback (binarized): use data=ultrafeedback",
-    ),
-    ({"history", "human_ref_A", "human_ref_B"}, "shp", "these rows look like SHP: use data=shp"),
-    ({"prompt", "completion", "label"}, "kto", "these rows look like unpaired examples: use data=kto with loss=kto"),
-    (
-        {"chosen", "rejected"},
-        "pairs",
-        "these rows hold chosen/rejected texts: use data=pairs (explicit or implicit prompt)",
-    ),
-)
-
-
-def _suggest_format(sample: list[dict], current: str) -> str:
-    """A hint at the data format that fits rows that could not be used; none when that is the
-    `current` format (the reasons the rows were dropped then say what is wrong with them)."""
+def _suggest_format(sample: list[dict], current: Format) -> str:
+    """A hint at the data format that fits rows that could not be used (the formats' own
+    hints, most specific first); none when that is the `current` format (the reasons the rows
+    were dropped then say what is wrong with them)."""
     keys = set().union(*(r.keys() for r in sample)) if sample else set()
-    for columns, fmt, hint in FORMAT_HINTS:
+    for columns, cls, hint in hints():
         if columns <= keys:
-            return f"; {hint}" if fmt != current else ""
+            return f"; {hint}" if not isinstance(current, cls) else ""
     if keys:
-        return f"; the rows have columns {', '.join(sorted(map(str, keys)))}: map them with data.columns.NAME=COLUMN"
+        return f"; the rows have columns {', '.join(sorted(map(str, keys)))}: map them with data.format.columns.NAME=COLUMN"
     return ""
 
 
@@ -238,24 +180,28 @@ def _describe(dropped: dict[str, int]) -> str:
     return ", ".join(f"{n} rows: {reason}" for reason, n in dropped.items()) or "no rows"
 
 
-def _load_mixture(data: Any, seed: int) -> Pairs:
-    """data.format=mix: each source of data.mixture loaded as on its own (its holdout and caps),
+def _warn_mix_wide(data: DataConfig, name: str, source: SourceConfig) -> None:
+    ignored = [k for k in MIX_WIDE if getattr(source, k) != getattr(data, k)]
+    if ignored:
+        log.warning(
+            "data.mixture.%s sets %s; the mixture's own data.%s apply to every source",
+            name,
+            ", ".join(f"{k}={getattr(source, k)}" for k in ignored),
+            ", data.".join(ignored),
+        )
+
+
+def _load_mixture(data: DataConfig, seed: int) -> Pairs:
+    """A mixture: each source of data.mixture loaded as on its own (its holdout and caps),
     then data.weights[name] (default 1.0) of its training pairs kept (a seeded sample), as
     alignment-handbook's dataset mixer weights them; eval pairs are kept whole. Counts are
     reported per source."""
-    weights = dict(getattr(data, "weights", None) or {})
+    weights = dict(data.weights or {})
     out = Pairs(train=[], eval=[])
     origin: dict[int, str] = {}  # id(pair) -> source, to count each source after the caps
-    for i, (name, raw) in enumerate(data.mixture.items()):
-        source = source_config(raw)
-        ignored = [k for k in MIX_WIDE if source.get(k) != data.get(k)]
-        if ignored:
-            log.warning(
-                "data.mixture.%s sets %s; the mixture's own data.%s apply to every source",
-                name,
-                ", ".join(f"{k}={source.get(k)}" for k in ignored),
-                ", data.".join(ignored),
-            )
+    mixture = data.mixture or {}
+    for i, (name, source) in enumerate(mixture.items()):
+        _warn_mix_wide(data, name, source)
         part = load_pairs(source, seed + i)
         train = _cap(part.train, max(1, round(weights.get(name, 1.0) * len(part.train))), seed + i)
         out.train += train
@@ -265,7 +211,7 @@ def _load_mixture(data: Any, seed: int) -> Pairs:
         out.rows.update({f"{name}/{split}": n for split, n in part.rows.items()})
     out.train = _cap(out.train, data.max_train_pairs, seed)
     out.eval = _cap(out.eval, data.max_eval_pairs, seed + 1)
-    for name in data.mixture:
+    for name in mixture:
         out.sources[name] = (
             sum(origin[id(p)] == name for p in out.train),
             sum(origin[id(p)] == name for p in out.eval),
@@ -273,31 +219,40 @@ def _load_mixture(data: Any, seed: int) -> Pairs:
     return out
 
 
-def load_pairs(data: Any, seed: int) -> Pairs:
+def data_format(data: SourceConfig) -> Format:
+    """The format object of a data section (ConfigError naming data.format when it is none)."""
+    try:
+        return make_format(data.format)
+    except ValueError as e:
+        raise ConfigError([str(e)]) from None
+
+
+def load_pairs(data: SourceConfig, seed: int) -> Pairs:
     """Train and eval pairs for the `data` config section.
 
     Eval pairs come from `data.eval_path`, else the hub's `data.eval_split`, else the last
     `data.eval_holdout` pairs (a count, or below 1 a share) of a seeded shuffle of the training
     pairs (removed from training).
-    `data.max_train_pairs` and `data.max_eval_pairs` then cap every format, synthetic included,
-    with a seeded random sample.
+    `data.max_train_pairs` and `data.max_eval_pairs` then cap every format, generated ones
+    included, with a seeded random sample.
     """
-    if data.format == "mix":
+    if is_mixture(data):
         return _load_mixture(data, seed)
+    fmt = data_format(data)
     sample: list[dict] = []
     rows: dict[str, int] = {}
-    if data.format == "synthetic":
-        train, evals = synthetic.load(data.synthetic, seed)
-        dropped: dict[str, dict[str, int]] = {}
+    if fmt.reads_rows:
+        train, evals, dropped, sample, rows = _load_rows(data, fmt, seed)
     else:
-        train, evals, dropped, sample, rows = _load_rows(data, seed)
+        train, evals = fmt.generate(seed)
+        dropped: dict[str, dict[str, int]] = {}
     train = _cap(train, data.max_train_pairs, seed)
     evals = _cap(evals, data.max_eval_pairs, seed + 1)
     if not train:
         source = f"data.path={data.path!r}" if data.path else f"dataset {data.hub_id!r}"
-        hint = _suggest_format(sample, data.format) if sample else ""
+        hint = _suggest_format(sample, fmt) if sample else ""
         raise DataError(
-            f"no usable training pairs in {source} for data.format={data.format} "
+            f"no usable training pairs in {source} for data.format={fmt.name} "
             f"(dropped: {_describe(dropped.get('train', {}))}){hint}"
         )
     return Pairs(train=train, eval=evals, dropped=dropped, rows=rows)

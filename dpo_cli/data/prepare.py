@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dpo_cli.data import Pair, Pairs, chat, load_pairs, tokenize, unpaired_data
+from dpo_cli.data import Pair, Pairs, chat, load_pairs, tokenize
+from dpo_cli.data.options import DataConfig, is_mixture, unpaired
 from dpo_cli.data.tokenize import Tokenized, TruncationStats, check_kept, tokenize_pairs
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def _degenerate_when_read(pairs: Pairs) -> dict[str, int]:
     return {reason: n for reason, n in pairs.dropped.get("train", {}).items() if "identical" in reason}
 
 
-def prepare(data: Any, tokenizer: Any, seed: int, check: bool = True, need_text: bool = False) -> Prepared:
+def prepare(data: DataConfig, tokenizer: Any, seed: int, check: bool = True, need_text: bool = False) -> Prepared:
     """Read, normalize, render (chat templates) and tokenize `data` (the config's data section).
 
     With `check`, refuse data that is mostly degenerate (identical responses, before or after
@@ -167,11 +168,11 @@ def prepare(data: Any, tokenizer: Any, seed: int, check: bool = True, need_text:
     warn_about_eval(data, pairs)
     n_train = len(pairs.train)
     eval_pairs = list(pairs.eval)
-    template = chat.load_template(data.chat_template) if getattr(data, "chat_template", None) else None
+    template = chat.load_template(data.chat_template) if data.chat_template else None
     lengths = dict(
         max_length=data.max_length, max_prompt_length=data.max_prompt_length, truncation_mode=data.truncation_mode
     )
-    cache_dir = getattr(data, "cache_dir", None)
+    cache_dir = data.cache_dir
     key = _cache_key(pairs, template, tokenizer, lengths) if cache_dir else ""
     path = Path(cache_dir).expanduser() / f"{key}.pt" if cache_dir else None
     cached = _load_cached(path) if path is not None and path.is_file() else None
@@ -191,7 +192,7 @@ def prepare(data: Any, tokenizer: Any, seed: int, check: bool = True, need_text:
                 stats.dropped[reason] = stats.dropped.get(reason, 0) + n
         if path is not None:
             _save_cached(path, train, evals, train_stats, eval_stats)
-    unit = "examples" if unpaired_data(data) else "pairs"
+    unit = "examples" if unpaired(data) else "pairs"
     prepared = Prepared(pairs, train, evals, train_stats, eval_stats, unit, cached is not None, n_train, eval_pairs)
     if check:
         check_prepared(prepared)
@@ -205,11 +206,11 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def warn_about_eval(data: Any, pairs: Pairs) -> None:
+def warn_about_eval(data: DataConfig, pairs: Pairs) -> None:
     """One WARNING line each for held-out metrics that would mislead or not exist: data.eval_path
     naming the training file itself (under any spelling), and no held-out pairs at all, which
     training accepts (eval_every then evaluates nothing; generation evaluation refuses it)."""
-    path, eval_path = getattr(data, "path", None), getattr(data, "eval_path", None)
+    path, eval_path = data.path, data.eval_path
     if path is not None and eval_path is not None and _same_file(path, eval_path):
         log.warning(
             "data.eval_path=%r is the training file data.path=%r: the held-out metrics would be measured on "
@@ -219,9 +220,9 @@ def warn_about_eval(data: Any, pairs: Pairs) -> None:
         )
     if pairs.eval:
         return
-    unit = "examples" if unpaired_data(data) else "pairs"
-    holdout, total = getattr(data, "eval_holdout", None), len(pairs.train)
-    if data.format == "mix":
+    unit = "examples" if unpaired(data) else "pairs"
+    holdout, total = data.eval_holdout, len(pairs.train)
+    if is_mixture(data):
         why = "no source of data.mixture holds any out"
     else:
         why = "data.eval_holdout=0" if not holdout else f"data.eval_holdout={holdout} of {total} {unit}"

@@ -38,10 +38,16 @@ class ModelConfig:
     name_or_path: Optional[str] = None  # hub id or local directory of pretrained weights (model=pretrained)
     revision: Optional[str] = None  # hub branch, tag or commit
     gguf_file: Optional[str] = None  # a .gguf file inside name_or_path to load (dequantized)
-    tokenizer: Optional[str] = None  # hub id or directory of the tokenizer; null = name_or_path's, or a byte tokenizer for random_init
-    random_init: Optional[dict[str, Any]] = None  # a transformers config (model_type + its kwargs) to initialise randomly (model=tiny)
+    tokenizer: Optional[str] = (
+        None  # hub id or directory of the tokenizer; null = name_or_path's, or a byte tokenizer for random_init
+    )
+    random_init: Optional[dict[str, Any]] = (
+        None  # a transformers config (model_type + its kwargs) to initialise randomly (model=tiny)
+    )
     dtype: str = "float32"  # weights' dtype: float32, bfloat16, float16, auto (the checkpoint's)
-    attn_implementation: Optional[str] = None  # eager, sdpa, flash_attention_2, flex_attention; null = the best the model supports
+    attn_implementation: Optional[str] = (
+        None  # eager, sdpa, flash_attention_2, flex_attention; null = the best the model supports
+    )
     trust_remote_code: bool = False  # run the model repository's own code (only for repositories you trust)
     disable_dropout: bool = True  # dropout off in policy and reference (as TRL): log-prob ratios stay deterministic
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, about 30% slower
@@ -51,10 +57,14 @@ class ModelConfig:
 
 @dataclass
 class ReferenceConfig:
-    name_or_path: Optional[str] = None  # null = the initial policy (with LoRA: the base model, adapter disabled); or a hub id / directory, e.g. the SFT model
+    name_or_path: Optional[str] = (
+        None  # null = the initial policy (with LoRA: the base model, adapter disabled); or a hub id / directory, e.g. the SFT model
+    )
     revision: Optional[str] = None  # hub branch, tag or commit of reference.name_or_path
     gguf_file: Optional[str] = None  # a .gguf file inside reference.name_or_path to load (dequantized)
-    dtype: Optional[str] = None  # float32, bfloat16, float16, auto; null = model.dtype (bfloat16 halves a separate reference's memory)
+    dtype: Optional[str] = (
+        None  # float32, bfloat16, float16, auto; null = model.dtype (bfloat16 halves a separate reference's memory)
+    )
     precompute: bool = False  # compute the reference log-probs of train and eval data once before training, then free the reference model
     # With precompute: reuse entries keyed by reference weights, data and tokenization (sweeps share them); null = in memory only.
     cache_dir: Optional[str] = "${oc.env:DPO_CLI_REFERENCE_CACHE_DIR,'~/.cache/dpo-cli/reference'}"

@@ -15,7 +15,10 @@ held-out accuracy measures whether the rules were learned, not memorised (chance
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
+from typing import ClassVar
 
+from dpo_cli.data.formats.base import Format
 from dpo_cli.errors import DataError
 
 
@@ -64,16 +67,38 @@ def make_pairs(
         pairs.append({"prompt": f"sort {''.join(digits)}:", "chosen": f" {chosen}", "rejected": f" {rejected}"})
     if len(pairs) < n:
         raise DataError(
-            f"data.synthetic: could not draw {n} pairs with prompts unused in training (found {len(pairs)}); "
-            "allow longer digit strings (data.synthetic.max_digits) or fewer pairs"
+            f"data.format: could not draw {n} pairs with prompts unused in training (found {len(pairs)}); "
+            "allow longer digit strings (data.format.max_digits) or fewer pairs"
         )
     return pairs
 
 
-def load(synthetic, seed: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """Train and eval pairs from two seeds derived from `seed`; no eval prompt is a train prompt."""
-    lengths = (synthetic.min_digits, synthetic.max_digits)
-    train = make_pairs(synthetic.num_train, seed, *lengths)
-    seen = frozenset(p["prompt"][len("sort ") : -1] for p in train)
-    evals = make_pairs(synthetic.num_eval, seed + 1_000_003, *lengths, exclude=seen)
-    return train, evals
+@dataclass
+class Synthetic(Format):
+    """The built-in sorting task, generated in memory (see the module docstring)."""
+
+    num_train: int = 4096  # training pairs to generate
+    num_eval: int = 256  # held-out pairs, none with a training prompt
+    min_digits: int = 3  # shortest digit string to sort (>= 2)
+    max_digits: int = 8  # longest digit string to sort
+
+    name: ClassVar[str] = "synthetic"
+    reads_rows: ClassVar[bool] = False
+
+    def generate(self, seed: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+        """Train and eval pairs from two seeds derived from `seed`; no eval prompt is a train prompt."""
+        lengths = (self.min_digits, self.max_digits)
+        train = make_pairs(self.num_train, seed, *lengths)
+        seen = frozenset(p["prompt"][len("sort ") : -1] for p in train)
+        evals = make_pairs(self.num_eval, seed + 1_000_003, *lengths, exclude=seen)
+        return train, evals
+
+    def problems(self) -> list[str]:
+        out = [
+            f"data.format.{key}={getattr(self, key)!r} must be > 0"
+            for key in ("num_train", "num_eval")
+            if getattr(self, key) is None or getattr(self, key) <= 0
+        ]
+        if not 2 <= self.min_digits <= self.max_digits:
+            out.append(f"data.format needs 2 <= min_digits <= max_digits, got {self.min_digits}, {self.max_digits}")
+        return out

@@ -9,11 +9,14 @@ conversation that begins with the prompt has the prompt taken off).
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from dataclasses import field as option
+from typing import Any, ClassVar
 
 from dpo_cli.data.chat import text_or_messages
 from dpo_cli.data.fields import RowError, field
-from dpo_cli.data.pairs import EMPTY_RESPONSE, responses_only, same_kind
+from dpo_cli.data.formats.base import Format
+from dpo_cli.data.formats.pairs import EMPTY_RESPONSE, responses_only, same_kind
 
 EMPTY = "empty completion"
 
@@ -36,3 +39,22 @@ def normalize(row: dict) -> dict[str, Any] | str:
     if isinstance(completion, str):
         return EMPTY if completion == EMPTY_RESPONSE else completion
     return {"prompt": prompt, "completion": completion, "label": label}
+
+
+@dataclass
+class KTO(Format):
+    """Unpaired prompt/completion/label rows: only losses that do not need pairs train on them."""
+
+    # source column of a field, e.g. data.format.columns.completion=text (unset = the field's own name)
+    columns: dict[str, str] = option(default_factory=dict)
+
+    name: ClassVar[str] = "kto"
+    fields: ClassVar[tuple[str, ...]] = ("prompt", "completion", "label")
+    paired: ClassVar[bool] = False
+    hint: ClassVar[tuple[frozenset[str], str]] = (
+        frozenset({"prompt", "completion", "label"}),
+        "these rows look like unpaired examples: use data=kto with loss=kto",
+    )
+
+    def normalize(self, row: dict) -> dict[str, Any] | str:
+        return normalize(row)

@@ -19,16 +19,19 @@ or 1, when a comment is empty, and when the two comments are identical.
 The pair cap: the DPO code does not cap pairs per post (it keeps every pair with ratio >= 2,
 grouped by prompt). The SHP dataset card recommends using no more than 5 preferences from each
 post to prevent overfitting, since posts with many comments contribute many pairs; this module
-follows the card, with a default of 5 (`data.shp_max_pairs_per_post`; null = no cap, as the
+follows the card, with a default of 5 (`data.format.max_pairs_per_post`; null = no cap, as the
 DPO code). A row-by-row `normalize` cannot count, so it records the post under the private key
 "_post_id", and `finalize` applies the cap over a whole split and removes that key.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from dataclasses import field as option
+from typing import Any, ClassVar
 
 from dpo_cli.data.fields import RowError, field, text_field
+from dpo_cli.data.formats.base import Format
 
 MIN_SCORE_RATIO = 2.0  # the DPO code's filter: the preferred comment scored at least twice the other
 MAX_PAIRS_PER_POST = 5  # the SHP dataset card's recommendation (the DPO code keeps all)
@@ -73,7 +76,7 @@ def normalize(row: dict) -> dict[str, str] | str:
 
 def capped_reason(max_per_post: int) -> str:
     """The drop reason that `finalize`'s count stands for, for the report of dropped pairs."""
-    return f"more than {max_per_post} pairs from one post (data.shp_max_pairs_per_post)"
+    return f"more than {max_per_post} pairs from one post (data.format.max_pairs_per_post)"
 
 
 def finalize(pairs: list[dict[str, Any]], max_per_post: int | None) -> tuple[list[dict[str, Any]], int]:
@@ -93,3 +96,44 @@ def finalize(pairs: list[dict[str, Any]], max_per_post: int | None) -> tuple[lis
         if max_per_post is None or seen[post] <= max_per_post:
             kept.append({k: v for k, v in pair.items() if k != POST_KEY})
     return kept, len(pairs) - len(kept)
+
+
+@dataclass
+class SHP(Format):
+    """Stanford Human Preferences, paired as the DPO authors' code does, capped per post."""
+
+    # source column of a field, e.g. data.format.columns.history=post (unset = the field's own name)
+    columns: dict[str, str] = option(default_factory=dict)
+    # keep at most this many pairs per post (first in file order; the SHP card's advice, the DPO
+    # code has no cap); null = all
+    max_pairs_per_post: int | None = MAX_PAIRS_PER_POST
+
+    name: ClassVar[str] = "shp"
+    fields: ClassVar[tuple[str, ...]] = (
+        "post_id",
+        "history",
+        "human_ref_A",
+        "human_ref_B",
+        "score_A",
+        "score_B",
+        "labels",
+    )
+    hint: ClassVar[tuple[frozenset[str], str]] = (
+        frozenset({"history", "human_ref_A", "human_ref_B"}),
+        "these rows look like SHP: use data=shp",
+    )
+
+    def normalize(self, row: dict) -> dict[str, str] | str:
+        return normalize(row)
+
+    def finalize(self, examples: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """The cap on pairs per post (see `finalize`), with its drop reason."""
+        kept, n = finalize(examples, self.max_pairs_per_post)
+        return kept, ({capped_reason(self.max_pairs_per_post): n} if n else {})
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        cap = self.max_pairs_per_post
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0):
+            out.append(f"data.format.max_pairs_per_post={cap!r} must be > 0 (or null: no cap)")
+        return out

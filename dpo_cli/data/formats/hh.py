@@ -6,7 +6,12 @@ dialogue up to and including the last "\\n\\nAssistant:"; the responses are what
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from dataclasses import field as option
+from typing import ClassVar
+
 from dpo_cli.data.fields import text_field
+from dpo_cli.data.formats.base import Format
 
 ASSISTANT = "\n\nAssistant:"
 NO_TURN = "no '\\n\\nAssistant:' turn"
@@ -34,3 +39,17 @@ def split_pair(chosen: str, rejected: str) -> dict[str, str] | str:
 
 def normalize(row: dict) -> dict[str, str] | str:
     return split_pair(text_field(row, "chosen"), text_field(row, "rejected"))
+
+
+@dataclass
+class HH(Format):
+    """Anthropic HH-RLHF dialogues (see the module docstring)."""
+
+    # source column of a field, e.g. data.format.columns.chosen=good (unset = the field's own name)
+    columns: dict[str, str] = option(default_factory=dict)
+
+    name: ClassVar[str] = "hh"
+    fields: ClassVar[tuple[str, ...]] = ("chosen", "rejected")
+
+    def normalize(self, row: dict) -> dict[str, str] | str:
+        return normalize(row)

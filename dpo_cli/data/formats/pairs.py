@@ -20,10 +20,13 @@ Rows whose two sides share no prompt, or that leave a response empty, are droppe
 from __future__ import annotations
 
 import os
-from typing import Any
+from dataclasses import dataclass
+from dataclasses import field as option
+from typing import Any, ClassVar
 
 from dpo_cli.data.chat import Message, text_or_messages
 from dpo_cli.data.fields import RowError
+from dpo_cli.data.formats.base import Format
 from dpo_cli.data.tokenize import IDENTICAL  # the same reason as identical token ids: one count
 
 ASSISTANT = "\n\nAssistant:"
@@ -107,3 +110,22 @@ def normalize(row: dict) -> dict[str, Any] | str:
             return EMPTY_TEXT
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     return split_messages(chosen, rejected, prompt)  # a text prompt is the user's turn
+
+
+@dataclass
+class Pairs(Format):
+    """Preference pairs with an explicit or implicit prompt, as text or conversations."""
+
+    # source column of a field, e.g. data.format.columns.chosen=good (unset = the field's own name)
+    columns: dict[str, str] = option(default_factory=dict)
+
+    name: ClassVar[str] = "pairs"
+    fields: ClassVar[tuple[str, ...]] = ("chosen", "rejected")
+    optional: ClassVar[tuple[str, ...]] = ("prompt",)
+    hint: ClassVar[tuple[frozenset[str], str]] = (
+        frozenset({"chosen", "rejected"}),
+        "these rows hold chosen/rejected texts: use data=pairs (explicit or implicit prompt)",
+    )
+
+    def normalize(self, row: dict) -> dict[str, Any] | str:
+        return normalize(row)

@@ -13,11 +13,14 @@ Other columns (`prompt_id`, `messages`) are not used.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from dataclasses import field as option
+from typing import Any, ClassVar
 
 from dpo_cli.data.chat import messages
 from dpo_cli.data.fields import RowError, field, text_field
-from dpo_cli.data.pairs import split_messages
+from dpo_cli.data.formats.base import Format
+from dpo_cli.data.formats.pairs import split_messages
 
 TIE = "tie (score_chosen == score_rejected)"
 REVERSED = "score_chosen below score_rejected"
@@ -40,3 +43,21 @@ def normalize(row: dict) -> dict[str, Any] | str:
     if score_chosen < score_rejected:
         return REVERSED
     return split_messages(chosen, rejected, prompt)
+
+
+@dataclass
+class UltraFeedback(Format):
+    """UltraFeedback (binarized): conversational chosen/rejected with scores."""
+
+    # source column of a field, e.g. data.format.columns.chosen=good (unset = the field's own name)
+    columns: dict[str, str] = option(default_factory=dict)
+
+    name: ClassVar[str] = "ultrafeedback"
+    fields: ClassVar[tuple[str, ...]] = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected")
+    hint: ClassVar[tuple[frozenset[str], str]] = (
+        frozenset({"score_chosen", "score_rejected", "chosen", "rejected"}),
+        "these rows look like UltraFeedback (binarized): use data=ultrafeedback",
+    )
+
+    def normalize(self, row: dict) -> dict[str, Any] | str:
+        return normalize(row)

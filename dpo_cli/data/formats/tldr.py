@@ -24,9 +24,12 @@ neither post nor article text. A field of the wrong type is a RowError naming th
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from dataclasses import field as option
+from typing import Any, ClassVar
 
 from dpo_cli.data.fields import RowError, field
+from dpo_cli.data.formats.base import Format
 
 POST_TEMPLATE = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 ARTICLE_TEMPLATE = "Article:\n{article}\n\nTL;DR:"
@@ -37,8 +40,9 @@ EMPTY = "empty summary"
 IDENTICAL = "identical summaries"
 
 
-def prompt(info: Any) -> str | None:
-    """The prompt for a row's `info`, or None when it has neither post nor article text."""
+def prompt(info: Any, post_template: str = POST_TEMPLATE, article_template: str = ARTICLE_TEMPLATE) -> str | None:
+    """The prompt for a row's `info` (its post, else its article, in the template), or None when
+    it has neither post nor article text."""
     if not isinstance(info, dict):
         raise RowError("info", f"field 'info' must be an object with post, title and subreddit, got {_kind(info)}")
     post, article = info.get("post"), info.get("article")
@@ -47,11 +51,11 @@ def prompt(info: Any) -> str | None:
         for name, value in values.items():
             if not isinstance(value, str):
                 raise RowError("info", f"field 'info.{name}' must be a string for a post, got {_kind(value)}")
-        return POST_TEMPLATE.format(**values)
+        return post_template.format(**values)
     if article is not None:
         if not isinstance(article, str):
             raise RowError("info", f"field 'info.article' must be a string, got {_kind(article)}")
-        return ARTICLE_TEMPLATE.format(article=article)
+        return article_template.format(article=article)
     return None
 
 
@@ -68,13 +72,14 @@ def _summaries(row: dict) -> tuple[str, str]:
     return value[0]["text"], value[1]["text"]
 
 
-def normalize(row: dict) -> dict[str, str] | str:
-    """{prompt, chosen, rejected} from one comparison row, or the reason it is dropped."""
+def normalize(row: dict, templates: tuple[str, str] = (POST_TEMPLATE, ARTICLE_TEMPLATE)) -> dict[str, str] | str:
+    """{prompt, chosen, rejected} from one comparison row, or the reason it is dropped;
+    `templates`: the prompt of a post and of an article."""
     texts = _summaries(row)
     choice = field(row, "choice")
     if isinstance(choice, bool) or not isinstance(choice, int):
         raise RowError("choice", f"field 'choice' must be the integer 0 or 1, got {_kind(choice)}")
-    text = prompt(field(row, "info"))
+    text = prompt(field(row, "info"), *templates)
     if choice not in (0, 1):
         return BAD_CHOICE
     if text is None:
@@ -95,3 +100,37 @@ def _shape(value: Any) -> str:
     if isinstance(value, list):
         return f"a list of {len(value)}: {value!r}"[:120]
     return _kind(value)
+
+
+@dataclass
+class TLDR(Format):
+    """OpenAI's TL;DR comparisons, with the summarize-from-feedback prompt templates."""
+
+    # source column of a field, e.g. data.format.columns.choice=preferred (unset = the field's own name)
+    columns: dict[str, str] = option(default_factory=dict)
+    # the prompt of a Reddit post (fields subreddit, title, post), and of a news article (article)
+    post_template: str = POST_TEMPLATE
+    article_template: str = ARTICLE_TEMPLATE
+
+    name: ClassVar[str] = "tldr"
+    fields: ClassVar[tuple[str, ...]] = ("info", "summaries", "choice")
+    hint: ClassVar[tuple[frozenset[str], str]] = (
+        frozenset({"info", "summaries", "choice"}),
+        "these rows look like TL;DR comparisons: use data=tldr",
+    )
+
+    def normalize(self, row: dict) -> dict[str, str] | str:
+        return normalize(row, (self.post_template, self.article_template))
+
+    def problems(self) -> list[str]:
+        """The columns, and templates that fill only the placeholders a row has."""
+        out = super().problems()
+        for key, names in (("post_template", ("subreddit", "title", "post")), ("article_template", ("article",))):
+            try:
+                getattr(self, key).format(**dict.fromkeys(names, ""))
+            except (KeyError, IndexError, ValueError) as e:
+                out.append(
+                    f"data.format.{key}={getattr(self, key)!r} cannot be filled ({type(e).__name__}: {e}); "
+                    f"its placeholders are {', '.join('{' + n + '}' for n in names)}"
+                )
+        return out
