@@ -10,6 +10,8 @@ from __future__ import annotations
 
 IGNORE_INDEX = -100  # the label of a position that is not scored (a padded batch's prompt and padding)
 CHOSEN, REJECTED, KL = 0, 1, 2  # sequence roles (batch["role"]); sequences are numbered in this order
+# ROLE_NAMES[role]: the name by which a loss reads a role's per-sequence values (`logprobs.SequenceLogps`).
+ROLE_NAMES = ("chosen", "rejected", "kl")
 
 # How sequences sit in the model's rows (see `data.collate`); `layout.choose` picks one.
 LAYOUTS = ("padded", "packed", "shared")

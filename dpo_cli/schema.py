@@ -206,8 +206,12 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the schema that `conf/config.yaml` names first in its defaults list."""
+    """Register the schema that `conf/config.yaml` names first in its defaults list, and the
+    loss classes' schemas that conf/loss/*.yaml extend (/schema/loss/<ClassName>)."""
+    from dpo_cli.losses.options import register_schemas  # here: the losses import torch
+
     ConfigStore.instance().store(name="dpo_cli_schema", node=Config)
+    register_schemas()
 
 
 def schema_default(key: str, missing: Any) -> Any:

@@ -19,10 +19,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dpo_cli"
 # nothing below APP may import it, so a new low-level module must be listed before a lower
 # one can use it.
 LAYERS: list[tuple[str, ...]] = [
-    # Leaves: exceptions, the batch contract, the config schema, process plumbing, hub probes.
-    ("dpo_cli.errors", "dpo_cli.batch", "dpo_cli.schema", "dpo_cli.distributed", "dpo_cli.hub", "dpo_cli.schedule"),
-    # Numerics and models: the LM head, attention inputs, log-probs, losses, model sources and loading.
-    ("dpo_cli.lmhead", "dpo_cli.attention", "dpo_cli.logprobs", "dpo_cli.losses", "dpo_cli.modeling"),
+    # Leaves: exceptions, the batch contract, options generated from signatures, process plumbing,
+    # hub probes.
+    ("dpo_cli.errors", "dpo_cli.batch", "dpo_cli.options", "dpo_cli.distributed", "dpo_cli.hub", "dpo_cli.schedule"),
+    # Numerics and models: the LM head, attention inputs, log-probs, losses, model sources and
+    # loading; the config schema, which registers the losses' schemas (`losses.options`).
+    ("dpo_cli.lmhead", "dpo_cli.attention", "dpo_cli.logprobs", "dpo_cli.losses", "dpo_cli.modeling", "dpo_cli.schema"),
     # Data (formats, tokenizing, collating) and the layouts, which check themselves on it.
     ("dpo_cli.data", "dpo_cli.layout"),
     # The parts a run is built from: checkpoints, references, metrics, memory, LoRA, reports, judges.

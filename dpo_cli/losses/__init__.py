@@ -13,7 +13,7 @@ recommended hyperparameters) plus a YAML file in `conf/loss/`.
     combination.py     weighted sums of terms
 """
 
-from dpo_cli.logprobs import SequenceLogps
+from dpo_cli.logprobs import RoleValues, SequenceLogps
 from dpo_cli.losses.base import Loss, LossOutput
 from dpo_cli.losses.combination import Combination
 from dpo_cli.losses.kto import KTOLoss
@@ -60,6 +60,7 @@ __all__ = [
     "ORPOLoss",
     "RDPOLoss",
     "RobustDPOLoss",
+    "RoleValues",
     "SFTLoss",
     "SPPOHardLoss",
     "SequenceLogps",
