@@ -49,12 +49,10 @@ def batch_loss(
     # no graph, so its memory is free again before the policy's activations are built.
     ref = reference(batch, loss_fn.needs & REFERENCE_EXTRAS) if loss_fn.requires_reference else None
     fwd = batch_logps(policy, batch, loss_fn.needs, head=head)
-    lp = fwd.logps
-    n_examples, paired = examples_in(batch)
+    lp, (n_examples, paired) = fwd.logps, examples_in(batch)
     if token_means is not None:  # this batch's share of the step's tokens
         lp.nll_tokens, lp.nll_whole_tokens = (n_examples * m for m in token_means)
-    out = loss_fn(lp, ref, reduce)
-    chosen, rejected = lp["chosen"], lp["rejected"]
+    out, chosen, rejected = loss_fn(lp, ref, reduce), lp["chosen"], lp["rejected"]
     with torch.no_grad():
         count = torch.tensor(float(n_examples), device=out.loss.device)
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli import losses
 from dpo_cli.batch import KL_ROWS
@@ -69,15 +70,10 @@ def _fields(node: Any) -> dict[str, Any]:
     """A loss node's keys and values, one level deep: a typed options object or a mapping."""
     if dataclasses.is_dataclass(node) and not isinstance(node, type):
         return {f.name: getattr(node, f.name) for f in dataclasses.fields(node)}
+    if isinstance(node, DictConfig):  # typed as the other callers see it
+        return _fields(OmegaConf.to_object(node))
     if isinstance(node, Mapping):
         return dict(node)
-    try:  # a DictConfig: plain containers, so that every caller reads one shape
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(node, DictConfig):
-            return _fields(OmegaConf.to_object(node))
-    except ImportError:  # pragma: no cover - omegaconf comes with hydra
-        pass
     raise TypeError(f"a loss node is a mapping with a _target_, not {type(node).__name__}")
 
 
