@@ -23,6 +23,7 @@ from dpo_cli.guard import Guard
 from dpo_cli.launch import accumulation_plugin, check_environment, configure_deepspeed
 from dpo_cli.lora import apply_lora, check_targets
 from dpo_cli.losses import Loss
+from dpo_cli.losses.options import build_loss
 from dpo_cli.metrics import JsonlSink, MetricLogger, ProgressSink, WandbSink, resolve_wandb_mode
 from dpo_cli.modeling import check_max_length, count_parameters, load_model, load_tokenizer
 from dpo_cli.parts import Cadence, Checkpointer, Data, Models, Optimization, Outputs, Run
@@ -47,7 +48,6 @@ def build(cfg: Config, run_dir: Path, held: ExitStack, stop: StopOnSignal) -> Ru
     dataset fails before minutes of model loading; the resume point before any training.
     The run directory's lock joins `held`, which the caller keeps until the run ends; `stop`
     ends the warm start early on a signal."""
-    from hydra.utils import instantiate
 
     accelerator, resume_from, wandb_mode = _start(cfg, run_dir, held)
     check_max_length(cfg.model, cfg.data.max_length)  # from the model's config, before data and weights
@@ -61,7 +61,7 @@ def build(cfg: Config, run_dir: Path, held: ExitStack, stop: StopOnSignal) -> Ru
     if resume_from is not None:
         checkpoint.check_compatible(resume_from, run_shape)
 
-    loss_fn = instantiate(cfg.loss)
+    loss_fn = build_loss(cfg.loss)
     # Generation evaluation's judge, loaded before the weights: a judge that cannot be had fails first.
     generation = evalgen.setup(cfg, accelerator, tokenizer, eval_pairs, run_dir)
     policy, parameters = _policy(cfg, data, loss_fn, accelerator, run_dir, stop)

@@ -33,10 +33,10 @@ from dpo_cli.data.options import register_schemas as register_format_schemas
 from dpo_cli.data.options import unpaired as unpaired_data
 from dpo_cli.distributed import cpu_only
 from dpo_cli.errors import ConfigError
-from dpo_cli.losses.combination import check_weights
+from dpo_cli.losses.options import loss_problems
+from dpo_cli.losses.options import register_schemas as register_loss_schemas
 from dpo_cli.modeling.diagnostics import model_problems
 from dpo_cli.modeling.options import choice, reference_problems
-from dpo_cli.options import import_target
 from dpo_cli.schema import (
     MODES,
     Config,
@@ -57,18 +57,16 @@ JUDGES = ("SortJudge", "RewardModelJudge")
 
 def register_configs() -> None:
     """Register the schema that `conf/config.yaml` names first in its defaults list, and the
-    generated options of the optimizers, judges and data formats that conf/optimizer, conf/judge
-    and conf/data extend."""
+    generated options of the optimizers, judges, data formats and losses that conf/optimizer,
+    conf/judge, conf/data and conf/loss extend."""
     ConfigStore.instance().store(name="dpo_cli_schema", node=Config)
     for name in OPTIMIZERS:
         options.register("optimizer", name, f"torch.optim.{name}", partial=True, skip=("params",))
     for name in JUDGES:
         options.register("judge", name, f"dpo_cli.judges.{name}")
     register_format_schemas()  # /schema/format/<name>, which conf/data/*.yaml extend
+    register_loss_schemas()  # /schema/loss/<Class>, which conf/loss/*.yaml extend
 
-
-def target_of(node: Any) -> Any:
-    return node.get("_target_") if isinstance(node, dict) else getattr(node, "_target_", None)
 
 
 def node_fields(node: Any) -> dict[str, Any]:
@@ -89,18 +87,33 @@ def _target_nodes(node: Any, prefix: str = "") -> list[tuple[str, DictConfig]]:
     return found
 
 
+def _registered_keys() -> dict[str, list[str]]:
+    """`_target_` -> the keys of its schema, for every schema registered under /schema (a loss's
+    include its modifiers' keys, which its signature takes as **modifiers)."""
+    found: dict[str, list[str]] = {}
+    for group in ConfigStore.instance().repo.get(options.SCHEMA_GROUP, {}).values():
+        for entry in group.values():
+            node = getattr(entry, "node", None)
+            if isinstance(node, DictConfig) and "_target_" in node:
+                found.setdefault(str(node._target_), list(node.keys()))
+    return found
+
+
 def target_key_problems(cfg: DictConfig) -> list[str]:
     """A problem for each key of a `_target_` node that its target does not take. A typed node
     refuses a misspelled `key=value` at compose time, but `+key=value` adds any key (which the
     typed object would then drop without a word), and `_target_=...` may name another class."""
     problems = []
+    registered = _registered_keys()
     for key, node in _target_nodes(cfg):
-        try:
-            schema = options.options_of(str(node._target_), skip=("params",))
-        except (ImportError, AttributeError, ValueError):
-            problems.append(f"{key}._target_={node._target_!r} cannot be imported; check the dotted path")
-            continue
-        allowed = [f.name for f in dataclass_fields(schema) if not f.name.startswith("_")]
+        allowed = registered.get(str(node._target_))
+        if allowed is None:
+            try:
+                allowed = [f.name for f in dataclass_fields(options.options_of(str(node._target_), skip=("params",)))]
+            except (ImportError, AttributeError, ValueError):
+                problems.append(f"{key}._target_={node._target_!r} cannot be imported; check the dotted path")
+                continue
+        allowed = [k for k in allowed if not k.startswith("_")]
         problems += [
             f"{key}.{k} is not a parameter of {node._target_}; allowed: {', '.join(allowed)}"
             for k in node
@@ -147,49 +160,6 @@ def _build(problems: list[str], key: str, node: Any, group: str) -> Any:
         cause = e.__cause__ or e
         problems.extend(f"{key}.{line}" for line in str(cause).splitlines())
         return None
-
-
-def _loss_class(node: Any) -> Any:
-    """The class a loss node names, for its capability flags when it could not be built."""
-    try:
-        return import_target(str(target_of(node)))
-    except Exception:  # noqa: BLE001 - already reported by _check_target
-        return None
-
-
-def _check_loss(problems: list[str], node: Any, unpaired: bool, micro_batch_size: int) -> dict[str, Any]:
-    """The loss (each term of a combination on its own, so that a problem names its term's
-    key), then what it needs of the data: pairs, and two examples per micro batch for KTO.
-    A loss that does not build still has its data needs checked, from its class. Returns the
-    terms (objects, or classes for terms that did not build) by name."""
-    fields = node_fields(node)
-    if "terms" in fields:
-        nodes = dict(fields["terms"]) if isinstance(fields["terms"], dict) else {}
-        terms = {name: _build(problems, f"loss.terms.{name}", n, "loss") for name, n in nodes.items()}
-        if all(t is not None for t in terms.values()):
-            _build(problems, "loss", node, "loss")  # the combination's own checks (weights, ...)
-        else:
-            weights = fields.get("weights") or {}
-            problems.extend(f"loss.{p}" for p in check_weights(list(nodes), dict(weights)))
-        parts = {name: t if t is not None else _loss_class(nodes[name]) for name, t in terms.items()}
-    else:
-        loss = _build(problems, "loss", node, "loss")
-        parts = {"": loss if loss is not None else _loss_class(node)}
-    parts = {name: p for name, p in parts.items() if p is not None}
-    paired = [
-        name or getattr(p, "__name__", type(p).__name__) for name, p in parts.items() if getattr(p, "paired", True)
-    ]
-    if unpaired and paired:
-        problems.append(
-            f"loss: {', '.join(paired)} needs preference pairs, but data.format holds unpaired "
-            "prompt/completion/label examples; use loss=kto (or loss=sft), or paired data"
-        )
-    if any(KL_ROWS in getattr(p, "needs", ()) for p in parts.values()) and micro_batch_size < 2:
-        problems.append(
-            f"train.micro_batch_size={micro_batch_size}: KTO estimates its KL reference point from "
-            "mismatched prompt/completion pairs of a micro batch, so it needs >= 2 examples per micro batch"
-        )
-    return parts
 
 
 def _check_optimization(p: list[str], cfg: Config) -> None:
@@ -262,7 +232,8 @@ def validate(cfg: DictConfig, quiet: bool = False) -> Config:
     _check_export(p, c)
     p.extend(model_problems(c.model, c.data.max_length))
     p.extend(data_problems(c.data))
-    terms = _check_loss(p, c.loss, unpaired=unpaired_data(c.data), micro_batch_size=c.train.micro_batch_size)
+    found, terms = loss_problems(c.loss, unpaired=unpaired_data(c.data), micro_batch_size=c.train.micro_batch_size)
+    p.extend(found)
     needs_reference = any(getattr(t, "requires_reference", True) for t in terms.values()) or not terms
     kl_rows = any(KL_ROWS in getattr(t, "needs", ()) for t in terms.values())
     p.extend(reference_problems(c.reference, c.model, needs_reference, kl_rows))

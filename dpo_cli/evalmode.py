@@ -31,6 +31,7 @@ from dpo_cli.data.tokenize import Tokenized
 from dpo_cli.errors import ConfigError, UserError
 from dpo_cli.evaluate import evaluate
 from dpo_cli.losses import Loss
+from dpo_cli.losses.options import build_loss
 from dpo_cli.metrics import JsonlSink, MetricLogger, WandbSink, resolve_wandb_mode
 from dpo_cli.modeling import load_model, load_tokenizer
 from dpo_cli.modeling.options import ModelConfig
@@ -197,7 +198,6 @@ def _reference(cfg: Config, policy: Any, tokenizer: Any) -> tuple[Any, str]:
 def run(cfg: Config, run_dir: Path) -> dict[str, float]:
     """Evaluate model.name_or_path (the config validated and typed); return the eval row."""
     from accelerate import Accelerator
-    from hydra.utils import instantiate
 
     from dpo_cli.distributed import cpu_only
 
@@ -211,7 +211,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
         data = prepare(cfg.data, tokenizer, cfg.train.seed, check=False)
         if not data.eval:
             raise ConfigError(["mode=eval needs held-out data: the data config gives no eval split"])
-        loss_fn = instantiate(cfg.loss)
+        loss_fn = build_loss(cfg.loss)
         generation = evalgen.setup(cfg, accelerator, tokenizer, data.eval_pairs, run_dir)
         policy, reference, what, choice = _models(cfg, accelerator, tokenizer, data.eval, loss_fn)
         log.info("mode=eval: %s against %s on %d held-out %s", cfg.model.name_or_path, what, len(data.eval), data.unit)

@@ -37,7 +37,7 @@ import torch
 
 from dpo_cli.attention import MASKED, VARLEN, attn_implementation, sliding_window
 from dpo_cli.attention import attention_inputs as attention_inputs  # re-exported: callers know it here
-from dpo_cli.batch import CHOSEN, KL, KL_ROWS, REJECTED, SHARED, WHOLE, WPO
+from dpo_cli.batch import CHOSEN, KL_ROWS, REJECTED, ROLE_NAMES, SHARED, WHOLE, WPO
 from dpo_cli.data.collate import collate
 from dpo_cli.data.tokenize import Tokenized, example_length
 from dpo_cli.errors import ConfigError
@@ -178,34 +178,34 @@ def _spread(dataset: list[Tokenized], micro: int) -> list[list[Tokenized]]:
 
 
 def _compared(lp: SequenceLogps, batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Every per-sequence value a loss may read from this batch, with the token count that
-    sets its rounding tolerance: log-probs, token counts (exact), and the extras asked for
-    (LD-DPO's shared part, WPO's per-token mean, whole-sequence log-probs, KTO's KL rows)."""
-    role, tokens = batch["role"], batch["tokens"]
-    chosen, rejected = tokens[role == CHOSEN], tokens[role == REJECTED]
-    exact, one = torch.zeros_like(chosen), torch.ones_like(chosen)
-    values = {
-        "chosen": (lp.chosen, chosen),
-        "rejected": (lp.rejected, rejected),
-        "chosen_tokens": (lp.chosen_tokens, exact),
-        "rejected_tokens": (lp.rejected_tokens, torch.zeros_like(rejected)),
-        "chosen_shared": (lp.chosen_shared, chosen),
-        "rejected_shared": (lp.rejected_shared, rejected),
-        "chosen_wpo": (lp.chosen_wpo, one),
-        "rejected_wpo": (lp.rejected_wpo, torch.ones_like(rejected)),
-        "chosen_whole": (lp.chosen_whole, lp.chosen_whole_tokens),
-        "chosen_whole_tokens": (lp.chosen_whole_tokens, exact),
-        "kl": (lp.kl, tokens[role == KL]),
-    }
-    return {name: pair for name, pair in values.items() if pair[0] is not None}
+    """Every per-sequence value a loss may read from this batch, named "<role>.<kind>", with the
+    token count that sets its rounding tolerance: log-probs, token counts (exact), and the
+    extras asked for (LD-DPO's shared part, WPO's per-token mean, whole-sequence log-probs, and
+    KTO's KL rows)."""
+    values: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for number, name in enumerate(ROLE_NAMES):
+        if name not in lp:
+            continue
+        v, tokens = lp[name], batch["tokens"][batch["role"] == number]
+        exact = torch.zeros_like(tokens)
+        kinds = {
+            "logps": (v.logps, tokens),
+            "tokens": (v.tokens, exact),
+            "shared": (v.shared, tokens),
+            "wpo": (v.wpo, torch.ones_like(tokens)),
+            "whole": (v.whole, v.whole_tokens),
+            "whole_tokens": (v.whole_tokens, exact),
+        }
+        values.update({f"{name}.{kind}": pair for kind, pair in kinds.items() if pair[0] is not None})
+    return values
 
 
 def _objective(lp: SequenceLogps) -> torch.Tensor:
     """A scalar of every differentiable value a loss may read, each sequence and each kind of
     value with its own weight, so that a gradient reaching the wrong sequence changes it."""
-    total = lp.chosen.new_zeros(())
-    for k, name in enumerate(("chosen", "rejected", "chosen_shared", "rejected_shared", "chosen_whole")):
-        value = getattr(lp, name)
+    chosen, rejected = lp[ROLE_NAMES[CHOSEN]], lp[ROLE_NAMES[REJECTED]]
+    total = chosen.logps.new_zeros(())
+    for k, value in enumerate((chosen.logps, rejected.logps, chosen.shared, rejected.shared, chosen.whole)):
         if value is not None and value.numel():
             total = total + (torch.linspace(1, 2, value.numel(), device=value.device) * value).sum() / (k + 1)
     return total

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dpo_cli.attention import attention_inputs
-from dpo_cli.batch import CHOSEN, IGNORE_INDEX, KL, REJECTED, ROW_FIELDS, SHARED, TARGET_FIELDS, WHOLE, WPO
+from dpo_cli.batch import CHOSEN, IGNORE_INDEX, KL, REJECTED, ROLE_NAMES, ROW_FIELDS, SHARED, TARGET_FIELDS, WHOLE, WPO
 from dpo_cli.batch import KL_ROWS as KL_ROWS  # re-exported with the other names of the batch contract
 from dpo_cli.lmhead import Head, chunked_logps, position_stats
 
@@ -42,20 +42,35 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 @dataclass
-class SequenceLogps:
-    """Per-sequence values of one batch, grouped by role; each tensor is (number of sequences
-    of that role,), float32. `chosen[i]` and `rejected[i]` are the two responses of pair i
-    for paired data; for unpaired data they are the desirable and undesirable completions.
+class RoleValues:
+    """One role's per-sequence values, each (number of sequences of that role,), float32.
 
-    chosen, rejected: response log-probs summed over response tokens.
-    chosen_tokens, rejected_tokens: number of response tokens.
-    kl: summed log-probs of KTO's mismatched KL sequences (when the batch has them).
-    chosen_shared, rejected_shared: log-probs summed over the first `shared_tokens` response
-        tokens only (LD-DPO), when asked for.
-    chosen_wpo, rejected_wpo: WPO's mean over response tokens of log p(y_t) - log sum_v p(v)^2,
-        detached, when asked for.
-    chosen_whole, chosen_whole_tokens: log-probs summed over every token of the chosen
-        sequences but the first (prompt and response), and how many, when asked for.
+    logps: log-probs summed over response tokens.
+    tokens: number of response tokens.
+    shared: log-probs summed over the first `shared_tokens` response tokens only (LD-DPO),
+        when asked for (`batch.SHARED`).
+    wpo: WPO's mean over response tokens of log p(y_t) - log sum_v p(v)^2, detached, when
+        asked for (`batch.WPO`).
+    whole, whole_tokens: log-probs summed over every token of the sequences but the first
+        (prompt and response), and how many, when asked for (`batch.WHOLE`; CHOSEN only).
+    """
+
+    logps: torch.Tensor
+    tokens: torch.Tensor
+    shared: torch.Tensor | None = None
+    wpo: torch.Tensor | None = None
+    whole: torch.Tensor | None = None
+    whole_tokens: torch.Tensor | None = None
+
+
+@dataclass
+class SequenceLogps:
+    """Per-sequence values of one batch, by role name (`batch.ROLE_NAMES`): `values["chosen"]`,
+    `values["rejected"]` and, when the batch has KTO's mismatched KL rows, `values["kl"]`.
+    `values["chosen"].logps[i]` and `values["rejected"].logps[i]` are the two responses of pair
+    i for paired data; for unpaired data they are the desirable and undesirable completions.
+
+    roles: role name -> `RoleValues`.
     nll_tokens, nll_whole_tokens: what a token-mean NLL divides this batch's summed chosen
         (whole-sequence) log-probs by: the batch's share of the tokens of its whole optimizer
         step (or eval set), so that the NLL is one token mean over the step however it is split
@@ -63,19 +78,19 @@ class SequenceLogps:
         own token count.
     """
 
-    chosen: torch.Tensor
-    rejected: torch.Tensor
-    chosen_tokens: torch.Tensor
-    rejected_tokens: torch.Tensor
-    kl: torch.Tensor | None = None
-    chosen_shared: torch.Tensor | None = None
-    rejected_shared: torch.Tensor | None = None
-    chosen_wpo: torch.Tensor | None = None
-    rejected_wpo: torch.Tensor | None = None
-    chosen_whole: torch.Tensor | None = None
-    chosen_whole_tokens: torch.Tensor | None = None
+    roles: dict[str, RoleValues]
     nll_tokens: float | None = None
     nll_whole_tokens: float | None = None
+
+    def __getitem__(self, role: str) -> RoleValues:
+        return self.roles[role]
+
+    def __contains__(self, role: str) -> bool:
+        return role in self.roles
+
+    def replace(self, **roles: RoleValues) -> SequenceLogps:
+        """A copy with the given roles' values replaced (the others and the NLL counts kept)."""
+        return SequenceLogps({**self.roles, **roles}, self.nll_tokens, self.nll_whole_tokens)
 
 
 @dataclass
@@ -201,8 +216,8 @@ def batch_logps(
     if has_kl:
         with torch.no_grad():
             kl_targets = _select_rows(targets, row_kl)
-            kl_values = _forward(model, batch, row_kl, kl_targets, head, False, False)["logps"]
-            kl = _per_sequence(kl_values, (kl_targets["t_seq"], kl_targets["t_col"]), n)[role == KL]
+            kl_logps = _forward(model, batch, row_kl, kl_targets, head, False, False)
+            kl = _sequence_values(kl_logps, kl_targets, batch, n, frozenset(), False)
     return _by_role(values, role, kl)
 
 
@@ -243,24 +258,22 @@ def _sequence_values(
     return values
 
 
-def _by_role(values: dict[str, torch.Tensor], role: torch.Tensor, kl: torch.Tensor | None) -> ForwardOutput:
-    """Per-sequence `values` split by role: CHOSEN and REJECTED sequences, in their order."""
-    c, r = role == CHOSEN, role == REJECTED
+def _by_role(values: dict[str, torch.Tensor], role: torch.Tensor, kl: dict[str, torch.Tensor] | None) -> ForwardOutput:
+    """Per-sequence `values` split by role, each role's sequences in their order: CHOSEN and
+    REJECTED from the main forward, KL from `kl` (the no-grad forward of the KL rows)."""
 
-    def opt(name: str, which: torch.Tensor) -> torch.Tensor | None:
-        return values[name][which] if name in values else None
+    def of(which: int, source: dict[str, torch.Tensor]) -> RoleValues:
+        at = role == which
+        # Only CHOSEN sequences have their prompt tokens scored (`collate(whole=True)`).
+        skip = ("logit_sums",) if which == CHOSEN else ("logit_sums", "whole", "whole_tokens")
+        return RoleValues(**{k: v[at] for k, v in source.items() if k not in skip})
 
-    out = SequenceLogps(
-        chosen=values["logps"][c],
-        rejected=values["logps"][r],
-        chosen_tokens=values["tokens"][c],
-        rejected_tokens=values["tokens"][r],
-        kl=kl,
-        chosen_shared=opt("shared", c),
-        rejected_shared=opt("shared", r),
-        chosen_wpo=opt("wpo", c),
-        rejected_wpo=opt("wpo", r),
-        chosen_whole=opt("whole", c),
-        chosen_whole_tokens=opt("whole_tokens", c),
+    roles = {ROLE_NAMES[r]: of(r, values) for r in (CHOSEN, REJECTED)}
+    if kl is not None:
+        roles[ROLE_NAMES[KL]] = of(KL, kl)
+    sums = values.get("logit_sums")
+    return ForwardOutput(
+        SequenceLogps(roles),
+        None if sums is None else sums[role == CHOSEN],
+        None if sums is None else sums[role == REJECTED],
     )
-    return ForwardOutput(out, opt("logit_sums", c), opt("logit_sums", r))

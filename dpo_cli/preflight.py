@@ -19,6 +19,7 @@ from dpo_cli.data.summary import export, report
 from dpo_cli.distributed import world_size_from_env
 from dpo_cli.errors import ConfigError, DataError, UserError
 from dpo_cli.lora import check_targets
+from dpo_cli.losses.options import build_loss
 from dpo_cli.modeling import check_max_length, load_tokenizer, resolve_attention
 from dpo_cli.modeling.options import ModelConfig
 from dpo_cli.reference import check_reference_tokenizer, reference_model_config
@@ -58,7 +59,7 @@ def run(cfg: Config) -> str:
     text += "\n\n" + structure(cfg.model, tokenizer)
     text += "\n\n" + batches(cfg, tokenizer)
     text += "\n\n" + generation(cfg, tokenizer, data.eval_pairs)
-    text += "\n\n" + memory.estimate(cfg, tokenizer, instantiate(cfg.loss)).report()
+    text += "\n\n" + memory.estimate(cfg, tokenizer, build_loss(cfg.loss)).report()
     log.info("preflight report (mode=inspect; no model weights loaded):\n%s", text)
     problems = refusals(text)
     if problems:

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from dpo_cli.batch import ROLE_NAMES
 from dpo_cli.data.batching import eval_batches
 from dpo_cli.data.collate import collate
 from dpo_cli.data.tokenize import Tokenized, fingerprint
@@ -249,10 +250,9 @@ def compute_tables(
             lp = reference(batch, frozenset({SHARED}))
         if not weight:  # a forward only to keep sharded processes in step
             continue
-        for column, role, values in (
-            (CHOSEN, CHOSEN, (lp.chosen, lp.chosen_tokens, lp.chosen_shared)),
-            (REJECTED, REJECTED, (lp.rejected, lp.rejected_tokens, lp.rejected_shared)),
-        ):
+        for column, role in ((CHOSEN, CHOSEN), (REJECTED, REJECTED)):
+            v = lp[ROLE_NAMES[role]]
+            values = (v.logps, v.tokens, v.shared)
             rows = batch["index"][batch["role"] == role].cpu()
             for c, v in enumerate(values):
                 out[c, rows, column] = v.detach().float().cpu()

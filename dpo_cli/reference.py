@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
+from dpo_cli.batch import ROLE_NAMES
 from dpo_cli.errors import ModelLoadError
 from dpo_cli.lmhead import Head
-from dpo_cli.logprobs import CHOSEN, REJECTED, SHARED, SequenceLogps, batch_logps
+from dpo_cli.logprobs import CHOSEN, REJECTED, SHARED, RoleValues, SequenceLogps, batch_logps
 from dpo_cli.modeling.options import ModelConfig
 from dpo_cli.schema import Config, TrainConfig
 
@@ -41,8 +42,11 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
 
 def _detached(values: SequenceLogps) -> SequenceLogps:
     """Ordinary tensors from inference-mode ones, so that a loss may save them for backward."""
-    fields = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in vars(values).items()}
-    return SequenceLogps(**fields)
+    roles = {
+        name: RoleValues(**{k: None if v is None else v.clone() for k, v in vars(r).items()})
+        for name, r in values.roles.items()
+    }
+    return SequenceLogps(roles, values.nll_tokens, values.nll_whole_tokens)
 
 
 class ModelReference:
@@ -122,14 +126,12 @@ class PrecomputedReference:
         expected = torch.cat([look("tokens", CHOSEN), look("tokens", REJECTED)])
         if not torch.equal(tokens, expected):
             raise RuntimeError("precomputed reference log-probs do not match this batch's response lengths")
-        return SequenceLogps(
-            chosen=look("logps", CHOSEN),
-            rejected=look("logps", REJECTED),
-            chosen_tokens=look("tokens", CHOSEN),
-            rejected_tokens=look("tokens", REJECTED),
-            chosen_shared=look("shared", CHOSEN) if SHARED in extras else None,
-            rejected_shared=look("shared", REJECTED) if SHARED in extras else None,
-        )
+
+        def role(which: int) -> RoleValues:
+            shared = look("shared", which) if SHARED in extras else None
+            return RoleValues(look("logps", which), look("tokens", which), shared=shared)
+
+        return SequenceLogps({ROLE_NAMES[which]: role(which) for which in (CHOSEN, REJECTED)})
 
 
 def reference_model_config(cfg: Config) -> ModelConfig:

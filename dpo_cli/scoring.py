@@ -49,11 +49,10 @@ def batch_loss(
     # no graph, so its memory is free again before the policy's activations are built.
     ref = reference(batch, loss_fn.needs & REFERENCE_EXTRAS) if loss_fn.requires_reference else None
     fwd = batch_logps(policy, batch, loss_fn.needs, head=head)
-    lp = fwd.logps
-    n_examples, paired = examples_in(batch)
+    lp, (n_examples, paired) = fwd.logps, examples_in(batch)
     if token_means is not None:  # this batch's share of the step's tokens
         lp.nll_tokens, lp.nll_whole_tokens = (n_examples * m for m in token_means)
-    out = loss_fn(lp, ref, reduce)
+    out, chosen, rejected = loss_fn(lp, ref, reduce), lp["chosen"], lp["rejected"]
     with torch.no_grad():
         count = torch.tensor(float(n_examples), device=out.loss.device)
 
@@ -64,10 +63,10 @@ def batch_loss(
             "loss": (out.loss.detach().float() * count, count),
             "rewards/chosen": mean_of(out.chosen_rewards),
             "rewards/rejected": mean_of(out.rejected_rewards),
-            "logps/chosen": mean_of(lp.chosen if out.chosen_logps is None else out.chosen_logps),
-            "logps/rejected": mean_of(lp.rejected if out.rejected_logps is None else out.rejected_logps),
-            "logits/chosen": (fwd.logit_sums_chosen.sum(), lp.chosen_tokens.sum()),
-            "logits/rejected": (fwd.logit_sums_rejected.sum(), lp.rejected_tokens.sum()),
+            "logps/chosen": mean_of(chosen.logps if out.chosen_logps is None else out.chosen_logps),
+            "logps/rejected": mean_of(rejected.logps if out.rejected_logps is None else out.rejected_logps),
+            "logits/chosen": (fwd.logit_sums_chosen.sum(), chosen.tokens.sum()),
+            "logits/rejected": (fwd.logit_sums_rejected.sum(), rejected.tokens.sum()),
         }
         if paired:
             parts["rewards/accuracies"] = mean_of(out.chosen_rewards > out.rejected_rewards)
@@ -75,8 +74,8 @@ def batch_loss(
         if ref is not None:
             # DPO's known failure mode: the chosen response's likelihood falls too (summed log-probs,
             # whatever the loss works with), which margins and accuracy cannot show.
-            parts["logps/chosen_change"] = mean_of(lp.chosen.detach() - ref.chosen)
-            parts["logps/chosen_below_reference"] = mean_of(lp.chosen.detach() < ref.chosen)
+            parts["logps/chosen_change"] = mean_of(chosen.logps.detach() - ref["chosen"].logps)
+            parts["logps/chosen_below_reference"] = mean_of(chosen.logps.detach() < ref["chosen"].logps)
         for name, value in out.metrics.items():
             parts[name] = (value.float() * count, count)
     return out.loss, parts

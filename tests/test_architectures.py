@@ -156,7 +156,7 @@ def _layer_grads(policy: torch.nn.Module) -> dict[str, torch.Tensor | None]:
     policy.get_input_embeddings().requires_grad_(False)  # frozen, as the base weights under LoRA
     policy.train()
     out = batch_logps(policy, _collated_pairs()).logps
-    (out.chosen - out.rejected).sum().backward()
+    (out["chosen"].logps - out["rejected"].logps).sum().backward()
     layers = policy.model.layers
     return {name: p.grad for name, p in layers.named_parameters() if p.requires_grad}
 
@@ -212,7 +212,7 @@ def test_attention_implementations_give_the_same_logps(tmp_path):
         policy = load_model(model_section(model_dir, f"model.attn_implementation={impl}"), None, 0).eval()
         assert policy.config._attn_implementation == ("sdpa" if impl == "null" else impl)  # null: transformers' pick
         with torch.no_grad():
-            logps[impl] = batch_logps(policy, batch).logps.chosen
+            logps[impl] = batch_logps(policy, batch).logps["chosen"].logps
     assert_close(logps["sdpa"], logps["eager"], atol=1e-5, rtol=0)
 
 

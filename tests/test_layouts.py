@@ -65,10 +65,9 @@ def loss_and_grads(model, batch, head, extras=frozenset()):
     model.zero_grad()
     out = batch_logps(model, batch, extras, head=head)
     lp = out.logps
-    weights = torch.arange(1, lp.chosen.numel() + 1, dtype=torch.float32)
-    loss = (weights * (lp.chosen - 0.5 * lp.rejected)).sum()
-    for name in ("chosen_shared", "chosen_wpo", "chosen_whole"):
-        value = getattr(lp, name)
+    weights = torch.arange(1, lp["chosen"].logps.numel() + 1, dtype=torch.float32)
+    loss = (weights * (lp["chosen"].logps - 0.5 * lp["rejected"].logps)).sum()
+    for value in (lp["chosen"].shared, lp["chosen"].wpo, lp["chosen"].whole):
         if value is not None:
             loss = loss + 0.1 * value.sum()
     loss.backward()
@@ -98,8 +97,12 @@ def test_layout_and_head_match_the_padded_full_logits_path(arch, layout):
     plain, plain_grads = loss_and_grads(model, collate(examples, 0, layout="padded", whole=True), None, extras)
     for use_head in (None, head) if head else (None,):
         out, grads = loss_and_grads(model, collate(examples, 0, layout=layout, whole=True), use_head, extras)
-        for name in ("chosen", "rejected", "chosen_tokens", "chosen_shared", "chosen_wpo", "chosen_whole"):
-            assert_close(getattr(out.logps, name), getattr(plain.logps, name), atol=1e-5, rtol=1e-6), (name, use_head)
+        for role in ("chosen", "rejected"):
+            for kind in ("logps", "tokens", "shared", "wpo", "whole", "whole_tokens"):
+                want, got = getattr(plain.logps[role], kind), getattr(out.logps[role], kind)
+                assert (want is None) == (got is None) == (role == "rejected" and kind.startswith("whole"))
+                if want is not None:
+                    assert_close(got, want, atol=1e-5, rtol=1e-6), (role, kind, use_head)
         assert_close(out.logit_sums_chosen, plain.logit_sums_chosen, atol=1e-4, rtol=1e-5)
         assert grads.keys() == plain_grads.keys()
         largest = max(float(g.abs().max()) for g in plain_grads.values())
@@ -330,7 +333,7 @@ def test_the_start_up_check_scores_the_longest_examples_not_the_first_ones(caplo
     with caplog.at_level("WARNING", logger="dpo_cli.layout"):
         chosen = probe(forced, model, data, 0, micro=2)
     assert chosen.layout == "padded", chosen
-    assert "layout shared, full logits rejected off by" in caplog.text, caplog.text
+    assert "layout shared, full logits rejected.logps off by" in caplog.text, caplog.text
 
 
 def test_the_start_up_check_compares_gradients(caplog):
@@ -354,7 +357,7 @@ def test_the_start_up_check_compares_the_extras_the_loss_asks_for(caplog):
     with caplog.at_level("WARNING", logger="dpo_cli.layout"):
         chosen = probe(bad, model, pairs(n=4), 0, frozenset({WHOLE}))
     assert chosen.head is None, chosen
-    assert "chosen_whole off by" in caplog.text, caplog.text
+    assert "chosen.whole off by" in caplog.text, caplog.text
 
 
 def test_length_aware_micro_batches_keep_the_step_and_balance_processes():

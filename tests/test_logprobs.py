@@ -142,13 +142,13 @@ def test_batch_logps_groups_rows_by_role():
     assert model.calls[0]["input_ids"] is batch["input_ids"], "no copy of the batch without KL rows"
     assert model.calls[0]["attention_mask"] is batch["attention_mask"]
     log3 = math.log(3)
-    assert_close(out.logps.chosen, torch.tensor([-log3, -2 * log3]))
-    assert_close(out.logps.rejected, torch.tensor([-3 * log3, -4 * log3]))
-    assert_close(out.logps.chosen_tokens, torch.tensor([1.0, 2.0]))
-    assert_close(out.logps.rejected_tokens, torch.tensor([3.0, 4.0]))
+    assert_close(out.logps["chosen"].logps, torch.tensor([-log3, -2 * log3]))
+    assert_close(out.logps["rejected"].logps, torch.tensor([-3 * log3, -4 * log3]))
+    assert_close(out.logps["chosen"].tokens, torch.tensor([1.0, 2.0]))
+    assert_close(out.logps["rejected"].tokens, torch.tensor([3.0, 4.0]))
     assert_close(out.logit_sums_chosen, torch.tensor([c[0], 2 * c[1]]))
     assert_close(out.logit_sums_rejected, torch.tensor([3 * c[2], 4 * c[3]]))
-    assert out.logps.kl is None and out.logps.chosen_shared is None and out.logps.chosen_wpo is None
+    assert "kl" not in out.logps and out.logps["chosen"].shared is None and out.logps["chosen"].wpo is None
 
 
 class BigramLM(torch.nn.Module):
@@ -194,10 +194,10 @@ def test_kl_rows_are_scored_without_gradients_in_a_second_pass():
     model = BigramLM(BIGRAM)
     out = batch_logps(model, batch)
     assert model.calls == 2
-    assert_close(out.logps.chosen, torch.tensor([math.log(0.025)]))
-    assert_close(out.logps.rejected, torch.tensor([math.log(0.4)]))
-    assert_close(out.logps.kl, torch.tensor([math.log(0.4), math.log(0.025)]))
-    assert out.logps.chosen.requires_grad and not out.logps.kl.requires_grad
+    assert_close(out.logps["chosen"].logps, torch.tensor([math.log(0.025)]))
+    assert_close(out.logps["rejected"].logps, torch.tensor([math.log(0.4)]))
+    assert_close(out.logps["kl"].logps, torch.tensor([math.log(0.4), math.log(0.025)]))
+    assert out.logps["chosen"].logps.requires_grad and not out.logps["kl"].logps.requires_grad
 
 
 def test_shared_and_wpo_extras():
@@ -214,13 +214,13 @@ def test_shared_and_wpo_extras():
     batch = collate([{"prompt_ids": [0], "chosen_ids": [1, 2, 3], "rejected_ids": [3]}], pad_id=0)
     assert batch["shared_tokens"].tolist() == [1, 1]
     out = batch_logps(BigramLM(BIGRAM), batch, frozenset({SHARED, WPO})).logps
-    assert_close(out.chosen_shared, torch.tensor([math.log(0.2)]))
-    assert_close(out.rejected_shared, torch.tensor([math.log(0.4)]))
+    assert_close(out["chosen"].shared, torch.tensor([math.log(0.2)]))
+    assert_close(out["rejected"].shared, torch.tensor([math.log(0.4)]))
     ln = math.log
     expected = (ln(0.2 / 0.3) + ln(0.125 / 0.34375) + ln(0.25 / 0.25)) / 3
-    assert_close(out.chosen_wpo, torch.tensor([expected]))
-    assert_close(out.rejected_wpo, torch.tensor([ln(0.4 / 0.3)]))
-    assert not out.chosen_wpo.requires_grad
+    assert_close(out["chosen"].wpo, torch.tensor([expected]))
+    assert_close(out["rejected"].wpo, torch.tensor([ln(0.4 / 0.3)]))
+    assert not out["chosen"].wpo.requires_grad
 
 
 def test_whole_sequence_extra_counts_prompt_tokens_but_not_the_first_or_padding():
@@ -232,12 +232,12 @@ def test_whole_sequence_extra_counts_prompt_tokens_but_not_the_first_or_padding(
     """
     batch = collate([{"prompt_ids": [0, 1], "chosen_ids": [2], "rejected_ids": [3, 0]}], pad_id=0, whole=True)
     out = batch_logps(BigramLM(BIGRAM), batch, frozenset({WHOLE})).logps
-    assert_close(out.chosen, torch.tensor([math.log(0.125)]))
-    assert_close(out.chosen_whole, torch.tensor([math.log(0.025)]))
-    assert_close(out.chosen_whole_tokens, torch.tensor([2.0]))
+    assert_close(out["chosen"].logps, torch.tensor([math.log(0.125)]))
+    assert_close(out["chosen"].whole, torch.tensor([math.log(0.025)]))
+    assert_close(out["chosen"].whole_tokens, torch.tensor([2.0]))
     plain = batch_logps(BigramLM(BIGRAM), batch).logps
-    assert_close(plain.chosen, out.chosen)
-    assert_close(plain.rejected, out.rejected)
+    assert_close(plain["chosen"].logps, out["chosen"].logps)
+    assert_close(plain["rejected"].logps, out["rejected"].logps)
 
 
 def test_an_overflowed_logit_at_a_masked_position_changes_nothing():

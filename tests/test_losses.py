@@ -44,6 +44,7 @@ from dpo_cli.losses import (
     ORPOLoss,
     RDPOLoss,
     RobustDPOLoss,
+    RoleValues,
     SequenceLogps,
     SFTLoss,
     SigmoidNormLoss,
@@ -51,6 +52,7 @@ from dpo_cli.losses import (
     SimPOLoss,
     SPPOHardLoss,
 )
+from dpo_cli.losses.modifiers import FDivergence, LengthDesensitized, PairWeights
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -98,19 +100,24 @@ def seqs(
     **optional: list[float],
 ) -> SequenceLogps:
     """float64 SequenceLogps. Token counts default to 7 and 3 (a loss on summed log-probs must
-    not read them); `optional` fills kl, chosen_shared, rejected_shared, chosen_wpo, rejected_wpo.
+    not read them); `optional` fills the kl role's log-probs (kl=) and other kinds of a role by
+    "<role>_<kind>" (chosen_shared, rejected_shared, chosen_wpo, rejected_wpo, chosen_whole, ...).
     grad=True makes the chosen and rejected log-probs leaves that require grad."""
 
     def leaf(values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=F64, requires_grad=grad)
 
-    return SequenceLogps(
-        chosen=leaf(chosen),
-        rejected=leaf(rejected),
-        chosen_tokens=t(*(chosen_tokens or [7.0] * len(chosen))),
-        rejected_tokens=t(*(rejected_tokens or [3.0] * len(rejected))),
-        **{name: t(*values) for name, values in optional.items()},
-    )
+    roles = {
+        "chosen": RoleValues(leaf(chosen), t(*(chosen_tokens or [7.0] * len(chosen)))),
+        "rejected": RoleValues(leaf(rejected), t(*(rejected_tokens or [3.0] * len(rejected)))),
+    }
+    for name, values in optional.items():
+        if name == "kl":
+            roles["kl"] = RoleValues(t(*values), t(*[1.0] * len(values)))
+        else:
+            role, kind = name.split("_", 1)
+            setattr(roles[role], kind, t(*values))
+    return SequenceLogps(roles)
 
 
 def pairs(grad: bool = False, **optional: list[float]) -> tuple[SequenceLogps, SequenceLogps]:
@@ -138,7 +145,7 @@ def free_pairs(grad: bool = False) -> SequenceLogps:
     The whole-sequence log-probs (ORPO's NLL span) equal the response's here: an empty prompt.
     """
     s = seqs([-2.0, -12.0], [-6.0, -4.0], [2.0, 4.0], [3.0, 2.0], grad=grad)
-    s.chosen_whole, s.chosen_whole_tokens = s.chosen * 1.0, s.chosen_tokens
+    s["chosen"].whole, s["chosen"].whole_tokens = s["chosen"].logps * 1.0, s["chosen"].tokens
     return s
 
 
@@ -228,7 +235,7 @@ def test_label_smoothing_zero_is_plain_dpo():
     """eps = 0 drops the -eps log sigmoid(-beta h) term: the loss is softplus(-beta h)."""
     policy, reference = pairs()
     smoothed0 = DPOLoss(beta=0.3, label_smoothing=0.0)(policy, reference).losses
-    h = (policy.chosen - reference.chosen) - (policy.rejected - reference.rejected)
+    h = (policy["chosen"].logps - reference["chosen"].logps) - (policy["rejected"].logps - reference["rejected"].logps)
     assert_close(smoothed0, torch.nn.functional.softplus(-0.3 * h), rtol=0, atol=1e-12)
     assert_close(smoothed0, DPOLoss(beta=0.3)(policy, reference).losses, rtol=0, atol=0)
 
@@ -238,15 +245,15 @@ def test_dpo_gradient():
     pair 0 has beta h = 0.5."""
     policy, reference = pairs(grad=True)
     DPOLoss(beta=0.1)(policy, reference).losses.sum().backward()
-    assert_close(policy.chosen.grad, t(-0.1 * sig(-0.5), -0.1 * sig(1.0)), rtol=0, atol=1e-12)
-    assert_close(policy.rejected.grad, -policy.chosen.grad, rtol=0, atol=0)
+    assert_close(policy["chosen"].logps.grad, t(-0.1 * sig(-0.5), -0.1 * sig(1.0)), rtol=0, atol=1e-12)
+    assert_close(policy["rejected"].logps.grad, -policy["chosen"].logps.grad, rtol=0, atol=0)
 
 
 def test_dpo_loss_decreases_as_margin_grows():
     margins = torch.linspace(-20, 20, 41, dtype=F64)
     zeros = torch.zeros_like(margins)
-    policy = SequenceLogps(chosen=margins, rejected=zeros, chosen_tokens=zeros, rejected_tokens=zeros)
-    reference = SequenceLogps(chosen=zeros, rejected=zeros, chosen_tokens=zeros, rejected_tokens=zeros)
+    policy = SequenceLogps({"chosen": RoleValues(margins, zeros), "rejected": RoleValues(zeros, zeros)})
+    reference = SequenceLogps({"chosen": RoleValues(zeros, zeros), "rejected": RoleValues(zeros, zeros)})
     losses = DPOLoss(beta=0.1)(policy, reference).losses
     assert torch.all(losses[1:] < losses[:-1])
     assert torch.all(losses > 0)
@@ -284,7 +291,7 @@ def test_robust_dpo_is_unbiased_under_label_flips():
     policy, reference = pairs()
 
     def flip(s: SequenceLogps) -> SequenceLogps:
-        return seqs(s.rejected.tolist(), s.chosen.tolist())
+        return seqs(s["rejected"].logps.tolist(), s["chosen"].logps.tolist())
 
     robust = RobustDPOLoss(beta=0.1, label_smoothing=0.2)
     expected = 0.8 * robust(policy, reference).losses + 0.2 * robust(flip(policy), flip(reference)).losses
@@ -448,10 +455,12 @@ def test_aot_ignores_batch_order_and_is_dpo_on_one_pair(cls):
     """Sorting makes the per-position losses independent of the order of pairs in the batch;
     with a single pair there is nothing to sort and AOT is (c)DPO."""
     policy, reference = pairs()
-    swapped = [seqs(s.chosen.flip(0).tolist(), s.rejected.flip(0).tolist()) for s in (policy, reference)]
+    swapped = [
+        seqs(s["chosen"].logps.flip(0).tolist(), s["rejected"].logps.flip(0).tolist()) for s in (policy, reference)
+    ]
     loss = cls(beta=0.1, label_smoothing=0.1)
     assert_close(loss(*swapped).losses, loss(policy, reference).losses, rtol=0, atol=0)
-    one = [seqs(s.chosen[:1].tolist(), s.rejected[:1].tolist()) for s in (policy, reference)]
+    one = [seqs(s["chosen"].logps[:1].tolist(), s["rejected"].logps[:1].tolist()) for s in (policy, reference)]
     assert_close(loss(*one).losses, DPOLoss(beta=0.1, label_smoothing=0.1)(*one).losses, rtol=0, atol=1e-15)
 
 
@@ -615,12 +624,12 @@ def test_f_divergence_replaces_the_log_ratio_by_its_score(cls, f_divergence):
 
     zeros = [0.0, 0.0]
     as_scores = seqs(
-        scored(policy.chosen - reference.chosen).tolist(),
-        scored(policy.rejected - reference.rejected).tolist(),
-        policy.chosen_tokens.tolist(),
-        policy.rejected_tokens.tolist(),
+        scored(policy["chosen"].logps - reference["chosen"].logps).tolist(),
+        scored(policy["rejected"].logps - reference["rejected"].logps).tolist(),
+        policy["chosen"].tokens.tolist(),
+        policy["rejected"].tokens.tolist(),
     )
-    zero_reference = seqs(zeros, zeros, policy.chosen_tokens.tolist(), policy.rejected_tokens.tolist())
+    zero_reference = seqs(zeros, zeros, policy["chosen"].tokens.tolist(), policy["rejected"].tokens.tolist())
     reverse = cls(beta=0.1)(as_scores, zero_reference)
     assert_close(loss(policy, reference).losses, reverse.losses, rtol=0, atol=1e-12)
 
@@ -671,7 +680,7 @@ def test_ld_alpha_zero_uses_only_the_shared_tokens():
     check(out, [math.log(2), sp(-0.6)], [0.6931472, 0.4374880], 0.5653176)
 
     def shared_only(s: SequenceLogps) -> SequenceLogps:
-        return seqs(s.chosen_shared.tolist(), s.rejected_shared.tolist())
+        return seqs(s["chosen"].shared.tolist(), s["rejected"].shared.tolist())
 
     assert_close(out.losses, DPOLoss(beta=0.2)(shared_only(policy), shared_only(reference)).losses, rtol=0, atol=0)
 
@@ -780,8 +789,8 @@ def test_orpo_nll_spans_prompt_and_response_unless_told_otherwise():
     NLL = (6 + 18) / (4 + 6) = 2.4 and the loss rises by 2.4 - 2.3333333 = 0.0666667 to
     2.4810639; with prompt_nll=False the prompt is ignored (2.4143972)."""
     policy = free_pairs()
-    policy.chosen_whole = policy.chosen + torch.tensor([-4.0, -6.0], dtype=F64)
-    policy.chosen_whole_tokens = policy.chosen_tokens + 2
+    policy["chosen"].whole = policy["chosen"].logps + torch.tensor([-4.0, -6.0], dtype=F64)
+    policy["chosen"].whole_tokens = policy["chosen"].tokens + 2
     whole = ORPOLoss(beta=0.1)(policy, None)
     assert_close(whole.metrics["nll_loss"], torch.tensor(2.4, dtype=F64), rtol=0, atol=1e-12)
     assert_close(whole.loss, torch.tensor(2.4810639, dtype=F64), rtol=0, atol=1e-7)
@@ -814,7 +823,7 @@ def test_sft_hand_worked_batch_token_mean():
     policy = free_pairs()
     out = SFTLoss()(policy, None)
     check(out, NLL_SHARES, [0.6666667, 4.0], 2.3333333)
-    assert_close(out.loss, -policy.chosen.sum() / policy.chosen_tokens.sum(), rtol=0, atol=1e-15)
+    assert_close(out.loss, -policy["chosen"].logps.sum() / policy["chosen"].tokens.sum(), rtol=0, atol=1e-15)
     assert abs(out.loss.item() - 2.0) > 0.3
     check_rewards(out, [-1.0, -3.0], [-2.0, -2.0])
 
@@ -822,8 +831,8 @@ def test_sft_hand_worked_batch_token_mean():
 def test_sft_ignores_rejected():
     policy = free_pairs(grad=True)
     SFTLoss()(policy, None).loss.backward()
-    assert policy.rejected.grad is None or torch.all(policy.rejected.grad == 0)
-    assert_close(policy.chosen.grad, t(-1 / 6, -1 / 6), rtol=0, atol=1e-15)
+    assert policy["rejected"].logps.grad is None or torch.all(policy["rejected"].logps.grad == 0)
+    assert_close(policy["chosen"].logps.grad, t(-1 / 6, -1 / 6), rtol=0, atol=1e-15)
 
 
 # --------------------------------------------------------------------------------------------
@@ -836,7 +845,7 @@ def kto_batch(policy_kl: list[float], reference_kl: list[float], grad: bool = Fa
     = -3, and three KL rows."""
     policy = seqs([-10.0, -20.0], [-14.0], grad=grad, kl=policy_kl)
     if grad:
-        policy.kl.requires_grad_(True)
+        policy["kl"].logps.requires_grad_(True)
     return policy, seqs([-12.0, -18.0], [-11.0], kl=reference_kl)
 
 
@@ -898,8 +907,8 @@ def test_kto_kl_rows_take_no_gradient():
     out = KTOLoss()(policy, reference)
     assert not out.metrics["kl"].requires_grad
     out.loss.backward()
-    assert policy.kl.grad is None
-    assert policy.chosen.grad is not None and policy.rejected.grad is not None
+    assert policy["kl"].logps.grad is None
+    assert policy["chosen"].logps.grad is not None and policy["rejected"].logps.grad is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1008,8 +1017,22 @@ def test_the_lists_cover_every_loss():
     assert len(SINGLE) == len(set(SINGLE)) == 23
     assert {c for c in SINGLE if "beta" in inspect.signature(c).parameters} == set(TAKES_BETA)
     assert {c for c in SINGLE if "label_smoothing" in inspect.signature(c).parameters} == set(TAKES_LABEL_SMOOTHING)
-    assert {c for c in SINGLE if "wpo" in inspect.signature(c).parameters} == set(TAKES_WPO)
-    assert {c for c in SINGLE if "f_divergence" in inspect.signature(c).parameters} == set(F_DIVERGENCE)
+    assert {c for c in SINGLE if PairWeights in c.accepts} == set(TAKES_WPO)
+    assert {c for c in SINGLE if FDivergence in c.accepts} == set(F_DIVERGENCE)
+    assert {c for c in SINGLE if LengthDesensitized in c.accepts} == set(PAIRED)
+
+
+@pytest.mark.parametrize("cls", SINGLE, ids=name)
+def test_a_loss_refuses_the_keys_of_modifiers_it_does_not_accept(cls):
+    """Each modifier key is accepted exactly by the losses that list its modifier in `accepts`;
+    any other loss refuses it as an unknown keyword argument (and its schema has no such key)."""
+    for modifier, key, value in ((LengthDesensitized, "ld_alpha", 0.5), (PairWeights, "wpo", True),
+                                 (FDivergence, "f_divergence", "forward_kl"), (FDivergence, "f_alpha", 0.3)):  # fmt: skip
+        if modifier in cls.accepts:
+            assert getattr(cls(**{key: value}).modifiers[cls.accepts.index(modifier)], key) == value
+        else:
+            with pytest.raises(TypeError, match=key):
+                cls(**{key: value})
 
 
 @pytest.mark.parametrize("make", every_loss())
@@ -1017,8 +1040,9 @@ def test_rewards_carry_no_gradient_loss_does(make):
     loss = make()
     shared = {"chosen_shared": [-6.0, -20.0], "rejected_shared": [-14.0, -11.0]}
     policy, reference = pairs(grad=True, kl=[-5.0, -7.0], chosen_wpo=[-0.5, -1.0], rejected_wpo=[-1.0, -0.5], **shared)
-    reference.kl, reference.chosen_shared, reference.rejected_shared = t(-6.0, -8.0), t(-8.0, -18.0), t(-11.0, -20.0)
-    policy.chosen_whole, policy.chosen_whole_tokens = policy.chosen - 3.0, policy.chosen_tokens + 2
+    reference.roles["kl"] = RoleValues(t(-6.0, -8.0), t(1.0, 1.0))
+    reference["chosen"].shared, reference["rejected"].shared = t(-8.0, -18.0), t(-11.0, -20.0)
+    policy["chosen"].whole, policy["chosen"].whole_tokens = policy["chosen"].logps - 3.0, policy["chosen"].tokens + 2
     out = loss(policy, reference if loss.requires_reference else None)
     assert out.loss.requires_grad and out.loss.dim() == 0
     assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad
@@ -1027,8 +1051,8 @@ def test_rewards_carry_no_gradient_loss_does(make):
     if out.losses is not None:
         assert_close(out.loss, out.losses.mean(), rtol=0, atol=0)
     out.loss.backward()
-    assert policy.chosen.grad is not None and torch.all(torch.isfinite(policy.chosen.grad))
-    assert policy.chosen.grad.abs().sum() > 0
+    assert policy["chosen"].logps.grad is not None and torch.all(torch.isfinite(policy["chosen"].logps.grad))
+    assert policy["chosen"].logps.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("cls", SINGLE, ids=name)
@@ -1151,8 +1175,20 @@ def test_a_micro_batch_without_desirable_examples_gives_zero_not_nan():
     train on there: its loss is 0 with a graph, not the NaN of an empty mean, alone and in a
     combination with KTO."""
     empty = torch.zeros(0, dtype=F64, requires_grad=True)
-    policy = SequenceLogps(empty, t(-3.0), empty, t(2.0), kl=t(-4.0, -5.0))
-    reference = SequenceLogps(empty.detach(), t(-2.0), empty.detach(), t(2.0), kl=t(-4.0, -4.0))
+    policy = SequenceLogps(
+        {
+            "chosen": RoleValues(empty, empty),
+            "rejected": RoleValues(t(-3.0), t(2.0)),
+            "kl": RoleValues(t(-4.0, -5.0), t(1.0, 1.0)),
+        }
+    )
+    reference = SequenceLogps(
+        {
+            "chosen": RoleValues(empty.detach(), empty.detach()),
+            "rejected": RoleValues(t(-2.0), t(2.0)),
+            "kl": RoleValues(t(-4.0, -4.0), t(1.0, 1.0)),
+        }
+    )
     out = SFTLoss()(policy, None)
     assert out.loss.item() == 0.0 and out.loss.requires_grad
     combo = Combination({"kto": KTOLoss(), "sft": SFTLoss()})(policy, reference)

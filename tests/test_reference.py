@@ -161,8 +161,8 @@ def test_lora_trains_only_the_adapter_and_exports_it(train_run, tmp_path):
     eval_set = prepare(cfg.data, tokenizer, cfg.train.seed).eval
     batch = collate(eval_set, tokenizer.pad_token_id)
     with torch.no_grad():
-        ours = batch_logps(adapter_model, batch).logps.chosen
-        theirs = batch_logps(merged, batch).logps.chosen
+        ours = batch_logps(adapter_model, batch).logps["chosen"].logps
+        theirs = batch_logps(merged, batch).logps["chosen"].logps
     assert torch.allclose(ours, theirs, atol=1e-4)
     assert abs(ours.mean().item() - result["eval_logps/chosen"]) < 1e-4
     # Under FSDP / ZeRO-3 the merge reads the adapter back from disk: the same weights.
@@ -182,7 +182,7 @@ def test_full_fine_tune_export_reloads_with_the_runs_log_probs(train_run):
     cfg = make_config([*QUIET, *FAST])
     eval_set = prepare(cfg.data, tokenizer, cfg.train.seed).eval
     with torch.no_grad():
-        chosen = batch_logps(model, collate(eval_set, tokenizer.pad_token_id)).logps.chosen
+        chosen = batch_logps(model, collate(eval_set, tokenizer.pad_token_id)).logps["chosen"].logps
     assert abs(chosen.mean().item() - result["eval_logps/chosen"]) < 1e-4
 
 
@@ -206,8 +206,8 @@ def test_adapter_reference_is_the_base_model():
     with torch.no_grad():
         expected = batch_logps(base, batch).logps
         adapted = batch_logps(policy, batch).logps
-    assert torch.allclose(ref.chosen, expected.chosen, atol=1e-6)
-    assert not torch.allclose(adapted.chosen, expected.chosen, atol=1e-3)
+    assert torch.allclose(ref["chosen"].logps, expected["chosen"].logps, atol=1e-6)
+    assert not torch.allclose(adapted["chosen"].logps, expected["chosen"].logps, atol=1e-3)
 
 
 @pytest.mark.integration

@@ -95,4 +95,4 @@ def test_whole_sequence_nll_uses_the_whole_step():
     means = chosen_token_means(data)
     _, parts = batch_loss(model, None, instantiate(cfg.loss), batch, token_means=means)
     nll_sum, count = parts["nll_loss"]
-    assert float(nll_sum / count) == pytest.approx(float(-lp.chosen_whole.sum() / (2 * means[1])), rel=1e-6)
+    assert float(nll_sum / count) == pytest.approx(float(-lp["chosen"].whole.sum() / (2 * means[1])), rel=1e-6)

@@ -76,9 +76,10 @@ def migrated(recorded: dict[str, Any]) -> dict[str, Any]:
 def added_default(key: str, settings: dict[str, Any]) -> Any:
     """The default of a setting that a later version added, or a sentinel when there is none.
 
-    A loss parameter's default is its class's (the `_target_` beside it in `settings`); any
-    other key's comes from the config schema. A checkpoint written before the key existed
-    computed exactly what that default computes, so resuming with the default is safe.
+    A loss parameter's default is its class's (the `_target_` beside it in `settings`), or that
+    of a modifier the class accepts (`accepts`: ld_alpha, wpo, ...); any other key's comes from
+    the config schema. A checkpoint written before the key existed computed exactly what that
+    default computes, so resuming with the default is safe.
     """
     node, _, name = key.rpartition(".")
     if key.startswith("data.mixture.") and key.count(".") >= 3:  # a source's key: the data section's default
@@ -88,10 +89,14 @@ def added_default(key: str, settings: dict[str, Any]) -> Any:
     target = settings.get(f"{node}._target_")
     if target is not None:
         try:
-            param = inspect.signature(import_target(str(target))).parameters.get(name)
+            cls = import_target(str(target))
         except (ImportError, AttributeError, ValueError):
-            param = None
-        return param.default if param is not None else _NO_DEFAULT
+            return _NO_DEFAULT
+        for source in (cls, *getattr(cls, "accepts", ())):
+            param = inspect.signature(source).parameters.get(name)
+            if param is not None and param.kind is not param.VAR_KEYWORD:
+                return param.default
+        return _NO_DEFAULT
     return schema_default(key, _NO_DEFAULT)
 
 

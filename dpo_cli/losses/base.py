@@ -5,11 +5,13 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from dpo_cli.logprobs import SequenceLogps
+from dpo_cli.losses.modifiers import Modifier
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -100,19 +102,22 @@ def nll_shares(logps: torch.Tensor, tokens: torch.Tensor, denominator: float | N
 
 def chosen_nll(policy: SequenceLogps) -> torch.Tensor:
     """`nll_shares` of the chosen responses' tokens."""
-    return nll_shares(policy.chosen, policy.chosen_tokens, policy.nll_tokens)
+    chosen = policy["chosen"]
+    return nll_shares(chosen.logps, chosen.tokens, policy.nll_tokens)
 
 
 def chosen_whole_nll(policy: SequenceLogps) -> torch.Tensor:
     """`nll_shares` over every token of the chosen sequences but the first (prompt and
     response), as TRL's ORPOTrainer and the ORPO authors' code take it by default."""
-    assert policy.chosen_whole is not None and policy.chosen_whole_tokens is not None, "needs logprobs.WHOLE"
-    return nll_shares(policy.chosen_whole, policy.chosen_whole_tokens, policy.nll_whole_tokens)
+    chosen = policy["chosen"]
+    assert chosen.whole is not None and chosen.whole_tokens is not None, "needs batch.WHOLE"
+    return nll_shares(chosen.whole, chosen.whole_tokens, policy.nll_whole_tokens)
 
 
 def policy_means(policy: SequenceLogps) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token mean log-probs (a_w, a_l) of the chosen and rejected responses."""
-    return mean_logps(policy.chosen, policy.chosen_tokens), mean_logps(policy.rejected, policy.rejected_tokens)
+    chosen, rejected = policy["chosen"], policy["rejected"]
+    return mean_logps(chosen.logps, chosen.tokens), mean_logps(rejected.logps, rejected.tokens)
 
 
 def smoothed_sigmoid(logits: torch.Tensor, eps: float) -> torch.Tensor:
@@ -131,13 +136,34 @@ class Loss:
     requires_reference: the loss reads reference log-probs; without it no reference is built.
     paired: chosen[i] and rejected[i] must be the two responses of one pair (False: the loss
         also works on unpaired desirable/undesirable examples, as KTO does).
-    needs: optional per-sequence values (`logprobs.SHARED`, `logprobs.WPO`) and batch parts
-        (`logprobs.KL_ROWS`) that the data and log-prob stages must provide.
+    needs: optional per-sequence values (`batch.SHARED`, `batch.WPO`, `batch.WHOLE`) and batch
+        parts (`batch.KL_ROWS`) that the data and log-prob stages must provide: the class's own,
+        plus those of its modifiers that are on.
+    accepts: the modifier classes (`modifiers`) whose keys the loss takes as keyword arguments
+        (`**modifiers` of its constructor); `modifiers` holds them built, in that order.
     """
 
     requires_reference: bool = True
     paired: bool = True
     needs: frozenset[str] = frozenset()
+    accepts: tuple[type[Modifier], ...] = ()
+    modifiers: tuple[Modifier, ...] = ()
+
+    def modify(self, problems: list[str], keys: dict[str, Any]) -> None:
+        """Build every accepted modifier from its keys in `keys` (the others at their defaults),
+        add their range problems to `problems`, and their needs to the loss's. A key that no
+        accepted modifier owns is a TypeError, as an unknown keyword argument is."""
+        owner = {key: m for m in self.accepts for key in m.keys()}
+        unknown = [key for key in keys if key not in owner]
+        if unknown:
+            params = inspect.signature(type(self)).parameters.values()
+            allowed = ", ".join([p.name for p in params if p.kind is not p.VAR_KEYWORD] + list(owner))
+            name = type(self).__name__
+            raise TypeError("\n".join(f"{key} is not a parameter of {name}; allowed: {allowed}" for key in unknown))
+        self.modifiers = tuple(m(**{k: v for k, v in keys.items() if owner[k] is m}) for m in self.accepts)
+        for m in self.modifiers:
+            problems.extend(m.problems())
+        self.needs = frozenset(type(self).needs).union(*(m.needs for m in self.modifiers))
 
     def __call__(self, policy: SequenceLogps, reference: SequenceLogps | None, reduce: Reduce = local) -> LossOutput:
         """The batch's loss. `reduce` turns a batch statistic into its mean over processes
@@ -145,6 +171,8 @@ class Loss:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
-        args = ", ".join(f"{n}={getattr(self, n)!r}" for n in names if hasattr(self, n))
-        return f"{type(self).__name__}({args})"
+        params = inspect.signature(type(self).__init__).parameters.values()
+        names = [p.name for p in params if p.name != "self" and p.kind is not p.VAR_KEYWORD]
+        args = [f"{n}={getattr(self, n)!r}" for n in names if hasattr(self, n)]
+        args += [repr(m) for m in self.modifiers]
+        return f"{type(self).__name__}({', '.join(args)})"

@@ -41,6 +41,11 @@ class Combination(Loss):
     and on the command line: `loss=combo +loss@loss.terms.dpo=dpo +loss@loss.terms.sft=sft
     +loss.weights.sft=0.5`, or change a recipe: `loss=rpo loss.weights.sft=0.5
     loss.terms.dpo.beta=0.05`.
+
+    Keys:
+        terms: name -> a conf/loss file (a loss), added with +loss@loss.terms.NAME=FILE;
+            metrics loss/NAME per term.
+        weights: name -> weight >= 0 (1.0 for terms not listed); add with +loss.weights.NAME=W.
     """
 
     def __init__(self, terms: Mapping[str, Loss], weights: Mapping[str, float] | None = None):

@@ -31,6 +31,12 @@ class KTOLoss(Loss):
     The paper uses beta = 0.1; TRL recommends keeping lambda_D n_D / (lambda_U n_U) in
     [1, 4/3] for n_D desirable and n_U undesirable examples (the paper's Eq. 8 discussion).
     Equals TRL's KTOTrainer (loss_type="kto").
+
+    Keys:
+        beta: reward scale; > 0 (paper: 0.1).
+        desirable_weight: lambda_D, weight of desirable examples' losses; > 0.
+        undesirable_weight: lambda_U, > 0; keep lambda_D n_D / (lambda_U n_U) in about [1, 4/3]
+            (TRL's advice).
     """
 
     paired = False
@@ -51,10 +57,10 @@ class KTOLoss(Loss):
 
     def __call__(self, policy: SequenceLogps, reference: SequenceLogps | None, reduce: Reduce = local) -> LossOutput:
         assert reference is not None, "KTOLoss requires reference log-probs"
-        assert policy.kl is not None and reference.kl is not None, "KTOLoss needs the batch's KL rows"
-        kl = reduce((policy.kl - reference.kl).mean().detach()).clamp(min=0)
-        hw = policy.chosen - reference.chosen
-        hl = policy.rejected - reference.rejected
+        assert "kl" in policy and "kl" in reference, "KTOLoss needs the batch's KL rows"
+        kl = reduce((policy["kl"].logps - reference["kl"].logps).mean().detach()).clamp(min=0)
+        hw = policy["chosen"].logps - reference["chosen"].logps
+        hl = policy["rejected"].logps - reference["rejected"].logps
         losses = torch.cat(
             (
                 self.desirable_weight * (1 - torch.sigmoid(self.beta * (hw - kl))),

@@ -10,30 +10,22 @@ Notation (per pair i; every tensor below is (B,)):
 Unless a loss says otherwise: the loss is the mean over pairs of the per-pair loss, and the
 rewards are beta * h_w and beta * h_l (detached), as in TRL's DPOTrainer.
 
-Modifiers every loss here accepts:
-    ld_alpha (LD-DPO; Liu et al., 2024, Eq. 8): the log-probs of policy and reference become
-        pi = pi[first min(|y_w|, |y_l|) tokens] + ld_alpha * pi[remaining tokens], so the
-        longer response's surplus tokens count ld_alpha-fold; None = off (equal to 1.0).
-    wpo (WPO; Zhou et al., 2024, Eq. 2): each pair's loss is multiplied by the detached weight
-        exp(mean_t [log p(y_w,t) - log sum_v p(v)^2]) * (the same for y_l), under the policy.
-The losses that TRL 1.16 lists as built on the reward difference also take an f-divergence
-(`f_divergence`; Wang et al., 2023, "Beyond Reverse KL"): h is replaced by f'(exp(h)) before the
-difference: reverse_kl h (DPO), forward_kl 1 - exp(-h), js_divergence log 2 + log sigmoid(h),
-alpha_divergence (exp((alpha - 1) h) - 1) / (alpha - 1). `f_alpha` follows TRL's
-`f_alpha_divergence_coef` convention (its code): f_alpha = 1 gives reverse KL and 0 forward KL,
-so it is 1 minus the paper's alpha (whose f'(u) = (1 - u^-alpha) / alpha); the two agree at the
-default 0.5.
+Every loss here accepts the LD-DPO (`ld_alpha`) and WPO (`wpo`) modifiers (`modifiers`; AOT
+not WPO); those that TRL 1.16 lists as built on the reward difference (`FDivergenceLoss`) also
+the f-divergence (`f_divergence`, `f_alpha`), which replaces h by s(h) in their score difference.
+Every loss here takes `beta` (> 0; its meaning is each loss's own, its docstring says).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from dpo_cli.logprobs import SHARED, WPO, SequenceLogps
+from dpo_cli.logprobs import SequenceLogps
 from dpo_cli.losses.base import (
     Loss,
     LossOutput,
@@ -47,13 +39,13 @@ from dpo_cli.losses.base import (
     raise_problems,
     smoothed_sigmoid,
 )
-
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+from dpo_cli.losses.modifiers import FDivergence, LengthDesensitized, PairWeights
 
 
 @dataclass
 class Ratios:
-    """A batch of pairs as the paired losses read it (all (B,), log-probs after ld_alpha)."""
+    """A batch of pairs as the paired losses read it (all (B,), log-probs after the input
+    modifiers; `chosen` and `rejected` after the margin modifiers: s(h))."""
 
     chosen: torch.Tensor  # h_w = pi_w - ref_w
     rejected: torch.Tensor  # h_l = pi_l - ref_l
@@ -64,89 +56,71 @@ class Ratios:
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
 
+    def delta(self) -> torch.Tensor:
+        """s(h_w) - s(h_l): h_w - h_l under reverse KL (DPO)."""
+        return self.chosen - self.rejected
+
+    def mean_delta(self) -> torch.Tensor:
+        """s(h_w) / |y_w| - s(h_l) / |y_l|: the score difference per response token."""
+        return mean_logps(self.chosen, self.chosen_tokens) - mean_logps(self.rejected, self.rejected_tokens)
+
+
+def ratios(policy: SequenceLogps, reference: SequenceLogps) -> Ratios:
+    """The log-ratios h = pi - ref of each pair, with the log-probs and lengths they come from."""
+    pw, pl = policy["chosen"].logps, policy["rejected"].logps
+    rw, rl = reference["chosen"].logps, reference["rejected"].logps
+    return Ratios(pw - rw, pl - rl, pw, pl, rw, rl, policy["chosen"].tokens, policy["rejected"].tokens)
+
 
 class PairedLoss(Loss):
-    """Base of the reference-based paired losses: log-ratios, LD-DPO, WPO and rewards.
-    Subclasses implement `pair_losses(r) -> (B,)`."""
+    """Base of the reference-based paired losses: log-ratios, modifiers and rewards.
 
-    def __init__(
-        self, beta: float, ld_alpha: float | None = None, wpo: bool = False, problems: list[str] | None = None
-    ):
-        problems = problems if problems is not None else []
+        values -> inputs modifiers (LD-DPO) -> h -> rewards beta * h
+               -> margin modifiers (h -> s(h)) -> pair_losses (B,) -> outputs modifiers (WPO) -> mean
+
+    Subclasses implement `pair_losses(r) -> (B,)` and set their own keys with `setup`.
+
+    Keys:
+        beta: reward scale, > 0 (typical 0.01 to 0.5; paper: 0.1).
+    """
+
+    accepts = (LengthDesensitized, PairWeights)
+
+    def __init__(self, beta: float = 0.1, **modifiers: Any):
+        self.setup([], beta, modifiers)
+
+    def setup(self, problems: list[str], beta: float, modifiers: dict[str, Any]) -> None:
+        """Check beta and the subclass's `problems`, build the modifiers; raise once for all."""
         check_beta(problems, beta)
-        if ld_alpha is not None and not 0 <= ld_alpha <= 1:
-            problems.append(f"ld_alpha={ld_alpha} must be in [0, 1] (1 = plain DPO, 0 = only the shared length counts)")
+        self.modify(problems, modifiers)
         raise_problems(problems)
         self.beta = float(beta)
-        self.ld_alpha = None if ld_alpha is None else float(ld_alpha)
-        self.wpo = bool(wpo)
-        self.needs = frozenset(({SHARED} if ld_alpha is not None else set()) | ({WPO} if wpo else set()))
-
-    def _logps(self, s: SequenceLogps) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.ld_alpha is None:
-            return s.chosen, s.rejected
-        assert s.chosen_shared is not None and s.rejected_shared is not None, "ld_alpha needs shared log-probs"
-        a = self.ld_alpha
-        return (
-            s.chosen_shared + a * (s.chosen - s.chosen_shared),
-            s.rejected_shared + a * (s.rejected - s.rejected_shared),
-        )
 
     def pair_losses(self, r: Ratios) -> torch.Tensor:
         raise NotImplementedError
 
     def __call__(self, policy: SequenceLogps, reference: SequenceLogps | None, reduce: Reduce = local) -> LossOutput:
         assert reference is not None, f"{type(self).__name__} requires reference log-probs"
-        pw, pl = self._logps(policy)
-        rw, rl = self._logps(reference)
-        r = Ratios(pw - rw, pl - rl, pw, pl, rw, rl, policy.chosen_tokens, policy.rejected_tokens)
+        modified, modified_reference = policy, reference
+        for m in self.modifiers:
+            modified, modified_reference = m.inputs(modified), m.inputs(modified_reference)
+        r = ratios(modified, modified_reference)
+        rewards = (self.beta * r.chosen, self.beta * r.rejected)
+        for m in self.modifiers:
+            r = replace(r, chosen=m.margin(r.chosen), rejected=m.margin(r.rejected))
         losses = self.pair_losses(r)
-        if self.wpo:
-            assert policy.chosen_wpo is not None and policy.rejected_wpo is not None
-            losses = losses * torch.exp(policy.chosen_wpo) * torch.exp(policy.rejected_wpo)
-        # With ld_alpha, logps/* are the LD-weighted log-probs, as TRL logs them.
-        logps = (pw, pl) if self.ld_alpha is not None else None
-        return output(losses, self.beta * r.chosen, self.beta * r.rejected, logps)
+        for m in self.modifiers:
+            losses = m.outputs(losses, policy)
+        # With input modifiers on (ld_alpha), logps/* are the modified log-probs, as TRL logs them.
+        logps = None if modified is policy else (r.policy_chosen, r.policy_rejected)
+        return output(losses, *rewards, logps)
 
 
 class FDivergenceLoss(PairedLoss):
-    """A paired loss built on the score difference s(h_w) - s(h_l), with s = f' of the chosen
-    f-divergence (module docstring); reverse_kl gives s(h) = h."""
+    """A paired loss built on the score difference s(h_w) - s(h_l) (`Ratios.delta`), so that
+    it also accepts the f-divergence modifier (`modifiers.FDivergence`)."""
 
-    def __init__(
-        self,
-        beta: float,
-        f_divergence: str = "reverse_kl",
-        f_alpha: float = 0.5,
-        ld_alpha: float | None = None,
-        wpo: bool = False,
-        problems: list[str] | None = None,
-    ):
-        problems = problems if problems is not None else []
-        if f_divergence not in F_DIVERGENCES:
-            problems.append(f"f_divergence={f_divergence!r} is not one of {', '.join(F_DIVERGENCES)}")
-        super().__init__(beta, ld_alpha, wpo, problems)
-        self.f_divergence = f_divergence
-        self.f_alpha = float(f_alpha)
-
-    def score(self, h: torch.Tensor) -> torch.Tensor:
-        if self.f_divergence == "forward_kl":
-            return 1 - torch.exp(-h)
-        if self.f_divergence == "js_divergence":
-            return math.log(2) + F.logsigmoid(h)
-        if self.f_divergence == "alpha_divergence" and abs(self.f_alpha - 1) > 1e-6:
-            # Clamped as TRL does, so that exp stays finite in float32.
-            t = torch.clamp((self.f_alpha - 1) * h, max=80.0)
-            return (torch.exp(t) - 1) / (self.f_alpha - 1)
-        return h  # reverse_kl, and alpha_divergence's limit at alpha = 1
-
-    def delta(self, r: Ratios) -> torch.Tensor:
-        """s(h_w) - s(h_l): h_w - h_l for reverse KL (DPO)."""
-        return self.score(r.chosen) - self.score(r.rejected)
-
-    def mean_delta(self, r: Ratios) -> torch.Tensor:
-        """s(h_w) / |y_w| - s(h_l) / |y_l|: the score difference per response token."""
-        return mean_logps(self.score(r.chosen), r.chosen_tokens) - mean_logps(self.score(r.rejected), r.rejected_tokens)
+    accepts = (LengthDesensitized, PairWeights, FDivergence)
 
 
 class DPOLoss(FDivergenceLoss):
@@ -159,28 +133,26 @@ class DPOLoss(FDivergenceLoss):
     plain DPO and equals TRL's `sigmoid` (TRL 1.16 no longer smooths `sigmoid`). The paper
     uses beta = 0.1 (0.5 for TL;DR summarization). `nll_weight` > 0 adds that multiple of the
     token-mean NLL of the chosen responses (RPO, Pang et al., 2024; TRL's `rpo_alpha`), logged
-    as `nll_loss`.
+    as `nll_loss`; the NLL is not weighted by WPO.
+
+    Keys (and the modifiers' `ld_alpha`, `wpo`, `f_divergence`, `f_alpha`):
+        beta: KL strength: higher keeps the policy closer to the reference; > 0 (typical 0.01
+            to 0.5; paper: 0.1).
+        label_smoothing: assumed fraction of flipped labels, in [0, 0.5); > 0 is cDPO.
+        nll_weight: >= 0; > 0 adds this multiple of the chosen responses' token-mean NLL
+            (RPO: loss=rpo sets 1.0; TRL's rpo_alpha).
     """
 
-    def __init__(
-        self,
-        beta: float = 0.1,
-        label_smoothing: float = 0.0,
-        f_divergence: str = "reverse_kl",
-        f_alpha: float = 0.5,
-        ld_alpha: float | None = None,
-        wpo: bool = False,
-        nll_weight: float = 0.0,
-    ):
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, nll_weight: float = 0.0, **modifiers: Any):
         problems: list[str] = []
         check_smoothing(problems, label_smoothing)
         if not nll_weight >= 0:
             problems.append(f"nll_weight={nll_weight} must be >= 0 (0 = plain DPO; RPO uses 1.0)")
-        super().__init__(beta, f_divergence, f_alpha, ld_alpha, wpo, problems)
+        self.setup(problems, beta, modifiers)
         self.label_smoothing, self.nll_weight = float(label_smoothing), float(nll_weight)
 
     def pair_losses(self, r: Ratios) -> torch.Tensor:
-        return smoothed_sigmoid(self.beta * self.delta(r), self.label_smoothing)
+        return smoothed_sigmoid(self.beta * r.delta(), self.label_smoothing)
 
     def __call__(self, policy: SequenceLogps, reference: SequenceLogps | None, reduce: Reduce = local) -> LossOutput:
         out = super().__call__(policy, reference, reduce)
@@ -201,24 +173,20 @@ class RobustDPOLoss(FDivergenceLoss):
 
     eps = `label_smoothing`, the assumed flip rate, in [0, 0.5); eps = 0 is DPO. Summed
     log-probs; needs a reference; equals TRL's `robust`. The paper's default eps is 0.1.
+
+    Keys (and `ld_alpha`, `wpo`, `f_divergence`, `f_alpha`):
+        beta: KL strength; > 0.
+        label_smoothing: assumed label-flip rate, in [0, 0.5); 0 = DPO (paper default 0.1).
     """
 
-    def __init__(
-        self,
-        beta: float = 0.1,
-        label_smoothing: float = 0.1,
-        f_divergence: str = "reverse_kl",
-        f_alpha: float = 0.5,
-        ld_alpha: float | None = None,
-        wpo: bool = False,
-    ):
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.1, **modifiers: Any):
         problems: list[str] = []
         check_smoothing(problems, label_smoothing)
-        super().__init__(beta, f_divergence, f_alpha, ld_alpha, wpo, problems)
+        self.setup(problems, beta, modifiers)
         self.label_smoothing = float(label_smoothing)
 
     def pair_losses(self, r: Ratios) -> torch.Tensor:
-        x, eps = self.beta * self.delta(r), self.label_smoothing
+        x, eps = self.beta * r.delta(), self.label_smoothing
         return ((1 - eps) * -F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)
 
 
@@ -227,22 +195,15 @@ class HingeLoss(FDivergenceLoss):
 
         loss = max(0, 1 - beta (h_w - h_l))
 
-    i.e. a margin of 1/beta on the log-ratio difference. Summed log-probs; needs a reference;
-    equals TRL's `hinge`.
+    i.e. a margin of 1/beta on the log-ratio difference (it replaces SLiC's delta). Summed
+    log-probs; needs a reference; equals TRL's `hinge`.
+
+    Keys (and `ld_alpha`, `wpo`, `f_divergence`, `f_alpha`):
+        beta: inverse margin: the log-ratio gap is pushed to >= 1/beta; > 0.
     """
 
-    def __init__(
-        self,
-        beta: float = 0.1,
-        f_divergence: str = "reverse_kl",
-        f_alpha: float = 0.5,
-        ld_alpha: float | None = None,
-        wpo: bool = False,
-    ):
-        super().__init__(beta, f_divergence, f_alpha, ld_alpha, wpo)
-
     def pair_losses(self, r: Ratios) -> torch.Tensor:
-        return torch.relu(1 - self.beta * self.delta(r))
+        return torch.relu(1 - self.beta * r.delta())
 
 
 class IPOLoss(FDivergenceLoss):
@@ -253,20 +214,13 @@ class IPOLoss(FDivergenceLoss):
     The log-ratios are **averaged** over response tokens, as the IPO authors specify (TRL
     confirmed this with them; the paper's results use this form). Needs a reference; equals
     TRL's `ipo`. Larger beta = weaker regularisation target 1/(2 beta).
+
+    Keys (and `ld_alpha`, `wpo`, `f_divergence`, `f_alpha`):
+        beta: the paper's tau: the target gap is 1/(2 beta) per token; > 0.
     """
 
-    def __init__(
-        self,
-        beta: float = 0.1,
-        f_divergence: str = "reverse_kl",
-        f_alpha: float = 0.5,
-        ld_alpha: float | None = None,
-        wpo: bool = False,
-    ):
-        super().__init__(beta, f_divergence, f_alpha, ld_alpha, wpo)
-
     def pair_losses(self, r: Ratios) -> torch.Tensor:
-        return (self.mean_delta(r) - 1 / (2 * self.beta)) ** 2
+        return (r.mean_delta() - 1 / (2 * self.beta)) ** 2
 
 
 class SigmoidNormLoss(FDivergenceLoss):
@@ -277,20 +231,13 @@ class SigmoidNormLoss(FDivergenceLoss):
     Log-ratios **averaged** over response tokens, so long responses do not dominate; needs a
     reference; equals TRL's `sigmoid_norm`. Averaging shrinks the margin by ~1/length, so beta
     is typically larger than DPO's.
+
+    Keys (and `ld_alpha`, `wpo`, `f_divergence`, `f_alpha`):
+        beta: KL strength on per-token log-ratios; > 0 (usually larger than DPO's).
     """
 
-    def __init__(
-        self,
-        beta: float = 0.1,
-        f_divergence: str = "reverse_kl",
-        f_alpha: float = 0.5,
-        ld_alpha: float | None = None,
-        wpo: bool = False,
-    ):
-        super().__init__(beta, f_divergence, f_alpha, ld_alpha, wpo)
-
     def pair_losses(self, r: Ratios) -> torch.Tensor:
-        return -F.logsigmoid(self.beta * self.mean_delta(r))
+        return -F.logsigmoid(self.beta * r.mean_delta())
 
 
 class EXOPairLoss(FDivergenceLoss):
@@ -302,25 +249,21 @@ class EXOPairLoss(FDivergenceLoss):
 
     Summed log-probs; needs a reference; equals TRL's `exo_pair` (where eps is called
     label_smoothing). eps must be in (0, 1); the paper uses 1e-3.
+
+    Keys (and `ld_alpha`, `wpo`, `f_divergence`, `f_alpha`):
+        beta: KL strength; > 0.
+        epsilon: label smoothing of the target distribution, in (0, 1) (paper: 1e-3).
     """
 
-    def __init__(
-        self,
-        beta: float = 0.1,
-        epsilon: float = 1e-3,
-        f_divergence: str = "reverse_kl",
-        f_alpha: float = 0.5,
-        ld_alpha: float | None = None,
-        wpo: bool = False,
-    ):
+    def __init__(self, beta: float = 0.1, epsilon: float = 1e-3, **modifiers: Any):
         problems: list[str] = []
         if not 0 < epsilon < 1:
             problems.append(f"epsilon={epsilon} must be in (0, 1): EXO takes log(epsilon) (the paper uses 1e-3)")
-        super().__init__(beta, f_divergence, f_alpha, ld_alpha, wpo, problems)
+        self.setup(problems, beta, modifiers)
         self.epsilon = float(epsilon)
 
     def pair_losses(self, r: Ratios) -> torch.Tensor:
-        x = self.beta * self.delta(r)
+        x = self.beta * r.delta()
         return torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-self.epsilon)) + torch.sigmoid(-x) * (
             F.logsigmoid(-x) - math.log(self.epsilon)
         )
@@ -336,25 +279,21 @@ class DiscoPOPLoss(FDivergenceLoss):
 
     Summed log-probs; needs a reference; equals TRL's `discopop`. The paper recommends
     tau = 0.05.
+
+    Keys (and `ld_alpha`, `wpo`, `f_divergence`, `f_alpha`):
+        beta: KL strength; > 0.
+        tau: temperature of the modulation, > 0 (paper: 0.05).
     """
 
-    def __init__(
-        self,
-        beta: float = 0.1,
-        tau: float = 0.05,
-        f_divergence: str = "reverse_kl",
-        f_alpha: float = 0.5,
-        ld_alpha: float | None = None,
-        wpo: bool = False,
-    ):
+    def __init__(self, beta: float = 0.1, tau: float = 0.05, **modifiers: Any):
         problems: list[str] = []
         if not tau > 0:
             problems.append(f"tau={tau} must be > 0 (the paper recommends 0.05)")
-        super().__init__(beta, f_divergence, f_alpha, ld_alpha, wpo, problems)
+        self.setup(problems, beta, modifiers)
         self.tau = float(tau)
 
     def pair_losses(self, r: Ratios) -> torch.Tensor:
-        x = self.beta * self.delta(r)
+        x = self.beta * r.delta()
         m = torch.sigmoid(x / self.tau)
         return (1 - m) * -F.logsigmoid(x) + m * torch.exp(-x)
 
@@ -366,10 +305,10 @@ class NCAPairLoss(PairedLoss):
         loss = -log sigmoid(beta h_w) - 1/2 log sigmoid(-beta h_w) - 1/2 log sigmoid(-beta h_l)
 
     Summed log-probs; needs a reference; equals TRL's `nca_pair`.
-    """
 
-    def __init__(self, beta: float = 0.1, ld_alpha: float | None = None, wpo: bool = False):
-        super().__init__(beta, ld_alpha, wpo)
+    Keys (and `ld_alpha`, `wpo`):
+        beta: reward scale; > 0.
+    """
 
     def pair_losses(self, r: Ratios) -> torch.Tensor:
         w, lo = self.beta * r.chosen, self.beta * r.rejected
@@ -384,10 +323,10 @@ class BCOPairLoss(PairedLoss):
 
     Summed log-probs; needs a reference; equals TRL's `bco_pair`. Deliberate difference from
     the paper: no reward shift delta (the paper's running mean of rewards); TRL dropped it too.
-    """
 
-    def __init__(self, beta: float = 0.1, ld_alpha: float | None = None, wpo: bool = False):
-        super().__init__(beta, ld_alpha, wpo)
+    Keys (and `ld_alpha`, `wpo`):
+        beta: reward scale; > 0.
+    """
 
     def pair_losses(self, r: Ratios) -> torch.Tensor:
         return -F.logsigmoid(self.beta * r.chosen) - F.logsigmoid(-self.beta * r.rejected)
@@ -401,10 +340,10 @@ class SPPOHardLoss(PairedLoss):
 
     Summed log-probs; needs a reference. The paper's soft version needs win probabilities
     from a preference model, which pairs do not carry.
-    """
 
-    def __init__(self, beta: float = 0.1, ld_alpha: float | None = None, wpo: bool = False):
-        super().__init__(beta, ld_alpha, wpo)
+    Keys (and `ld_alpha`, `wpo`):
+        beta: the target log-ratios are +-1/(2 beta); > 0.
+    """
 
     def pair_losses(self, r: Ratios) -> torch.Tensor:
         return (r.chosen - 0.5 / self.beta) ** 2 + (r.rejected + 0.5 / self.beta) ** 2
@@ -419,13 +358,19 @@ class AOTLoss(PairedLoss):
 
     Summed log-probs; needs a reference; the sort runs over the micro batch (a batch-level
     loss: larger micro batches estimate the distributions better); equals TRL's `aot`.
-    Not combinable with WPO (pairs lose their identity when sorted).
+    Accepts LD-DPO only: not WPO (pairs lose their identity when sorted).
+
+    Keys (and `ld_alpha`):
+        beta: KL strength; > 0.
+        label_smoothing: assumed flip rate, in [0, 0.5).
     """
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, ld_alpha: float | None = None):
+    accepts = (LengthDesensitized,)
+
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, **modifiers: Any):
         problems: list[str] = []
         check_smoothing(problems, label_smoothing)
-        super().__init__(beta, ld_alpha, False, problems)
+        self.setup(problems, beta, modifiers)
         self.label_smoothing = float(label_smoothing)
 
     def pair_losses(self, r: Ratios) -> torch.Tensor:
@@ -442,6 +387,10 @@ class AOTUnpairedLoss(AOTLoss):
         loss = -(1 - eps) log sigmoid(x) - eps log sigmoid(-x)
 
     Summed log-probs; needs a reference; equals TRL's `aot_unpaired`.
+
+    Keys (and `ld_alpha`):
+        beta: KL strength; > 0.
+        label_smoothing: assumed flip rate, in [0, 0.5).
     """
 
     def pair_losses(self, r: Ratios) -> torch.Tensor:
@@ -456,10 +405,10 @@ class APOZeroLoss(PairedLoss):
         loss = (1 - sigmoid(beta h_w)) + sigmoid(beta h_l)
 
     Summed log-probs; needs a reference; equals TRL's `apo_zero`. The paper uses beta = 0.1.
-    """
 
-    def __init__(self, beta: float = 0.1, ld_alpha: float | None = None, wpo: bool = False):
-        super().__init__(beta, ld_alpha, wpo)
+    Keys (and `ld_alpha`, `wpo`):
+        beta: reward scale; > 0 (paper: 0.1).
+    """
 
     def pair_losses(self, r: Ratios) -> torch.Tensor:
         return (1 - torch.sigmoid(self.beta * r.chosen)) + torch.sigmoid(self.beta * r.rejected)
@@ -472,10 +421,10 @@ class APODownLoss(PairedLoss):
         loss = sigmoid(beta h_w) + (1 - sigmoid(beta (h_w - h_l)))
 
     Summed log-probs; needs a reference; equals TRL's `apo_down`.
-    """
 
-    def __init__(self, beta: float = 0.1, ld_alpha: float | None = None, wpo: bool = False):
-        super().__init__(beta, ld_alpha, wpo)
+    Keys (and `ld_alpha`, `wpo`):
+        beta: reward scale; > 0 (paper: 0.1).
+    """
 
     def pair_losses(self, r: Ratios) -> torch.Tensor:
         return torch.sigmoid(self.beta * r.chosen) + (1 - torch.sigmoid(self.beta * (r.chosen - r.rejected)))
@@ -491,13 +440,17 @@ class DPOPLoss(PairedLoss):
     scaled by beta, as in the paper's Eq. 3 (some implementations add it outside the log-sigmoid
     instead). Summed log-probs; needs a reference. The paper sets lambda = 50. TRL has no
     DPOP; checked against hand-worked numbers.
+
+    Keys (and `ld_alpha`, `wpo`):
+        beta: KL strength; > 0.
+        dpop_lambda: penalty weight on max(0, log ref(y_w)/pi(y_w)), >= 0; 0 = DPO (paper: 50).
     """
 
-    def __init__(self, beta: float = 0.1, dpop_lambda: float = 50.0, ld_alpha: float | None = None, wpo: bool = False):
+    def __init__(self, beta: float = 0.1, dpop_lambda: float = 50.0, **modifiers: Any):
         problems: list[str] = []
         if not dpop_lambda >= 0:
             problems.append(f"dpop_lambda={dpop_lambda} must be >= 0 (0 = plain DPO; the paper uses 50)")
-        super().__init__(beta, ld_alpha, wpo, problems)
+        self.setup(problems, beta, modifiers)
         self.dpop_lambda = float(dpop_lambda)
 
     def pair_losses(self, r: Ratios) -> torch.Tensor:
@@ -515,13 +468,17 @@ class RDPOLoss(PairedLoss):
     Summed log-probs, lengths in response tokens; needs a reference; alpha = 0 is DPO. The
     paper tunes alpha per dataset on a small grid (around 0.01 at beta = 0.1). TRL has no
     R-DPO; checked against hand-worked numbers.
+
+    Keys (and `ld_alpha`, `wpo`):
+        beta: KL strength; > 0.
+        alpha: length regulariser per response token, >= 0; 0 = DPO.
     """
 
-    def __init__(self, beta: float = 0.1, alpha: float = 0.01, ld_alpha: float | None = None, wpo: bool = False):
+    def __init__(self, beta: float = 0.1, alpha: float = 0.01, **modifiers: Any):
         problems: list[str] = []
         if not alpha >= 0:
             problems.append(f"alpha={alpha} must be >= 0 (0 = plain DPO)")
-        super().__init__(beta, ld_alpha, wpo, problems)
+        self.setup(problems, beta, modifiers)
         self.alpha = float(alpha)
 
     def pair_losses(self, r: Ratios) -> torch.Tensor:
@@ -540,10 +497,13 @@ class CalDPOLoss(PairedLoss):
     term by 1/2 instead. Rewards are beta * h as for the other losses. The authors' released
     config uses beta = 0.002 (calibration targets +-250). TRL has no Cal-DPO; checked against
     hand-worked numbers.
+
+    Keys (and `ld_alpha`, `wpo`):
+        beta: sets the calibration targets +-1/(2 beta); > 0 (authors' config: 0.002).
     """
 
-    def __init__(self, beta: float = 0.002, ld_alpha: float | None = None, wpo: bool = False):
-        super().__init__(beta, ld_alpha, wpo)
+    def __init__(self, beta: float = 0.002, **modifiers: Any):
+        self.setup([], beta, modifiers)
 
     def pair_losses(self, r: Ratios) -> torch.Tensor:
         target = 1 / (2 * self.beta)

@@ -50,6 +50,13 @@ class SimPOLoss(ReferenceFreeLoss):
     cpo_alpha=nll_weight. The authors' settings: beta 2.0 to 2.5 (10 for Gemma-2 and their
     Llama-3-Instruct v0.2), gamma/beta 0.1 to 0.8 (0.5 to 0.55 for Llama-3, 0.1 for
     Mistral-Instruct), and a learning rate far below DPO's (3e-7 to 1e-6).
+
+    Keys:
+        beta: reward scale on mean log-probs; > 0 (authors: 2.0 to 2.5; 10 for Gemma-2).
+        gamma: target reward margin, >= 0 (authors: gamma/beta 0.1 to 0.8, 0.5 to 0.55 for
+            Llama-3).
+        label_smoothing: assumed flip rate, in [0, 0.5).
+        nll_weight: weight of the chosen responses' NLL, >= 0; > 0 gives CPO-SimPO (e.g. 1.0).
     """
 
     def __init__(self, beta: float = 2.0, gamma: float = 1.0, label_smoothing: float = 0.0, nll_weight: float = 0.0):
@@ -83,6 +90,12 @@ class CPOLoss(ReferenceFreeLoss):
 
     **Summed** log-probs; no reference; rewards beta * pi. Equals TRL's CPOTrainer with
     loss_type="sigmoid" (`cpo_alpha` = nll_weight). The paper uses beta = 0.1 and NLL weight 1.
+
+    Keys:
+        beta: reward scale; > 0 (paper: 0.1).
+        label_smoothing: assumed flip rate, in [0, 0.5).
+        nll_weight: weight of the chosen responses' token-mean NLL (TRL: cpo_alpha), >= 0
+            (paper: 1.0).
     """
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, nll_weight: float = 1.0):
@@ -94,10 +107,11 @@ class CPOLoss(ReferenceFreeLoss):
         self.beta, self.label_smoothing, self.nll_weight = float(beta), float(label_smoothing), float(nll_weight)
 
     def __call__(self, policy: SequenceLogps, reference: SequenceLogps | None, reduce: Reduce = local) -> LossOutput:
-        losses = smoothed_sigmoid(self.beta * (policy.chosen - policy.rejected), self.label_smoothing)
+        pw, pl = policy["chosen"].logps, policy["rejected"].logps
+        losses = smoothed_sigmoid(self.beta * (pw - pl), self.label_smoothing)
         nll = chosen_nll(policy)
         losses = losses + self.nll_weight * nll
-        return output(losses, self.beta * policy.chosen, self.beta * policy.rejected, nll_loss=nll.mean())
+        return output(losses, self.beta * pw, self.beta * pl, nll_loss=nll.mean())
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -119,6 +133,11 @@ class ORPOLoss(ReferenceFreeLoss):
     tokens only (the authors' --disable_prompt_loss). Equals TRL's ORPOTrainer (beta = the
     paper's lambda; the paper uses 0.1). Logs `nll_loss`, `log_odds_ratio` (mean log
     sigmoid(log_odds)) and `log_odds_chosen` (mean log_odds), as TRL does.
+
+    Keys:
+        beta: weight of the odds-ratio term (the paper's lambda); > 0 (paper: 0.1).
+        prompt_nll: NLL over prompt and response tokens (ORPO code, TRL); false = response
+            tokens only.
     """
 
     def __init__(self, beta: float = 0.1, prompt_nll: bool = True):
