@@ -20,6 +20,7 @@ import torch
 from conftest import QUIET, make_config, read_metrics
 
 from dpo_cli import checkpoint
+from dpo_cli.config import validate
 from dpo_cli.errors import NonFiniteError, UserError
 
 SIZES = {"model.safetensors": 4000, "optimizer.bin": 8000, "random_states_0.pkl": 100}
@@ -353,7 +354,7 @@ def test_only_the_shared_tensor_warning_is_silenced_and_only_while_saving(caplog
 
 
 def shape_of(overrides: list[str]) -> dict:
-    return {"n_steps": 4, "data": "abc", **checkpoint.settings(make_config(QUIET + overrides))}
+    return {"n_steps": 4, "data": "abc", **checkpoint.settings(validate(make_config(QUIET + overrides)))}
 
 
 def written_with(tmp_path: Path, shape: dict) -> Path:

@@ -258,7 +258,7 @@ def test_the_default_attention_is_the_best_each_model_supports_everywhere(tmp_pa
 def test_a_checkpoint_written_with_the_former_sdpa_default_resumes_under_null(tmp_path):
     """Runs checkpointed when sdpa was the default resume under the new default: the attention
     kernel changes rounding, not what is computed (as train.layout)."""
-    cfg = make_config(["model.attn_implementation=null"])  # the default now
+    cfg = validate(make_config(["model.attn_implementation=null"]))  # the default now
     (tmp_path / checkpoint.STATE_FILE).write_text(
         json.dumps({**checkpoint.settings(cfg), "model.attn_implementation": "sdpa"})
     )

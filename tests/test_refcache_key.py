@@ -45,6 +45,7 @@ def _key(overrides: list[str], data: list[str] = SMALL) -> str:
     train.build builds it: loaded, warm-started, then wrapped with LoRA when asked."""
     from conftest import FAST, QUIET, make_config
 
+    from dpo_cli.config import validate
     from dpo_cli.data.prepare import prepare
     from dpo_cli.lora import apply_lora
     from dpo_cli.modeling import load_model, load_tokenizer
@@ -52,7 +53,7 @@ def _key(overrides: list[str], data: list[str] = SMALL) -> str:
     from dpo_cli.warmstart import warm_start
 
     fast = [o for o in FAST if not o.startswith("data.format.")]  # `data` says which data
-    cfg = make_config([*QUIET, *fast, *data, *overrides])
+    cfg = validate(make_config([*QUIET, *fast, *data, *overrides]))
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, tokenizer, cfg.train.seed)
     policy = load_model(cfg.model, tokenizer, cfg.train.seed)
@@ -126,10 +127,11 @@ def test_the_lora_adapter_is_not_part_of_the_reference():
     assert _key([*WARM, "model.lora.r=8", "model.lora.target_modules=[q_proj]"]) == warm
     from conftest import make_config
 
+    from dpo_cli.config import validate
     from dpo_cli.lora import apply_lora
     from dpo_cli.modeling import byte_tokenizer, load_model
 
-    cfg = make_config(["model.lora.r=4"])
+    cfg = validate(make_config(["model.lora.r=4"]))
     policy = apply_lora(load_model(cfg.model, byte_tokenizer(), 0), cfg.model.lora, False)
     before = tensors_digest(policy)
     with torch.no_grad():

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from dpo_cli.checkpoint.store import STATE_FILE
-from dpo_cli.data.formats import format_class
+from dpo_cli.data.options import recorded_format
 from dpo_cli.errors import UserError
-from dpo_cli.options import import_target, target_path
+from dpo_cli.options import import_target
 from dpo_cli.schema import Config, as_plain, renamed, schema_default
 
 # Keys that may change between a run and its resume: they decide where things are written or
@@ -62,13 +62,11 @@ def migrated(recorded: dict[str, Any]) -> dict[str, Any]:
     for key, value in recorded.items():
         key = renamed(key)
         if (key == "data.format" or key.endswith(".format")) and isinstance(value, str):
-            if value == "mix":
-                out[key] = None
-                continue
             try:
-                key, value = f"{key}._target_", target_path(format_class(value))
-            except Exception:  # noqa: BLE001 - a format this version does not have: a difference, said as such
-                pass
+                target = recorded_format(value)
+            except ValueError:  # a format this version does not have: a difference, said as such
+                target = value
+            key, value = (f"{key}._target_", target) if target is not None else (key, None)
         out[key] = value
     return out
 

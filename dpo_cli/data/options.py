@@ -21,8 +21,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from dpo_cli.data.formats import Format, format_classes, make_format
-from dpo_cli.options import SCHEMA_GROUP, options_of
+from dpo_cli.data.formats import Format, format_class, format_classes, make_format
+from dpo_cli.options import SCHEMA_GROUP, options_of, target_path
 
 CACHE_DIR = "${oc.env:DPO_CLI_CACHE_DIR,'~/.cache/dpo-cli/tokenized'}"
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -38,6 +38,18 @@ RENAMED = {
     "data.shp_max_pairs_per_post": "data.format.max_pairs_per_post",
     "data.synthetic": "data.format",
 }
+
+# data.format values an earlier version recorded that name no format class now: `mix` (a
+# mixture has no format of its own: `format: null`).
+NOT_FORMATS_NOW = {"mix": None}
+
+
+def recorded_format(name: str) -> str | None:
+    """The `_target_` that an earlier version's recorded `data.format: NAME` stands for (None:
+    no format, a mixture); ValueError for a name that is no format."""
+    if name in NOT_FORMATS_NOW:
+        return NOT_FORMATS_NOW[name]
+    return target_path(format_class(name))
 
 
 @dataclass
