@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dpo_cli import options
 from dpo_cli.batch import KL_ROWS
+from dpo_cli.checkpoint.compat import migrated
 from dpo_cli.data.options import data_problems, input_files
 from dpo_cli.data.options import register_schemas as register_format_schemas
 from dpo_cli.data.options import unpaired as unpaired_data
@@ -43,7 +44,6 @@ from dpo_cli.schema import (
     as_plain,
     eval_problems,
     logger_problems,
-    renamed,
     scheduler_problems,
     train_problems,
 )
@@ -289,15 +289,20 @@ def check_world(t: Any, world_size: int) -> int:
 
 
 def saved_config(path: Any) -> Config:
-    """A run's recorded config (its .hydra/config.yaml), typed; keys an earlier version spelled
-    otherwise are read under their new names, and keys this version no longer has are dropped."""
+    """A run's recorded config (its .hydra/config.yaml), typed. What an earlier version recorded
+    is read as this version records it (`compat.migrated`: renamed keys, a format by name), and
+    keys this version no longer has (or that the recorded `_target_` does not take) are dropped."""
     recorded = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    base = OmegaConf.structured(Config)
-    flat = _flat(recorded)
+    register_configs()  # the schemas of the `_target_`s it may name (registering again changes nothing)
+    base, registered = OmegaConf.structured(Config), _registered_keys()
+    flat = migrated(_flat(recorded))
+    targets = {k.removesuffix("._target_"): str(v) for k, v in flat.items() if k.endswith("._target_")}
     node = OmegaConf.create({})
     for key, value in flat.items():
-        key = renamed(key)
-        if _in_schema(base, key):
+        parent, _, name = key.rpartition(".")
+        takes = registered.get(targets.get(parent, ""))
+        unset_column = parent.endswith(".columns") and value is None  # null: the field's own name
+        if _in_schema(base, key) and (takes is None or name in takes) and not unset_column:
             OmegaConf.update(node, key, value, force_add=True)
     try:
         return OmegaConf.to_object(OmegaConf.merge(base, node))  # type: ignore[return-value]
@@ -309,9 +314,9 @@ def _in_schema(base: DictConfig, key: str) -> bool:
     """Whether the typed sections on `key`'s path all have it (below an Any node, anything goes)."""
     node: Any = base
     for part in key.split("."):
-        if not isinstance(node, DictConfig):
+        if not isinstance(node, DictConfig) or node._is_none():
             return True
-        if part not in node:
+        if part not in node.keys():  # (`in` leaves out a key whose value is missing, ???)
             return False
         node = node._get_node(part)
     return True

@@ -42,7 +42,7 @@ def test_bad_values_are_reported_together_before_loading(tmp_path):
         ],
         cwd=tmp_path,
     )
-    assert_one_clear_error(proc, "loss.beta=-1 must be > 0", "train.batch_size=10", "data.max_prompt_length=64")
+    assert_one_clear_error(proc, "loss.beta=-1.0 must be > 0", "train.batch_size=10", "data.max_prompt_length=64")
     assert proc.returncode == 2
     assert not (tmp_path / "r" / "final").exists()
 

@@ -46,3 +46,18 @@ def test_old_keys_are_read_under_their_new_names():
         "data.format.num_train": 8,
     }
     assert migrated({"data.format": "mix"}) == {"data.format": None}
+
+
+def test_a_run_config_recorded_before_the_typed_config_reads_typed():
+    """mode=eval rebuilds a run's initial policy and data from its recorded .hydra/config.yaml:
+    one written by 8fdc865 (HH data, debug=default: it also recorded data.synthetic.*) reads as
+    this version's typed config, the format by its class and without keys that format does not take."""
+    from dpo_cli.config import saved_config
+    from dpo_cli.data.formats import make_format
+    from dpo_cli.data.formats.hh import HH
+    from dpo_cli.schema import Config
+
+    cfg = saved_config(Path(__file__).parent / "fixtures" / "run_config_8fdc865.yaml")
+    assert isinstance(cfg, Config) and cfg.train.seed == 42 and cfg.model.random_init["model_type"] == "llama"
+    assert cfg.data.format == {"_target_": "dpo_cli.data.formats.hh.HH"}
+    assert isinstance(make_format(cfg.data.format), HH) and cfg.data.max_length == 128
