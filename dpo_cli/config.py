@@ -12,11 +12,9 @@ reads every part's options, so it sits above them: no part imports this module.
 from __future__ import annotations
 
 import copy
-import difflib
 import logging
 import numbers
 import os
-import typing
 from dataclasses import fields as dataclass_fields
 from dataclasses import is_dataclass
 from typing import Any
@@ -28,12 +26,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dpo_cli import options
 from dpo_cli.batch import KL_ROWS
-from dpo_cli.checkpoint.compat import migrated
 from dpo_cli.data.options import data_problems, input_files
 from dpo_cli.data.options import register_schemas as register_format_schemas
 from dpo_cli.data.options import unpaired as unpaired_data
 from dpo_cli.distributed import cpu_only
 from dpo_cli.errors import ConfigError
+from dpo_cli.keys import unknown_keys
 from dpo_cli.losses.options import loss_problems
 from dpo_cli.losses.options import register_schemas as register_loss_schemas
 from dpo_cli.modeling.diagnostics import model_problems
@@ -68,7 +66,6 @@ def register_configs() -> None:
     register_loss_schemas()  # /schema/loss/<Class>, which conf/loss/*.yaml extend
 
 
-
 def node_fields(node: Any) -> dict[str, Any]:
     """A `_target_` node's keys and values, typed (an options object) or not (a mapping)."""
     if is_dataclass(node):
@@ -87,7 +84,7 @@ def _target_nodes(node: Any, prefix: str = "") -> list[tuple[str, DictConfig]]:
     return found
 
 
-def _registered_keys() -> dict[str, list[str]]:
+def registered_keys() -> dict[str, list[str]]:
     """`_target_` -> the keys of its schema, for every schema registered under /schema (a loss's
     include its modifiers' keys, which its signature takes as **modifiers)."""
     found: dict[str, list[str]] = {}
@@ -104,7 +101,7 @@ def target_key_problems(cfg: DictConfig) -> list[str]:
     refuses a misspelled `key=value` at compose time, but `+key=value` adds any key (which the
     typed object would then drop without a word), and `_target_=...` may name another class."""
     problems = []
-    registered = _registered_keys()
+    registered = registered_keys()
     for key, node in _target_nodes(cfg):
         allowed = registered.get(str(node._target_))
         if allowed is None:
@@ -288,112 +285,6 @@ def check_world(t: Any, world_size: int) -> int:
     return batch // per_step
 
 
-def saved_config(path: Any) -> Config:
-    """A run's recorded config (its .hydra/config.yaml), typed. What an earlier version recorded
-    is read as this version records it (`compat.migrated`: renamed keys, a format by name), and
-    keys this version no longer has (or that the recorded `_target_` does not take) are dropped."""
-    recorded = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    register_configs()  # the schemas of the `_target_`s it may name (registering again changes nothing)
-    base, registered = OmegaConf.structured(Config), _registered_keys()
-    flat = migrated(_flat(recorded))
-    targets = {k.removesuffix("._target_"): str(v) for k, v in flat.items() if k.endswith("._target_")}
-    node = OmegaConf.create({})
-    for key, value in flat.items():
-        parent, _, name = key.rpartition(".")
-        takes = registered.get(targets.get(parent, ""))
-        unset_column = parent.endswith(".columns") and value is None  # null: the field's own name
-        if _in_schema(base, key) and (takes is None or name in takes) and not unset_column:
-            OmegaConf.update(node, key, value, force_add=True)
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(base, node))  # type: ignore[return-value]
-    except OmegaConfBaseException as e:
-        raise ConfigError([f"{path}: the run's recorded config cannot be read: {str(e).splitlines()[0]}"]) from None
-
-
-def _in_schema(base: DictConfig, key: str) -> bool:
-    """Whether the typed sections on `key`'s path all have it (below an Any node, anything goes)."""
-    node: Any = base
-    for part in key.split("."):
-        if not isinstance(node, DictConfig) or node._is_none():
-            return True
-        if part not in node.keys():  # (`in` leaves out a key whose value is missing, ???)
-            return False
-        node = node._get_node(part)
-    return True
-
-
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested dict's leaves by dotted key; `_target_` nodes (loss, optimizer, judge) and free
-    mappings stay whole, as the schema types them Any."""
-    if not isinstance(node, dict) or "_target_" in node or not node:
-        return {prefix.rstrip("."): node}
-    flat: dict[str, Any] = {}
-    for k, v in node.items():
-        flat.update(_flat(v, f"{prefix}{k}."))
-    return flat
-
-
 def to_container(cfg: Config) -> dict[str, Any]:
     """The typed config as plain dicts (for W&B and the log file)."""
     return as_plain(cfg)
-
-
-# --- keys the schema does not define ------------------------------------------------------------
-
-
-def _schema_sections(schema: type, prefix: str = "") -> dict[str, type | None]:
-    """Every dotted key `schema` defines -> the dataclass of its section, or None for a value or
-    a free-form mapping (model.random_init, data.mixture, data.weights, loss, optimizer)."""
-    keys: dict[str, type | None] = {}
-    for name, hint in typing.get_type_hints(schema).items():
-        inner = [a for a in (typing.get_args(hint) or (hint,)) if a is not type(None)]
-        section = inner[0] if len(inner) == 1 and is_dataclass(inner[0]) else None
-        keys[prefix + name] = section  # type: ignore[assignment]
-        if section is not None:
-            keys.update(_schema_sections(section, f"{prefix}{name}."))  # type: ignore[arg-type]
-    return keys
-
-
-def _dotted(node: Any, prefix: str = "") -> list[str]:
-    """Every dotted key of a plain nested dict, parents before their children."""
-    keys: list[str] = []
-    for key, value in node.items() if isinstance(node, dict) else ():
-        keys.append(f"{prefix}{key}")
-        keys.extend(_dotted(value, f"{prefix}{key}."))
-    return keys
-
-
-def _unknown(present: list[str], sections: dict[str, type | None]) -> list[str]:
-    """The keys of `present` that sit in a typed section (or at the top) but are not in it."""
-    typed = [k for k in present if k.count(".") == 0 or sections.get(k.rpartition(".")[0]) is not None]
-    return [k for k in typed if k not in sections and k != "hydra"]
-
-
-def not_a_key(key: str, cfg: DictConfig | None = None) -> str:
-    """'KEY is not a config key; did you mean X?': X the closest key of KEY's section (by name),
-    else a key of the same name elsewhere (`lr` -> optimizer.lr). Candidates: the schema's keys
-    and those `cfg` holds in free-form sections (optimizer.lr, loss.beta)."""
-    sections = _schema_sections(Config)
-    present = _dotted(OmegaConf.to_container(cfg, resolve=False)) if cfg is not None else []
-    unknown = set(_unknown(present, sections))
-    valid = sorted(
-        {*sections, *(k for k in present if not any(k == u or k.startswith(u + ".") for u in unknown))} - {key}
-    )
-    valid = [k for k in valid if k.split(".")[0] != "hydra"]
-    section, _, name = key.rpartition(".")
-    siblings = {k.rpartition(".")[2]: k for k in valid if k.rpartition(".")[0] == section}
-    match = [siblings[m] for m in difflib.get_close_matches(name, list(siblings), n=1)]
-    same_name = [k for k in valid if k.rpartition(".")[2] == name]
-    shallowest = min((k.count(".") for k in same_name), default=0)
-    match = match or [k for k in same_name if k.count(".") == shallowest][:3]
-    if match:
-        return f"{key} is not a config key; did you mean {' or '.join(match)}?"
-    where = f" of {section}" if section else ""
-    return f"{key} is not a config key; `dpo-train --cfg job` prints the keys{where}"
-
-
-def unknown_keys(cfg: DictConfig) -> list[str]:
-    """A problem for each key of `cfg` the schema does not define. The typed schema rejects a
-    misspelled `key=value` at compose time, but `+key=value` adds any key, which nothing reads."""
-    present = _dotted(OmegaConf.to_container(cfg, resolve=False))
-    return [not_a_key(k, cfg) for k in _unknown(present, _schema_sections(Config))]

@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from dpo_cli import checkpoint, config, evalgen, layout, rundir
+from dpo_cli import checkpoint, config, evalgen, layout, recorded, rundir
 from dpo_cli.data.prepare import prepare
 from dpo_cli.data.tokenize import Tokenized
 from dpo_cli.errors import ConfigError, UserError
@@ -126,7 +126,7 @@ def run_dir_of_final(path: str) -> Path | None:
 def run_config_of(path: str) -> Config | None:
     """The saved config of the dpo-cli run whose final/ (or checkpoint) `path` is, if any."""
     run_dir = run_dir_of_final(path)
-    return config.saved_config(run_dir / ".hydra" / "config.yaml") if run_dir is not None else None
+    return recorded.saved_config(run_dir / ".hydra" / "config.yaml") if run_dir is not None else None
 
 
 def _unfinished(path: str) -> str | None:

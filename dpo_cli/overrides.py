@@ -31,7 +31,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from dpo_cli import config, rundir
+from dpo_cli import config, keys, rundir
 from dpo_cli.distributed import world_size_from_env
 from dpo_cli.errors import ConfigError, UserError
 
@@ -197,7 +197,7 @@ def compose_job(overrides: list[str]) -> tuple[DictConfig | None, list[str]]:
                 break
             remaining.remove(culprit)
     task = _task(cfg) if cfg is not None and unknown else None  # the keys it holds, for suggestions
-    return cfg, [config.not_a_key(k, task) for k in unknown] + problems
+    return cfg, [keys.not_a_key(k, task) for k in unknown] + problems
 
 
 def quoting_hint(line: str, previous: str | None) -> str:
@@ -244,7 +244,7 @@ def job_problems(cfg: DictConfig, full: bool) -> list[str]:
     over its processes, so that every process stops here, before Hydra writes anything."""
     task = _task(cfg)
     if not full:
-        return config.unknown_keys(task)
+        return keys.unknown_keys(task)
     found = _removed_sections(task) + _unresolvable(task)
     if found:
         return found

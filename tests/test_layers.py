@@ -45,7 +45,7 @@ LAYERS: list[tuple[str, ...]] = [
         "dpo_cli.slurm",
     ),
     # The whole config's validation, and the checks before a run: they read every part.
-    ("dpo_cli.config", "dpo_cli.preflight"),
+    ("dpo_cli.keys", "dpo_cli.config", "dpo_cli.preflight"),
     # The training loop and evaluation (APP).
     ("dpo_cli.train", "dpo_cli.evaluate", "dpo_cli.evalmode", "dpo_cli.throughput"),
     # The entry point and its command line, on top.

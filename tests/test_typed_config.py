@@ -18,8 +18,9 @@ from tests.conftest import make_config
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dpo_cli"
 CONF = PACKAGE.parent / "conf"
-# The entry point and what composes the config before it is typed.
-UNTYPED = {"cli.py", "overrides.py", "config.py"}
+# The entry point and what reads the config before it is typed: the command line, the composed
+# config's validation and its unknown keys, a run's recorded config file.
+UNTYPED = {"cli.py", "overrides.py", "config.py", "keys.py", "recorded.py"}
 CONFIG_NAMES = {"cfg", "config_section", "data", "section", "settings", "lora", "t", "m", "r", "e", "lg", "s", "d"}
 
 
