@@ -35,6 +35,20 @@ FAST = ["debug=default", "loss=dpo"]
 _RUNNING: dict[str, pytest.Item] = {}
 
 
+# The files that take longest (SLURM jobs, multi-process runs, signals, the default run): run
+# first, so that on several workers (make test: pytest-xdist, one file per worker at a time) the
+# short files fill in at the end instead of one worker finishing them alone.
+SLOW_FILES = ("test_slurm", "test_scale", "test_interrupt", "test_e2e", "test_evalmode", "test_reference", "test_cli")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        stem = item.path.stem
+        return SLOW_FILES.index(stem) if stem in SLOW_FILES else len(SLOW_FILES)
+
+    items.sort(key=rank)  # stable: the order within a file, and of the other files, is kept
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     _RUNNING["item"] = item
