@@ -222,18 +222,18 @@ BINARY = bytes(range(0x80, 0x100)) * 4  # no valid UTF-8 start byte at offset 0
         ("a.jsonl", b'{"a": "ok"}\n{"a": "caf\xe9"}\n', ["is not UTF-8 text (byte 0xe9 at offset 22, line 2)"]),
         (
             "a.csv.gz",
-            gzip.compress(b"prompt\ncaf\xe9\n"),
+            gzip.compress(b"prompt\ncaf\xe9\n", mtime=0),
             ["is not UTF-8 text (byte 0xe9 at offset 10, line 2)", "save it as UTF-8"],
         ),
         ("a.json", BINARY, ["is not UTF-8 text (byte 0x80 at offset 0, line 1); save it as UTF-8"]),
         # Broken or misnamed gzip.
-        ("a.jsonl.gz", gzip.compress(b'{"n": 1}\n')[:-6], ["is not a valid gzip file"]),
+        ("a.jsonl.gz", gzip.compress(b'{"n": 1}\n', mtime=0)[:-6], ["is not a valid gzip file"]),
         ("a.jsonl.gz", b'{"n": 1}\n', ["is not a valid gzip file (Not a gzipped file", "drop the .gz suffix"]),
-        ("a.jsonl", gzip.compress(b'{"n": 1}\n'), ["is gzip-compressed", "rename it to add .gz"]),
+        ("a.jsonl", gzip.compress(b'{"n": 1}\n', mtime=0), ["is gzip-compressed", "rename it to add .gz"]),
         # Nothing to read.
         ("a.jsonl", b"", ["is empty: no rows"]),
         ("a.jsonl", "\n  \n\r\n", ["is empty: no rows"]),
-        ("a.jsonl.gz", gzip.compress(b""), ["is empty: no rows"]),
+        ("a.jsonl.gz", gzip.compress(b"", mtime=0), ["is empty: no rows"]),
         ("a.json", "", ["is empty: no rows"]),
         ("a.json", "[]", ["is empty: no rows"]),
         ("a.json", "{}", ["is empty: no rows"]),
