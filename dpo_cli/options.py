@@ -107,6 +107,23 @@ def options_of(target: str | Callable[..., Any], partial: bool = False, skip: tu
     return dataclasses.make_dataclass(f"{target.__name__}Options", fields)
 
 
+def takes_any_key(target: str) -> bool:
+    """Whether the target a dotted path names takes **kwargs (its keys cannot be checked by name)."""
+    params = inspect.signature(import_target(target)).parameters.values()
+    return any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def built_or_reported(problems: list[str], key: str, make: Callable[[], Any]) -> Any:
+    """`make()`, or None with each line of its error added to `problems` prefixed with `key`:
+    a `_target_` object checks its own values (beta > 0) in its constructor, one line each."""
+    try:
+        return make()
+    except Exception as e:  # noqa: BLE001 - any construction failure is a config problem
+        cause = e.__cause__ or e
+        problems.extend(f"{key}.{line}" for line in str(cause).splitlines())
+        return None
+
+
 def register(group: str, name: str, target: str | Callable[..., Any], **kwargs: Any) -> type:
     """Store `options_of(target)` as /schema/<group>/<name>, for conf/<group>/<name>.yaml to extend."""
     node = options_of(target, **kwargs)

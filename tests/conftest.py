@@ -118,6 +118,17 @@ def data_config(**values):
     return DataConfig(**values)
 
 
+def yaml_leaves(node, prefix: str = ""):
+    """(dotted key, value) for every leaf of a plain container read from a YAML file, its
+    defaults list left out."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k != "defaults":
+                yield from yaml_leaves(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], node
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import yaml_leaves
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
@@ -57,15 +58,6 @@ def test_groups_found():
     assert not {"scheduler", "logger"} & set(GROUPS)
 
 
-def _leaves(node, prefix=""):
-    """(dotted key, value) for every leaf of a plain container from a YAML file."""
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _leaves(v, f"{prefix}{k}.")
-    else:
-        yield prefix[:-1], node
-
-
 @pytest.mark.parametrize("group, name", GROUP_FILES, ids=[f"{g}={n}" for g, n in GROUP_FILES])
 def test_every_group_file_composes_and_validates(compose_cfg, group, name):
     prefix = "" if group in _default_groups() else "+"
@@ -82,7 +74,7 @@ def test_every_group_file_composes_and_validates(compose_cfg, group, name):
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     raw.pop("defaults", None)
     root = "" if global_package else f"{group}."
-    for key, value in _leaves(raw):
+    for key, value in yaml_leaves(raw):
         if value == "???" or (isinstance(value, str) and value.startswith("${")):  # required, or resolved
             continue
         assert OmegaConf.select(cfg, root + key) == value, (root + key, value)

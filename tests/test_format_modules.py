@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from conftest import QUIET, data_config, make_config, run_cli
+from conftest import QUIET, data_config, make_config, run_cli, yaml_leaves
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
@@ -128,14 +128,6 @@ def test_no_format_name_is_compared_outside_the_format_modules():
     assert _compares_a_format_name(ast.parse('f in ("synthetic", "mix")').body[0].value, names)
 
 
-def _leaves(node, prefix=""):
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _leaves(v, f"{prefix}{k}.")
-    else:
-        yield prefix[:-1], node
-
-
 DATA_FILES = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
 REQUIRED = {
     "kto": ["data.path=x.jsonl", "loss=kto"],
@@ -152,7 +144,7 @@ def test_every_data_file_composes_and_holds_only_what_differs_from_the_schema(na
     raw = OmegaConf.to_container(OmegaConf.load(CONF / "data" / f"{name}.yaml"), resolve=False)
     raw.pop("defaults", None)
     schema = OmegaConf.structured(DataConfig)
-    for key, value in _leaves(raw):
+    for key, value in yaml_leaves(raw):
         if key.startswith("format.") and not isinstance(data.format, str):
             default = OmegaConf.select(OmegaConf.structured(format_schema(type(make_format(data.format)))), key[7:])
         else:

@@ -52,9 +52,9 @@ def test_a_run_config_recorded_before_the_typed_config_reads_typed():
     """mode=eval rebuilds a run's initial policy and data from its recorded .hydra/config.yaml:
     one written by 8fdc865 (HH data, debug=default: it also recorded data.synthetic.*) reads as
     this version's typed config, the format by its class and without keys that format does not take."""
-    from dpo_cli.recorded import saved_config
     from dpo_cli.data.formats import make_format
     from dpo_cli.data.formats.hh import HH
+    from dpo_cli.recorded import saved_config
     from dpo_cli.schema import Config
 
     cfg = saved_config(Path(__file__).parent / "fixtures" / "run_config_8fdc865.yaml")

@@ -9,12 +9,12 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from conftest import make_config, yaml_leaves
 from omegaconf import OmegaConf
 
 from dpo_cli import cli, options
 from dpo_cli.config import validate
 from dpo_cli.schema import Config, LoggerConfig, TrainConfig
-from tests.conftest import make_config
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dpo_cli"
 CONF = PACKAGE.parent / "conf"
@@ -74,15 +74,6 @@ def test_old_spellings_of_the_flag_groups_still_work(old, key, value):
         assert OmegaConf.select(make_config([old]), key) == value
 
 
-def _leaves(node, prefix=""):
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if k != "defaults":
-                yield from _leaves(v, f"{prefix}{k}.")
-    else:
-        yield prefix[:-1], node
-
-
 def _schema_default(node_type, key):
     """The default of dotted `key` in dataclass `node_type`, or a sentinel."""
     for part in key.split("."):
@@ -103,7 +94,7 @@ def test_root_and_model_files_hold_only_values_that_differ_from_the_schema(path)
     raw = OmegaConf.to_container(OmegaConf.load(PACKAGE.parent / path), resolve=False)
     global_package = "# @package _global_" in (PACKAGE.parent / path).read_text()
     root = "" if global_package or path == "conf/config.yaml" else "model."
-    same = [k for k, v in _leaves(raw) if not k.startswith("hydra.") and _schema_default(Config, root + k) == v]
+    same = [k for k, v in yaml_leaves(raw) if not k.startswith("hydra.") and _schema_default(Config, root + k) == v]
     assert same == []
 
 
@@ -116,7 +107,7 @@ def test_option_files_hold_only_values_that_differ_from_the_signature(group, tar
             schema_name, f"dpo_cli.judges.{schema_name}"
         )
     )
-    same = [k for k, v in _leaves(raw) if v != "???" and _schema_default(node, k) == v]
+    same = [k for k, v in yaml_leaves(raw) if v != "???" and _schema_default(node, k) == v]
     assert same == []
 
 
@@ -134,7 +125,7 @@ def test_experiment_files_hold_only_what_differs_from_their_groups(name):
     required += ["judge.name_or_path=x/rm"] if "judge=reward_model" in groups else []
     base = make_config(groups + required)
     same = []
-    for key, value in _leaves(raw):
+    for key, value in yaml_leaves(raw):
         have = OmegaConf.select(base, key, default="<absent>")
         have = OmegaConf.to_container(have) if OmegaConf.is_config(have) else have
         if value != "???" and have == value:
@@ -148,3 +139,12 @@ def test_a_recipe_under_debug_runs_without_its_judge(caplog):
     cfg = validate(make_config(["experiment=smollm2_hh_laptop", "debug=default"]))
     assert cfg.judge is None
     assert "judge.name_or_path" in caplog.text and "no judge is chosen" in caplog.text
+
+
+def test_a_target_changed_on_a_typed_node_is_checked_against_the_new_class_once():
+    """`loss._target_=...IPOLoss` on DPO's typed node: the keys IPO does not take are named, each once."""
+    with pytest.raises(Exception) as info:
+        validate(make_config(["loss._target_=dpo_cli.losses.IPOLoss", "+loss.foo=1"]))
+    problems = info.value.problems
+    assert len(problems) == len(set(problems)) == 3, problems
+    assert all("is not a parameter of dpo_cli.losses.IPOLoss" in p for p in problems)

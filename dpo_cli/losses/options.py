@@ -32,7 +32,7 @@ from dpo_cli import losses
 from dpo_cli.batch import KL_ROWS
 from dpo_cli.losses.base import Loss
 from dpo_cli.losses.combination import Combination, check_weights
-from dpo_cli.options import SCHEMA_GROUP, import_target, options_of
+from dpo_cli.options import SCHEMA_GROUP, built_or_reported, import_target, options_of
 
 GROUP = "loss"
 PACKAGE = "dpo_cli.losses"  # the `_target_` prefix the recorded configs name (dpo_cli.losses.DPOLoss)
@@ -123,12 +123,7 @@ def _build(problems: list[str], key: str, node: Any) -> Loss | None:
     if found:
         problems.extend(found)
         return None
-    try:
-        return build_loss(fields)
-    except Exception as e:  # noqa: BLE001 - any construction failure is a config problem
-        cause = e.__cause__ or e
-        problems.extend(f"{key}.{line}" for line in str(cause).splitlines())
-        return None
+    return built_or_reported(problems, key, lambda: build_loss(fields))
 
 
 def _loss_class(fields: dict[str, Any]) -> Any:
