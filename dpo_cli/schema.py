@@ -27,7 +27,6 @@ from dpo_cli.schedule import NAMES as SCHEDULES
 MODES = ("train", "inspect", "eval")
 PRECISIONS = ("no", "bf16", "fp16")
 WANDB_MODES = ("online", "offline", "disabled")
-TRUNCATION_MODES = ("keep_end", "keep_start")
 
 
 @dataclass

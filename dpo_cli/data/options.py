@@ -22,6 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from dpo_cli.data.formats import Format, format_class, format_classes, make_format
+from dpo_cli.modeling.options import positive
 from dpo_cli.options import SCHEMA_GROUP, options_of, target_path
 
 CACHE_DIR = "${oc.env:DPO_CLI_CACHE_DIR,'~/.cache/dpo-cli/tokenized'}"
@@ -133,14 +134,6 @@ def unpaired(d: SourceConfig) -> bool:
         return False
 
 
-def _positive(key: str, value: Any, allow_none: bool = False) -> list[str]:
-    if value is None and allow_none:
-        return []
-    if value is None or isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0:
-        return [f"{key}={value!r} must be > 0"]
-    return []
-
-
 def _format_problems(d: SourceConfig) -> list[str]:
     """The format: it must build, check its own options, and have rows to read."""
     try:
@@ -154,7 +147,7 @@ def _format_problems(d: SourceConfig) -> list[str]:
 
 
 def _length_problems(d: SourceConfig) -> list[str]:
-    out = _positive("data.max_length", d.max_length) + _positive("data.max_prompt_length", d.max_prompt_length)
+    out = positive("data.max_length", d.max_length) + positive("data.max_prompt_length", d.max_prompt_length)
     if not out and d.max_prompt_length >= d.max_length:
         out.append(
             f"data.max_prompt_length={d.max_prompt_length} must be smaller than "
@@ -171,8 +164,8 @@ def _length_problems(d: SourceConfig) -> list[str]:
 def _common_problems(d: SourceConfig) -> list[str]:
     """Lengths, caps, the chat template file and the hold-out, of a source or a mixture."""
     out = _length_problems(d)
-    out += _positive("data.max_train_pairs", d.max_train_pairs, allow_none=True)
-    out += _positive("data.max_eval_pairs", d.max_eval_pairs, allow_none=True)
+    out += positive("data.max_train_pairs", d.max_train_pairs, allow_none=True)
+    out += positive("data.max_eval_pairs", d.max_eval_pairs, allow_none=True)
     if d.chat_template is not None and not os.path.isfile(os.path.expanduser(d.chat_template)):
         what = "is a directory" if os.path.isdir(os.path.expanduser(d.chat_template)) else "no such file"
         out.append(f"data.chat_template={d.chat_template!r}: {what}; point it at a Jinja chat template file")

@@ -6,6 +6,7 @@ transformers say about it (a random init's architecture, the attention back-end)
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -75,9 +76,13 @@ def choice(key: str, value: Any, allowed: tuple[str, ...]) -> list[str]:
 
 
 def positive(key: str, value: Any, allow_none: bool = False) -> list[str]:
+    """`key=value must be > 0` unless `value` is a number above 0 (or None, with `allow_none`);
+    a section built in code can hold any value, so the type is checked too."""
     if value is None and allow_none:
         return []
-    return [f"{key}={value!r} must be > 0"] if value is None or value <= 0 else []
+    if value is None or isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0:
+        return [f"{key}={value!r} must be > 0"]
+    return []
 
 
 def _source_problems(m: ModelConfig) -> list[str]:
