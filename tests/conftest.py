@@ -42,6 +42,14 @@ SLOW_FILES = ("test_slurm", "test_scale", "test_interrupt", "test_e2e", "test_ev
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (scripts/gpu/check.sh runs the gpu tests on one)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(no_gpu)
+
     def rank(item: pytest.Item) -> int:
         stem = item.path.stem
         return SLOW_FILES.index(stem) if stem in SLOW_FILES else len(SLOW_FILES)
