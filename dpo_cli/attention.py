@@ -6,14 +6,21 @@ prompt; how that is said depends on the back-end:
 
 - sdpa / eager: an explicit (R, 1, L, L) mask, boolean for sdpa, additive for eager, built from
   each token's segment, branch and position; position ids restart per sequence.
+- flex_attention: a `BlockMask` from the same rule (`mask_rule`), so the kernel skips the
+  blocks no query of a block may see (other sequences of a packed row, the other response,
+  padding) instead of reading a dense L x L mask; built on the batch's device, for its lengths.
 - flash_attention_2 / 3: no mask; transformers reads sequence starts from the restarting
   position ids (variable-length kernels).
 
-Which layouts a model and back-end support is `layout.supported`'s question.
+One rule says which key each query sees (`mask_rule`): the dense masks and the block mask are
+both made from it, so they cannot disagree. Which layouts a model and back-end support is
+`layout.supported`'s question; `use_attention` switches a loaded model's back-end.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,6 +29,7 @@ from dpo_cli.lmhead import inner_model
 
 MASKED = ("sdpa", "eager")  # back-ends given an explicit 4D mask
 VARLEN = ("flash_attention_2", "flash_attention_3")  # back-ends given restarting position ids only
+BLOCK = ("flex_attention",)  # back-ends given a BlockMask (masked blocks skipped)
 
 
 def attn_implementation(config: Any) -> str:
@@ -38,6 +46,57 @@ def sliding_window(config: Any) -> tuple[int | None, str]:
     return getattr(config, "sliding_window", None), ""
 
 
+def mask_rule(
+    segment: torch.Tensor, branch: torch.Tensor, position: torch.Tensor, window: int | None
+) -> Callable[..., torch.Tensor]:
+    """Whether query q of row b may see key kv, as FlexAttention's `mask_mod(b, h, q, kv)`:
+    causal, within its own sequence (`segment`), and under prompt sharing a response sees the
+    prompt (branch 0) and itself only; within `window` positions for sliding-window models.
+    Every position sees itself, so that a padding row is never empty. The arguments may be
+    scalars (FlexAttention) or broadcasting index tensors (`dense_mask`)."""
+
+    def allowed(b: Any, h: Any, q: Any, kv: Any) -> torch.Tensor:
+        keep = (q >= kv) & (segment[b, q] == segment[b, kv]) & ((branch[b, kv] == 0) | (branch[b, kv] == branch[b, q]))
+        if window is not None:
+            keep = keep & (position[b, q] - position[b, kv] < window)
+        return keep | (q == kv)
+
+    return allowed
+
+
+def dense_mask(segment: torch.Tensor, branch: torch.Tensor, position: torch.Tensor, window: int | None) -> torch.Tensor:
+    """`mask_rule` for every (row, query, key): an (R, L, L) boolean tensor."""
+    rows, length = segment.shape
+    idx = torch.arange(length, device=segment.device)
+    b = torch.arange(rows, device=segment.device)[:, None, None]
+    return mask_rule(segment, branch, position, window)(b, None, idx[None, :, None], idx[None, None, :])
+
+
+def block_mask(segment: torch.Tensor, branch: torch.Tensor, position: torch.Tensor, window: int | None) -> Any:
+    """`mask_rule` as FlexAttention's BlockMask (one per row, shared by the heads)."""
+    from torch.nn.attention.flex_attention import create_block_mask  # here: nothing GPU-side loads at start-up
+
+    rows, length = segment.shape
+    rule = mask_rule(segment, branch, position, window)
+    return create_block_mask(rule, rows, None, length, length, device=segment.device)
+
+
+@contextmanager
+def use_attention(model: torch.nn.Module, implementation: str) -> Iterator[None]:
+    """Within: `model` runs on the attention back-end `implementation` (transformers'
+    `set_attn_implementation`); its own back-end again after."""
+    inner = inner_model(model)
+    before = attn_implementation(inner.config)
+    if implementation == before:
+        yield
+        return
+    inner.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        inner.set_attn_implementation(before)
+
+
 def attention_inputs(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, Any]:
     """The attention keywords for a batch's rows: the padding mask for padded rows; for packed
     rows, restarting position ids and the mask `layout.supported` promises for the back-end."""
@@ -47,16 +106,13 @@ def attention_inputs(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> 
     position = batch["position_ids"]
     if attn_implementation(config) in VARLEN:
         return {"position_ids": position}
-    segment, branch = batch["segment"], batch["branch"]
-    length = segment.shape[1]
-    q, k = (slice(None), slice(None), None), (slice(None), None, slice(None))  # (R, L, 1), (R, 1, L)
-    causal = torch.ones(length, length, dtype=torch.bool, device=segment.device).tril()
-    allowed = causal & (segment[q] == segment[k]) & ((branch[k] == 0) | (branch[k] == branch[q]))
     window, _ = sliding_window(config)
-    if window is not None:
-        allowed &= position[q] - position[k] < window
-    allowed |= torch.eye(length, dtype=torch.bool, device=segment.device)  # padding sees itself: no empty row
-    mask = allowed[:, None]
+    if attn_implementation(config) in BLOCK:
+        return {
+            "attention_mask": block_mask(batch["segment"], batch["branch"], position, window),
+            "position_ids": position,
+        }
+    mask = dense_mask(batch["segment"], batch["branch"], position, window)[:, None]
     if attn_implementation(config) == "eager":
         dtype = next(model.parameters()).dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)

@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from dpo_cli import checkpoint, config, evalgen, layout, rundir, slurm
+from dpo_cli.compiling import compile_layers
 from dpo_cli.data.batching import steps_per_epoch
 from dpo_cli.data.prepare import prepare
 from dpo_cli.data.summary import report
@@ -227,6 +228,8 @@ def _policy(
         _warm_start(cfg, policy, data.train, data.tokenizer.pad_token_id, accelerator, run_dir, stop)
     if cfg.model.lora.r is not None:
         policy = apply_lora(policy, cfg.model.lora, cfg.model.gradient_checkpointing)
+    if cfg.train.compile:
+        log.info("train.compile: compiled %s (the first steps include compiling)", compile_layers(policy))
     trainable, total = count_parameters(policy)
     log.info(
         "model: %s | %.2fM trainable / %.2fM parameters | loss: %r",
@@ -286,8 +289,10 @@ def _models(cfg: Config, data: Data, loss_fn: Loss, policy: Any, parameters: int
     (from the policy before any update, or its own weights)."""
     t = cfg.train
     unwrapped = accelerator.unwrap_model(policy)
-    choice = layout.choose(t.layout, t.logits_chunk, unwrapped, sharded(accelerator))
+    auto_attention = cfg.model.attn_implementation is None
+    choice = layout.choose(t.layout, t.logits_chunk, unwrapped, sharded(accelerator), auto_attention)
     choice = layout.probe(choice, unwrapped, data.train, data.tokenizer.pad_token_id, loss_fn.needs, t.micro_batch_size)
+    layout.apply(choice, unwrapped)
     log.info("batches: %s", choice.describe())
     # The reference comes from the policy before any update (or its own weights). On resume it
     # is rebuilt the same way (same weights or same seed); the checkpoint then overwrites only
@@ -349,6 +354,7 @@ def _reference(
     reference = live_reference(cfg, tokenizer, policy, head=choice.head)
     if isinstance(reference, ModelReference):
         layout.check_reference(choice.layout, reference.model)
+        layout.apply(choice, reference.model)
         reference.model = place_reference(reference.model, accelerator, cfg.train)
     return reference, reference
 

@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dpo_cli import options
 from dpo_cli.batch import KL_ROWS
+from dpo_cli.compiling import compiler_problem
 from dpo_cli.data.options import data_problems, input_files
 from dpo_cli.data.options import register_schemas as register_format_schemas
 from dpo_cli.data.options import unpaired as unpaired_data
@@ -167,6 +168,9 @@ def _check_optimization(p: list[str], cfg: Config) -> None:
         p.append(f"optimizer.lr={lr} must be > 0")
     t = cfg.train
     p.extend(scheduler_problems(cfg.scheduler, t.max_steps) + train_problems(t))
+    compiler = compiler_problem(cpu_only()) if t.compile else None
+    if compiler:
+        p.append(compiler)
     if t.mixed_precision == "fp16" and cpu_only():
         p.append("train.mixed_precision=fp16 needs a GPU (fp16 autocast does not run on CPUs); use bf16 or no")
     elif t.mixed_precision == "fp16" and cfg.model.dtype != "float32":

@@ -246,11 +246,15 @@ def _models(
     reference, what = _reference(cfg, policy, tokenizer)
     if isinstance(reference, ModelReference):
         reference.model.to(accelerator.device)
-    choice = layout.choose(cfg.train.layout, cfg.train.logits_chunk, policy, False)
+    choice = layout.choose(
+        cfg.train.layout, cfg.train.logits_chunk, policy, False, cfg.model.attn_implementation is None
+    )
     micro = cfg.train.micro_batch_size
     choice = layout.probe(choice, policy, eval_set, tokenizer.pad_token_id, loss_fn.needs, micro)
+    layout.apply(choice, policy)
     if isinstance(reference, ModelReference):
         layout.check_reference(choice.layout, reference.model)
+        layout.apply(choice, reference.model)
         if choice.head is not None:
             from dpo_cli.lmhead import Head
 

@@ -8,10 +8,12 @@ prompt. The back-end decides how that is said (`attention.attention_inputs` says
 - sdpa / eager (the CPU default, and any GPU): an explicit (R, 1, L, L) mask, boolean for
   sdpa, additive for eager, built from each token's segment, branch and position; position
   ids restart per sequence. Exact for every layout.
+- flex_attention: a FlexAttention `BlockMask` from the same rule, so masked blocks are
+  skipped. Exact for every layout.
 - flash_attention_2 / 3: no mask; transformers reads sequence starts from the restarting
   position ids (variable-length kernels). Packing works; prompt sharing cannot be said this
   way, so `auto` picks `packed`.
-- anything else (flex_attention, a custom kernel): padded, with the model's own masks.
+- anything else (a custom kernel): padded, with the model's own masks.
 
 Some models rule layouts out whatever the back-end: padded only for those mixing
 sliding-window and full-attention layers (one mask cannot serve both), and for those whose
@@ -19,8 +21,11 @@ positions cannot restart per sequence (no `position_ids` argument: Bloom, MPT, s
 models; ALiBi biases computed from the row: Falcon with alibi=True); no prompt sharing for
 GPT-Neo's local layers, which apply their window by column inside the layer.
 
-`auto` takes the first of shared, packed, padded that the model and back-end support. Before
-training, `probe` runs a few real examples (the longest, the shortest and two between) through
+`auto` takes the first of shared, packed, padded that the model and back-end support. On a
+CUDA device, with model.attn_implementation left null, packed and shared rows run on
+flex_attention where the model supports it (a dense (R, 1, L, L) mask sends sdpa to its
+slower masked kernel and costs L^2 memory per row); the model is switched to it in place
+(`attention.use_attention`). Before training, `probe` runs a few real examples (the longest, the shortest and two between) through
 the chosen layout and LM-head path and through the plain padded one, compares the log-probs,
 the extras the loss asks for and the gradient of one micro batch, and falls back (with a
 warning) if they disagree or the faster path fails.
@@ -30,12 +35,13 @@ from __future__ import annotations
 
 import inspect
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from dpo_cli.attention import MASKED, VARLEN, attn_implementation, sliding_window
+from dpo_cli.attention import BLOCK, MASKED, VARLEN, attn_implementation, sliding_window, use_attention
 from dpo_cli.attention import attention_inputs as attention_inputs  # re-exported: callers know it here
 from dpo_cli.batch import CHOSEN, KL_ROWS, REJECTED, ROLE_NAMES, SHARED, WHOLE, WPO
 from dpo_cli.data.collate import collate
@@ -47,6 +53,10 @@ from dpo_cli.logprobs import SequenceLogps, batch_logps
 log = logging.getLogger(__name__)
 
 ALL_LAYOUTS = ("shared", "packed", "padded")  # best first
+# A path a batch can take: its layout, the chunked head (None: full logits), and the attention
+# back-end (None: the model's own). PLAIN is the one every other is checked against.
+BatchPath = tuple[str, Head | None, str | None]
+PLAIN: BatchPath = ("padded", None, None)
 ALIBI_FLAGS = ("alibi", "use_alibi")  # config attributes by which a model says it uses ALiBi
 
 
@@ -84,6 +94,8 @@ def supported(model: torch.nn.Module) -> tuple[tuple[str, ...], str]:
     structural, because = _structure(inner)
     if impl in MASKED:
         backend, why = ALL_LAYOUTS, f"{impl} attention takes an explicit mask"
+    elif impl in BLOCK:
+        backend, why = ALL_LAYOUTS, f"{impl} takes a block mask"
     elif impl in VARLEN:
         backend = ("packed", "padded")
         why = f"{impl} reads packed sequences from position ids but takes no mask for prompt sharing"
@@ -112,15 +124,43 @@ class Choice:
     head: Head | None  # None: the full-logits path
     why: str
     sharded: bool = False  # weights sharded across processes (FSDP/ZeRO-3): no gradient check at start
+    attention: str | None = None  # the back-end batches run on (None: the model's own, unchanged)
 
     def describe(self) -> str:
         head = f"chunked LM head on scored positions ({self.head.chunk} per chunk)" if self.head else "full logits"
-        return f"layout {self.layout}, {head}: {self.why}"
+        on = f" on {self.attention}" if self.attention else ""
+        return f"layout {self.layout}{on}, {head}: {self.why}"
 
 
-def choose(requested: str, chunk: int | None, model: torch.nn.Module, sharded: bool) -> Choice:
-    """The layout and head path for `train.layout` and `train.logits_chunk` on this model, or a
-    ConfigError when an explicitly requested layout cannot run here."""
+def _flex_problem(model: torch.nn.Module, layout: str, cuda: bool) -> str | None:
+    """Why packed or shared rows would not run on flex_attention here (None: they would)."""
+    inner = inner_model(model)
+    config, name = inner.config, type(inner).__name__
+    if not cuda:
+        return "not on CUDA"
+    if layout == "padded":
+        return "padded rows need no packed-sequence mask"
+    if attn_implementation(config) not in MASKED:
+        return f"the model runs {attn_implementation(config)}"
+    if not getattr(type(inner), "_supports_flex_attn", False) or not hasattr(inner, "set_attn_implementation"):
+        return f"{name} does not support flex_attention"
+    if getattr(config, "attention_dropout", 0.0) or getattr(config, "attn_pdrop", 0.0):
+        return "its attention dropout is on (flex_attention has none)"
+    return None
+
+
+def choose(
+    requested: str,
+    chunk: int | None,
+    model: torch.nn.Module,
+    sharded: bool,
+    auto_attention: bool = False,
+    cuda: bool | None = None,
+) -> Choice:
+    """The layout, head path and attention back-end for `train.layout` and `train.logits_chunk`
+    on this model, or a ConfigError when an explicitly requested layout cannot run here.
+    `auto_attention`: model.attn_implementation is null, so packed and shared rows may move to
+    flex_attention on CUDA (`cuda`: where the model will run; None: where its weights are)."""
     config = inner_model(model).config
     layouts, why = supported(model)
     if requested == "auto":
@@ -130,6 +170,15 @@ def choose(requested: str, chunk: int | None, model: torch.nn.Module, sharded: b
     else:
         raise ConfigError([_refusal(requested, model)])
     reasons = [f"{why}; back-end {attn_implementation(config)}"]
+    attention = None
+    if auto_attention:
+        on_cuda = next(model.parameters()).device.type == "cuda" if cuda is None else cuda
+        problem = _flex_problem(model, layout, on_cuda)
+        if problem is None:
+            attention = BLOCK[0]
+            reasons.append(f"{BLOCK[0]} for {layout} rows on CUDA (masked blocks skipped)")
+        elif on_cuda and layout != "padded":
+            reasons.append(f"no flex_attention: {problem}")
     head = None
     if chunk is None:
         reasons.append("train.logits_chunk=null")
@@ -139,7 +188,19 @@ def choose(requested: str, chunk: int | None, model: torch.nn.Module, sharded: b
         head, no = Head.find(model, chunk)
         if head is None:
             reasons.append(no)
-    return Choice(layout, head, "; ".join(reasons), sharded)
+    return Choice(layout, head, "; ".join(reasons), sharded, attention)
+
+
+def apply(choice: Choice, model: torch.nn.Module) -> None:
+    """Put `model` (the policy, or a reference scoring its batches) on the choice's attention
+    back-end, where it differs from the model's own and the model supports it; a model that does
+    not keeps its own, which scores the same batches exactly (its own mask, `attention_inputs`)."""
+    inner = inner_model(model)
+    if choice.attention is None or attn_implementation(inner.config) == choice.attention:
+        return
+    if getattr(type(inner), "_supports_flex_attn", False) and hasattr(inner, "set_attn_implementation"):
+        inner.set_attn_implementation(choice.attention)
+        log.info("attention: %s for %s (%s)", choice.attention, type(inner).__name__, choice.describe())
 
 
 def check_reference(layout: str, model: torch.nn.Module) -> None:
@@ -237,33 +298,35 @@ class _Check:
             getattr(inner, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False)
         )
         with torch.no_grad():
-            self.plain = [_compared(*self._scored("padded", None, b)) for b in batches]
+            self.plain = [_compared(*self._scored(PLAIN, b)) for b in batches]
 
-    def _scored(self, layout: str, head: Head | None, examples: list) -> tuple[SequenceLogps, dict]:
+    def _scored(self, path: BatchPath, examples: list) -> tuple[SequenceLogps, dict]:
+        layout, head, attention = path
         batch = collate(examples, self.pad_id, kl=self.kl, layout=layout, whole=WHOLE in self.extras)
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        return batch_logps(self.model, batch, self.extras, head=head, stats=False).logps, batch
+        with use_attention(self.model, attention) if attention else nullcontext():
+            return batch_logps(self.model, batch, self.extras, head=head, stats=False).logps, batch
 
-    def problem(self, layout: str, head: Head | None, gradients: bool) -> str | None:
+    def problem(self, path: BatchPath, gradients: bool) -> str | None:
         """What is off on this path (a value, or the gradient), or None within rounding."""
         with torch.no_grad():
             for examples, plain in zip(self.batches, self.plain, strict=True):
-                got = _compared(*self._scored(layout, head, examples))
+                got = _compared(*self._scored(path, examples))
                 for name, (want, tokens) in plain.items():
                     diff = (got[name][0] - want).abs()
                     if not bool((diff <= _tolerance(self.dtype, tokens)).all()):
                         return f"{name} off by {float(diff.max()):.3g}"
-        return self._gradient_problem(layout, head) if gradients else None
+        return self._gradient_problem(path) if gradients else None
 
-    def _gradient_problem(self, layout: str, head: Head | None) -> str | None:
+    def _gradient_problem(self, path: BatchPath) -> str | None:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             return None
         self.model.train(self.grad_mode)
         try:
-            _objective(self._scored("padded", None, self.batches[0])[0]).backward()
+            _objective(self._scored(PLAIN, self.batches[0])[0]).backward()
             plain = _grad_norm(params)
-            (-_objective(self._scored(layout, head, self.batches[0])[0])).backward()
+            (-_objective(self._scored(path, self.batches[0])[0])).backward()
             diff = _grad_norm(params)
         finally:
             self.model.zero_grad(set_to_none=True)
@@ -286,8 +349,9 @@ def probe(
     log-probs, the extras the loss `needs`, and the gradient of one micro batch. Keep `choice`
     if they agree within rounding; else, or if the path fails, warn and fall back to the best
     that agrees. Gradients left in the parameters before are kept."""
-    candidates = [(choice.layout, choice.head), ("padded", choice.head), (choice.layout, None)]
-    candidates = [c for i, c in enumerate(candidates) if c not in candidates[:i] and c != ("padded", None)]
+    fast = (choice.layout, choice.head, choice.attention)
+    candidates = [fast, (choice.layout, choice.head, None), ("padded", choice.head, None), (choice.layout, None, None)]
+    candidates = [c for i, c in enumerate(candidates) if c not in candidates[:i] and c != PLAIN]
     if not candidates or not dataset:
         return choice
     was_training = model.training
@@ -304,19 +368,25 @@ def probe(
             p.grad = grad
 
 
-def _first_exact(choice: Choice, candidates: list[tuple[str, Head | None]], check: _Check) -> Choice:
+def _path_name(path: BatchPath) -> str:
+    _, head, attention = path
+    return ("the chunked head" if head else "full logits") + (f" on {attention}" if attention else "")
+
+
+def _first_exact(choice: Choice, candidates: list[BatchPath], check: _Check) -> Choice:
     """The first candidate path that agrees with the plain one (`choice` itself if it is the
     first), else padded rows with full logits; one warning line naming each that does not."""
     n = sum(len(b) for b in check.batches)
     tried: list[str] = []
-    for layout, head in candidates:
+    for path in candidates:
+        layout, head, attention = path
         try:
-            problem = check.problem(layout, head, gradients=not choice.sharded)
+            problem = check.problem(path, gradients=not choice.sharded)
         except Exception as e:  # whatever a faster path raises, the plain one is the answer
             first = str(e).splitlines()[0] if str(e) else ""
             problem = f"failed ({type(e).__name__}: {first})"
         if problem is None:
-            if (layout, head) == candidates[0]:
+            if path == candidates[0]:
                 what = "log-probs" if choice.sharded else "log-probs and the gradient of one micro batch"
                 log.info(
                     "start-up check: %s agrees with padded full logits (%s, %d examples)", choice.describe(), what, n
@@ -324,10 +394,11 @@ def _first_exact(choice: Choice, candidates: list[tuple[str, Head | None]], chec
                 return choice
             log.warning(
                 "start-up check: %s disagreed with padded full logits on real examples (%s); using layout %s with %s",
-                choice.describe(), "; ".join(tried), layout, "the chunked head" if head else "full logits",
+                choice.describe(), "; ".join(tried), layout, _path_name(path),
             )  # fmt: skip
-            return Choice(layout, head, choice.why + "; the start-up check rejected the faster path", choice.sharded)
-        tried.append(f"layout {layout}, {'chunked head' if head else 'full logits'} {problem}")
+            why = choice.why + "; the start-up check rejected the faster path"
+            return Choice(layout, head, why, choice.sharded, attention)
+        tried.append(f"layout {layout}, {_path_name(path)} {problem}")
     log.warning(
         "start-up check: %s disagreed with padded full logits on real examples (%s); using padded rows with full logits",
         choice.describe(), "; ".join(tried),

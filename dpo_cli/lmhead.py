@@ -37,11 +37,22 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """float32 logits of a chunk, the matmul in `dtype` (as the plain head under autocast)."""
-    logits = h.to(dtype) @ weight.to(dtype).t()
+def _cast(
+    weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's weight and bias in the matmul's dtype, cast once per pass rather than once per
+    chunk (a float32 master weight under bf16 autocast: one V x H bf16 copy, as autocast's own
+    cast cache keeps for the plain head)."""
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """float32 logits of a chunk, the matmul in the (already cast) weight's dtype: bf16 on
+    tensor cores under bf16 autocast, as the plain head; log-softmax and gather then run on the
+    float32 result."""
+    logits = h.to(weight.dtype) @ weight.t()
     if bias is not None:
-        logits = logits + bias.to(dtype)
+        logits = logits + bias
     return logits.float()
 
 
@@ -55,10 +66,11 @@ class _ChunkedLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, chunk, dtype):  # type: ignore[override]
         with torch.autocast(hidden.device.type, enabled=False):
+            w, b = _cast(weight, bias, dtype)
             logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
             lse = torch.empty_like(logps)
             for s in range(0, hidden.shape[0], chunk):
-                logits = _chunk_logits(hidden[s : s + chunk], weight, bias, dtype)
+                logits = _chunk_logits(hidden[s : s + chunk], w, b)
                 lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
                 logps[s : s + chunk] = logits.gather(1, target[s : s + chunk, None]).squeeze(1) - lse[s : s + chunk]
         ctx.save_for_backward(hidden, weight, bias, target, lse)
@@ -74,15 +86,16 @@ class _ChunkedLogps(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         with torch.autocast(hidden.device.type, enabled=False):
+            w, b = _cast(weight, bias, dtype)
             for s in range(0, hidden.shape[0], ctx.chunk):
                 h = hidden[s : s + ctx.chunk]
                 g = grad[s : s + ctx.chunk].float()
                 # softmax, in place on the recomputed logits (no second chunk-sized buffer)
-                probs = _chunk_logits(h, weight, bias, dtype).sub_(lse[s : s + ctx.chunk, None]).exp_()
+                probs = _chunk_logits(h, w, b).sub_(lse[s : s + ctx.chunk, None]).exp_()
                 d_logits = probs.mul_(-g[:, None])
                 d_logits.scatter_add_(1, target[s : s + ctx.chunk, None], g[:, None])
                 if need_h:
-                    grad_h[s : s + ctx.chunk] = (d_logits.to(dtype) @ weight.to(dtype)).to(hidden.dtype)
+                    grad_h[s : s + ctx.chunk] = (d_logits.to(dtype) @ w).to(hidden.dtype)
                 if need_w:
                     grad_w += (d_logits.to(dtype).t() @ h.to(dtype)).float()
                 if need_b:
@@ -113,13 +126,14 @@ def position_stats(
     h . mean(W) + mean(b): exact, no logits needed) and, with `wpo`, log sum_v p(v)^2 ("log_sum_sq",
     WPO's alignment term), chunk by chunk."""
     dtype = _compute_dtype(weight)
-    mean_w = weight.to(dtype).float().mean(0)
+    w, b = _cast(weight, bias, dtype)
+    mean_w = w.float().mean(0)
     out = {"mean_logit": hidden.to(dtype).float() @ mean_w + (bias.float().mean() if bias is not None else 0.0)}
     if wpo:
         values = []
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, hidden.shape[0], chunk):
-                logits = _chunk_logits(hidden[s : s + chunk], weight, bias, dtype)
+                logits = _chunk_logits(hidden[s : s + chunk], w, b)
                 values.append(torch.logsumexp(2 * logits, -1) - 2 * torch.logsumexp(logits, -1))
         out["log_sum_sq"] = torch.cat(values) if values else hidden.new_zeros(0, dtype=torch.float32)
     return out

@@ -16,7 +16,7 @@ from dpo_cli import config, layout, memory
 from dpo_cli.data.batching import steps_per_epoch
 from dpo_cli.data.prepare import Prepared, check_prepared, prepare
 from dpo_cli.data.summary import export, report
-from dpo_cli.distributed import world_size_from_env
+from dpo_cli.distributed import cpu_only, world_size_from_env
 from dpo_cli.errors import ConfigError, DataError, UserError
 from dpo_cli.lora import check_targets
 from dpo_cli.losses.options import build_loss
@@ -162,7 +162,8 @@ def batches(cfg: Config, tokenizer: Any) -> str:
         config, memory.resolve_dtype(m.dtype, config), m.trust_remote_code and m.random_init is None
     )
     try:
-        choice = layout.choose(cfg.train.layout, cfg.train.logits_chunk, model, sharded=False)
+        auto_attention, cuda = m.attn_implementation is None, not cpu_only()  # training runs here: its device
+        choice = layout.choose(cfg.train.layout, cfg.train.logits_chunk, model, False, auto_attention, cuda)
     except ConfigError as e:
         return f"batches: training would refuse this: {e}"
     return (

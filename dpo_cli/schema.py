@@ -85,6 +85,7 @@ class TrainConfig:
     sort_by_length: bool = (
         True  # within a step, micro batches and processes get pairs of similar length (the step's pairs do not change)
     )
+    compile: bool = False  # torch.compile the policy's decoder blocks (dpo_cli/compiling.py); off until measured to pay
 
 
 @dataclass

@@ -44,6 +44,8 @@ def state():
         "default_dtype": str(torch.get_default_dtype()),
         "threads": torch.get_num_threads(),
         "grad_enabled": torch.is_grad_enabled(),
+        # GPU-side machinery loads only where a run uses it (flex_attention, train.compile)
+        "gpu_modules": sorted(m for m in ("triton", "torch._inductor", "torch.nn.attention.flex_attention") if m in sys.modules),
     }
 
 before = state()
@@ -56,7 +58,8 @@ print(json.dumps({"before": before, "after": state()}))
 
 @pytest.mark.integration
 def test_imports_change_no_global_state():
-    """STYLE.md: never change global state at import time (TF32 flags, env vars)."""
+    """STYLE.md: never change global state at import time (TF32 flags, env vars); and nothing
+    GPU-only (Triton, inductor, FlexAttention) is imported at start-up."""
     done = subprocess.run(
         [sys.executable, "-c", _PROBE, *MODULES], capture_output=True, text=True, timeout=120, check=True
     )
@@ -66,3 +69,4 @@ def test_imports_change_no_global_state():
     changed = {k for k in env_before.keys() | env_after.keys() if env_before.get(k) != env_after.get(k)}
     assert not changed, f"importing dpo_cli changed environment variables: {sorted(changed)}"
     assert after == before
+    assert after["gpu_modules"] == []

@@ -227,9 +227,14 @@ def test_an_explicit_layout_the_back_end_cannot_run_is_refused_naming_fixes_that
     assert message.endswith("use train.layout=padded or train.layout=auto") and "attn_implementation" not in message
     for fix in ("padded", "auto"):
         assert choose(fix, 1024, model, sharded=False).layout == "padded"
-    # Where the back-end is the reason, switching it is a fix, and it works.
-    flex = _refusal(tiny_model("llama", "flex_attention"), "shared")
-    assert flex.endswith("use train.layout=padded or train.layout=auto, or model.attn_implementation=sdpa"), flex
+    # Where the back-end is the reason (a custom kernel, given no packed-sequence mask),
+    # switching it is a fix, and it works.
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register("custom_kernel", sdpa_attention_forward)
+    custom = _refusal(tiny_model("llama", "custom_kernel"), "shared")
+    assert custom.endswith("use train.layout=padded or train.layout=auto, or model.attn_implementation=sdpa"), custom
     assert choose("shared", 1024, tiny_model("llama", "sdpa"), sharded=False).layout == "shared"
     sharded = choose("auto", 1024, tiny_model("llama"), sharded=True)
     assert sharded.layout == "shared" and sharded.head is None and "sharded weights" in sharded.why

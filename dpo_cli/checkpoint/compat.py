@@ -23,6 +23,7 @@ RESUMABLE_CHANGES = (
     "train.keep_checkpoints",
     "train.layout",  # how batches are laid out and scored, not what is computed (exact, see dpo_cli.layout)
     "train.logits_chunk",
+    "train.compile",  # torch.compile of the same computation: rounding, not what is computed
     "model.attn_implementation",  # the attention kernel: rounding, not what is computed (its default became null)
     "logger.progress",
     "logger.report",  # whether report.png/report.html are drawn
