@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# One prepared check of dpo-cli on a bare GPU machine, within 8 minutes:
+#
+#   bash scripts/gpu/check.sh [--out DIR] [--device cpu|cuda|auto] [--dry-run] [--stages env,bench,...]
+#
+# 1. Installs the wheels carried in .whl/ (scripts/gpu/wheels.sh fetches them) into /tmp/site, when
+#    the machine lacks the packages; no network is used.
+# 2. Runs these stages, each under its own time limit (seconds), each output kept:
+#      env        30  nvidia-smi, the device, library versions, whether dpo-cli imports
+#      gpu_tests  90  pytest -m gpu (skipped without CUDA; all skipped counts as skipped)
+#      bench     170  scripts/bench.py --models qwen05 (--device cpu --dry-run on CPU); BENCH_ARGS replaces its arguments
+#      resume     80  5 bf16 steps uninterrupted vs SIGKILL after the step-3 checkpoint + resume: bit-equal rows
+#      fsdp      100  the same (4 steps, kill after 2) through accelerate launch --config_file scripts/accelerate/fsdp.yaml
+#                     --num_processes 1; skipped on CPU (FSDP_STAGE_CONFIG=another config runs it there, for tests)
+# 3. Writes summary.json, summary.md, bench.json and logs.txt (every stage's output) to --out, else
+#    $OUT, else a new temporary directory. Exit 0 when no stage failed (skipped is fine), 1 otherwise,
+#    2 on a usage error.
+#
+# Environment: PYTHON (default python3), BENCH_ARGS, FSDP_STAGE_CONFIG, SITE (default /tmp/site).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+PY=${PYTHON:-python3}
+ALL_STAGES=env,gpu_tests,bench,resume,fsdp
+
+usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+die() {
+    echo "check.sh: $*" >&2
+    exit 2
+}
+
+out_dir=${OUT:-}
+device=auto
+dry_run=0
+want=$ALL_STAGES
+while (($#)); do
+    case $1 in
+    --out) out_dir=${2:?--out needs a directory}; shift 2 ;;
+    --out=*) out_dir=${1#--out=}; shift ;;
+    --device) device=${2:?--device needs cpu, cuda or auto}; shift 2 ;;
+    --device=*) device=${1#--device=}; shift ;;
+    --dry-run) dry_run=1; shift ;;
+    --stages) want=${2:?--stages needs a list}; shift 2 ;;
+    --stages=*) want=${1#--stages=}; shift ;;
+    -h | --help) usage; exit 0 ;;
+    *) die "unknown argument $1 (see --help)" ;;
+    esac
+done
+case $device in cpu | cuda | auto) ;; *) die "--device $device: choose cpu, cuda or auto" ;; esac
+for s in ${want//,/ }; do
+    [[ ,$ALL_STAGES, == *,$s,* ]] || die "--stages: unknown stage $s (stages: $ALL_STAGES)"
+done
+if [[ -z $out_dir ]]; then
+    out_dir=$(mktemp -d -t gpu-check.XXXXXX)
+    echo "check.sh: no --out and no \$OUT: writing to $out_dir"
+fi
+mkdir -p "$out_dir"
+out_dir=$(cd "$out_dir" && pwd)
+rm -f "$out_dir"/{summary.json,summary.md,bench.json,logs.txt}
+
+WORK=$(mktemp -d -t gpu-check-work.XXXXXX) # run directories and checkpoints: never brought back
+trap 'rm -rf "$WORK"' EXIT
+: >"$WORK/stages.tsv"
+started=$SECONDS
+cd "$REPO"
+
+# --- the carried wheels: installed only where their packages are missing (a bare GPU machine)
+if compgen -G "$REPO/.whl/*.whl" >/dev/null && ! "$PY" -c 'import hydra, omegaconf, datasets, trl' 2>/dev/null; then
+    site=${SITE:-/tmp/site}
+    echo "check.sh: installing $(find "$REPO/.whl" -type f -name '*.whl' | wc -l) carried wheels into $site"
+    timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$site" "$REPO"/.whl/*.whl
+    export PYTHONPATH=$site:$REPO${PYTHONPATH:+:$PYTHONPATH}
+else
+    export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+# Nothing reaches the network, nothing lands in ~/.cache.
+export WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export DPO_CLI_CACHE_DIR=$WORK/cache DPO_CLI_REFERENCE_CACHE_DIR=$WORK/refcache
+
+cuda=$(timeout 60 "$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
+if [[ $device == auto ]]; then
+    device=$([[ $cuda == 1 ]] && echo cuda || echo cpu)
+elif [[ $device == cuda && $cuda != 1 ]]; then
+    die "--device cuda, but torch ($PY) sees no CUDA device"
+fi
+[[ $device == cpu ]] && export CUDA_VISIBLE_DEVICES="" # a CPU check on a GPU machine stays on the CPU
+echo "check.sh: device $device$([[ $dry_run == 1 ]] && echo ', dry run'), stages $want, python $PY, output $out_dir"
+
+# record NAME CODE SECONDS TIMEOUT DETAIL: one line of stages.tsv (summary.py reads it)
+record() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$(printf %s "$5" | tr '\t\n' '  ')" >>"$WORK/stages.tsv"; }
+
+# stage NAME TIMEOUT CMD...: run CMD under its limit, output to WORK/NAME.log; never stops the script
+stage() {
+    local name=$1 limit=$2 t0=$SECONDS rc=0
+    shift 2
+    [[ ,$want, == *,$name,* ]] || return 0
+    echo "check.sh: stage $name (limit ${limit} s): $*"
+    timeout --kill-after=10 "$limit" "$@" >"$WORK/$name.log" 2>&1 </dev/null || rc=$?
+    record "$name" "$rc" "$((SECONDS - t0))" "$limit" "$*"
+    echo "check.sh: stage $name exited $rc after $((SECONDS - t0)) s"
+}
+
+skip() { [[ ,$want, == *,$1,* ]] && record "$1" skipped 0 0 "$2" || true; }
+
+# The run every training stage starts from: the quick debug run, plain DPO, no extras.
+RUN=(debug=default loss=dpo logger.wandb.mode=disabled logger.progress=false logger.report=false judge=none model=tiny)
+if [[ $device == cuda ]]; then # wide enough that bf16 runs through real GEMM kernels, still seconds a run
+    RUN+=(model.random_init.hidden_size=512 model.random_init.intermediate_size=1536 model.random_init.num_hidden_layers=4
+        model.random_init.num_attention_heads=8 model.random_init.num_key_value_heads=8)
+fi
+
+# 1. env
+wheels=()
+[[ -d $REPO/.whl ]] && wheels=(--wheels "$REPO/.whl")
+stage env 30 bash -c 'command -v nvidia-smi >/dev/null && nvidia-smi; "$@"' _ \
+    "$PY" scripts/gpu/env_probe.py --json "$WORK/env.json" "${wheels[@]}"
+
+# 2. gpu tests (the gpu mark replaces pyproject's -m "not slow")
+stage gpu_tests 90 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
+
+# 3. bench
+if [[ -n ${BENCH_ARGS:-} ]]; then
+    read -r -a bench_args <<<"$BENCH_ARGS"
+elif [[ $device == cuda && $dry_run == 0 ]]; then
+    bench_args=(--models qwen05 --device cuda --dtype bf16 --json "$out_dir/bench.json")
+else
+    bench_args=(--models qwen05 --device "$device" --dry-run --json "$out_dir/bench.json")
+fi
+stage bench 170 "$PY" scripts/bench.py "${bench_args[@]}"
+
+# 4. resume: 5 bf16 steps; the killed run stops after its step-3 checkpoint
+stage resume 80 "$PY" scripts/gpu/resume_check.py --json "$WORK/resume.json" --work "$WORK/resume" \
+    --kill-after 3 --timeout 70 -- "${RUN[@]}" train.mixed_precision=bf16 train.max_steps=5 train.save_every=1 \
+    train.keep_checkpoints=null
+
+# 5. fsdp: 4 steps through the FSDP2 config on one process, killed after step 2, resumed
+if [[ $device == cpu && -z ${FSDP_STAGE_CONFIG:-} ]]; then
+    skip fsdp "accelerate runs FSDP only on a GPU"
+else
+    stage fsdp 100 "$PY" scripts/gpu/resume_check.py --json "$WORK/fsdp.json" --work "$WORK/fsdp" --kill-after 2 \
+        --timeout 90 --launch "${FSDP_STAGE_CONFIG:-scripts/accelerate/fsdp.yaml}" -- "${RUN[@]}" train.max_steps=4 \
+        train.save_every=2 train.keep_checkpoints=null
+fi
+
+# Every stage's output in one file (the device tool brings back at most 8 files from $OUT).
+for f in "$WORK"/stages.tsv "$WORK"/*.log "$WORK"/*/runs.log; do
+    if [[ -f $f ]]; then
+        printf '\n===== %s =====\n' "${f#"$WORK"/}"
+        cat "$f"
+    fi
+done >"$out_dir/logs.txt"
+
+verdict=0
+summary_args=(--work "$WORK" --out "$out_dir" --device "$device" --seconds "$((SECONDS - started))")
+[[ $dry_run == 1 ]] && summary_args+=(--dry-run)
+"$PY" scripts/gpu/summary.py "${summary_args[@]}" || verdict=$?
+exit "$verdict"
