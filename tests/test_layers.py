@@ -21,8 +21,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dpo_cli"
 LAYERS: list[tuple[str, ...]] = [
     # Leaves: exceptions, the batch contract, option schemas from signatures, process plumbing, hub probes.
     ("dpo_cli.errors", "dpo_cli.batch", "dpo_cli.options", "dpo_cli.distributed", "dpo_cli.hub", "dpo_cli.schedule"),
-    # Numerics and models: the LM head, attention inputs, log-probs, losses, model sources and loading.
-    ("dpo_cli.lmhead", "dpo_cli.attention", "dpo_cli.logprobs", "dpo_cli.losses", "dpo_cli.modeling"),
+    # Numerics and models: the LM head, attention inputs, log-probs, losses, model sources and loading, compiling.
+    (
+        "dpo_cli.lmhead",
+        "dpo_cli.attention",
+        "dpo_cli.logprobs",
+        "dpo_cli.losses",
+        "dpo_cli.modeling",
+        "dpo_cli.compiling",
+    ),
     # Data (formats, tokenizing, collating, the data section's dataclasses), the layouts, which
     # check themselves on it, and the config schema, which holds the data section's dataclasses.
     ("dpo_cli.data", "dpo_cli.layout", "dpo_cli.schema"),
