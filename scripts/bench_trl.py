@@ -6,12 +6,17 @@
 The spec names the model directory, an HH-format JSONL file, batch size, max length, steps,
 learning rate, beta, seed and output directory, plus `trl_args` (DPOConfig fields to change). The
 trainer is TRL's own with DPOConfig's defaults except what must match dpo-cli's run: batch size with
-no accumulation, max_length, float32 on the CPU (bf16 is on by default), learning rate and beta,
-max_steps, per-step logging to nowhere, no checkpoints, no evaluation. The model is passed as the
-directory, so TRL loads it, and its reference copy, as it does by default.
+no accumulation, max_length, the precision (`bf16`: DPOConfig's default bf16=True, float32 weights
+with bf16 autocast, as dpo-cli's train.mixed_precision=bf16; else float32), the device (`use_cpu`
+on the CPU; on CUDA it is left at its default, False, and TRL takes the GPU), learning rate and
+beta, max_steps, per-step logging to nowhere, no checkpoints, no evaluation. Everything else is
+DPOConfig's default: gradient checkpointing on, the fused LM head (per-token log-probs computed in
+chunks, no full logits), a live reference copy. The model is passed as the directory, so TRL loads
+it (in float32, its default dtype), and its reference copy, as it does by default.
 
 Writes: seconds in trainer.train(), the non-padding tokens of the batches trained on and their
-padding share, the step times, peak RSS, the nn.Linear parameter count and the settings as run.
+padding share, the step times, peak RSS and peak CUDA memory, the nn.Linear parameter count and the
+settings as run. On CUDA the clocks are read after torch.cuda.synchronize().
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import json
 import time
 from pathlib import Path
 
-from bench import linear_params, peak_rss_bytes, split_hh  # scripts/ is this script's sys.path[0]
+from bench import cuda_memory, cuda_sync, linear_params, peak_rss_bytes, split_hh  # scripts/ is sys.path[0]
 
 
 def run(spec: dict) -> dict:
@@ -49,10 +54,14 @@ def run(spec: dict) -> dict:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     class StepTimes(TrainerCallback):
+        # synchronized on CUDA so that a step's kernels count in its own time (logging_steps=1 reads
+        # the loss every step anyway, which waits for them too)
         def on_step_begin(self, args, state, control, **kwargs):
+            cuda_sync()
             self.started = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            cuda_sync()
             step_seconds.append(time.perf_counter() - self.started)
 
     lines = Path(spec["data_file"]).read_text().splitlines()
@@ -65,8 +74,7 @@ def run(spec: dict) -> dict:
         max_length=spec["max_length"],
         learning_rate=spec["lr"],
         beta=spec["beta"],
-        use_cpu=True,
-        bf16=False,  # DPOConfig turns bf16 on unless told; dpo-cli runs float32 here
+        bf16=spec["bf16"],  # DPOConfig's default is True; the CPU float32 runs turn it off
         fp16=False,
         max_steps=spec["steps"],
         logging_steps=1,
@@ -76,11 +84,14 @@ def run(spec: dict) -> dict:
         seed=spec["seed"],
         disable_tqdm=not spec.get("verbose"),
     )
+    if spec["use_cpu"]:
+        settings["use_cpu"] = True  # on CUDA left at TrainingArguments' default (False): the GPU
     config = DPOConfig(**(settings | spec["trl_args"]))  # --trl-arg wins, also over the settings above
     started = time.perf_counter()
     trainer = CountingDPOTrainer(model=spec["model_dir"], args=config, train_dataset=train, callbacks=[StepTimes()])
     built = time.perf_counter()
     trainer.train()
+    cuda_sync()
     ended = time.perf_counter()
 
     a = trainer.args
@@ -92,6 +103,7 @@ def run(spec: dict) -> dict:
         "pad_share": 1 - counts["tokens"] / counts["positions"] if counts["positions"] else 0.0,
         "step_seconds": step_seconds,
         "peak_rss": peak_rss_bytes(),
+        **cuda_memory(),
         "linear_params": linear_params(trainer.model),
         "train_pairs": len(trainer.train_dataset),
         "settings": {
@@ -103,6 +115,7 @@ def run(spec: dict) -> dict:
             "reference_model": "separate copy" if trainer.ref_model is not None else "none",
             "gradient_checkpointing": a.gradient_checkpointing,
             "bf16": a.bf16,
+            "device": str(a.device),
             "dtype": str(next(trainer.model.parameters()).dtype).removeprefix("torch."),
             "attn_implementation": trainer.model.config._attn_implementation,
             "loss_type": ",".join(a.loss_type),
