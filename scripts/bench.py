@@ -447,6 +447,7 @@ def dpo_cli_worker(spec: dict) -> dict:
     from hydra import compose, initialize_config_dir
 
     import dpo_cli.cli
+    import dpo_cli.config
     import dpo_cli.train
 
     capture = _Capture()
@@ -457,6 +458,7 @@ def dpo_cli_worker(spec: dict) -> dict:
         cfg = compose("config", overrides=spec["overrides"])
     os.chdir(run_dir)  # outside Hydra, train.run writes into the current directory
     started = time.perf_counter()
+    cfg = dpo_cli.config.validate(cfg)  # the typed config, as dpo-train passes it to train.run
     dpo_cli.train.run(cfg)
     cuda_sync()  # CUDA kernels run asynchronously: the clock stops when the last one has finished
     ended = time.perf_counter()
@@ -500,7 +502,7 @@ def dpo_cli_worker(spec: dict) -> dict:
         "precompute_s_per_pair": precompute,
         "data_report": data_report[1] if data_report else None,
         "lr": float(cfg.optimizer.lr),
-        "beta": float(cfg.loss.get("beta", 0.1)),
+        "beta": float(getattr(cfg.loss, "beta", 0.1)),
         "settings": {
             "micro_batch_size": cfg.train.micro_batch_size,
             "mixed_precision": cfg.train.mixed_precision,

@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from dpo_cli import layout
+    from dpo_cli.config import validate
     from dpo_cli.data.prepare import prepare
     from dpo_cli.modeling import load_model, load_tokenizer
     from dpo_cli.reference import live_reference
@@ -96,15 +97,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device; use --device cpu")
     tmp = Path(tempfile.mkdtemp(prefix="dpo_profile."))
-    cfg = compose(args, tmp)
+    cfg = validate(compose(args, tmp))  # typed, as dpo-train passes it to the parts
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, tokenizer, cfg.train.seed).train
     policy = load_model(cfg.model, tokenizer, cfg.train.seed).to(args.device)
     loss_fn = instantiate(cfg.loss)
-    choice = layout.choose(cfg.train.layout, cfg.train.logits_chunk, policy, sharded=False)
+    auto_attention = cfg.model.attn_implementation is None  # as training: flex_attention for packed rows on CUDA
+    choice = layout.choose(cfg.train.layout, cfg.train.logits_chunk, policy, False, auto_attention)
     choice = layout.probe(choice, policy, data, tokenizer.pad_token_id, loss_fn.needs, cfg.train.micro_batch_size)
+    layout.apply(choice, policy)
     # a copy of the policy, so on the policy's device
     reference = live_reference(cfg, tokenizer, policy, head=choice.head) if loss_fn.requires_reference else None
+    if reference is not None and hasattr(reference, "model"):
+        layout.apply(choice, reference.model)
     optimizer = instantiate(cfg.optimizer)(params=[p for p in policy.parameters() if p.requires_grad])
     policy.train()
     where = f"{args.device}" + (f" ({torch.cuda.get_device_name(0)})" if args.device == "cuda" else "")

@@ -123,3 +123,27 @@ def test_dry_run_end_to_end(tmp_path):
     # fixed lengths: every sequence is 64 tokens, prompt counted with each response
     assert rows["dpo-cli"]["tokens_per_pair"] == rows["TRL"]["tokens_per_pair"] == 128
     assert report["targets"] and {"met", "target", "speedup", "memory"} <= set(report["targets"][0])
+
+
+@pytest.mark.integration
+def test_the_tiny_model_trains_through_the_typed_config(tmp_path):
+    """The dpo-cli child validates the composed config as dpo-train does: once it passed the
+    untyped one, and the tiny model's warm start failed (DictConfig is not JSON serializable)."""
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable,
+        str(BENCH),
+        "--models",
+        "tiny",
+        "--no-trl",
+        "--steps",
+        "1,2",
+        "--batch",
+        "8",
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["tool"] == "dpo-cli" and row["tokens_per_s"] > 0
