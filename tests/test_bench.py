@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -100,16 +97,10 @@ def test_carried_tokenizer_loads_offline(monkeypatch):
     assert len(tokenizer) == 49152 and tokenizer.eos_token_id is not None and tokenizer.pad_token_id is not None
 
 
-@pytest.mark.integration
-def test_dry_run_end_to_end(tmp_path):
-    """Both tools train the shrunk qwen05 for 2 and 10 steps on the CPU; the JSON has a row each with
-    positive throughput and the keys scripts/gpu/check.sh reads."""
-    pytest.importorskip("trl", reason="the dry run compares against TRL: pip install -e '.[parity]'")
-    out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(BENCH), "--models", "qwen05", "--device", "cpu", "--dry-run", "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+def bench_dry_run_figures(report: dict) -> None:
+    """What `bench.py --models qwen05 --device cpu --dry-run --json` writes: both tools' rows with
+    positive throughput and the keys scripts/gpu/check.sh reads (tests/test_gpu_check.py runs it,
+    inside the check's CPU dry run)."""
     assert report["device"] == "cpu" and report["dtype"] == "fp32" and report["dry_run"] and report["ok"]
     assert set(report["versions"]) == {"python", "torch", "transformers", "trl", "accelerate"}
     rows = {r["tool"]: r for r in report["rows"]}
@@ -126,24 +117,12 @@ def test_dry_run_end_to_end(tmp_path):
 
 
 @pytest.mark.integration
-def test_the_tiny_model_trains_through_the_typed_config(tmp_path):
+def test_the_dpo_cli_worker_trains_the_tiny_model_through_the_typed_config(tmp_path, monkeypatch):
     """The dpo-cli child validates the composed config as dpo-train does: once it passed the
     untyped one, and the tiny model's warm start failed (DictConfig is not JSON serializable)."""
-    out = tmp_path / "bench.json"
-    cmd = [
-        sys.executable,
-        str(BENCH),
-        "--models",
-        "tiny",
-        "--no-trl",
-        "--steps",
-        "1,2",
-        "--batch",
-        "8",
-        "--json",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (row,) = json.loads(out.read_text())["rows"]
-    assert row["tool"] == "dpo-cli" and row["tokens_per_s"] > 0
+    monkeypatch.chdir(tmp_path)  # the worker changes into its run directory
+    quick = ["model.warm_start.steps=2", "data.format.num_train=16", "data.format.num_eval=1", "logger.report=false"]
+    overrides = ["model=tiny", "logger.wandb.mode=disabled", "logger.progress=false", "train.max_steps=2", *quick]
+    overrides += ["train.batch_size=8", "train.micro_batch_size=8", "train.eval_every=null", "train.save_every=null"]
+    result = bench.dpo_cli_worker({"run_dir": str(tmp_path / "run"), "overrides": overrides, "verbose": False})
+    assert result["steps"] == 2 and result["tokens"] > 0, result

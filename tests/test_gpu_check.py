@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_bench import bench_dry_run_figures
 
 REPO = Path(__file__).resolve().parents[1]
 CHECK = REPO / "scripts" / "gpu" / "check.sh"
-STAGES = ["env", "gpu_tests", "bench", "resume", "fsdp"]
+STAGES = ["env", "gpu_tests", "head", "bench", "profile", "resume", "fsdp"]
 
 sys.path.insert(0, str(REPO / "scripts" / "gpu"))
 import summary  # noqa: E402  (scripts/gpu is no package)
@@ -29,16 +30,9 @@ def _check(out: Path, *args: str, env: dict | None = None) -> tuple[subprocess.C
     return proc, data
 
 
-def _bench_env() -> dict:
-    """The default bench command (--device cpu --dry-run --json) once scripts/bench.py takes those
-    flags; until then BENCH_ARGS=--help, so that the stage still runs bench.py."""
-    help_text = subprocess.run([sys.executable, "scripts/bench.py", "--help"], cwd=REPO, capture_output=True, text=True)
-    return {} if "--dry-run" in help_text.stdout else {"BENCH_ARGS": "--help"}
-
-
 @pytest.mark.integration
 def test_the_cpu_dry_run_passes_every_stage_or_skips_it_with_a_reason(tmp_path):
-    proc, data = _check(tmp_path, env=_bench_env())
+    proc, data = _check(tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr + (tmp_path / "summary.md").read_text()
     stages = {s["name"]: s for s in data["stages"]}
     assert list(stages) == STAGES
@@ -47,9 +41,18 @@ def test_the_cpu_dry_run_passes_every_stage_or_skips_it_with_a_reason(tmp_path):
     assert stages["resume"]["status"] == "pass" and stages["resume"]["figures"]["exact"] == "bit-equal"
     assert stages["resume"]["figures"]["max_row_diff"] == 0 and stages["resume"]["figures"]["max_weight_diff"] == 0
     assert stages["fsdp"] == {**stages["fsdp"], "status": "skipped", "reason": "accelerate runs FSDP only on a GPU"}
-    assert stages["gpu_tests"]["status"] == "skipped"  # no CUDA here: every gpu test is skipped (or none exists)
+    assert stages["gpu_tests"]["status"] == "skipped"  # no CUDA here: every gpu test is skipped
+    assert all(stages[name]["status"] == "pass" for name in ("head", "bench", "profile"))
+    assert {r["way"] for r in data["head"]["rows"]} == {
+        "full logits (bf16 GEMM)",
+        "chunked, float32 GEMM",
+        "chunked, bf16 GEMM",
+    }
+    assert data["profile"]["step_seconds"] > 0 and data["profile"]["top_cpu"]
+    bench_dry_run_figures(json.loads((tmp_path / "bench.json").read_text()))
     md = (tmp_path / "summary.md").read_text()
     assert md.startswith("# GPU check: PASS") and all(f"| {name} |" in md for name in STAGES)
+    assert "## LM head" in md and "## Where a step's time goes" in md and "| qwen05 | 64 | TRL |" in md
     # What the device tool brings back: at most 8 plain files, none in a folder.
     files = list(tmp_path.iterdir())
     assert len(files) <= 8 and all(f.is_file() for f in files), files

@@ -7,11 +7,15 @@
 #    the machine lacks the packages; no network is used.
 # 2. Runs these stages, each under its own time limit (seconds), each output kept:
 #      env        30  nvidia-smi, the device, library versions, whether dpo-cli imports
-#      gpu_tests  90  pytest -m gpu (skipped without CUDA; all skipped counts as skipped)
-#      bench     170  scripts/bench.py --models qwen05 (--device cpu --dry-run on CPU); BENCH_ARGS replaces its arguments
-#      resume     80  5 bf16 steps uninterrupted vs SIGKILL after the step-3 checkpoint + resume: bit-equal rows
-#      fsdp      100  the same (4 steps, kill after 2) through accelerate launch --config_file scripts/accelerate/fsdp.yaml
+#      gpu_tests 110  pytest -m gpu (skipped without CUDA; all skipped counts as skipped)
+#      head       30  scripts/bench_head.py: the LM head alone, full logits vs chunked (float32 / bf16 GEMM)
+#      bench     160  scripts/bench.py --models qwen05 --steps 2,5 (--device cpu --dry-run on CPU); BENCH_ARGS
+#                     replaces its arguments
+#      profile    50  scripts/profile_step.py --model qwen05 at 2048 tokens: phases and top CUDA kernels
+#      resume     50  5 bf16 steps uninterrupted vs SIGKILL after the step-3 checkpoint + resume: bit-equal rows
+#      fsdp       50  the same (4 steps, kill after 2) through accelerate launch --config_file scripts/accelerate/fsdp.yaml
 #                     --num_processes 1; skipped on CPU (FSDP_STAGE_CONFIG=another config runs it there, for tests)
+#    The limits add up to 8 minutes; the stages usually take less.
 # 3. Writes summary.json, summary.md, bench.json and logs.txt (every stage's output) to --out, else
 #    $OUT, else a new temporary directory. Exit 0 when no stage failed (skipped is fine), 1 otherwise,
 #    2 on a usage error.
@@ -21,7 +25,7 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 PY=${PYTHON:-python3}
-ALL_STAGES=env,gpu_tests,bench,resume,fsdp
+ALL_STAGES=env,gpu_tests,head,bench,profile,resume,fsdp
 
 usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() {
@@ -119,29 +123,42 @@ stage env 30 bash -c 'command -v nvidia-smi >/dev/null && nvidia-smi; "$@"' _ \
     "$PY" scripts/gpu/env_probe.py --json "$WORK/env.json" "${wheels[@]}"
 
 # 2. gpu tests (the gpu mark replaces pyproject's -m "not slow")
-stage gpu_tests 90 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
+stage gpu_tests 110 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
+
+# 3. the LM head alone (Qwen2.5's 151936 x 896 head, 16384 positions on a GPU; small on a CPU)
+head_args=(--json "$WORK/head.json")
+[[ $device == cpu ]] && head_args+=(--device cpu --positions 512 --vocab 8192 --hidden 256 --repeat 2)
+stage head 30 "$PY" scripts/bench_head.py "${head_args[@]}"
 
 # 3. bench
 if [[ -n ${BENCH_ARGS:-} ]]; then
     read -r -a bench_args <<<"$BENCH_ARGS"
 elif [[ $device == cuda && $dry_run == 0 ]]; then
-    bench_args=(--models qwen05 --device cuda --dtype bf16 --json "$out_dir/bench.json")
+    bench_args=(--models qwen05 --device cuda --dtype bf16 --steps 2,5 --json "$out_dir/bench.json")
 else
     bench_args=(--models qwen05 --device "$device" --dry-run --json "$out_dir/bench.json")
 fi
-stage bench 170 "$PY" scripts/bench.py "${bench_args[@]}"
+stage bench 160 "$PY" scripts/bench.py "${bench_args[@]}"
+
+# 5. where one step's time goes: dpo-cli's defaults on qwen05 at 2048 tokens (shrunk on a CPU)
+if [[ $device == cuda && $dry_run == 0 ]]; then
+    profile_args=(--model qwen05 --device cuda --lengths fixed --seq 2048 --batch 8 --top 12)
+else
+    profile_args=(--model qwen05 --small --device cpu --lengths fixed --seq 64 --batch 2 --top 5)
+fi
+stage profile 50 "$PY" scripts/profile_step.py "${profile_args[@]}" --json "$WORK/profile.json"
 
 # 4. resume: 5 bf16 steps; the killed run stops after its step-3 checkpoint
-stage resume 80 "$PY" scripts/gpu/resume_check.py --json "$WORK/resume.json" --work "$WORK/resume" \
-    --kill-after 3 --timeout 70 -- "${RUN[@]}" train.mixed_precision=bf16 train.max_steps=5 train.save_every=1 \
+stage resume 50 "$PY" scripts/gpu/resume_check.py --json "$WORK/resume.json" --work "$WORK/resume" \
+    --kill-after 3 --timeout 45 -- "${RUN[@]}" train.mixed_precision=bf16 train.max_steps=5 train.save_every=1 \
     train.keep_checkpoints=null
 
 # 5. fsdp: 4 steps through the FSDP2 config on one process, killed after step 2, resumed
 if [[ $device == cpu && -z ${FSDP_STAGE_CONFIG:-} ]]; then
     skip fsdp "accelerate runs FSDP only on a GPU"
 else
-    stage fsdp 100 "$PY" scripts/gpu/resume_check.py --json "$WORK/fsdp.json" --work "$WORK/fsdp" --kill-after 2 \
-        --timeout 90 --launch "${FSDP_STAGE_CONFIG:-scripts/accelerate/fsdp.yaml}" -- "${RUN[@]}" train.max_steps=4 \
+    stage fsdp 50 "$PY" scripts/gpu/resume_check.py --json "$WORK/fsdp.json" --work "$WORK/fsdp" --kill-after 2 \
+        --timeout 45 --launch "${FSDP_STAGE_CONFIG:-scripts/accelerate/fsdp.yaml}" -- "${RUN[@]}" train.max_steps=4 \
         train.save_every=2 train.keep_checkpoints=null
 fi
 

@@ -86,9 +86,18 @@ def judge_run_check(rc: int, log: Path, data: dict) -> tuple[str, str, dict]:
     return data.get("status", "fail"), data.get("reason", "no reason given"), figures
 
 
+def judge_measured(rc: int, log: Path, data: dict) -> tuple[str, str, dict]:
+    """A figures-only stage (head, profile): it passes when it ran and wrote its JSON."""
+    if rc == 0 and data:
+        return "pass", "figures below", {}
+    return "fail", f"exited {rc}{'' if data else ' without its JSON'}: {last_line(log)}", {}
+
+
 JUDGES = {
     "env": judge_env,
     "gpu_tests": judge_gpu_tests,
+    "head": judge_measured,
+    "profile": judge_measured,
     "bench": judge_bench,
     "resume": judge_run_check,
     "fsdp": judge_run_check,
@@ -157,6 +166,26 @@ def bench_section(bench: dict) -> list[str]:
     return lines
 
 
+def head_section(head: dict) -> list[str]:
+    if not head:
+        return ["No figures (see the head stage)."]
+    shape = f"{head['positions']} positions x vocab {head['vocab']} x hidden {head['hidden']}, chunk {head['chunk']}"
+    return [f"{shape}, on {head['device']}; one forward and backward:", "", *table(head["rows"])]
+
+
+def profile_section(profile: dict) -> list[str]:
+    if not profile:
+        return ["No figures (see the profile stage)."]
+    step = profile["step_seconds"]
+    lines = [f"One step of {profile['batch']} pairs at {profile['seq']} tokens ({profile['dtype']}): {step:.3f} s", ""]
+    lines += table(
+        [{"phase": k, "seconds": v, "share": f"{100 * v / step:.1f}%"} for k, v in profile["phases"].items()]
+    )
+    kernels = profile.get("top_cuda") or profile.get("top_cpu") or []
+    which = "CUDA kernels and ops by self CUDA time" if profile.get("top_cuda") else "ops by self CPU time"
+    return [*lines, "", f"Top {which}:", "", *table(kernels)]
+
+
 def markdown(summary: dict, bench: dict) -> str:
     lines = [
         f"# GPU check: {'PASS' if summary['passed'] else 'FAIL'}",
@@ -177,6 +206,8 @@ def markdown(summary: dict, bench: dict) -> str:
         if s["figures"] and s["name"] in ("resume", "fsdp", "gpu_tests"):
             lines += ["", f"{s['name']}: " + ", ".join(f"{k} {cell(v)}" for k, v in s["figures"].items())]
     lines += ["", "## Benchmark", "", *bench_section(bench)]
+    lines += ["", "## LM head", "", *head_section(summary.get("head", {}))]
+    lines += ["", "## Where a step's time goes", "", *profile_section(summary.get("profile", {}))]
     failed = [s for s in summary["stages"] if s["status"] == "fail"]
     for s in failed:
         lines += ["", f"## {s['name']} failed: last lines of its log", "", "```", s.get("log_tail", ""), "```"]
@@ -206,6 +237,8 @@ def main() -> int:
         "versions": env.get("versions", {}),
         "env": env,
         "stages": result,
+        "head": read_json(args.work / "head.json"),
+        "profile": read_json(args.work / "profile.json"),
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (args.out / "summary.md").write_text(markdown(summary, read_json(args.out / "bench.json")))
