@@ -29,7 +29,7 @@ from dpo_cli.lmhead import inner_model
 
 MASKED = ("sdpa", "eager")  # back-ends given an explicit 4D mask
 VARLEN = ("flash_attention_2", "flash_attention_3")  # back-ends given restarting position ids only
-BLOCK = ("flex_attention",)  # back-ends given a BlockMask (masked blocks skipped)
+BLOCKWISE = ("flex_attention",)  # back-ends given a BlockMask (masked blocks skipped)
 
 
 def attn_implementation(config: Any) -> str:
@@ -72,13 +72,33 @@ def dense_mask(segment: torch.Tensor, branch: torch.Tensor, position: torch.Tens
     return mask_rule(segment, branch, position, window)(b, None, idx[None, :, None], idx[None, None, :])
 
 
+BLOCK = 128  # FlexAttention's block size: the kernel skips a query block x key block tile no query may see
+
+
 def block_mask(segment: torch.Tensor, branch: torch.Tensor, position: torch.Tensor, window: int | None) -> Any:
-    """`mask_rule` as FlexAttention's BlockMask (one per row, shared by the heads)."""
-    from torch.nn.attention.flex_attention import create_block_mask  # here: nothing GPU-side loads at start-up
+    """`mask_rule` as FlexAttention's BlockMask (one per row, shared by the heads): per tile of
+    BLOCK x BLOCK, whether no query sees any key (skipped), every query sees every key (computed
+    without evaluating the rule) or some do (the rule applied inside). The tiles are read off the
+    dense boolean mask (R x L^2 bytes, built once per batch) rather than from the rule under vmap,
+    which would hold several int64 (R, L, L) intermediates at once."""
+    from torch.nn.attention.flex_attention import BlockMask  # here: nothing GPU-side loads at start-up
 
     rows, length = segment.shape
+    blocks = -(-length // BLOCK)
+    dense = torch.zeros(rows, blocks * BLOCK, blocks * BLOCK, dtype=torch.bool, device=segment.device)
+    dense[:, :length, :length] = dense_mask(segment, branch, position, window)
+    tiles = dense.view(rows, blocks, BLOCK, blocks, BLOCK)
+    full = tiles.all(4).all(2)  # (R, query blocks, key blocks)
+    partial = tiles.any(4).any(2) & ~full
+
+    def listed(tile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per query block: how many key blocks are marked, and their indices first."""
+        order = torch.argsort((~tile).to(torch.int8), dim=-1, stable=True)  # marked (0) first, in order
+        return tile.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+    (n_partial, partial_at), (n_full, full_at) = listed(partial), listed(full)
     rule = mask_rule(segment, branch, position, window)
-    return create_block_mask(rule, rows, None, length, length, device=segment.device)
+    return BlockMask.from_kv_blocks(n_partial, partial_at, n_full, full_at, BLOCK, rule, seq_lengths=(length, length))
 
 
 @contextmanager
@@ -107,7 +127,7 @@ def attention_inputs(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> 
     if attn_implementation(config) in VARLEN:
         return {"position_ids": position}
     window, _ = sliding_window(config)
-    if attn_implementation(config) in BLOCK:
+    if attn_implementation(config) in BLOCKWISE:
         return {
             "attention_mask": block_mask(batch["segment"], batch["branch"], position, window),
             "position_ids": position,

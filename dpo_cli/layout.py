@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from dpo_cli.attention import BLOCK, MASKED, VARLEN, attn_implementation, sliding_window, use_attention
+from dpo_cli.attention import BLOCKWISE, MASKED, VARLEN, attn_implementation, sliding_window, use_attention
 from dpo_cli.attention import attention_inputs as attention_inputs  # re-exported: callers know it here
 from dpo_cli.batch import CHOSEN, KL_ROWS, REJECTED, ROLE_NAMES, SHARED, WHOLE, WPO
 from dpo_cli.data.collate import collate
@@ -94,7 +94,7 @@ def supported(model: torch.nn.Module) -> tuple[tuple[str, ...], str]:
     structural, because = _structure(inner)
     if impl in MASKED:
         backend, why = ALL_LAYOUTS, f"{impl} attention takes an explicit mask"
-    elif impl in BLOCK:
+    elif impl in BLOCKWISE:
         backend, why = ALL_LAYOUTS, f"{impl} takes a block mask"
     elif impl in VARLEN:
         backend = ("packed", "padded")
@@ -175,8 +175,8 @@ def choose(
         on_cuda = next(model.parameters()).device.type == "cuda" if cuda is None else cuda
         problem = _flex_problem(model, layout, on_cuda)
         if problem is None:
-            attention = BLOCK[0]
-            reasons.append(f"{BLOCK[0]} for {layout} rows on CUDA (masked blocks skipped)")
+            attention = BLOCKWISE[0]
+            reasons.append(f"{BLOCKWISE[0]} for {layout} rows on CUDA (masked blocks skipped)")
         elif on_cuda and layout != "padded":
             reasons.append(f"no flex_attention: {problem}")
     head = None

@@ -98,7 +98,8 @@ def test_the_block_mask_lists_exactly_the_blocks_with_a_visible_key_and_skips_th
 
 @pytest.mark.parametrize("window", [None, 3])
 def test_flex_attention_with_the_block_mask_equals_sdpa_with_the_dense_mask(window):
-    """The attention op itself (FlexAttention's unfused CPU forward) on the block mask equals
+    """The attention op itself (FlexAttention's unfused CPU forward, which applies the rule at
+    every position: the block lists are checked above and by the compiled kernel below) equals
     sdpa on the dense mask, for packed and shared rows, with and without a sliding window."""
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -122,7 +123,7 @@ def test_a_model_on_flex_attention_scores_packed_and_shared_rows_as_padded_ones(
     (float32). (A sliding-window model, whose mask reads positions too, hits a C++ code
     generation error of inductor's CPU FlexAttention template in torch 2.13; the GPU test runs it.)"""
     model = tiny_model("llama", "sdpa")
-    examples = pairs(n=4)
+    examples = long_pairs(3)  # rows of several 128-token blocks: skipped, full and partial ones
     with torch.no_grad():
         plain = batch_logps(model, collate(examples, 0, layout="padded"), stats=False).logps
         with use_attention(model, "flex_attention"):

@@ -17,6 +17,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 from conftest import FAST, QUIET, read_metrics, run_cli
+from test_flex import long_pairs
 from test_layouts import pairs, tiny_model
 
 from dpo_cli.attention import use_attention
@@ -53,7 +54,7 @@ def scored(model, examples, layout, head=None, attention=None):
 @pytest.mark.parametrize("layout", ["packed", "shared"])
 def test_flex_attention_rows_match_padded_rows_in_float32(arch, layout):
     model = on_cuda(arch).train()
-    examples = pairs(n=4)
+    examples = long_pairs(3)  # rows of several 128-token blocks: skipped, full and partial ones
     plain, plain_grads = scored(model, examples, "padded")
     for head in (None, Head.find(model, 5)[0]):
         got, grads = scored(model, examples, layout, head, attention="flex_attention")
@@ -69,7 +70,7 @@ def test_flex_attention_rows_match_padded_rows_in_float32(arch, layout):
 @pytest.mark.parametrize("layout", ["packed", "shared"])
 def test_flex_attention_rows_match_padded_rows_under_bf16_autocast(layout):
     model = on_cuda("llama").train()
-    examples = pairs(n=4)
+    examples = long_pairs(3)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         plain, plain_grads = scored(model, examples, "padded")
         got, grads = scored(model, examples, layout, Head.find(model, 5)[0], attention="flex_attention")
