@@ -117,6 +117,18 @@ def use_attention(model: torch.nn.Module, implementation: str) -> Iterator[None]
         inner.set_attn_implementation(before)
 
 
+def generation_attention(model: torch.nn.Module) -> str:
+    """The back-end `model` generates with: its own, except flex_attention (which dpo-cli picks
+    for packed training rows) gives way to sdpa where the model has it; decoding one token at a
+    time from a KV cache has no packed rows, and FlexAttention would build a block mask and may
+    compile again as the cache grows."""
+    inner = inner_model(model)
+    own = attn_implementation(inner.config)
+    if own in BLOCKWISE and getattr(type(inner), "_supports_sdpa", False):
+        return "sdpa"
+    return own
+
+
 def attention_inputs(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, Any]:
     """The attention keywords for a batch's rows: the padding mask for padded rows; for packed
     rows, restarting position ids and the mask `layout.supported` promises for the back-end."""

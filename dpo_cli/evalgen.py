@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from dpo_cli.attention import generation_attention, use_attention
 from dpo_cli.data.chat import is_conversational, load_template, render
 from dpo_cli.data.tokenize import tokenize_pairs, truncate
 from dpo_cli.judges import Prompt
@@ -109,6 +110,7 @@ def generate(
     )
     was_training = model.training
     model.eval()
+    attention = generation_attention(model)
     size = settings.batch_size
     batches = [prompts[i : i + size] for i in range(0, len(prompts), size)]
     mine: list[tuple[int, list[Sample]]] = []
@@ -120,7 +122,7 @@ def generate(
         # Left padding: every prompt ends where generation starts.
         ids = torch.tensor([[pad] * (width - len(p.ids)) + p.ids for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in batch], device=device)
-        with torch.random.fork_rng(devices=devices), accelerator.autocast():
+        with torch.random.fork_rng(devices=devices), accelerator.autocast(), use_attention(model, attention):
             torch.manual_seed(settings.seed + k)
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         samples = []

@@ -171,3 +171,13 @@ def test_the_start_up_check_falls_back_from_flex_attention_to_the_models_own_bac
     assert (chosen.layout, chosen.attention) == ("shared", None) and chosen.head is not None
     assert "the chunked head on flex_attention failed" in caplog.text, caplog.text
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_generation_runs_on_sdpa_where_training_rows_run_on_flex_attention():
+    """Generation decodes from a KV cache, with no packed rows: a model switched to
+    flex_attention for training generates on sdpa where it has it; others on their own."""
+    from dpo_cli.attention import generation_attention
+
+    assert generation_attention(tiny_model("llama", "flex_attention")) == "sdpa"
+    assert generation_attention(tiny_model("llama", "sdpa")) == "sdpa"
+    assert generation_attention(tiny_model("gpt2", "eager")) == "eager"
