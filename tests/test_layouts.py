@@ -30,9 +30,11 @@ from dpo_cli.logprobs import KL, SHARED, WHOLE, WPO, batch_logps
 VOCAB = 97
 
 
-def tiny_model(arch: str, attn: str | None = "sdpa") -> torch.nn.Module:
-    """A tiny random `arch` model (eval mode) with back-end `attn` (None: the best it supports)."""
+def tiny_model(arch: str, attn: str | None = "sdpa", **sizes) -> torch.nn.Module:
+    """A tiny random `arch` model (eval mode) with back-end `attn` (None: the best it supports);
+    `sizes` change its config's kwargs."""
     class_name, kwargs = ARCHITECTURES[arch]
+    kwargs = {**kwargs, **sizes}
     positions = "n_positions" if arch == "gpt2" else "max_position_embeddings"
     ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     config = getattr(transformers, class_name)(**{**kwargs, positions: 64}, vocab_size=VOCAB, **ids)

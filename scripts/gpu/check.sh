@@ -6,14 +6,14 @@
 # 1. Installs the wheels carried in .whl/ (scripts/gpu/wheels.sh fetches them) into /tmp/site, when
 #    the machine lacks the packages; no network is used.
 # 2. Runs these stages, each under its own time limit (seconds), each output kept:
-#      env        30  nvidia-smi, the device, library versions, whether dpo-cli imports
-#      gpu_tests 110  pytest -m gpu (skipped without CUDA; all skipped counts as skipped)
-#      head       30  scripts/bench_head.py: the LM head alone, full logits vs chunked (float32 / bf16 GEMM)
-#      bench     160  scripts/bench.py --models qwen05 --steps 2,5 (--device cpu --dry-run on CPU); BENCH_ARGS
+#      env        20  nvidia-smi, the device, library versions, whether dpo-cli imports
+#      gpu_tests 120  pytest -m gpu (skipped without CUDA; all skipped counts as skipped)
+#      head       20  scripts/bench_head.py: the LM head alone, full logits vs chunked (float32 / bf16 GEMM)
+#      bench     150  scripts/bench.py --models qwen05 --steps 2,5 (--device cpu --dry-run on CPU); BENCH_ARGS
 #                     replaces its arguments
-#      profile    50  scripts/profile_step.py --model qwen05 at 2048 tokens: phases and top CUDA kernels
-#      resume     50  5 bf16 steps uninterrupted vs SIGKILL after the step-3 checkpoint + resume: bit-equal rows
-#      fsdp       50  the same (4 steps, kill after 2) through accelerate launch --config_file scripts/accelerate/fsdp.yaml
+#      profile    40  scripts/profile_step.py --model qwen05 at 2048 tokens: phases and top CUDA kernels
+#      resume     65  5 bf16 steps uninterrupted vs SIGKILL after the step-3 checkpoint + resume: bit-equal rows
+#      fsdp       65  the same (4 steps, kill after 2) through accelerate launch --config_file scripts/accelerate/fsdp.yaml
 #                     --num_processes 1; skipped on CPU (FSDP_STAGE_CONFIG=another config runs it there, for tests)
 #    The limits add up to 8 minutes; the stages usually take less.
 # 3. Writes summary.json, summary.md, bench.json and logs.txt (every stage's output) to --out, else
@@ -119,16 +119,16 @@ fi
 # 1. env
 wheels=()
 [[ -d $REPO/.whl ]] && wheels=(--wheels "$REPO/.whl")
-stage env 30 bash -c 'command -v nvidia-smi >/dev/null && nvidia-smi; "$@"' _ \
+stage env 20 bash -c 'command -v nvidia-smi >/dev/null && nvidia-smi; "$@"' _ \
     "$PY" scripts/gpu/env_probe.py --json "$WORK/env.json" "${wheels[@]}"
 
 # 2. gpu tests (the gpu mark replaces pyproject's -m "not slow")
-stage gpu_tests 110 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
+stage gpu_tests 120 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
 
 # 3. the LM head alone (Qwen2.5's 151936 x 896 head, 16384 positions on a GPU; small on a CPU)
 head_args=(--json "$WORK/head.json")
 [[ $device == cpu ]] && head_args+=(--device cpu --positions 512 --vocab 8192 --hidden 256 --repeat 2)
-stage head 30 "$PY" scripts/bench_head.py "${head_args[@]}"
+stage head 20 "$PY" scripts/bench_head.py "${head_args[@]}"
 
 # 3. bench
 if [[ -n ${BENCH_ARGS:-} ]]; then
@@ -138,7 +138,7 @@ elif [[ $device == cuda && $dry_run == 0 ]]; then
 else
     bench_args=(--models qwen05 --device "$device" --dry-run --json "$out_dir/bench.json")
 fi
-stage bench 160 "$PY" scripts/bench.py "${bench_args[@]}"
+stage bench 150 "$PY" scripts/bench.py "${bench_args[@]}"
 
 # 5. where one step's time goes: dpo-cli's defaults on qwen05 at 2048 tokens (shrunk on a CPU)
 if [[ $device == cuda && $dry_run == 0 ]]; then
@@ -146,19 +146,19 @@ if [[ $device == cuda && $dry_run == 0 ]]; then
 else
     profile_args=(--model qwen05 --small --device cpu --lengths fixed --seq 64 --batch 2 --top 5)
 fi
-stage profile 50 "$PY" scripts/profile_step.py "${profile_args[@]}" --json "$WORK/profile.json"
+stage profile 40 "$PY" scripts/profile_step.py "${profile_args[@]}" --json "$WORK/profile.json"
 
 # 4. resume: 5 bf16 steps; the killed run stops after its step-3 checkpoint
-stage resume 50 "$PY" scripts/gpu/resume_check.py --json "$WORK/resume.json" --work "$WORK/resume" \
-    --kill-after 3 --timeout 45 -- "${RUN[@]}" train.mixed_precision=bf16 train.max_steps=5 train.save_every=1 \
+stage resume 65 "$PY" scripts/gpu/resume_check.py --json "$WORK/resume.json" --work "$WORK/resume" \
+    --kill-after 3 --timeout 60 -- "${RUN[@]}" train.mixed_precision=bf16 train.max_steps=5 train.save_every=1 \
     train.keep_checkpoints=null
 
 # 5. fsdp: 4 steps through the FSDP2 config on one process, killed after step 2, resumed
 if [[ $device == cpu && -z ${FSDP_STAGE_CONFIG:-} ]]; then
     skip fsdp "accelerate runs FSDP only on a GPU"
 else
-    stage fsdp 50 "$PY" scripts/gpu/resume_check.py --json "$WORK/fsdp.json" --work "$WORK/fsdp" --kill-after 2 \
-        --timeout 45 --launch "${FSDP_STAGE_CONFIG:-scripts/accelerate/fsdp.yaml}" -- "${RUN[@]}" train.max_steps=4 \
+    stage fsdp 65 "$PY" scripts/gpu/resume_check.py --json "$WORK/fsdp.json" --work "$WORK/fsdp" --kill-after 2 \
+        --timeout 60 --launch "${FSDP_STAGE_CONFIG:-scripts/accelerate/fsdp.yaml}" -- "${RUN[@]}" train.max_steps=4 \
         train.save_every=2 train.keep_checkpoints=null
 fi
 
