@@ -38,7 +38,16 @@ _RUNNING: dict[str, pytest.Item] = {}
 # The files that take longest (SLURM jobs, multi-process runs, signals, the default run): run
 # first, so that on several workers (make test: pytest-xdist, one file per worker at a time) the
 # short files fill in at the end instead of one worker finishing them alone.
-SLOW_FILES = ("test_slurm", "test_gpu_check", "test_scale", "test_interrupt", "test_e2e", "test_evalmode", "test_reference", "test_cli")
+SLOW_FILES = (
+    "test_slurm",
+    "test_gpu_check",
+    "test_scale",
+    "test_interrupt",
+    "test_e2e",
+    "test_evalmode",
+    "test_reference",
+    "test_cli",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
