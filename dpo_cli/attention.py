@@ -57,8 +57,8 @@ def mask_rule(
 
     def allowed(b: Any, h: Any, q: Any, kv: Any) -> torch.Tensor:
         keep = (q >= kv) & (segment[b, q] == segment[b, kv]) & ((branch[b, kv] == 0) | (branch[b, kv] == branch[b, q]))
-        if window is not None:
-            keep = keep & (position[b, q] - position[b, kv] < window)
+        if window is not None:  # q - kv < window, without an (R, L, L) tensor of differences
+            keep = keep & (position[b, kv] > position[b, q] - window)
         return keep | (q == kv)
 
     return allowed

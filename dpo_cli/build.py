@@ -228,8 +228,6 @@ def _policy(
         _warm_start(cfg, policy, data.train, data.tokenizer.pad_token_id, accelerator, run_dir, stop)
     if cfg.model.lora.r is not None:
         policy = apply_lora(policy, cfg.model.lora, cfg.model.gradient_checkpointing)
-    if cfg.train.compile:
-        log.info("train.compile: compiled %s (the first steps include compiling)", compile_layers(policy))
     trainable, total = count_parameters(policy)
     log.info(
         "model: %s | %.2fM trainable / %.2fM parameters | loss: %r",
@@ -294,6 +292,8 @@ def _models(cfg: Config, data: Data, loss_fn: Loss, policy: Any, parameters: int
     choice = layout.probe(choice, unwrapped, data.train, data.tokenizer.pad_token_id, loss_fn.needs, t.micro_batch_size)
     layout.apply(choice, unwrapped)
     log.info("batches: %s", choice.describe())
+    if t.compile:  # after the start-up check, which tries several back-ends and layouts, uncompiled
+        log.info("train.compile: compiled %s (the first steps include compiling)", compile_layers(unwrapped))
     # The reference comes from the policy before any update (or its own weights). On resume it
     # is rebuilt the same way (same weights or same seed); the checkpoint then overwrites only
     # the policy, the optimizer and the scheduler.

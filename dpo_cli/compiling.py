@@ -7,13 +7,17 @@ runs around the blocks stays in eager mode: FSDP's per-layer hooks, gradient che
 embedding, and the hook by which the chunked LM head reads the last hidden state. Attention is
 inside the blocks, so under flex_attention its kernel is fused into the compiled graph.
 
-The first steps pay for compiling (seconds to minutes), and every new batch shape may compile
-again until dynamo marks the lengths dynamic; `train.compile` stays off by default until it is
-measured to pay on a GPU (README, Measured).
+The blocks are compiled after the start-up check (`layout.probe`), which tries several layouts
+and attention back-ends; a frozen reference copy of the policy runs uncompiled (a deep copy does
+not keep a module's compiled call). Generation runs its blocks eagerly (`eager`): decoding from a
+KV cache has other shapes at every token. The first steps pay for compiling (seconds to
+minutes), and a new batch shape may compile again until dynamo marks the lengths dynamic;
+`train.compile` stays off by default until it is measured to pay on a GPU (README, On a GPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 
@@ -33,6 +37,12 @@ def compiler_problem(cpu: bool) -> str | None:
             f"{', '.join(COMPILERS)} is on PATH); install one (apt-get install g++) or set train.compile=false"
         )
     return None
+
+
+def eager() -> contextlib.AbstractContextManager:
+    """Within: compiled modules run their eager code (torch.compiler.set_stance, torch >= 2.6)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:

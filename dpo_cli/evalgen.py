@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from dpo_cli.attention import generation_attention, use_attention
+from dpo_cli.compiling import eager
 from dpo_cli.data.chat import is_conversational, load_template, render
 from dpo_cli.data.tokenize import tokenize_pairs, truncate
 from dpo_cli.judges import Prompt
@@ -122,7 +123,7 @@ def generate(
         # Left padding: every prompt ends where generation starts.
         ids = torch.tensor([[pad] * (width - len(p.ids)) + p.ids for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in batch], device=device)
-        with torch.random.fork_rng(devices=devices), accelerator.autocast(), use_attention(model, attention):
+        with torch.random.fork_rng(devices=devices), accelerator.autocast(), use_attention(model, attention), eager():
             torch.manual_seed(settings.seed + k)
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         samples = []

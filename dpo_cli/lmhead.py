@@ -40,9 +40,9 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
 def _cast(
     weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The head's weight and bias in the matmul's dtype, cast once per pass rather than once per
-    chunk (a float32 master weight under bf16 autocast: one V x H bf16 copy, as autocast's own
-    cast cache keeps for the plain head)."""
+    """The head's weight and bias in the matmul's dtype, cast once in forward and once in
+    backward rather than once per chunk (a float32 master weight under bf16 autocast: one V x H
+    bf16 copy at a time, as autocast's own cast cache keeps for the plain head)."""
     return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 

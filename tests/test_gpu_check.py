@@ -16,7 +16,7 @@ from test_bench import bench_dry_run_figures
 
 REPO = Path(__file__).resolve().parents[1]
 CHECK = REPO / "scripts" / "gpu" / "check.sh"
-STAGES = ["env", "gpu_tests", "head", "bench", "profile", "resume", "fsdp"]
+STAGES = ["env", "gpu_tests", "head", "bench", "compile", "profile", "resume", "fsdp"]
 
 sys.path.insert(0, str(REPO / "scripts" / "gpu"))
 import summary  # noqa: E402  (scripts/gpu is no package)

@@ -6,16 +6,18 @@
 # 1. Installs the wheels carried in .whl/ (scripts/gpu/wheels.sh fetches them) into /tmp/site, when
 #    the machine lacks the packages; no network is used.
 # 2. Runs these stages, each under its own time limit (seconds), each output kept:
-#      env        20  nvidia-smi, the device, library versions, whether dpo-cli imports
-#      gpu_tests 120  pytest -m gpu (skipped without CUDA; all skipped counts as skipped)
-#      head       20  scripts/bench_head.py: the LM head alone, full logits vs chunked (float32 / bf16 GEMM)
-#      bench     150  scripts/bench.py --models qwen05 --steps 2,5 (--device cpu --dry-run on CPU); BENCH_ARGS
-#                     replaces its arguments
-#      profile    40  scripts/profile_step.py --model qwen05 at 2048 tokens: phases and top CUDA kernels
+#      env        15  nvidia-smi, the device, library versions, whether dpo-cli imports
+#      gpu_tests 110  pytest -m gpu (skipped without CUDA; all skipped counts as skipped)
+#      head       15  scripts/bench_head.py: the LM head alone, full logits vs chunked (float32 / bf16 GEMM)
+#      bench     160  scripts/bench.py --models qwen05 --steps 2,5: dpo-cli's defaults against TRL's at 1024
+#                     and 2048 tokens (--device cpu --dry-run on CPU); BENCH_ARGS replaces its arguments
+#      compile    80  the same at 2048 tokens, dpo-cli alone, with and without train.compile (skipped on CPU)
+#      profile    30  scripts/profile_step.py --model qwen05 at 2048 tokens: phases and top CUDA kernels
 #      resume     65  5 bf16 steps uninterrupted vs SIGKILL after the step-3 checkpoint + resume: bit-equal rows
 #      fsdp       65  the same (4 steps, kill after 2) through accelerate launch --config_file scripts/accelerate/fsdp.yaml
 #                     --num_processes 1; skipped on CPU (FSDP_STAGE_CONFIG=another config runs it there, for tests)
-#    The limits add up to 8 minutes; the stages usually take less.
+#    The limits add up to 9 minutes, a bound: a stage that reaches its limit is stopped and reported,
+#    and the others still run.
 # 3. Writes summary.json, summary.md, bench.json and logs.txt (every stage's output) to --out, else
 #    $OUT, else a new temporary directory. Exit 0 when no stage failed (skipped is fine), 1 otherwise,
 #    2 on a usage error.
@@ -25,7 +27,7 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 PY=${PYTHON:-python3}
-ALL_STAGES=env,gpu_tests,head,bench,profile,resume,fsdp
+ALL_STAGES=env,gpu_tests,head,bench,compile,profile,resume,fsdp
 
 usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() {
@@ -78,6 +80,10 @@ if compgen -G "$REPO/.whl/*.whl" >/dev/null && ! "$PY" -c 'import hydra, omegaco
 else
     export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 fi
+# Without them every stage would fail the same way: say so once, at once.
+"$PY" -c 'import hydra, omegaconf, datasets, trl' 2>/dev/null ||
+    die "$PY cannot import hydra, omegaconf, datasets or trl, and no carried wheel supplies them: run \
+bash scripts/gpu/wheels.sh where PyPI is reachable, then carry .whl to this machine"
 
 # Nothing reaches the network, nothing lands in ~/.cache.
 export WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -119,16 +125,16 @@ fi
 # 1. env
 wheels=()
 [[ -d $REPO/.whl ]] && wheels=(--wheels "$REPO/.whl")
-stage env 20 bash -c 'command -v nvidia-smi >/dev/null && nvidia-smi; "$@"' _ \
+stage env 15 bash -c 'command -v nvidia-smi >/dev/null && nvidia-smi; "$@"' _ \
     "$PY" scripts/gpu/env_probe.py --json "$WORK/env.json" "${wheels[@]}"
 
 # 2. gpu tests (the gpu mark replaces pyproject's -m "not slow")
-stage gpu_tests 120 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
+stage gpu_tests 110 "$PY" -m pytest -m gpu tests -v -p no:cacheprovider  # -v: each result as it comes
 
 # 3. the LM head alone (Qwen2.5's 151936 x 896 head, 16384 positions on a GPU; small on a CPU)
 head_args=(--json "$WORK/head.json")
 [[ $device == cpu ]] && head_args+=(--device cpu --positions 512 --vocab 8192 --hidden 256 --repeat 2)
-stage head 20 "$PY" scripts/bench_head.py "${head_args[@]}"
+stage head 15 "$PY" scripts/bench_head.py "${head_args[@]}"
 
 # 3. bench
 if [[ -n ${BENCH_ARGS:-} ]]; then
@@ -138,15 +144,24 @@ elif [[ $device == cuda && $dry_run == 0 ]]; then
 else
     bench_args=(--models qwen05 --device "$device" --dry-run --json "$out_dir/bench.json")
 fi
-stage bench 150 "$PY" scripts/bench.py "${bench_args[@]}"
+stage bench 160 "$PY" scripts/bench.py "${bench_args[@]}"
 
-# 5. where one step's time goes: dpo-cli's defaults on qwen05 at 2048 tokens (shrunk on a CPU)
+# 5. train.compile: dpo-cli's defaults with and without it, at 2048 tokens (a stage of its own, so
+#    that a slow compile cannot cost the benchmark above its figures)
+if [[ $device == cuda && $dry_run == 0 ]]; then
+    stage compile 80 "$PY" scripts/bench.py --models qwen05 --device cuda --dtype bf16 --steps 2,5 --seq 2048 --no-trl \
+        --variant default: --variant compile:train.compile=true --json "$WORK/compile.json"
+else
+    skip compile "compiling for a CPU takes minutes on this kind of machine; tests/test_compile.py checks what it computes"
+fi
+
+# 6. where one step's time goes: dpo-cli's defaults on qwen05 at 2048 tokens (shrunk on a CPU)
 if [[ $device == cuda && $dry_run == 0 ]]; then
     profile_args=(--model qwen05 --device cuda --lengths fixed --seq 2048 --batch 8 --top 12)
 else
     profile_args=(--model qwen05 --small --device cpu --lengths fixed --seq 64 --batch 2 --top 5)
 fi
-stage profile 40 "$PY" scripts/profile_step.py "${profile_args[@]}" --json "$WORK/profile.json"
+stage profile 30 "$PY" scripts/profile_step.py "${profile_args[@]}" --json "$WORK/profile.json"
 
 # 4. resume: 5 bf16 steps; the killed run stops after its step-3 checkpoint
 stage resume 65 "$PY" scripts/gpu/resume_check.py --json "$WORK/resume.json" --work "$WORK/resume" \

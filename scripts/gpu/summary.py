@@ -98,6 +98,7 @@ JUDGES = {
     "gpu_tests": judge_gpu_tests,
     "head": judge_measured,
     "profile": judge_measured,
+    "compile": judge_measured,
     "bench": judge_bench,
     "resume": judge_run_check,
     "fsdp": judge_run_check,
@@ -207,6 +208,8 @@ def markdown(summary: dict, bench: dict) -> str:
             lines += ["", f"{s['name']}: " + ", ".join(f"{k} {cell(v)}" for k, v in s["figures"].items())]
     lines += ["", "## Benchmark", "", *bench_section(bench)]
     lines += ["", "## LM head", "", *head_section(summary.get("head", {}))]
+    if summary.get("compile"):
+        lines += ["", "## train.compile (dpo-cli alone, 2048 tokens)", "", *bench_section(summary["compile"])]
     lines += ["", "## Where a step's time goes", "", *profile_section(summary.get("profile", {}))]
     failed = [s for s in summary["stages"] if s["status"] == "fail"]
     for s in failed:
@@ -238,6 +241,7 @@ def main() -> int:
         "env": env,
         "stages": result,
         "head": read_json(args.work / "head.json"),
+        "compile": read_json(args.work / "compile.json"),
         "profile": read_json(args.work / "profile.json"),
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
