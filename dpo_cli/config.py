@@ -19,6 +19,7 @@ from dataclasses import fields as dataclass_fields
 from dataclasses import is_dataclass
 from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -224,6 +225,8 @@ def validate(cfg: DictConfig, quiet: bool = False) -> Config:
         raise ConfigError([f"{k} is required (it is ??? in the config); set {k}=<value>" for k in missing])
     unknown = unknown_keys(cfg) + target_key_problems(cfg)
     c = typed(_without_orphan_judge(cfg, quiet))
+    if c.train.mixed_precision == "auto":
+        c.train.mixed_precision = auto_precision(quiet)
     p: list[str] = unknown + choice("mode", c.mode, MODES)
     if c.inspect.examples < 0:
         p.append(f"inspect.examples={c.inspect.examples} must be >= 0")
@@ -245,6 +248,18 @@ def validate(cfg: DictConfig, quiet: bool = False) -> Config:
     if p:
         raise ConfigError(list(dict.fromkeys(p)))  # a key two checks both refuse is one problem
     return c
+
+
+def auto_precision(quiet: bool = False) -> str:
+    """What train.mixed_precision=auto is on this machine: bf16 autocast on a CUDA GPU that has
+    bf16 (float32 weights, as TRL's default bf16=True), else none (a CPU, an fp16-only GPU). The
+    typed config holds the result, so that a run records, and a resume compares, what it ran."""
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    value = "bf16" if bf16 else "no"
+    if not quiet:
+        where = "a CUDA GPU with bf16" if bf16 else "no CUDA GPU with bf16"
+        log.info("train.mixed_precision=auto: %s (%s)", value, where)
+    return value
 
 
 def _without_orphan_judge(cfg: DictConfig, quiet: bool) -> DictConfig:

@@ -25,7 +25,7 @@ from dpo_cli.modeling.options import ModelConfig, ReferenceConfig, choice, posit
 from dpo_cli.schedule import NAMES as SCHEDULES
 
 MODES = ("train", "inspect", "eval")
-PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -71,7 +71,9 @@ class TrainConfig:
         None  # null = start fresh; auto = latest complete checkpoint in the run dir; or a checkpoints/step-N path
     )
     seed: int = 42  # seeds model init, data order and every RNG
-    mixed_precision: str = "no"  # no, bf16 or fp16 (autocast through accelerate; weights stay in model.dtype)
+    # auto (bf16 on a GPU that has it, else no: resolved when the config is validated), no, bf16 or fp16
+    # (autocast through accelerate; weights stay in model.dtype)
+    mixed_precision: str = "auto"
     max_grad_norm: Optional[float] = (
         1.0  # clip the global gradient norm to this; null = no clipping (the norm is still logged)
     )

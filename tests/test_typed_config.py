@@ -148,3 +148,21 @@ def test_a_target_changed_on_a_typed_node_is_checked_against_the_new_class_once(
     problems = info.value.problems
     assert len(problems) == len(set(problems)) == 3, problems
     assert all("is not a parameter of dpo_cli.losses.IPOLoss" in p for p in problems)
+
+
+def test_mixed_precision_auto_is_bf16_on_a_gpu_with_bf16_and_none_elsewhere(monkeypatch, caplog):
+    """train.mixed_precision=auto (the default) is resolved when the config is validated, so the
+    typed config (what a run records and a resume compares) holds what runs: none on this CPU,
+    bf16 where CUDA has it, none on a GPU without bf16; an explicit value is kept."""
+    import torch
+
+    assert make_config([]).train.mixed_precision == "auto"
+    with caplog.at_level("INFO", logger="dpo_cli.config"):
+        assert validate(make_config([])).train.mixed_precision == "no"
+    assert "train.mixed_precision=auto: no (no CUDA GPU with bf16)" in caplog.text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert validate(make_config([]), quiet=True).train.mixed_precision == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a V100, a T4
+    assert validate(make_config([]), quiet=True).train.mixed_precision == "no"
+    assert validate(make_config(["train.mixed_precision=no"]), quiet=True).train.mixed_precision == "no"
