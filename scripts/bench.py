@@ -67,6 +67,7 @@ import random
 import re
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -1196,7 +1197,8 @@ def write_json(path: str, rows: list[dict], info: dict, goals: list[dict], args:
         "rows": [json_row(r) for r in rows],
         "targets": goals,
         "targets_met": all(g["met"] for g in goals) if goals else None,
-        "ok": not any("error" in r for r in rows),
+        "ok": not any("error" in r for r in rows) and not getattr(args, "stopped", None),
+        "stopped": getattr(args, "stopped", None),  # SIGTERM (a time limit): the rows measured before it
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(report, indent=1))
@@ -1218,15 +1220,30 @@ def build_models(names: list[str], args: argparse.Namespace, tmp: Path) -> dict[
     return dirs
 
 
+class Stopped(Exception):
+    """SIGTERM (a time limit, e.g. scripts/gpu/check.sh's): the rows measured so far are kept."""
+
+
+def _stopped(signum: int, _frame) -> None:
+    raise Stopped(f"signal {signum}")
+
+
 def run_all(names: list[str], args: argparse.Namespace, want_trl: bool) -> list[dict]:
+    """Every model and length, in the order given; on SIGTERM, the lengths finished so far (the
+    running child is killed), so that a time limit leaves the figures already measured."""
     tmp = Path(tempfile.mkdtemp(prefix="dpo_bench."))
     rows: list[dict] = []
+    signal.signal(signal.SIGTERM, _stopped)
     try:
         dirs = build_models(names, args, tmp)
         for name in names:
             for seq in seqs_of(name, args):
                 rows += bench_model(plan(name, seq, args, dirs.get(name)), args, tmp, want_trl)
+    except Stopped as e:
+        print(f"\nbench: stopped by {e} after {len(rows)} measured row(s); those are reported")
+        args.stopped = str(e)
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if args.keep:
             print(f"\nrun directories kept in {tmp}")
         else:
@@ -1297,6 +1314,9 @@ def finish(rows: list[dict], args, has_trl: bool, names: list[str], info: dict, 
     print_summary(rows, args, has_trl, names, goals)
     if args.json:
         write_json(args.json, rows, info, goals, args)
+    if getattr(args, "stopped", None):
+        print(f"bench: incomplete (stopped by {args.stopped})")
+        return 1
     failed = [r for r in rows if "error" in r]
     if failed:
         what = ", ".join(_where(r) for r in failed)

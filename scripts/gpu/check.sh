@@ -7,17 +7,17 @@
 #    the machine lacks the packages; no network is used.
 # 2. Runs these stages, each under its own time limit (seconds), each output kept:
 #      env        15  nvidia-smi, the device, library versions, whether dpo-cli imports
-#      gpu_tests 110  pytest -m gpu (skipped without CUDA; all skipped counts as skipped)
+#      gpu_tests 100  pytest -m gpu tests/test_gpu.py (skipped without CUDA; all skipped counts as skipped)
 #      head       15  scripts/bench_head.py: the LM head alone, full logits vs chunked (float32 / bf16 GEMM)
-#      bench     160  scripts/bench.py --models qwen05 --steps 2,5: dpo-cli's defaults against TRL's at 1024
+#      bench     150  scripts/bench.py --models qwen05 --steps 2,5: dpo-cli's defaults against TRL's at 1024
 #                     and 2048 tokens (--device cpu --dry-run on CPU); BENCH_ARGS replaces its arguments
-#      compile    80  the same at 2048 tokens, dpo-cli alone, with and without train.compile (skipped on CPU)
-#      profile    30  scripts/profile_step.py --model qwen05 at 2048 tokens: phases and top CUDA kernels
-#      resume     65  5 bf16 steps uninterrupted vs SIGKILL after the step-3 checkpoint + resume: bit-equal rows
-#      fsdp       65  the same (4 steps, kill after 2) through accelerate launch --config_file scripts/accelerate/fsdp.yaml
+#      compile    60  the same at 2048 tokens, dpo-cli alone, with and without train.compile (skipped on CPU)
+#      profile    25  scripts/profile_step.py --model qwen05 at 2048 tokens: phases and top CUDA kernels
+#      resume     55  5 bf16 steps uninterrupted vs SIGKILL after the step-3 checkpoint + resume: bit-equal rows
+#      fsdp       60  the same (4 steps, kill after 2) through accelerate launch --config_file scripts/accelerate/fsdp.yaml
 #                     --num_processes 1; skipped on CPU (FSDP_STAGE_CONFIG=another config runs it there, for tests)
-#    The limits add up to 9 minutes, a bound: a stage that reaches its limit is stopped and reported,
-#    and the others still run.
+#    The limits add up to 8 minutes: a stage that reaches its limit is stopped and reported, and
+#    the others still run.
 # 3. Writes summary.json, summary.md, bench.json and logs.txt (every stage's output) to --out, else
 #    $OUT, else a new temporary directory. Exit 0 when no stage failed (skipped is fine), 1 otherwise,
 #    2 on a usage error.
@@ -129,7 +129,7 @@ stage env 15 bash -c 'command -v nvidia-smi >/dev/null && nvidia-smi; "$@"' _ \
     "$PY" scripts/gpu/env_probe.py --json "$WORK/env.json" "${wheels[@]}"
 
 # 2. gpu tests (the gpu mark replaces pyproject's -m "not slow")
-stage gpu_tests 110 "$PY" -m pytest -m gpu tests -v -p no:cacheprovider  # -v: each result as it comes
+stage gpu_tests 100 "$PY" -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider  # -v: each result as it comes
 
 # 3. the LM head alone (Qwen2.5's 151936 x 896 head, 16384 positions on a GPU; small on a CPU)
 head_args=(--json "$WORK/head.json")
@@ -140,16 +140,16 @@ stage head 15 "$PY" scripts/bench_head.py "${head_args[@]}"
 if [[ -n ${BENCH_ARGS:-} ]]; then
     read -r -a bench_args <<<"$BENCH_ARGS"
 elif [[ $device == cuda && $dry_run == 0 ]]; then
-    bench_args=(--models qwen05 --device cuda --dtype bf16 --steps 2,5 --json "$out_dir/bench.json")
+    bench_args=(--models qwen05 --device cuda --dtype bf16 --seq 2048,1024 --steps 2,5 --json "$out_dir/bench.json")
 else
     bench_args=(--models qwen05 --device "$device" --dry-run --json "$out_dir/bench.json")
 fi
-stage bench 160 "$PY" scripts/bench.py "${bench_args[@]}"
+stage bench 150 "$PY" scripts/bench.py "${bench_args[@]}"
 
 # 5. train.compile: dpo-cli's defaults with and without it, at 2048 tokens (a stage of its own, so
 #    that a slow compile cannot cost the benchmark above its figures)
 if [[ $device == cuda && $dry_run == 0 ]]; then
-    stage compile 80 "$PY" scripts/bench.py --models qwen05 --device cuda --dtype bf16 --steps 2,5 --seq 2048 --no-trl \
+    stage compile 60 "$PY" scripts/bench.py --models qwen05 --device cuda --dtype bf16 --steps 2,5 --seq 2048 --no-trl \
         --variant default: --variant compile:train.compile=true --json "$WORK/compile.json"
 else
     skip compile "compiling for a CPU takes minutes on this kind of machine; tests/test_compile.py checks what it computes"
@@ -161,19 +161,19 @@ if [[ $device == cuda && $dry_run == 0 ]]; then
 else
     profile_args=(--model qwen05 --small --device cpu --lengths fixed --seq 64 --batch 2 --top 5)
 fi
-stage profile 30 "$PY" scripts/profile_step.py "${profile_args[@]}" --json "$WORK/profile.json"
+stage profile 25 "$PY" scripts/profile_step.py "${profile_args[@]}" --json "$WORK/profile.json"
 
 # 4. resume: 5 bf16 steps; the killed run stops after its step-3 checkpoint
-stage resume 65 "$PY" scripts/gpu/resume_check.py --json "$WORK/resume.json" --work "$WORK/resume" \
-    --kill-after 3 --timeout 60 -- "${RUN[@]}" train.mixed_precision=bf16 train.max_steps=5 train.save_every=1 \
+stage resume 55 "$PY" scripts/gpu/resume_check.py --json "$WORK/resume.json" --work "$WORK/resume" \
+    --kill-after 3 --timeout 50 -- "${RUN[@]}" train.mixed_precision=bf16 train.max_steps=5 train.save_every=1 \
     train.keep_checkpoints=null
 
 # 5. fsdp: 4 steps through the FSDP2 config on one process, killed after step 2, resumed
 if [[ $device == cpu && -z ${FSDP_STAGE_CONFIG:-} ]]; then
     skip fsdp "accelerate runs FSDP only on a GPU"
 else
-    stage fsdp 65 "$PY" scripts/gpu/resume_check.py --json "$WORK/fsdp.json" --work "$WORK/fsdp" --kill-after 2 \
-        --timeout 60 --launch "${FSDP_STAGE_CONFIG:-scripts/accelerate/fsdp.yaml}" -- "${RUN[@]}" train.max_steps=4 \
+    stage fsdp 60 "$PY" scripts/gpu/resume_check.py --json "$WORK/fsdp.json" --work "$WORK/fsdp" --kill-after 2 \
+        --timeout 55 --launch "${FSDP_STAGE_CONFIG:-scripts/accelerate/fsdp.yaml}" -- "${RUN[@]}" train.max_steps=4 \
         train.save_every=2 train.keep_checkpoints=null
 fi
 
