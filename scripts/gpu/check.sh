@@ -11,7 +11,7 @@
 #      head       15  scripts/bench_head.py: the LM head alone, full logits vs chunked (float32 / bf16 GEMM)
 #      bench     150  scripts/bench.py --models qwen05 --steps 2,5: dpo-cli's defaults against TRL's at 1024
 #                     and 2048 tokens (--device cpu --dry-run on CPU); BENCH_ARGS replaces its arguments
-#      compile    60  the same at 2048 tokens, dpo-cli alone, with and without train.compile (skipped on CPU)
+#      compile    60  the same at 2048 tokens, dpo-cli alone, with and without train.compile (CUDA only)
 #      profile    25  scripts/profile_step.py --model qwen05 at 2048 tokens: phases and top CUDA kernels
 #      resume     55  5 bf16 steps uninterrupted vs SIGKILL after the step-3 checkpoint + resume: bit-equal rows
 #      fsdp       60  the same (4 steps, kill after 2) through accelerate launch --config_file scripts/accelerate/fsdp.yaml
@@ -152,7 +152,7 @@ if [[ $device == cuda && $dry_run == 0 ]]; then
     stage compile 60 "$PY" scripts/bench.py --models qwen05 --device cuda --dtype bf16 --steps 2,5 --seq 2048 --no-trl \
         --variant default: --variant compile:train.compile=true --json "$WORK/compile.json"
 else
-    skip compile "compiling for a CPU takes minutes on this kind of machine; tests/test_compile.py checks what it computes"
+    skip compile "measured on CUDA only (the gain that decides train.compile's default); tests/test_compile.py checks what compiled blocks compute on a CPU"
 fi
 
 # 6. where one step's time goes: dpo-cli's defaults on qwen05 at 2048 tokens (shrunk on a CPU)
