@@ -233,6 +233,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
             if cfg.logger.report:
                 write_reports(run_dir)
             log.info("%s", summary(run_dir, row, None, generation, Path(cfg.model.name_or_path), cfg.logger.report))
+    accelerator.wait_for_everyone()  # every process done before any tears the process group down
     accelerator.end_training()
     return row
 
