@@ -14,7 +14,7 @@ from dpo_cli.errors import ConfigError
 from dpo_cli.lmhead import Head
 
 
-@pytest.mark.integration  # inductor compiles the block for the CPU (about 30 s)
+@pytest.mark.slow  # inductor compiles the block for the CPU (about 25 s): make test-all; tests/test_gpu.py on CUDA
 def test_compiled_blocks_give_the_eager_log_probs_and_gradients():
     model = tiny_model("llama", "sdpa").train()
     batch = collate(pairs(n=4), 0, layout="shared")

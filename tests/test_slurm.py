@@ -208,18 +208,20 @@ def test_sbatch_job_warned_through_the_batch_shell_requeues_once_and_finishes(tm
 # A main process at the end of a warned run: its W&B run finished, it requeues the job, and the
 # requeue's SIGTERM reaches every process of the job, wandb's service among them, before it exits.
 REQUEUE_WITH_WANDB = """
-import os, signal, sys, time
+import signal, sys, time
+import psutil
 import wandb
 from dpo_cli import slurm
 
 wandb.init(mode="offline", dir=sys.argv[1], project="dpo-cli").finish()
-children = [p for p in os.listdir("/proc") if p.isdigit() and open(f"/proc/{p}/stat").read().split()[3] == str(os.getpid())]
+# psutil, not a walk of /proc: a process that ends during the walk once failed it (FileNotFoundError)
+children = psutil.Process().children()
 assert children, "no wandb service process"
 slurm.hand_on(signal.SIGUSR1, None)
-for pid in children:
+for child in children:
     try:
-        os.kill(int(pid), signal.SIGTERM)
-    except ProcessLookupError:
+        child.terminate()  # SIGTERM
+    except psutil.NoSuchProcess:
         pass
 time.sleep(1)
 """
