@@ -25,7 +25,7 @@ GPT-Neo's local layers, which apply their window by column inside the layer.
 CUDA device, with model.attn_implementation left null, packed and shared rows run on
 flex_attention where the model supports it (a dense (R, 1, L, L) mask sends sdpa to its
 slower masked kernel and costs L^2 memory per row); the model is switched to it in place
-(`attention.use_attention`). Before training, `probe` runs a few real examples (the longest, the shortest and two between) through
+(`apply`). Before training, `probe` runs a few real examples (the longest, the shortest and two between) through
 the chosen layout and LM-head path and through the plain padded one, compares the log-probs,
 the extras the loss asks for and the gradient of one micro batch, and falls back (with a
 warning) if they disagree or the faster path fails.
@@ -132,6 +132,11 @@ class Choice:
         return f"layout {self.layout}{on}, {head}: {self.why}"
 
 
+def _runs_flex(inner: Any) -> bool:
+    """Whether a (transformers) model can be switched to flex_attention once loaded."""
+    return bool(getattr(type(inner), "_supports_flex_attn", False)) and hasattr(inner, "set_attn_implementation")
+
+
 def _flex_problem(model: torch.nn.Module, layout: str, cuda: bool) -> str | None:
     """Why packed or shared rows would not run on flex_attention here (None: they would)."""
     inner = inner_model(model)
@@ -142,7 +147,7 @@ def _flex_problem(model: torch.nn.Module, layout: str, cuda: bool) -> str | None
         return "padded rows need no packed-sequence mask"
     if attn_implementation(config) not in MASKED:
         return f"the model runs {attn_implementation(config)}"
-    if not getattr(type(inner), "_supports_flex_attn", False) or not hasattr(inner, "set_attn_implementation"):
+    if not _runs_flex(inner):
         return f"{name} does not support flex_attention"
     if getattr(config, "attention_dropout", 0.0) or getattr(config, "attn_pdrop", 0.0):
         return "its attention dropout is on (flex_attention has none)"
@@ -198,7 +203,7 @@ def apply(choice: Choice, model: torch.nn.Module) -> None:
     inner = inner_model(model)
     if choice.attention is None or attn_implementation(inner.config) == choice.attention:
         return
-    if getattr(type(inner), "_supports_flex_attn", False) and hasattr(inner, "set_attn_implementation"):
+    if _runs_flex(inner):
         inner.set_attn_implementation(choice.attention)
         log.info("attention: %s for %s (%s)", choice.attention, type(inner).__name__, choice.describe())
 
