@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli import config, overrides, rundir
 from dpo_cli.config import register_configs
-from dpo_cli.distributed import broadcast_from_main
+from dpo_cli.distributed import broadcast_from_main, exit_code_of, leave_launched, world_size_from_env
 from dpo_cli.errors import UserError
 from dpo_cli.schema import renamed
 
@@ -234,12 +234,7 @@ def _exit_before_hydra(e: UserError, main_process: bool) -> NoReturn:
         finally:
             log.removeHandler(handler)
     if launched:
-        # The process group's C++ threads can still abort the interpreter's own exit ("terminate
-        # called without an active exception", exit -6 instead of 2, seen in about 1 of 8 launches):
-        # nothing is left to clean up, so leave without running those destructors.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(e.exit_code)
+        leave_launched(e.exit_code)
     sys.exit(e.exit_code)
 
 
@@ -268,7 +263,19 @@ def main() -> None:
     if not main_process:
         # Only the main process writes the run directory's .hydra/ (same content, one writer).
         sys.argv.append("hydra.output_subdir=null")
-    _hydra_main()
+    try:
+        _hydra_main()  # returns when the run finished; a failed one ends in sys.exit
+    except SystemExit as e:
+        _leave_if_launched(e.code)
+        raise
+    _leave_if_launched(None)
+
+
+def _leave_if_launched(code: object) -> None:
+    """A process of a multi-process launch (torchrun, accelerate, a multi-task SLURM job) leaves
+    through `distributed.leave_launched`; a single process returns to exit normally."""
+    if world_size_from_env() > 1:
+        leave_launched(exit_code_of(code))
 
 
 # Resolvers at import: the jobs of a sweep on SLURM (submitit) import this module to run

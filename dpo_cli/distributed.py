@@ -8,9 +8,11 @@ Hydra starts, and importing accelerate there would slow every command.
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 
@@ -97,3 +99,34 @@ def in_lockstep(batches: list[list[int]], accelerator: Any, fill: list[int]) -> 
     count = torch.tensor([float(len(batches))], device=accelerator.device)
     most = int(accelerator.reduce(count, "max").item())
     return [(idx, 1) for idx in batches] + [(fill, 0)] * (most - len(batches))
+
+
+def exit_code_of(code: object) -> int:
+    """The status `sys.exit(code)` gives the process: None is 0, an int itself, anything else
+    (a message) is printed to stderr and gives 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def leave_launched(code: int) -> NoReturn:
+    """End a process of a multi-process launch once its work is done and its process group torn
+    down: run the exit handlers (logging's flush and close, W&B's, ...) as a normal exit would,
+    then leave without the interpreter's finalization and C++ static destructors.
+
+    Why: torch's DistributedDataParallel keeps the gloo process group alive after
+    `destroy_process_group` (its worker threads `pt_gloo_runloop` and `gloo_tcp_loop` still run:
+    tests/test_exit.py shows it), and tearing that group down during interpreter finalization
+    aborts the process now and then ("terminate called without an active exception", exit -6
+    after a finished run, seen in about 1 of 8 suite runs). multiprocessing's child processes
+    leave the same way (exit handlers, then `os._exit`)."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken pipe: nothing left to say on it
+    os._exit(code)

@@ -197,8 +197,7 @@ def _finish(r: Run, last: dict[str, float]) -> None:
         if report:
             write_reports(run_dir)
         log.info("%s", summary(run_dir, last, n_steps, r.outputs.generation, report=report))
-    # Every process done before any tears its process group down. (A gloo process still aborts at
-    # exit now and then, "terminate called without an active exception", after a finished run:
-    # seen with and without this barrier; cause not found yet.)
+    # Every process done before any tears its process group down. (How a launched process then
+    # leaves, with the group DDP keeps alive: distributed.leave_launched.)
     r.accelerator.wait_for_everyone()
     r.accelerator.end_training()  # tears down the process group so processes exit cleanly
