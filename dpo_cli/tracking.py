@@ -95,12 +95,17 @@ class TensorBoardSink:
     """TensorBoard event files in `log_dir`: every numeric value of a row as a scalar at the row's
     step, the config as text. A resumed run writes to the same directory with `purge_step` one past
     the checkpoint's step, so that TensorBoard hides what the killed run logged after it (the
-    resumed run logs those steps again). Each row is flushed, as metrics.jsonl's are."""
+    resumed run logs those steps again). A run started over in a directory whose earlier run saved
+    no checkpoint (metrics.jsonl set aside) hides all of that run's events the same way. Each row
+    is flushed, as metrics.jsonl's are."""
 
     def __init__(self, log_dir: Path, config: dict[str, Any], resume_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        purge = resume_step + 1 if resume_step is not None else None
+        if resume_step is not None:
+            purge: int | None = resume_step + 1
+        else:
+            purge = 0 if any(log_dir.glob("events.out.tfevents.*")) else None
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
         if resume_step is None:  # a resumed run's directory has it already
             import yaml

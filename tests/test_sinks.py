@@ -92,6 +92,11 @@ def test_a_resumed_tensorboard_run_replaces_the_steps_after_the_checkpoint(tmp_p
     second.close()
     assert scalars(tmp_path / "tb")["loss"] == [(1, 1.0), (2, 0.5), (3, pytest.approx(10 / 3)), (4, 2.5), (5, 2.0)]
 
+    again = TensorBoardSink(tmp_path / "tb", CONFIG)  # started over (no checkpoint): the earlier events are hidden
+    again.log(rows([1])[0])
+    again.close()
+    assert scalars(tmp_path / "tb") == {"loss": [(1, 1.0)], "rewards/accuracies": [(1, 0.5)]}
+
 
 def test_mlflow_holds_the_rows_the_params_and_the_runs_end(tmp_path, file_store):
     run_dir = tmp_path / "my-run"
