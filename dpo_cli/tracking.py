@@ -19,11 +19,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 from dpo_cli.hub import endpoint_reachable
+from dpo_cli.metrics import Row
 from dpo_cli.schema import LoggerConfig, MlflowConfig
 
 log = logging.getLogger(__name__)
-
-Row = dict[str, Any]
 
 # Where a run directory keeps its MLflow run id, so that a resumed run continues the same MLflow run.
 RUN_ID_FILE = "mlflow_run_id"
@@ -137,7 +136,7 @@ def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict) and value:
             out.update(flat_params(value, f"{prefix}{key}."))
             continue
-        text = value if isinstance(value, str) else json.dumps(value)
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
         if len(text) > MAX_PARAM_LENGTH:
             note = f"... [truncated: {len(text)} characters]"
             text = text[: MAX_PARAM_LENGTH - len(note)] + note
