@@ -242,7 +242,7 @@ def validate(cfg: DictConfig, quiet: bool = False) -> Config:
         p.append("export.merge_lora=true needs LoRA (model.lora.r); a full fine-tune already exports the whole model")
     _check_optimization(p, c)
     p.extend(logger_problems(c.logger, c.train.save_every))
-    p.extend(tracking.problems(c.logger))  # a missing package, an unreachable MLflow server
+    p.extend(tracking.problems(c.logger, quiet))  # a missing package, an unreachable MLflow server
     if c.judge is not None:
         _build(p, "judge", c.judge, "judge")
     p.extend(eval_problems(c.eval, c.judge is not None))

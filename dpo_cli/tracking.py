@@ -49,14 +49,19 @@ def _reachable(uri: str) -> bool:
     return endpoint_reachable(uri)
 
 
-def problems(lg: LoggerConfig) -> list[str]:
+def problems(lg: LoggerConfig, quiet: bool = False) -> list[str]:
     """The tracking sinks' problems, found before data and weights load: a missing package (with
-    the pip command), an empty experiment, an http(s) tracking server that cannot be reached."""
+    the pip command), an empty experiment, an http(s) tracking server that cannot be reached.
+    MLflow settings given while MLflow is off are a warning (unless `quiet`), not a problem: an
+    experiment file may set them and the command line turn MLflow off."""
     p = []
     if lg.tensorboard and not _installed("tensorboard"):
         p.append(f"logger.tensorboard=true needs the tensorboard package: {INSTALL} (or pip install tensorboard)")
     m = lg.mlflow
     if not m.enabled:
+        given = [k for k, v in vars(m).items() if k != "enabled" and v != getattr(MlflowConfig(), k)]
+        if given and not quiet:
+            log.warning("logger.mlflow.%s set while logger.mlflow.enabled=false: nothing goes to MLflow", given[0])
         return p
     if not _installed("mlflow"):
         p.append(

@@ -179,6 +179,11 @@ def test_a_missing_package_is_named_with_its_pip_command(monkeypatch):
     assert problems(LoggerConfig()) == []  # off by default: nothing is needed
 
 
+def test_mlflow_settings_while_mlflow_is_off_are_a_warning(caplog):
+    off = LoggerConfig(mlflow=MlflowConfig(tracking_uri="http://127.0.0.1:1"))
+    assert problems(off) == [] and "logger.mlflow.tracking_uri set while logger.mlflow.enabled=false" in caplog.text
+
+
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory):
     """One short run with both trackers on, an evaluation at steps 2 and 4."""
