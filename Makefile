@@ -29,10 +29,10 @@ $(BIN)/dpo-train: pyproject.toml
 		echo "no GPU: installing the CPU build of torch ($(TORCH_CPU))"; \
 		$(BIN)/pip install "$(TORCH_CPU)"; \
 	fi
-	$(BIN)/pip install -e ".[dev,parity]"
+	$(BIN)/pip install -e ".[dev,parity,tracking]"
 	@touch $@
 
-install: $(BIN)/dpo-train ## create .venv and install dpo-cli (editable) with dev tools and TRL for the parity tests
+install: $(BIN)/dpo-train ## create .venv and install dpo-cli (editable) with dev tools, TRL for the parity tests, TensorBoard and MLflow
 
 train: install ## train the built-in tiny model on the built-in task (seconds on a laptop CPU)
 	$(BIN)/dpo-train $(ARGS)

@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from dpo_cli import checkpoint, config, evalgen, layout, rundir, slurm
+from dpo_cli import checkpoint, config, evalgen, layout, rundir, slurm, tracking
 from dpo_cli.compiling import compile_layers
 from dpo_cli.data.batching import steps_per_epoch
 from dpo_cli.data.prepare import prepare
@@ -394,21 +394,23 @@ def _sinks(
     cfg: Config, accelerator: Any, run_dir: Path, wandb_mode: str, resume_step: int | None, start: int, n_steps: int
 ) -> Callable[[], MetricLogger]:
     """What opens the run's metric sinks when the loop starts: metrics.jsonl (its rows after
-    `resume_step` dropped), W&B and the progress bar on the main process; none elsewhere."""
+    `resume_step` dropped), W&B, TensorBoard, MLflow and the progress bar on the main process;
+    none elsewhere."""
 
     def open_sinks() -> MetricLogger:
         if not accelerator.is_main_process:
             return MetricLogger([])
         sinks: list[Any] = [JsonlSink(run_dir / "metrics.jsonl", resume_step=resume_step)]
         w = cfg.logger.wandb
+        container = slurm.launcher_info(config.to_container(cfg))  # the config the trackers record
         if wandb_mode != "disabled":
-            container = slurm.launcher_info(config.to_container(cfg))
             sinks.append(
                 WandbSink(
                     wandb_mode, w.project, w.entity, w.name, w.group, w.tags, container, run_dir,
                     resume=resume_step is not None,
                 )
             )  # fmt: skip
+        sinks += tracking.sinks(cfg.logger, container, run_dir, resume_step)
         if cfg.logger.progress:  # last: it takes over the console handlers until closed
             sinks.append(ProgressSink(total=n_steps, initial=start))
         return MetricLogger(sinks)

@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dpo_cli import options
+from dpo_cli import options, tracking
 from dpo_cli.batch import KL_ROWS
 from dpo_cli.compiling import compiler_problem
 from dpo_cli.data.options import data_problems, input_files
@@ -242,6 +242,7 @@ def validate(cfg: DictConfig, quiet: bool = False) -> Config:
         p.append("export.merge_lora=true needs LoRA (model.lora.r); a full fine-tune already exports the whole model")
     _check_optimization(p, c)
     p.extend(logger_problems(c.logger, c.train.save_every))
+    p.extend(tracking.problems(c.logger, quiet))  # a missing package, an unreachable MLflow server
     if c.judge is not None:
         _build(p, "judge", c.judge, "judge")
     p.extend(eval_problems(c.eval, c.judge is not None))

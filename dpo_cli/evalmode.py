@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from dpo_cli import checkpoint, config, evalgen, layout, recorded, rundir
+from dpo_cli import checkpoint, config, evalgen, layout, recorded, rundir, tracking
 from dpo_cli.data.prepare import prepare
 from dpo_cli.data.tokenize import Tokenized
 from dpo_cli.errors import ConfigError, UserError
@@ -266,10 +266,12 @@ def _models(
 
 
 def _sinks(cfg: Config, accelerator: Any, run_dir: Path) -> MetricLogger:
-    """metrics.jsonl and W&B on the main process; none elsewhere."""
+    """metrics.jsonl, W&B, TensorBoard and MLflow on the main process; none elsewhere."""
     sinks: list[Any] = [JsonlSink(run_dir / "metrics.jsonl")] if accelerator.is_main_process else []
     mode = resolve_wandb_mode(cfg.logger.wandb.mode, run_dir) if accelerator.is_main_process else "disabled"
     if sinks and mode != "disabled":
         w = cfg.logger.wandb
         sinks.append(WandbSink(mode, w.project, w.entity, w.name, w.group, w.tags, config.to_container(cfg), run_dir))
+    if sinks:
+        sinks += tracking.sinks(cfg.logger, config.to_container(cfg), run_dir, resume_step=None)
     return MetricLogger(sinks)

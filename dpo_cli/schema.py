@@ -103,8 +103,21 @@ class WandbConfig:
 
 
 @dataclass
+class MlflowConfig:
+    """MLflow tracking (its client API): one MLflow run per run directory, continued on resume."""
+
+    enabled: bool = False  # log every metrics row (as metrics) and the config (as params) to MLflow
+    tracking_uri: Optional[str] = (
+        None  # null = file:<run dir>/mlruns (a local file store); http(s)://host:port = a server; a relative path = relative to the run dir
+    )
+    experiment: str = "dpo-cli"  # MLflow experiment (created when missing)
+    run_name: Optional[str] = None  # MLflow run name; null = the run directory's name
+
+
+@dataclass
 class LoggerConfig:
-    """Metrics go to <run dir>/metrics.jsonl, a console progress bar, and Weights & Biases."""
+    """Metrics go to <run dir>/metrics.jsonl, a console progress bar, Weights & Biases, and
+    optionally TensorBoard and MLflow (dpo_cli/tracking.py)."""
 
     log_every: int = (
         1  # write a train metrics row every N optimizer steps (pair metrics and throughput averaged over them)
@@ -115,6 +128,10 @@ class LoggerConfig:
         None  # the device's peak TFLOP/s per process at the run's precision, for `mfu`; null = not logged
     )
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: bool = (
+        False  # write TensorBoard event files (scalars per metrics row, the config as text) to <run dir>/tensorboard/
+    )
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
 @dataclass
