@@ -36,6 +36,15 @@ def test_a_changed_setting_is_still_refused(tmp_path):
         checkpoint.check_compatible(tmp_path, now)
 
 
+def test_switching_a_metric_sink_on_or_off_resumes(tmp_path):
+    """logger.tensorboard and logger.mlflow say where rows go, not what is trained."""
+    old = RECORDED["data=shp"]
+    (tmp_path / STATE_FILE).write_text(json.dumps(old["settings"]))
+    sinks = ["logger.tensorboard=true", "logger.mlflow.enabled=true", "logger.mlflow.experiment=other"]
+    now = checkpoint.settings(validate(make_config([*old["overrides"], *sinks])))
+    checkpoint.check_compatible(tmp_path, now)  # raises on any difference
+
+
 def test_old_keys_are_read_under_their_new_names():
     got = migrated({"data.format": "shp", "data.shp_max_pairs_per_post": 5, "data.columns.history": "post",
                     "data.synthetic.num_train": 8})  # fmt: skip

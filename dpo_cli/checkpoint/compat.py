@@ -28,6 +28,8 @@ RESUMABLE_CHANGES = (
     "logger.progress",
     "logger.report",  # whether report.png/report.html are drawn
     "logger.wandb",
+    "logger.tensorboard",  # metric sinks: where rows go, not what is trained
+    "logger.mlflow",
     "logger.peak_tflops",  # only what mfu is divided by
     "data.cache_dir",  # where tokenized data is cached, not what it is
     "reference.cache_dir",  # where reference log-probs are cached, not what they are
