@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from dpo_cli import evalgen, slurm
+from dpo_cli import evalgen, publish, slurm
 from dpo_cli.build import build
 from dpo_cli.errors import Interrupted, NonFiniteError, UserError
 from dpo_cli.evaluate import evaluate
@@ -41,7 +41,10 @@ def run(cfg: Config) -> dict[str, float]:
     with StopOnSignal() as stop, ExitStack() as held:
         try:
             r = build(cfg, run_dir_of(), held, stop)
-            return train(r, stop)
+            last = train(r, stop)
+            if r.accelerator.is_main_process:  # the model card in final/, and the push when asked
+                publish.finish(cfg, r.outputs.run_dir, r.cadence.n_steps, _kept(r), r.data.unit)
+            return last
         except Interrupted as e:
             # Under SLURM a warning signal requeues the job, once the checkpoint is saved and the
             # sinks are closed, while the handlers are still ours: the launcher's SIGTERM to a
@@ -55,6 +58,10 @@ def run(cfg: Config) -> dict[str, float]:
         except UserError:  # non-finite, disk, a refusal in build: the processes still part cleanly
             _part()
             raise
+
+
+def _kept(r: Run) -> dict[str, int]:
+    return {"train": len(r.data.train), "eval": len(r.data.eval)}
 
 
 def _part() -> None:
