@@ -15,12 +15,11 @@ import os
 import shlex
 import threading
 from pathlib import Path
-from typing import Any
 
 from dpo_cli import card
 from dpo_cli.errors import UserError
 from dpo_cli.hub import hub_reachable, offline_setting
-from dpo_cli.schema import ExportConfig, as_plain
+from dpo_cli.schema import Config, ExportConfig, as_plain
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +122,7 @@ def push(final_dir: Path, e: ExportConfig) -> str:
     return str(getattr(commit, "commit_url", None) or f"{repo}")
 
 
-def finish(cfg: Any, run_dir: Path, steps: int, kept: dict[str, int], unit: str) -> None:
+def finish(cfg: Config, run_dir: Path, steps: int, kept: dict[str, int], unit: str) -> None:
     """On the main process, after final/ is written: its model card, then the push when asked.
     A card that cannot be written is a warning (final/ is complete without it); a failed push
     a UserError (see `push`)."""
