@@ -144,7 +144,10 @@ def body(run_dir: Path, config: dict[str, Any], steps: int, kept: dict[str, int]
     table = ["| metric | value |", "|---|---|", *(f"| {label} | {value} |" for label, value in results)]
     loader = "peft import AutoPeftModelForCausalLM" if adapter else "transformers import AutoModelForCausalLM"
     cls = loader.rpartition(" ")[2]
-    what = "A LoRA adapter" if adapter else "A causal language model"
+    lora = bool((config["model"].get("lora") or {}).get("r"))
+    what = "A LoRA adapter" if adapter else "The base model with a LoRA adapter merged in," if lora else "A model"
+    local_base = adapter and base_model(config["model"]) is None
+    note = "adapter_config.json names its base by a local path: where that is missing, point it at a copy."
     return "\n".join(
         [
             f"# {repo.rpartition('/')[2] if repo else run_dir.name}",
@@ -168,6 +171,7 @@ def body(run_dir: Path, config: dict[str, Any], steps: int, kept: dict[str, int]
             "",
             "## Use",
             "",
+            *([note, ""] if local_base else []),
             "```python",
             f"from {loader}\nfrom transformers import AutoTokenizer\n",
             f"model = {cls}.from_pretrained({model_id!r})",

@@ -66,8 +66,8 @@ def push_problems(e: ExportConfig, mode: str) -> list[str]:
         validate_repo_id(e.push_to_hub)
     except HFValidationError as err:
         return [f"{key} is not a Hub repo id: {_first_line(err)}; use e.g. export.push_to_hub=your-name/model-name"]
-    if mode != "train":
-        return [f"{key} pushes a training run's final/; mode={mode} writes none: remove it"]
+    if mode == "eval":  # mode=inspect checks it, as the preflight of the training run it will be
+        return [f"{key} pushes a training run's final/; mode=eval writes none: remove it"]
     later = "or remove export.push_to_hub and push final/ later with `hf upload REPO_ID <run dir>/final .`"
     offline = offline_setting()
     if offline:

@@ -123,15 +123,15 @@ def test_push_problems_found_without_the_network(monkeypatch, closed_port):
     hub_reachable.cache_clear()
 
 
-def refused_start(tmp_path: Path, env: dict[str, str]) -> tuple[str, Path]:
+def refused_start(tmp_path: Path, env: dict[str, str], extra: tuple[str, ...] = ()) -> tuple[str, Path]:
     """`dpo-train` with export.push_to_hub in a clean Hugging Face environment plus `env`:
     it must stop with exit 2 and one line, before a run directory or a weight exists."""
     home = tmp_path / "hf-home"
     home.mkdir()
     clean = {"HF_HOME": str(home), "HF_TOKEN": "", "HF_HUB_OFFLINE": "", "TRANSFORMERS_OFFLINE": "", **env}
     run_dir = tmp_path / "run"
-    args = ["dpo-train", *QUIET, *FAST, "train.max_steps=2", "export.push_to_hub=me/x", f"hydra.run.dir={run_dir}"]
-    proc = run_cli(args, cwd=tmp_path, env=clean)
+    args = ["dpo-train", *QUIET, *FAST, "train.max_steps=2", "export.push_to_hub=me/x", *extra]
+    proc = run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=clean)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
     assert "Traceback" not in out and out.count("[ERROR]") == 1, out
@@ -140,8 +140,8 @@ def refused_start(tmp_path: Path, env: dict[str, str]) -> tuple[str, Path]:
 
 
 @pytest.mark.integration
-def test_a_push_while_offline_is_refused_at_start(tmp_path):
-    out, _ = refused_start(tmp_path, {"HF_HUB_OFFLINE": "1"})
+def test_a_push_while_offline_is_refused_by_the_preflight(tmp_path):
+    out, _ = refused_start(tmp_path, {"HF_HUB_OFFLINE": "1"}, ("mode=inspect",))
     assert "export.push_to_hub='me/x' needs the Hub, but HF_HUB_OFFLINE is set" in out
 
 
