@@ -112,7 +112,7 @@ def _model_line(model: dict[str, Any]) -> str:
         return f"the local directory `{Path(name).expanduser().resolve()}`"
     if name:
         return f"[{name}](https://huggingface.co/{name})"
-    return f"a randomly initialised {model.get('random_init', {}).get('model_type', 'model')} (model.random_init)"
+    return f"a randomly initialised {(model.get('random_init') or {}).get('model_type', 'model')} (model.random_init)"
 
 
 def _training(config: dict[str, Any], name: str, steps: int, kept: dict[str, int], unit: str) -> list[str]:

@@ -114,9 +114,10 @@ def push(final_dir: Path, e: ExportConfig) -> str:
             repo_id=repo, folder_path=final_dir, revision=branch, repo_type="model",
             commit_message=f"dpo-cli: upload {final_dir.parent.name}/final",
         )  # fmt: skip
-    except Exception as err:  # noqa: BLE001 - HTTP errors, a dropped connection, a full repo: one message
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - HTTP errors, a dropped connection, Ctrl-C
+        why = "interrupted (Ctrl-C)" if isinstance(err, KeyboardInterrupt) else _first_line(err)
         raise UserError(
-            f"could not push {final_dir} to the Hub repo {repo}: {_first_line(err)}. The trained model is kept "
+            f"could not push {final_dir} to the Hub repo {repo}: {why}. The trained model is kept "
             f"in {final_dir}; push it by hand with: {manual_command(final_dir, e)}"
         ) from None
     return str(getattr(commit, "commit_url", None) or f"{repo}")
