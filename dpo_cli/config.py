@@ -38,6 +38,7 @@ from dpo_cli.losses.options import loss_problems
 from dpo_cli.losses.options import register_schemas as register_loss_schemas
 from dpo_cli.modeling.diagnostics import model_problems
 from dpo_cli.modeling.options import choice, reference_problems
+from dpo_cli.publish import push_problems
 from dpo_cli.schema import (
     MODES,
     Config,
@@ -240,6 +241,7 @@ def validate(cfg: DictConfig, quiet: bool = False) -> Config:
     p.extend(reference_problems(c.reference, c.model, needs_reference, kl_rows))
     if c.export.merge_lora and c.model.lora.r is None:
         p.append("export.merge_lora=true needs LoRA (model.lora.r); a full fine-tune already exports the whole model")
+    p.extend(push_problems(c.export, c.mode))  # last of the export checks: it may ask the network
     _check_optimization(p, c)
     p.extend(logger_problems(c.logger, c.train.save_every))
     p.extend(tracking.problems(c.logger, quiet))  # a missing package, an unreachable MLflow server

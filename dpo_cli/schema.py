@@ -42,9 +42,14 @@ class InspectConfig:
 
 @dataclass
 class ExportConfig:
-    """What final/ holds at the end of a run."""
+    """What final/ holds at the end of a run, and where it is pushed."""
 
     merge_lora: bool = False  # with LoRA: also write the base model with the adapter merged in, to final/merged/
+    # After final/ (model or adapter, tokenizer, README.md model card) is written, upload it to this Hub
+    # model repo, e.g. your-name/model-name; checked at start-up (offline, token, Hub reachable). null = no push
+    push_to_hub: Optional[str] = None
+    hub_private: bool = True  # create the repo private (as the safe default); an existing repo keeps its visibility
+    hub_revision: Optional[str] = None  # branch to push to (created from main when missing); null = main
 
 
 @dataclass

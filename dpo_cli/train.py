@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from dpo_cli import evalgen, slurm
+from dpo_cli import evalgen, publish, slurm
 from dpo_cli.build import build
 from dpo_cli.errors import Interrupted, NonFiniteError, UserError
 from dpo_cli.evaluate import evaluate
@@ -38,23 +38,33 @@ def run(cfg: Config) -> dict[str, float]:
     """Train the policy described by `cfg`; return the last train and eval metrics. Signals
     (SIGTERM, SIGINT, SIGUSR1) are caught from the start: during the loop they end the run
     after the current step, with a checkpoint (see `train`)."""
-    with StopOnSignal() as stop, ExitStack() as held:
-        try:
-            r = build(cfg, run_dir_of(), held, stop)
-            return train(r, stop)
-        except Interrupted as e:
-            # Under SLURM a warning signal requeues the job, once the checkpoint is saved and the
-            # sinks are closed, while the handlers are still ours: the launcher's SIGTERM to a
-            # slower rank 0 (after the others exit) cannot kill it before the requeue. (A signal
-            # during the warm start, before any checkpoint, requeues it too: the job starts again.)
-            signum = e.signum or stop.received
-            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-                slurm.hand_on(signum, stop.previous(signum))
-            _part()
-            raise
-        except UserError:  # non-finite, disk, a refusal in build: the processes still part cleanly
-            _part()
-            raise
+    with ExitStack() as held:  # the run directory's lock, held until the push is done
+        with StopOnSignal() as stop:
+            try:
+                r = build(cfg, run_dir_of(), held, stop)
+                last = train(r, stop)
+            except Interrupted as e:
+                # Under SLURM a warning signal requeues the job, once the checkpoint is saved and the
+                # sinks are closed, while the handlers are still ours: the launcher's SIGTERM to a
+                # slower rank 0 (after the others exit) cannot kill it before the requeue. (A signal
+                # during the warm start, before any checkpoint, requeues it too: the job starts again.)
+                signum = e.signum or stop.received
+                if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+                    slurm.hand_on(signum, stop.previous(signum))
+                _part()
+                raise
+            except UserError:  # non-finite, disk, a refusal in build: the processes still part cleanly
+                _part()
+                raise
+        # The model card in final/ and the push, with the signal handlers restored: Ctrl-C or a
+        # SIGTERM stops an upload (final/ is complete by now) rather than waiting for a next step.
+        if r.accelerator.is_main_process:
+            publish.finish(cfg, r.outputs.run_dir, r.cadence.n_steps, _kept(r), r.data.unit)
+        return last
+
+
+def _kept(r: Run) -> dict[str, int]:
+    return {"train": len(r.data.train), "eval": len(r.data.eval)}
 
 
 def _part() -> None:
