@@ -85,21 +85,6 @@ def test_card_of_a_lora_adapter_on_a_local_base_and_its_merged_export(tmp_path):
     assert "No evaluation was logged" in a.text
 
 
-@pytest.fixture
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def listening_port():
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        yield server.getsockname()[1]
-
-
 def test_push_problems_found_without_the_network(monkeypatch, closed_port):
     """Each refusal is one problem: a bad repo id, a mode with no final/, a branch without a repo,
     the offline variable, an endpoint that refuses connections."""
