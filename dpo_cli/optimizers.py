@@ -245,3 +245,23 @@ def _bnb_size(name: str, fields: dict[str, Any]) -> StateSize:
         )
         return StateSize(2, 1 + 4 / BNB_BLOCK, what, where)
     return StateSize(2, 4.0, f"{name}: 2 float32 states per trainable parameter", where)
+
+
+def tensor_bytes(value: torch.Tensor) -> int:
+    """The bytes a tensor holds; a tensor subclass (torchao's quantized states) by the plain
+    tensors inside it, since its own numel and dtype describe the values it stands for."""
+    if type(value) is torch.Tensor or not hasattr(value, "__tensor_flatten__"):
+        return value.nbytes
+    return sum(tensor_bytes(getattr(value, name)) for name in value.__tensor_flatten__()[0])
+
+
+def state_bytes(state: Any) -> int:
+    """The bytes of every tensor in an optimizer's state (or state_dict), nested dicts and lists
+    included (bitsandbytes keeps its quantization state in one)."""
+    if isinstance(state, torch.Tensor):
+        return tensor_bytes(state)
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0

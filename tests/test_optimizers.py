@@ -157,14 +157,9 @@ def test_cpu_offload_steps_on_a_gpu():
 
 
 def measured_bytes(state: dict) -> int:
-    """Bytes of an optimizer state's tensors, a torchao subclass counted by the tensors it holds."""
-    total = 0
-    for value in state.values():
-        if isinstance(value, torch.Tensor) and type(value) is not torch.Tensor:
-            total += sum(getattr(value, n).nbytes for n in value.__tensor_flatten__()[0])
-        elif isinstance(value, torch.Tensor) and value.numel() > 1:  # not a step count
-            total += value.nbytes
-    return total
+    """Bytes of an optimizer state's tensors but its step count (a torchao subclass counted by
+    the tensors it holds)."""
+    return sum(optimizers.tensor_bytes(v) for v in state.values() if isinstance(v, torch.Tensor) and v.numel() > 1)
 
 
 @pytest.mark.parametrize("name", ["adamw8bit", "paged_adamw", "ao_adamw8bit", "ao_adamw4bit"])
