@@ -38,6 +38,7 @@ from dpo_cli.losses.options import loss_problems
 from dpo_cli.losses.options import register_schemas as register_loss_schemas
 from dpo_cli.modeling.diagnostics import model_problems
 from dpo_cli.modeling.options import choice, reference_problems
+from dpo_cli.optimizers import missing_package, optimizer_problems, run_device
 from dpo_cli.publish import push_problems
 from dpo_cli.schema import (
     MODES,
@@ -107,6 +108,8 @@ def target_key_problems(cfg: DictConfig) -> list[str]:
     registered = registered_keys()
     for key, node in _target_nodes(cfg):
         allowed = registered.get(str(node._target_))
+        if allowed is None and missing_package(str(node._target_)):
+            continue  # said once, with the pip command, by optimizer_problems
         if allowed is None:
             try:
                 if options.takes_any_key(str(node._target_)):
@@ -161,14 +164,17 @@ def _build(problems: list[str], key: str, node: Any, group: str) -> Any:
 
 def _check_optimization(p: list[str], cfg: Config) -> None:
     """optimizer, scheduler and train sections, and the precision rules between them and the model."""
-    optimizer = _build(p, "optimizer", cfg.optimizer, "optimizer")
     fields = node_fields(cfg.optimizer)
+    t = cfg.train
+    # A missing package or a device it cannot run on: said once, without building it.
+    refused = optimizer_problems(fields, run_device(), t)
+    p.extend(refused)
+    optimizer = None if refused else _build(p, "optimizer", cfg.optimizer, "optimizer")
     if fields and not fields.get("_partial_", False):
         p.append("optimizer._partial_ must be true: the parameters are passed at run time")
     lr = fields.get("lr")
     if optimizer is not None and isinstance(lr, numbers.Real) and lr <= 0:
         p.append(f"optimizer.lr={lr} must be > 0")
-    t = cfg.train
     p.extend(scheduler_problems(cfg.scheduler, t.max_steps) + train_problems(t))
     compiler = compiler_problem(cpu_only()) if t.compile else None
     if compiler:

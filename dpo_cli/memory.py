@@ -13,7 +13,8 @@ the preflight needs them, the CLI's start-up does not.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, is_dataclass
 from typing import Any
 
 import torch
@@ -21,7 +22,8 @@ import torch
 from dpo_cli.errors import ModelLoadError
 from dpo_cli.modeling import DTYPES, model_config, reference_config, resolve_attention
 from dpo_cli.modeling.options import LoraConfig, ModelConfig
-from dpo_cli.schema import Config
+from dpo_cli.optimizers import StateSize, state_size
+from dpo_cli.schema import Config, as_plain
 
 GiB, MiB = 1024**3, 1024**2
 # Config keys for the layer shape; the first one a config has counts (GPT-2 names them n_*).
@@ -167,22 +169,27 @@ def lora_parameters(model: torch.nn.Module, r: int, target_modules: Any) -> int:
     return total
 
 
-def optimizer_states(node: object) -> tuple[int, str]:
-    """How many tensors the size of each trainable parameter the optimizer keeps (torch's
-    optimizers keep them in the parameter's dtype), and a line saying so."""
-    target = str(getattr(node, "_target_", ""))
+def optimizer_states(node: object) -> StateSize:
+    """What the optimizer keeps per trainable parameter, and a line saying so: torch's optimizers
+    keep whole tensors in the parameter's dtype; the low-memory ones (`dpo_cli.optimizers`) fewer
+    bytes per value, or keep them in host RAM."""
+    fields = as_plain(node) if is_dataclass(node) else dict(node) if isinstance(node, Mapping) else {}
+    target = str(fields.get("_target_", ""))
+    low = state_size(fields)
+    if low is not None:
+        return low
     name = target.rpartition(".")[2]
-    momentum = bool(getattr(node, "momentum", 0))
+    momentum = bool(fields.get("momentum", 0))
     known = {
-        "torch.optim.AdamW": 2 + bool(getattr(node, "amsgrad", False)),
-        "torch.optim.Adam": 2 + bool(getattr(node, "amsgrad", False)),
+        "torch.optim.AdamW": 2 + bool(fields.get("amsgrad", False)),
+        "torch.optim.Adam": 2 + bool(fields.get("amsgrad", False)),
         "torch.optim.SGD": int(momentum),
-        "torch.optim.RMSprop": 1 + momentum + bool(getattr(node, "centered", False)),
+        "torch.optim.RMSprop": 1 + momentum + bool(fields.get("centered", False)),
         "torch.optim.Adagrad": 1,
     }
     if target in known:
-        return known[target], f"{name}: {known[target]} state(s) per trainable parameter, in its dtype"
-    return 2, f"{target}: unknown optimizer, assumed 2 states per trainable parameter (as AdamW)"
+        return StateSize(known[target], None, f"{name}: {known[target]} state(s) per trainable parameter, in its dtype")
+    return StateSize(2, None, f"{target}: unknown optimizer, assumed 2 states per trainable parameter (as AdamW)")
 
 
 def activation_bytes(
@@ -338,7 +345,7 @@ def estimate(cfg: Config, tokenizer: Any, loss: Any, capacity_bytes: int | None 
     physical RAM). Raises ModelLoadError when a model's config cannot be had."""
     m = cfg.model
     config, c = _policy(m, tokenizer)
-    n_states, optimizer_what = optimizer_states(cfg.optimizer)
+    states = optimizer_states(cfg.optimizer)
     ref_bytes, ref_what, live, ref_dtype = _reference(cfg, loss, c["base_numel"], c["dtype"])
     n_seqs, seq_len = 2 * cfg.train.micro_batch_size, cfg.data.max_length
     sixteen = c["dtype"] != torch.float32 or cfg.train.mixed_precision in ("bf16", "fp16")
@@ -361,7 +368,7 @@ def estimate(cfg: Config, tokenizer: Any, loss: Any, capacity_bytes: int | None 
     what = {
         "weights": f"policy: {short_count(c['numel'])} parameters in {dtype_name(c['dtype'])}{lora}",
         "gradients": f"{short_count(c['trainable'])} trainable parameters in {c['trainable_dtype']}",
-        "optimizer": optimizer_what,
+        "optimizer": states.what,
         "reference": ref_what,
         "activations": _activation_what(config, n_seqs, seq_len, sixteen, m.gradient_checkpointing, fused),
         "logits": logits_what,
@@ -373,7 +380,7 @@ def estimate(cfg: Config, tokenizer: Any, loss: Any, capacity_bytes: int | None 
     estimate = MemoryEstimate(
         weights=c["weights"],
         gradients=c["trainable_bytes"],
-        optimizer=n_states * c["trainable_bytes"],
+        optimizer=states.device_bytes(c["trainable"], c["trainable_bytes"]),
         reference=ref_bytes,
         activations=act,
         logits=logits,
@@ -384,6 +391,8 @@ def estimate(cfg: Config, tokenizer: Any, loss: Any, capacity_bytes: int | None 
         capacity_bytes=capacity_bytes,
     )
     estimate.hints = _hints(cfg, live, ref_dtype)
+    host = states.host_bytes(c["trainable"], c["trainable_bytes"])
+    estimate.notes.append(states.where + (f": {human(host)} of host RAM, not counted above" if host else ""))
     if not fused:
         estimate.notes.append("eager attention stores the T x T attention scores (a*T*T per sequence); sdpa does not")
     return estimate

@@ -33,7 +33,7 @@ def train_step(
     parts, finite = _forward_backward(accelerator, data, models, opt.micro_batch_size, indices, window)
     max_norm = opt.max_grad_norm if opt.max_grad_norm is not None else float("inf")
     grad_norm = grad_norm_of(accelerator.clip_grad_norm_(models.policy.parameters(), max_norm), accelerator.device)
-    lr = opt.scheduler.get_last_lr()[0]
+    lr = float(opt.scheduler.get_last_lr()[0])  # torchao's optimizers keep it as a tensor
     # The guard: a non-finite loss or gradient norm on any process skips the update on all.
     # (Under DeepSpeed the engine has already stepped inside backward: the guard counts.)
     if grad_norm is not None:

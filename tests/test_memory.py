@@ -197,11 +197,13 @@ def test_optimizer_states():
     def states(**node):
         return memory.optimizer_states(OmegaConf.create(node))
 
-    assert states(_target_="torch.optim.AdamW")[0] == 2
-    assert states(_target_="torch.optim.SGD")[0] == 0 and states(_target_="torch.optim.SGD", momentum=0.9)[0] == 1
-    assert states(_target_="torch.optim.RMSprop", alpha=0.99)[0] == 1
-    n, what = states(_target_="bitsandbytes.optim.AdamW8bit")
-    assert n == 2 and "unknown optimizer, assumed 2 states" in what
+    assert states(_target_="torch.optim.AdamW").states == 2
+    assert states(_target_="torch.optim.SGD").states == 0
+    assert states(_target_="torch.optim.SGD", momentum=0.9).states == 1
+    assert states(_target_="torch.optim.RMSprop", alpha=0.99).states == 1
+    unknown = states(_target_="lion_pytorch.Lion")
+    assert unknown.states == 2 and "unknown optimizer, assumed 2 states" in unknown.what
+    assert states(_target_="bitsandbytes.optim.AdamW8bit").state_bytes == 1 + 4 / 256  # tests/test_optimizers.py
     rms, _ = estimate_for(["optimizer=rmsprop"])
     assert rms.optimizer == rms.gradients
 

@@ -22,10 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dpo_cli.distributed import first_failure
 from dpo_cli.errors import UserError
+from dpo_cli.optimizers import state_bytes
 
 log = logging.getLogger(__package__)  # lines name the package (as before its split into modules)
 
@@ -245,14 +244,16 @@ def _prepare(accelerator: Any, run_dir: Path, step: int, estimate_bytes: int | N
 
 def _tensor_bytes(accelerator: Any) -> int:
     """What save_state will write, from the tensors: the prepared models' parameters and the
-    optimizers' state (AdamW: two tensors per parameter; assumed before the first step)."""
+    optimizers' state_dict (AdamW: two tensors per parameter; assumed before the first step; an
+    8-bit torchao state by the codes and scales it holds, not the float32 values it stands for;
+    torchao's CPU offload keeps no `state` of its own, only a state_dict)."""
     total = 0
     for model in getattr(accelerator, "_models", []):
         total += sum(p.numel() * p.element_size() for p in model.parameters())
     for opt in getattr(accelerator, "_optimizers", []):
-        state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
-        if state:
-            total += sum(v.numel() * v.element_size() for v in state)
+        stored = state_bytes(opt.state_dict())
+        if stored:
+            total += stored
         else:
             params = [p for g in opt.param_groups for p in g["params"]]
             total += 2 * sum(p.numel() * p.element_size() for p in params)
