@@ -22,7 +22,7 @@ import torch
 from dpo_cli.schema import TrainConfig
 
 # The pip requirement for each optional optimizer package (what `make install` installs).
-PACKAGES = {"bitsandbytes": "bitsandbytes>=0.50.2", "torchao": "torchao>=0.18"}
+PACKAGES = {"bitsandbytes": "bitsandbytes>=0.50.2", "torchao": "dpo-cli[torchao]"}
 # bitsandbytes' 8-bit optimizers quantize each state in blocks of this many values, with a float32
 # absmax per block and a 256-entry float32 code map per state and tensor.
 BNB_BLOCK = 256

@@ -199,14 +199,15 @@ def test_the_memory_estimate_counts_them_and_says_where_the_states_live():
 
 # --- one resumed run, bit-equal to the uninterrupted one (2 short runs) ---------------------------
 
-RUN = ["optimizer=ao_adamw8bit", "train.max_steps=2", "train.save_every=1", "train.keep_checkpoints=null"]
+# bitsandbytes' 8-bit AdamW here; torchao's (its step compiled, its learning rate a tensor) resumes
+# bit-equal through the checkpointer above. The tiny model's embedding (4096+ values) is quantized.
+RUN = ["optimizer=adamw8bit", "train.max_steps=2", "train.save_every=1", "train.keep_checkpoints=null"]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """2 steps with torchao's 8-bit AdamW (its step compiled, its learning rate a tensor), a
-    checkpoint after each."""
-    return train_once(tmp_path_factory.mktemp("ao") / "run", [*RUN, "train.eval_every=null"])
+    """2 steps with bitsandbytes' 8-bit AdamW, a checkpoint after each."""
+    return train_once(tmp_path_factory.mktemp("bnb") / "run", [*RUN, "train.eval_every=null"])
 
 
 @pytest.mark.integration
