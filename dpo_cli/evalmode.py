@@ -229,7 +229,9 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
                 evalgen.reference_samples(generation, cfg, accelerator, tokenizer, reference, policy)
                 values.update(evalgen.run(generation, policy, tokenizer, cfg.eval, accelerator, 0, metrics))
             held = functools.partial(generating_model, cfg, reference, policy, tokenizer, accelerator.device)
-            values.update(harness.evaluate(cfg.eval.harness, policy, tokenizer, held, run_dir, accelerator.is_main_process))
+            values.update(
+                harness.evaluate(cfg.eval.harness, policy, tokenizer, held, run_dir, accelerator.is_main_process)
+            )
             row = {"step": 0, **values}
             metrics.log(row)
         if accelerator.is_main_process:

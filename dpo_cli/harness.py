@@ -81,7 +81,9 @@ def task_problems(h: HarnessConfig) -> list[str]:
     if not h.tasks:
         return []
     if h.include_path and not Path(h.include_path).expanduser().is_dir():
-        return [f"eval.harness.include_path={h.include_path!r} is not a directory; give the directory of your task YAMLs"]
+        return [
+            f"eval.harness.include_path={h.include_path!r} is not a directory; give the directory of your task YAMLs"
+        ]
     manager, unknown = resolve(h)
     if unknown:
         where = f" nor in eval.harness.include_path={h.include_path}" if h.include_path else ""
@@ -133,12 +135,14 @@ def dataset_problems(manager: Any, names: list[str]) -> list[str]:
             hub.setdefault(path, entry.name)
     uncached = {path: task for path, task in hub.items() if not _cached(path)}
     if uncached and not hub_reachable():
-        why = f"{offline_setting()} is set" if offline_setting() else "it cannot be reached from here"
+        setting = offline_setting()
+        reason = f"{setting} is set" if setting else "the Hub cannot be reached from here"
         listed = ", ".join(f"{task} ({path})" for path, task in uncached.items())
         problems.append(
-            f"eval.harness.tasks: {listed} read their dataset from the Hugging Face Hub, and {why}, nor does the "
-            "datasets cache hold it; run where the Hub is reachable (to fill the cache), or use tasks over local "
-            "files (dataset_path: json with dataset_kwargs.data_files, in eval.harness.include_path; see examples/harness)"
+            f"eval.harness.tasks: {listed} read their dataset from the Hugging Face Hub, and {reason}, with no copy "
+            "in the datasets cache; run where the Hub is reachable (once: the cache keeps it), or use tasks over "
+            "local files (dataset_path: json with dataset_kwargs.data_files, in eval.harness.include_path; see "
+            "examples/harness)"
         )
     return problems
 

@@ -122,7 +122,7 @@ class HarnessConfig:
     """Benchmarks through EleutherAI's lm-evaluation-harness (dpo_cli/harness.py), on the model in memory."""
 
     tasks: list[str] = field(default_factory=list)  # lm_eval task, group or tag names (`lm-eval ls tasks`); empty = off
-    include_path: Optional[str] = None  # a directory of your own task YAMLs (e.g. examples/harness); null = lm_eval's only
+    include_path: Optional[str] = None  # a directory of your own task YAMLs (e.g. examples/harness); null = none
     num_fewshot: Optional[int] = None  # examples shown before each question; null = each task's own default
     limit: Optional[int] = None  # score only the first N examples of each task (a quick check); null = all
     batch_size: int = 8  # requests per forward pass

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, REPO, read_metrics, run_cli, train_once
+from conftest import FAST, QUIET, REPO, read_metrics, run_cli
 from test_cli import assert_one_clear_error
 
 from dpo_cli import harness, hub
@@ -90,7 +90,9 @@ def test_values_and_modes_are_checked():
 def _task_dir(tmp_path: Path, name: str, lines: str) -> HarnessConfig:
     directory = tmp_path / name  # a directory per task: harness.task_manager indexes each directory once
     directory.mkdir()
-    body = f"task: {name}\n{lines}\noutput_type: multiple_choice\ndoc_to_text: q\ndoc_to_choice: [a]\ndoc_to_target: 0\n"
+    body = (
+        f"task: {name}\n{lines}\noutput_type: multiple_choice\ndoc_to_text: q\ndoc_to_choice: [a]\ndoc_to_target: 0\n"
+    )
     (directory / f"{name}.yaml").write_text(body)
     return HarnessConfig(tasks=[name], include_path=str(directory))
 
@@ -108,7 +110,7 @@ def test_missing_local_data_and_an_unreachable_hub_dataset_are_refused(tmp_path,
     finally:
         hub.hub_reachable.cache_clear()
     assert "hubbed (someone/not-cached-anywhere) read their dataset from the Hugging Face Hub" in problem
-    assert "HF_HUB_OFFLINE is set" in problem
+    assert "HF_HUB_OFFLINE is set, with no copy in the datasets cache" in problem
     assert harness.task_problems(HarnessConfig(tasks=["sort_choice"], include_path=str(EXAMPLE))) == []
     bad = HarnessConfig(tasks=["x"], include_path=str(tmp_path / "none"))
     assert "is not a directory" in harness.task_problems(bad)[0]
@@ -119,10 +121,12 @@ def test_missing_local_data_and_an_unreachable_hub_dataset_are_refused(tmp_path,
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
+    """From the command line: mode=eval reads the run's saved config (.hydra/) for its reference."""
     run_dir = tmp_path_factory.mktemp("harness") / "run"
-    overrides = ["train.max_steps=2", "train.eval_every=null", *LOCAL, "eval.harness.at_end=true",
-                 "eval.harness.reference=true"]  # fmt: skip
-    train_once(run_dir, overrides)
+    proc = run_cli(["dpo-train", *QUIET, *FAST, "train.max_steps=2", "train.eval_every=null", *LOCAL,
+                    "eval.harness.at_end=true", "eval.harness.reference=true", f"hydra.run.dir={run_dir}"],
+                   cwd=run_dir.parent, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     return run_dir
 
 
@@ -134,7 +138,7 @@ def test_at_end_and_eval_mode_give_the_same_numbers_through_the_cli(finished, tm
     assert (finished / "harness" / "policy" / "results.json").is_file()
     assert (finished / "harness" / "reference" / "samples_sort_choice.jsonl").is_file()
     out = tmp_path / "eval"
-    proc = run_cli(["dpo-train", "mode=eval", *QUIET, "debug=default", "loss=dpo", f"model.name_or_path={finished / 'final'}",
+    proc = run_cli(["dpo-train", "mode=eval", *QUIET, *FAST, f"model.name_or_path={finished / 'final'}",
                     *LOCAL, "eval.harness.reference=true", f"hydra.run.dir={out}"], cwd=tmp_path, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "benchmarks                 sort_choice acc" in proc.stdout + proc.stderr  # the summary
@@ -155,5 +159,7 @@ def test_an_unknown_task_is_refused_before_any_weights_load(finished, tmp_path):
     proc = run_cli(["dpo-train", "mode=eval", *QUIET, f"model.name_or_path={finished / 'final'}",
                     "eval.harness.tasks=[sort_choise]", f"eval.harness.include_path={EXAMPLE}", f"hydra.run.dir={out}"],
                    cwd=tmp_path)  # fmt: skip
-    assert_one_clear_error(proc, "eval.harness.tasks: sort_choise is no task", "did you mean sort_choice", "lm-eval ls tasks")
+    assert_one_clear_error(
+        proc, "eval.harness.tasks: sort_choise is no task", "did you mean sort_choice", "lm-eval ls tasks"
+    )
     assert proc.returncode == 2 and not out.exists()
