@@ -163,3 +163,19 @@ def test_an_unknown_task_is_refused_before_any_weights_load(finished, tmp_path):
         proc, "eval.harness.tasks: sort_choise is no task", "did you mean sort_choice", "lm-eval ls tasks"
     )
     assert proc.returncode == 2 and not out.exists()
+
+
+def test_the_report_and_the_summary_show_the_last_benchmarks(tmp_path):
+    from dpo_cli.recap import harness_line
+    from dpo_cli.report import harness_rows, render_html
+
+    rows = [
+        {"step": 2, "eval_loss": 0.5},
+        {"step": 2, "harness/t/acc": 0.5, "harness/t/acc_stderr": 0.1, "harness_ref/t/acc": 0.25, "harness/u/f1": 0.75},
+    ]
+    assert harness_rows(rows) == [("t/acc", 0.5, 0.25), ("u/f1", 0.75, None)]
+    page = render_html(tmp_path, rows, b"")
+    assert "<caption>benchmarks (lm-evaluation-harness)</caption>" in page
+    assert '<tr><th>t/acc</th><td class="num">0.5</td><td class="num">0.25</td></tr>' in page
+    assert harness_line(rows[1]) == "t acc 0.500 (reference 0.250) | u f1 0.750"
+    assert harness_rows(rows[:1]) == [] and harness_line(rows[0]) is None
