@@ -262,8 +262,8 @@ def _harness_problems(c: Config, needs_reference: bool) -> list[str]:
             why = "reference.precompute=true" if needs_reference else "no loss term needs a reference"
             p.append(
                 f"eval.harness.reference=true with eval.harness.at_end=true evaluates the reference model the run "
-                f"holds at its end, and this run keeps none ({why}); evaluate the reference with mode=eval instead "
-                "(model.name_or_path=<the reference>), or set eval.harness.reference=false"
+                f"holds at its end, and this run keeps none ({why}); set eval.harness.reference=false, and benchmark "
+                "the model the run starts from on its own (mode=eval model.name_or_path=IT reference.name_or_path=IT)"
             )
     return p or harness.task_problems(h)
 

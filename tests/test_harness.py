@@ -179,3 +179,19 @@ def test_the_report_and_the_summary_show_the_last_benchmarks(tmp_path):
     assert '<tr><th>t/acc</th><td class="num">0.5</td><td class="num">0.25</td></tr>' in page
     assert harness_line(rows[1]) == "t acc 0.500 (reference 0.250) | u f1 0.750"
     assert harness_rows(rows[:1]) == [] and harness_line(rows[0]) is None
+
+
+def test_a_reference_the_run_will_not_hold_at_its_end_is_refused_before_anything_loads():
+    from conftest import make_config
+
+    from dpo_cli import config
+    from dpo_cli.errors import ConfigError
+
+    args = ["eval.harness.tasks=[sort_choice]", "eval.harness.at_end=true", "eval.harness.reference=true"]
+    with pytest.raises(ConfigError) as e:
+        config.validate(make_config([*args, "loss=simpo"]), quiet=True)
+    (problem,) = e.value.problems
+    assert "this run keeps none (no loss term needs a reference); set eval.harness.reference=false" in problem
+    # Under LoRA the adapter switched off is the reference, whatever the loss.
+    lora = make_config([*args, "loss=simpo", "model.lora.r=4", f"eval.harness.include_path={EXAMPLE}"])
+    assert config.validate(lora, quiet=True).eval.harness.tasks == ["sort_choice"]
