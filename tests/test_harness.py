@@ -154,9 +154,10 @@ def test_at_end_and_eval_mode_give_the_same_numbers_through_the_cli(finished, tm
 
 
 @pytest.mark.integration
-def test_an_unknown_task_is_refused_before_any_weights_load(finished, tmp_path):
+def test_an_unknown_task_is_refused_before_any_weights_load(tmp_path):
+    """Refused by the config check before Hydra starts: the model (here none) is never looked at."""
     out = tmp_path / "eval"
-    proc = run_cli(["dpo-train", "mode=eval", *QUIET, f"model.name_or_path={finished / 'final'}",
+    proc = run_cli(["dpo-train", "mode=eval", *QUIET, f"model.name_or_path={tmp_path / 'run' / 'final'}",
                     "eval.harness.tasks=[sort_choise]", f"eval.harness.include_path={EXAMPLE}", f"hydra.run.dir={out}"],
                    cwd=tmp_path)  # fmt: skip
     assert_one_clear_error(
