@@ -157,6 +157,21 @@ def _cached(dataset: str) -> bool:
     ).is_dir()
 
 
+def plan(h: HarnessConfig) -> str:
+    """One line for mode=inspect: which benchmarks a run would score, on what, when (the names
+    are checked by then)."""
+    if not h.tasks:
+        return "benchmarks (lm-evaluation-harness): off (eval.harness.tasks=[])"
+    models = "the policy and the reference" if h.reference else "the policy"
+    when = "after the last step" if h.at_end else "in mode=eval"
+    size = f"the first {h.limit} examples" if h.limit else "all examples"
+    shots = f"{h.num_fewshot}-shot" if h.num_fewshot is not None else "each task's few-shot default"
+    where = f"; your tasks from {h.include_path}" if h.include_path else ""
+    return (
+        f"benchmarks (lm-evaluation-harness): {', '.join(h.tasks)} on {models} {when}, {size} of each, {shots}{where}"
+    )
+
+
 def check_launch(h: HarnessConfig, accelerator: Any) -> None:
     """The harness runs the whole model on the main process: refuse a launch that shards it."""
     from dpo_cli.distributed import sharded
