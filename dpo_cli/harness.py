@@ -90,7 +90,8 @@ def task_problems(h: HarnessConfig) -> list[str]:
         close = [m for name in unknown for m in difflib.get_close_matches(name, manager.all_tasks, n=3)]
         hint = f" (did you mean {', '.join(dict.fromkeys(close))}?)" if close else ""
         return [
-            f"eval.harness.tasks: {', '.join(unknown)} is no task, group or tag of lm_eval{where}{hint}; {HOW_TO_LIST}"
+            f"eval.harness.tasks: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} no task, group or tag "
+            f"of lm_eval{where}{hint}; {HOW_TO_LIST}"
         ]
     return dataset_problems(manager, h.tasks)
 
