@@ -29,7 +29,7 @@ $(BIN)/dpo-train: pyproject.toml
 		echo "no GPU: installing the CPU build of torch ($(TORCH_CPU))"; \
 		$(BIN)/pip install "$(TORCH_CPU)"; \
 	fi
-	$(BIN)/pip install -e ".[dev,parity,tracking,torchao]"
+	$(BIN)/pip install -e ".[dev,parity,tracking,torchao,harness]"
 	@touch $@
 
 install: $(BIN)/dpo-train ## create .venv and install dpo-cli (editable) with dev tools, TRL for the parity tests, TensorBoard and MLflow

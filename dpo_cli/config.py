@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dpo_cli import options, tracking
+from dpo_cli import harness, options, tracking
 from dpo_cli.batch import KL_ROWS
 from dpo_cli.compiling import compiler_problem
 from dpo_cli.data.options import data_problems, input_files
@@ -45,6 +45,7 @@ from dpo_cli.schema import (
     Config,
     as_plain,
     eval_problems,
+    harness_problems,
     logger_problems,
     scheduler_problems,
     train_problems,
@@ -254,9 +255,26 @@ def validate(cfg: DictConfig, quiet: bool = False) -> Config:
     if c.judge is not None:
         _build(p, "judge", c.judge, "judge")
     p.extend(eval_problems(c.eval, c.judge is not None))
+    p.extend(_harness_problems(c, needs_reference))
     if p:
         raise ConfigError(list(dict.fromkeys(p)))  # a key two checks both refuse is one problem
     return c
+
+
+def _harness_problems(c: Config, needs_reference: bool) -> list[str]:
+    """eval.harness: its values, then (only when they are sound: lm_eval indexes its tasks) the task
+    names and datasets; and a reference to evaluate at the end of training."""
+    h = c.eval.harness
+    p = harness_problems(h, c.mode)
+    if h.reference and h.at_end and c.mode == "train" and c.model.lora.r is None:
+        if not needs_reference or c.reference.precompute:
+            why = "reference.precompute=true" if needs_reference else "no loss term needs a reference"
+            p.append(
+                f"eval.harness.reference=true with eval.harness.at_end=true evaluates the reference model the run "
+                f"holds at its end, and this run keeps none ({why}); set eval.harness.reference=false, and benchmark "
+                "the model the run starts from on its own (mode=eval model.name_or_path=IT reference.name_or_path=IT)"
+            )
+    return p or harness.task_problems(h)
 
 
 def auto_precision(quiet: bool = False) -> str:

@@ -10,7 +10,9 @@ reference.name_or_path, or its initial policy, rebuilt from the run's saved conf
 weights, or the same seed and warm start). The held-out preference metrics of `loss` are
 computed on the data's eval split, and, with a judge, the generation metrics. Results go to
 the run directory's metrics.jsonl (one row, step 0), eval.json, samples/, the reports, W&B, and
-the console. That directory is the evaluation's own: one that holds a training run's files is
+the console. With eval.harness.tasks, lm-evaluation-harness benchmarks run on the policy (and
+the reference) in memory too (dpo_cli/harness.py): their metrics join the row, lm_eval's
+output goes to harness/. That directory is the evaluation's own: one that holds a training run's files is
 refused before Hydra writes anything there (`check_output_dir`), so that a run's metrics,
 reports and samples never change after it has run.
 """
@@ -18,6 +20,7 @@ reports and samples never change after it has run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from pathlib import Path
@@ -25,7 +28,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from dpo_cli import checkpoint, config, evalgen, layout, recorded, rundir, tracking
+from dpo_cli import checkpoint, config, evalgen, harness, layout, recorded, rundir, tracking
 from dpo_cli.data.prepare import prepare
 from dpo_cli.data.tokenize import Tokenized
 from dpo_cli.errors import ConfigError, UserError
@@ -36,7 +39,7 @@ from dpo_cli.metrics import JsonlSink, MetricLogger, WandbSink, resolve_wandb_mo
 from dpo_cli.modeling import load_model, load_tokenizer
 from dpo_cli.modeling.options import ModelConfig
 from dpo_cli.recap import summary
-from dpo_cli.reference import AdapterReference, ModelReference, check_reference_tokenizer
+from dpo_cli.reference import AdapterReference, ModelReference, check_reference_tokenizer, generating_model
 from dpo_cli.report import write_reports
 from dpo_cli.schema import Config
 
@@ -206,6 +209,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
     check_reference_known(cfg)
     check_output_dir(run_dir)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu_only())
+    harness.check_launch(cfg.eval.harness, accelerator)
     with rundir.hold(run_dir, accelerator):
         tokenizer = load_tokenizer(cfg.model)
         data = prepare(cfg.data, tokenizer, cfg.train.seed, check=False)
@@ -224,6 +228,10 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
             if generation is not None:
                 evalgen.reference_samples(generation, cfg, accelerator, tokenizer, reference, policy)
                 values.update(evalgen.run(generation, policy, tokenizer, cfg.eval, accelerator, 0, metrics))
+            held = functools.partial(generating_model, cfg, reference, policy, tokenizer, accelerator.device)
+            values.update(
+                harness.evaluate(cfg.eval.harness, policy, tokenizer, held, run_dir, accelerator.is_main_process)
+            )
             row = {"step": 0, **values}
             metrics.log(row)
         if accelerator.is_main_process:

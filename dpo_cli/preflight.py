@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 
-from dpo_cli import config, layout, memory
+from dpo_cli import config, harness, layout, memory
 from dpo_cli.data.batching import steps_per_epoch
 from dpo_cli.data.prepare import Prepared, check_prepared, prepare
 from dpo_cli.data.summary import export, report
@@ -58,7 +58,7 @@ def run(cfg: Config) -> str:
     # Built from the models' configs on the meta device: no weights are read.
     text += "\n\n" + structure(cfg.model, tokenizer)
     text += "\n\n" + batches(cfg, tokenizer)
-    text += "\n\n" + generation(cfg, tokenizer, data.eval_pairs)
+    text += "\n\n" + generation(cfg, tokenizer, data.eval_pairs) + "\n" + harness.plan(cfg.eval.harness)
     text += "\n\n" + memory.estimate(cfg, tokenizer, build_loss(cfg.loss)).report()
     log.info("preflight report (mode=inspect; no model weights loaded):\n%s", text)
     problems = refusals(text)

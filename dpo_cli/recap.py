@@ -37,6 +37,17 @@ def generation_line(row: dict[str, Any], generation: Any) -> str | None:
     )
 
 
+def harness_line(row: dict[str, Any]) -> str | None:
+    """'sort_choice acc 0.650 (reference 0.400) | ...': lm-evaluation-harness metrics, stderr left out."""
+    keys = [k for k in row if k.startswith("harness/") and not k.endswith("_stderr")]
+    parts = []
+    for key in keys:
+        name = key.removeprefix("harness/").replace("/", " ", 1)
+        ref = row.get("harness_ref/" + key.removeprefix("harness/"))
+        parts.append(f"{name} {row[key]:.3f}" + (f" (reference {ref:.3f})" if ref is not None else ""))
+    return " | ".join(parts) or None
+
+
 def summary(
     run_dir: Path,
     last: dict[str, Any],
@@ -57,6 +68,9 @@ def summary(
     gen = generation_line(last, generation)
     if gen:
         lines.append(f"  generations                {gen}")
+    benchmarks = harness_line(last)
+    if benchmarks:
+        lines.append(f"  benchmarks                 {benchmarks}")
     lines.append(f"  model                      {model_dir or run_dir / 'final'}")
     drawn = f"{run_dir / 'report.html'} (curves and samples), {run_dir / 'report.png'}"
     lines.append(f"  report                     {drawn if report else 'not drawn (logger.report=false)'}")

@@ -245,7 +245,36 @@ def _summary(rows: list[dict[str, Any]]) -> str:
         last = trains[-1]
         items = [(k, last[k]) for k in TRAIN_SUMMARY if k in last]
         parts.append(_table(f"last training row (step {last.get('step', '?')})", items))
+    benchmarks = harness_rows(rows)
+    if benchmarks:
+        parts.append(_harness_table(benchmarks))
     return "\n".join([*parts, "</div>"])
+
+
+HARNESS, HARNESS_REF = "harness/", "harness_ref/"  # dpo_cli.harness's metric prefixes: policy, reference
+
+
+def harness_rows(rows: list[dict[str, Any]]) -> list[tuple[str, Any, Any]]:
+    """(task/metric, policy value, reference value or None) from the last row holding
+    lm-evaluation-harness metrics; standard errors are left out (results.json has them)."""
+    found = [r for r in rows if any(str(k).startswith(HARNESS) for k in r)]
+    if not found:
+        return []
+    last = found[-1]
+    keys = [k[len(HARNESS) :] for k in last if k.startswith(HARNESS) and not k.endswith("_stderr")]
+    return [(k, last[HARNESS + k], last.get(HARNESS_REF + k)) for k in keys]
+
+
+def _harness_table(items: list[tuple[str, Any, Any]]) -> str:
+    reference = any(ref is not None for _, _, ref in items)
+    head = "<tr><th>task/metric</th><th>policy</th>" + ("<th>reference</th>" if reference else "") + "</tr>"
+    body = "".join(
+        f'<tr><th>{html.escape(k)}</th><td class="num">{html.escape(_number(v))}</td>'
+        + (f'<td class="num">{html.escape(_number(ref)) if ref is not None else ""}</td>' if reference else "")
+        + "</tr>"
+        for k, v, ref in items
+    )
+    return f"<table><caption>benchmarks (lm-evaluation-harness)</caption>{head}{body}</table>"
 
 
 def _win_rate_words(rows: list[dict[str, Any]]) -> str:

@@ -140,6 +140,19 @@ class LoggerConfig:
 
 
 @dataclass
+class HarnessConfig:
+    """Benchmarks through EleutherAI's lm-evaluation-harness (dpo_cli/harness.py), on the model in memory."""
+
+    tasks: list[str] = field(default_factory=list)  # lm_eval task, group or tag names (`lm-eval ls tasks`); empty = off
+    include_path: Optional[str] = None  # a directory of your own task YAMLs (e.g. examples/harness); null = none
+    num_fewshot: Optional[int] = None  # examples shown before each question; null = each task's own default
+    limit: Optional[int] = None  # score only the first N examples of each task (a quick check); null = all
+    batch_size: int = 8  # requests per forward pass
+    reference: bool = False  # true: also evaluate the reference (metrics harness_ref/...), for a before/after table
+    at_end: bool = False  # true: mode=train runs the tasks on the trained policy after its last step
+
+
+@dataclass
 class EvalConfig:
     """Generation evaluation (with a judge): responses to held-out prompts from the policy and the
     reference, judged pairwise."""
@@ -154,6 +167,7 @@ class EvalConfig:
     seed: int = 0  # seeds the sampling (batch k of prompts uses seed + k: the same samples on any number of processes)
     batch_size: int = 16  # prompts per generate() call, per process (with the KV cache)
     confidence: float = 0.95  # level of the win rate's confidence interval (Wilson score interval over prompts)
+    harness: HarnessConfig = field(default_factory=HarnessConfig)  # benchmarks (lm-evaluation-harness); off by default
 
 
 @dataclass
@@ -239,6 +253,22 @@ def eval_problems(e: EvalConfig, has_judge: bool) -> list[str]:
         p.append(f"eval.top_p={e.top_p} must be in (0, 1]")
     if not 0 < e.confidence < 1:
         p.append(f"eval.confidence={e.confidence} must be in (0, 1), e.g. 0.95")
+    return p
+
+
+def harness_problems(h: HarnessConfig, mode: str) -> list[str]:
+    """eval.harness's values; the task names and their datasets are `harness.task_problems`'s."""
+    p = positive("eval.harness.batch_size", h.batch_size) + positive("eval.harness.limit", h.limit, allow_none=True)
+    if h.num_fewshot is not None and h.num_fewshot < 0:
+        p.append(f"eval.harness.num_fewshot={h.num_fewshot} must be >= 0 (null = each task's default)")
+    for key in ("reference", "at_end"):
+        if getattr(h, key) and not h.tasks:
+            p.append(f"eval.harness.{key}=true needs tasks to run: set eval.harness.tasks=[TASK,...], or remove it")
+    if h.tasks and mode == "train" and not h.at_end:
+        p.append(
+            f"eval.harness.tasks={list(h.tasks)} is set, but mode=train runs the harness only with "
+            "eval.harness.at_end=true (after the last step); set it, or evaluate final/ later with mode=eval"
+        )
     return p
 
 

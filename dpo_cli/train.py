@@ -3,6 +3,7 @@ step -> log -> evaluate -> save -> stop, each when its due-rule says so."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from dpo_cli import evalgen, publish, slurm
+from dpo_cli import evalgen, harness, publish, slurm
 from dpo_cli.build import build
 from dpo_cli.errors import Interrupted, NonFiniteError, UserError
 from dpo_cli.evaluate import evaluate
@@ -19,7 +20,7 @@ from dpo_cli.metrics import MetricLogger
 from dpo_cli.parts import Cadence, Run
 from dpo_cli.recap import summary
 from dpo_cli.report import write_reports
-from dpo_cli.schema import Config
+from dpo_cli.schema import Config, HarnessConfig
 from dpo_cli.signals import StopOnSignal
 from dpo_cli.step import train_step
 from dpo_cli.throughput import Window
@@ -84,6 +85,9 @@ def train(r: Run, stop: StopOnSignal) -> dict[str, float]:
     if r.loop_state:  # a resumed run continues its logging window and the guard's counts
         window.restore(r.loop_state["window"])
         opt.guard.restore(r.loop_state["nonfinite"])
+    benchmarks = out.eval_settings.harness if out.eval_settings.harness.at_end and r.start < due.n_steps else None
+    if benchmarks is not None:
+        harness.check_launch(benchmarks, r.accelerator)  # before training, not after it
     with out.open_sinks() as metrics:
         models.policy.train()
         for step in range(r.start, due.n_steps):
@@ -103,6 +107,9 @@ def train(r: Run, stop: StopOnSignal) -> dict[str, float]:
             if signal_name:
                 path = out.checkpointer.path(done) if saved else _save(r, window, done)
                 raise _interrupted(r, stop, signal_name, done, path)
+        out.checkpointer.export(models.policy, r.data.tokenizer)  # final/ first: the benchmarks cannot lose it
+        if benchmarks is not None:
+            last.update(_benchmarks(r, metrics, benchmarks))
     _finish(r, last)
     return last
 
@@ -197,12 +204,23 @@ def _interrupted(r: Run, stop: StopOnSignal, signal_name: str, done: int, path: 
     )
 
 
+def _benchmarks(r: Run, metrics: MetricLogger, h: HarnessConfig) -> dict[str, float]:
+    """eval.harness.at_end: the tasks on the trained policy (and the reference), on the main
+    process, logged as one row at the last step."""
+    m = r.models
+    held = functools.partial(harness.held_reference, m.eval_reference)
+    run_dir, main_process = r.outputs.run_dir, r.accelerator.is_main_process
+    values = harness.evaluate(h, m.unwrapped, r.data.tokenizer, held, run_dir, main_process)
+    if values:
+        metrics.log({"step": r.cadence.n_steps, **values})
+    return values
+
+
 def _finish(r: Run, last: dict[str, float]) -> None:
-    """final/ (the trained model), the reports and the run's summary."""
+    """The reports and the run's summary (final/ is written by then)."""
     n_steps, run_dir, report = r.cadence.n_steps, r.outputs.run_dir, r.outputs.report
     if r.start == n_steps:
         log.info("the run had already finished at step %d; nothing left to train", n_steps)
-    r.outputs.checkpointer.export(r.models.policy, r.data.tokenizer)
     if r.accelerator.is_main_process:
         if report:
             write_reports(run_dir)
