@@ -80,6 +80,13 @@ def task_problems(h: HarnessConfig) -> list[str]:
     lm_eval does not know, datasets that cannot be had (see `dataset_problems`). No weights load."""
     if not h.tasks:
         return []
+    try:
+        import lm_eval  # noqa: F401  (task_problems reads its task index next)
+    except ImportError:
+        return [
+            "eval.harness.tasks needs EleutherAI's lm-evaluation-harness, which is not installed; "
+            "install it with: pip install 'dpo-cli[harness]' (or pip install lm_eval)"
+        ]
     if h.include_path and not Path(h.include_path).expanduser().is_dir():
         return [
             f"eval.harness.include_path={h.include_path!r} is not a directory; give the directory of your task YAMLs"

@@ -5,6 +5,7 @@ checked against log-likelihoods computed here, the task checks before any weight
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,14 @@ def test_values_and_modes_are_checked():
     assert len(found) == 4 and "eval.harness.at_end=true" in found[-1]
     assert harness_problems(HarnessConfig(tasks=["a"]), "eval") == []
     assert "needs tasks" in harness_problems(HarnessConfig(reference=True), "eval")[0]
+
+
+def test_lm_eval_not_installed_is_one_message_with_the_pip_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now fails, as when not installed
+    assert harness.task_problems(HarnessConfig(tasks=["sort_choice"])) == [
+        "eval.harness.tasks needs EleutherAI's lm-evaluation-harness, which is not installed; "
+        "install it with: pip install 'dpo-cli[harness]' (or pip install lm_eval)"
+    ]
 
 
 def _task_dir(tmp_path: Path, name: str, lines: str) -> HarnessConfig:

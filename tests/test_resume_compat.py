@@ -36,11 +36,14 @@ def test_a_changed_setting_is_still_refused(tmp_path):
         checkpoint.check_compatible(tmp_path, now)
 
 
-def test_switching_a_metric_sink_on_or_off_resumes(tmp_path):
-    """logger.tensorboard and logger.mlflow say where rows go, not what is trained."""
+def test_switching_a_metric_sink_or_the_end_benchmarks_on_or_off_resumes(tmp_path):
+    """logger.tensorboard and logger.mlflow say where rows go, eval.harness what runs after the
+    last step: not what is trained."""
     old = RECORDED["data=shp"]
     (tmp_path / STATE_FILE).write_text(json.dumps(old["settings"]))
     sinks = ["logger.tensorboard=true", "logger.mlflow.enabled=true", "logger.mlflow.experiment=other"]
+    example = Path(__file__).resolve().parents[1] / "examples" / "harness"
+    sinks += ["eval.harness.tasks=[sort_choice]", f"eval.harness.include_path={example}", "eval.harness.at_end=true"]
     now = checkpoint.settings(validate(make_config([*old["overrides"], *sinks])))
     checkpoint.check_compatible(tmp_path, now)  # raises on any difference
 

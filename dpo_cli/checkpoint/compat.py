@@ -30,6 +30,7 @@ RESUMABLE_CHANGES = (
     "logger.wandb",
     "logger.tensorboard",  # metric sinks: where rows go, not what is trained
     "logger.mlflow",
+    "eval.harness",  # benchmarks run after the last step, not what is trained
     "logger.peak_tflops",  # only what mfu is divided by
     "data.cache_dir",  # where tokenized data is cached, not what it is
     "reference.cache_dir",  # where reference log-probs are cached, not what they are
