@@ -17,6 +17,7 @@ from dpo_cli.guard import Guard
 from dpo_cli.lmhead import Head
 from dpo_cli.losses import Loss
 from dpo_cli.metrics import MetricLogger
+from dpo_cli.schema import EvalConfig
 
 
 @dataclass
@@ -103,7 +104,7 @@ class Outputs:
     open_sinks: Callable[[], MetricLogger]  # the main process's sinks (none on the others), opened by the loop
     checkpointer: Checkpointer
     generation: Any = None  # evalgen.GenerationEval when a judge is configured
-    eval_settings: Any = None  # the `eval` config section generation samples with
+    eval_settings: EvalConfig = field(default_factory=EvalConfig)  # the `eval` section: generation, benchmarks
     report: bool = True  # logger.report: draw report.png and report.html
     peak_tflops: float | None = None  # logger.peak_tflops, for mfu
 

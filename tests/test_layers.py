@@ -33,7 +33,8 @@ LAYERS: list[tuple[str, ...]] = [
     # Data (formats, tokenizing, collating, the data section's dataclasses), the layouts, which
     # check themselves on it, and the config schema, which holds the data section's dataclasses.
     ("dpo_cli.data", "dpo_cli.layout", "dpo_cli.schema"),
-    # The parts a run is built from: checkpoints, references, metrics, memory, LoRA, reports, judges.
+    # The parts a run is built from: checkpoints, references, metrics and trackers, memory, LoRA,
+    # optimizers, reports, the model card and its push, judges, benchmarks.
     (
         "dpo_cli.checkpoint",
         "dpo_cli.reference",
@@ -50,6 +51,11 @@ LAYERS: list[tuple[str, ...]] = [
         "dpo_cli.signals",
         "dpo_cli.launch",
         "dpo_cli.slurm",
+        "dpo_cli.optimizers",
+        "dpo_cli.tracking",
+        "dpo_cli.card",
+        "dpo_cli.publish",
+        "dpo_cli.harness",
     ),
     # The whole config's validation, and the checks before a run: they read every part.
     ("dpo_cli.keys", "dpo_cli.config", "dpo_cli.preflight"),
@@ -155,13 +161,15 @@ def upward(graph: dict[str, set[str]]) -> list[str]:
 
 
 def private_imports() -> list[str]:
-    """Every `from dpo_cli.X import _name` of a private name of another module, as 'importer: X._name'."""
+    """Every `from dpo_cli.X import _name` of a private name of another module, as 'importer: X._name'
+    (a dunder such as `__version__` is public by convention)."""
     found = []
     for name, path in _modules().items():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("dpo_cli"):
                 if node.module != name:
-                    found += [f"{name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+                    private = [a.name for a in node.names if a.name.startswith("_") and not a.name.endswith("__")]
+                    found += [f"{name}: {node.module}.{a}" for a in private]
     return sorted(found)
 
 

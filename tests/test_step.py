@@ -160,7 +160,7 @@ class Checkpoints:
     """A checkpointer that records what the loop saves."""
 
     def __init__(self, run_dir: Path):
-        self.run_dir, self.saved = run_dir, []
+        self.run_dir, self.saved, self.exported = run_dir, [], 0
 
     def save(self, done: int, loop: dict) -> Path:
         self.saved.append((done, loop["nonfinite"]["consecutive"]))
@@ -168,6 +168,9 @@ class Checkpoints:
 
     def path(self, done: int) -> Path:
         return self.run_dir / f"step-{done}"
+
+    def export(self, policy: torch.nn.Module, tokenizer: object) -> None:
+        self.exported += 1
 
 
 def _loop_run(tmp_path: Path, cadence: Cadence, limit: int | None = None) -> Run:
@@ -191,6 +194,7 @@ def test_the_loop_logs_evaluates_and_saves_when_due(tmp_path, monkeypatch):
     train.train(r, StopOnSignal())
     assert calls == {"rows": [3, 6, 8], "evals": [4, 8], "finished": [True]}
     assert [done for done, _ in r.outputs.checkpointer.saved] == [2, 4, 6, 8]
+    assert r.outputs.checkpointer.exported == 1  # final/
 
 
 def test_the_loop_stops_at_the_guards_limit_with_a_checkpoint(tmp_path, monkeypatch):
@@ -209,7 +213,7 @@ def test_the_loop_stops_at_the_guards_limit_with_a_checkpoint(tmp_path, monkeypa
     stopped = re.escape(f"last good weights in {tmp_path / 'step-3'} (final/ not written)")
     with pytest.raises(NonFiniteError, match="^3 optimizer steps in a row .*" + stopped):
         train.train(r, StopOnSignal())
-    assert r.outputs.checkpointer.saved == [(3, 3)] and finished == []
+    assert r.outputs.checkpointer.saved == [(3, 3)] and finished == [] and r.outputs.checkpointer.exported == 0
 
 
 @pytest.mark.parametrize(
