@@ -153,6 +153,30 @@ def _point_adapter_at_base(peft_model: Any, tokenizer: Any, base_dir: Path, name
         return
     base = peft_model.get_base_model()
     state = base_state_dict(peft_model)
-    base.save_pretrained(base_dir, state_dict=state, safe_serialization=True)
+    if is_quantized(base):
+        _save_quantized_base(base, state, base_dir)
+    else:
+        base.save_pretrained(base_dir, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(base_dir)
     config.base_model_name_or_path = str((named or base_dir).resolve())
+
+
+def _save_quantized_base(base: Any, state: dict, base_dir: Path) -> None:
+    """A quantized base as from_pretrained reads a pre-quantized bitsandbytes checkpoint: its
+    config (with quantization_config) and `state` in model.safetensors. (transformers'
+    save_pretrained of a quantized model writes the model's own state_dict, whatever state_dict
+    it is given: here that would be peft's wrapped names.) A tied output head is left out, as
+    save_pretrained leaves it: loading ties it to the input embedding again."""
+    from safetensors.torch import save_file
+
+    head = base.get_output_embeddings()
+    head_name = next((n for n, m in base.named_modules() if m is head), "")
+    in_head = {k for k in state if head_name and k.startswith(f"{head_name}.")}
+    others = {state[k].data_ptr() for k in state if k not in in_head}
+    tied = {k for k in in_head if state[k].data_ptr() in others}
+    kept = {k: v.detach().contiguous() for k, v in state.items() if k not in tied}
+    base_dir.mkdir(parents=True, exist_ok=True)
+    save_file(kept, str(base_dir / "model.safetensors"), metadata={"format": "pt"})
+    base.config.save_pretrained(base_dir)
+    if getattr(base, "generation_config", None) is not None:
+        base.generation_config.save_pretrained(base_dir)
