@@ -20,6 +20,12 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
+def tied_embeddings(model: torch.nn.Module) -> bool:
+    """Whether the model's output head shares its weight with the input embedding."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embed is not None and head.weight is embed.weight
+
+
 def apply_lora(model: torch.nn.Module, lora: options.LoraConfig, gradient_checkpointing: bool) -> torch.nn.Module:
     """`model` wrapped with LoRA adapters as `lora` (the config section model.lora) says. Over
     quantized weights, peft's prepare_model_for_kbit_training first (QLoRA's recipe): every
@@ -30,7 +36,7 @@ def apply_lora(model: torch.nn.Module, lora: options.LoraConfig, gradient_checkp
 
     if is_quantized(model):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    kwargs = options.peft_kwargs(lora)
+    kwargs = options.peft_kwargs(lora, tied_embeddings(model))
     targets = kwargs["target_modules"]
     if gradient_checkpointing:
         # With the embeddings frozen, checkpointed blocks would see inputs that need no grad;

@@ -131,7 +131,9 @@ def add_lora(model: torch.nn.Module, lora: LoraConfig) -> tuple[torch.nn.Module,
     adapter count computed from the target layers' shapes (returned as the second value)."""
     from peft import LoraConfig, get_peft_model
 
-    peft_config = LoraConfig(**peft_kwargs(lora))
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    peft_config = LoraConfig(**peft_kwargs(lora, tied))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # peft's notes on fan_in_fan_out etc.; not for this count

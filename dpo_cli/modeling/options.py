@@ -145,17 +145,17 @@ def lora_problems(lora: LoraConfig) -> list[str]:
     return p
 
 
-def peft_kwargs(lora: LoraConfig) -> dict[str, Any]:
-    """peft.LoraConfig's arguments for the section model.lora. With modules_to_save, peft's
-    ensure_weight_tying keeps a tied model's copies tied: a trained lm_head copy is then the
-    trained input embedding too, as the model itself has one matrix for both (and the merged
-    model, saved tied, keeps the trained values)."""
+def peft_kwargs(lora: LoraConfig, tied: bool) -> dict[str, Any]:
+    """peft.LoraConfig's arguments for the section model.lora. With modules_to_save, on a model
+    that ties its input and output embeddings (`tied`), peft's ensure_weight_tying keeps the
+    copies tied: a trained lm_head copy is then the trained input embedding too, as the model
+    itself has one matrix for both (and the merged model, saved tied, keeps the trained values)."""
     targets = lora.target_modules
     saved = list(lora.modules_to_save) if lora.modules_to_save else None
     return dict(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=list(targets) if isinstance(targets, (list, tuple)) else str(targets),
-        use_dora=lora.use_dora, use_rslora=lora.rslora, modules_to_save=saved, ensure_weight_tying=bool(saved),
+        use_dora=lora.use_dora, use_rslora=lora.rslora, modules_to_save=saved, ensure_weight_tying=bool(saved) and tied,
         task_type="CAUSAL_LM",
     )  # fmt: skip
 
