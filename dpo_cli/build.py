@@ -26,8 +26,8 @@ from dpo_cli.lora import apply_lora, check_targets
 from dpo_cli.losses import Loss
 from dpo_cli.losses.options import build_loss
 from dpo_cli.metrics import JsonlSink, MetricLogger, ProgressSink, WandbSink, resolve_wandb_mode
-from dpo_cli.modeling import check_max_length, count_parameters, load_model, load_tokenizer
-from dpo_cli.modeling.quantize import is_quantized, quantized, trainable_checkpoints
+from dpo_cli.modeling import check_max_length, count_parameters, load_model, load_tokenizer, quantized
+from dpo_cli.modeling.quantize import is_quantized, trainable_checkpoints
 from dpo_cli.parts import Cadence, Checkpointer, Data, Models, Optimization, Outputs, Run
 from dpo_cli.reference import (
     ModelReference,

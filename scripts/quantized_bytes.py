@@ -17,8 +17,7 @@ from omegaconf import OmegaConf
 
 from dpo_cli import cli, memory
 from dpo_cli.lora import apply_lora
-from dpo_cli.modeling import load_model, load_tokenizer
-from dpo_cli.modeling.quantize import quantized
+from dpo_cli.modeling import load_model, load_tokenizer, quantized
 
 
 def tensor_bytes(model: torch.nn.Module) -> int:

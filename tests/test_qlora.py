@@ -19,8 +19,8 @@ from dpo_cli.config import validate
 from dpo_cli.errors import ConfigError
 from dpo_cli.lmhead import Head, chunked_logps
 from dpo_cli.lora import apply_lora
-from dpo_cli.modeling import byte_tokenizer, load_model
-from dpo_cli.modeling.quantize import is_quantized, merged_dequantized, quantized
+from dpo_cli.modeling import byte_tokenizer, load_model, quantized
+from dpo_cli.modeling.quantize import is_quantized, merged_dequantized
 
 QLORA = ["model.quantization.bits=4", "model.lora.r=8"]
 
@@ -84,6 +84,18 @@ def test_a_training_step_changes_only_the_adapters_and_the_base_stays_quantized(
     q_proj = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
     assert type(q_proj).__name__ == layer and is_quantized(model)
     assert q_proj.weight.dtype == (torch.int8 if layer == "Linear8bitLt" else torch.uint8)
+
+
+def test_gradient_checkpointing_survives_quantizing_a_model_built_in_memory():
+    """A random-init model is quantized by a save and reload, which builds new modules: the
+    checkpointing that load_model switched on is switched on again, and the adapters train."""
+    model = policy([*QLORA, "model.gradient_checkpointing=true"])
+    assert model.get_base_model().is_gradient_checkpointing
+    before = snapshot(model)
+    step(model, batch())
+    step(model, batch())
+    after = snapshot(model)
+    assert all(not torch.equal(before[k], after[k]) for k in before if "lora_" in k)
 
 
 def test_the_reference_is_the_quantized_base_itself():
@@ -274,6 +286,7 @@ def test_the_memory_estimate_agrees_with_the_real_quantized_model():
         (["model.quantization.bits=4"], {}, "model.quantization.bits=4 needs LoRA.*set model.lora.r"),
         ([*QLORA, "model.quantization.bits=3"], {}, r"model.quantization.bits=3 is not one of 4, 8"),
         ([*QLORA, "model.quantization.quant_type=int4"], {}, "model.quantization.quant_type='int4' is not one of"),
+        ([*QLORA, "model.quantization.bits=8", "model.quantization.quant_type=fp4"], {}, "are 4-bit settings"),
         ([*QLORA], {"ACCELERATE_USE_FSDP": "true"}, "under FSDP.*cannot shard.*DDP"),
         (
             [*QLORA],

@@ -169,6 +169,11 @@ def quantization_problems(m: ModelConfig) -> list[str]:
     if q.bits not in (4, 8):
         return [f"model.quantization.bits={q.bits!r} is not one of 4, 8 (or null: no quantization)"]
     p = choice("model.quantization.quant_type", q.quant_type, QUANT_TYPES)
+    if q.bits == 8 and (q.quant_type != "nf4" or not q.double_quant):
+        p.append(
+            "model.quantization.quant_type and model.quantization.double_quant are 4-bit settings; 8-bit "
+            "(LLM.int8()) has neither: remove them, or set model.quantization.bits=4"
+        )
     if q.compute_dtype is not None:
         p += choice("model.quantization.compute_dtype", q.compute_dtype, DTYPES)
     if m.lora.r is None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import torch
@@ -54,27 +53,6 @@ def is_quantized(model: torch.nn.Module) -> bool:
     """Whether `model` (or the model under a peft wrapper) holds bitsandbytes-quantized weights."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
-
-
-def quantized(policy: torch.nn.Module, m: ModelConfig) -> torch.nn.Module:
-    """`policy` with its linear layers quantized as model.quantization says. A pretrained model
-    is quantized as it loads (`load.load_model`), and is returned as it is; one built in memory
-    (a random init, after its warm start; a GGUF file's dequantized weights) goes through
-    save_pretrained and from_pretrained, the one path by which transformers quantizes."""
-    if m.quantization.bits is None:
-        return policy
-    if not is_quantized(policy):
-        from transformers import AutoModelForCausalLM
-
-        source = policy.config.name_or_path  # what a LoRA adapter names as its base ("" for a random init)
-        with tempfile.TemporaryDirectory(prefix="dpo-cli-quantize-") as tmp:
-            policy.save_pretrained(tmp, safe_serialization=True)
-            policy = AutoModelForCausalLM.from_pretrained(
-                tmp, quantization_config=bnb_config(m), dtype=policy.dtype, attn_implementation=m.attn_implementation
-            )
-        policy.config.name_or_path = policy.name_or_path = source  # not the temporary directory
-    exact_cpu_matmuls(policy)
-    return policy
 
 
 def exact_cpu_matmuls(model: torch.nn.Module) -> None:
