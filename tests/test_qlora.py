@@ -287,6 +287,12 @@ def test_the_memory_estimate_agrees_with_the_real_quantized_model():
         ([*QLORA, "model.quantization.bits=3"], {}, r"model.quantization.bits=3 is not one of 4, 8"),
         ([*QLORA, "model.quantization.quant_type=int4"], {}, "model.quantization.quant_type='int4' is not one of"),
         ([*QLORA, "model.quantization.bits=8", "model.quantization.quant_type=fp4"], {}, "are 4-bit settings"),
+        pytest.param(
+            [*QLORA, "model.quantization.bits=8", "model.lora.use_dora=true"],
+            {},
+            "fails on CPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="refused on CPU only"),
+        ),
         ([*QLORA], {"ACCELERATE_USE_FSDP": "true"}, "under FSDP.*cannot shard.*DDP"),
         (
             [*QLORA],

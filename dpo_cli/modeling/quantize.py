@@ -181,4 +181,13 @@ def quantization_problems(m: ModelConfig) -> list[str]:
     if bits not in (4, 8):
         return []
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return [p for p in (launch_problem(bits), device_problem(bits, device)) if p]
+    p = [p for p in (launch_problem(bits), device_problem(bits, device)) if p]
+    if bits == 8 and m.lora.use_dora and device == "cpu":
+        # Seen with bitsandbytes 0.50.2 and peft 0.21.2: the first forward fails inside
+        # bitsandbytes (the layer's SCB scale is None after peft's DoRA set-up). Untried on CUDA.
+        p.append(
+            "model.lora.use_dora=true over model.quantization.bits=8 fails on CPU (peft's DoRA set-up leaves "
+            "bitsandbytes' 8-bit layers without their scales); use model.quantization.bits=4 with DoRA, or "
+            "model.lora.use_dora=false"
+        )
+    return p
