@@ -26,7 +26,8 @@ from dpo_cli.lora import apply_lora, check_targets
 from dpo_cli.losses import Loss
 from dpo_cli.losses.options import build_loss
 from dpo_cli.metrics import JsonlSink, MetricLogger, ProgressSink, WandbSink, resolve_wandb_mode
-from dpo_cli.modeling import check_max_length, count_parameters, load_model, load_tokenizer
+from dpo_cli.modeling import check_max_length, count_parameters, load_model, load_tokenizer, quantized
+from dpo_cli.modeling.quantize import is_quantized, trainable_checkpoints
 from dpo_cli.parts import Cadence, Checkpointer, Data, Models, Optimization, Outputs, Run
 from dpo_cli.reference import (
     ModelReference,
@@ -226,6 +227,7 @@ def _policy(
     policy = load_model(cfg.model, data.tokenizer, cfg.train.seed)
     if cfg.model.warm_start.steps:
         _warm_start(cfg, policy, data.train, data.tokenizer.pad_token_id, accelerator, run_dir, stop)
+    policy = quantized(policy, cfg.model)  # after the warm start, which trains every weight; a no-op unless asked
     if cfg.model.lora.r is not None:
         policy = apply_lora(policy, cfg.model.lora, cfg.model.gradient_checkpointing)
     trainable, total = count_parameters(policy)
@@ -268,6 +270,8 @@ def _optimization(cfg: Config, policy: Any, accelerator: Any, warmup: int, n_ste
     optimizer = instantiate(cfg.optimizer)(params=[p for p in policy.parameters() if p.requires_grad])
     scheduler = make_scheduler(optimizer, cfg.scheduler.name, warmup, n_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
+    if is_quantized(accelerator.unwrap_model(policy)):
+        trainable_checkpoints(accelerator)  # checkpoints: the adapters; the quantized base is rebuilt on resume
     # The scheduler is stepped by hand once per optimizer step; registering it (instead of
     # preparing it) keeps it in checkpoints without accelerate stepping it once per process.
     accelerator.register_for_checkpointing(scheduler)

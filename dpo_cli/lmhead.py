@@ -13,7 +13,8 @@ vocabulary, and the positions that predict nothing scored (prompt, padding) cost
 that this path computes what the model computes; a model that scales or soft-caps its logits
 (Gemma-2, Cohere, Granite), or whose head is not a plain Linear (a LoRA-wrapped head, a
 sharded one), keeps the full-logits path, and `layout.probe` checks the two against each other
-on real data at the start of a run.
+on real data at the start of a run. A head in model.lora.modules_to_save (peft's wrapper of a
+Linear and its trained copy, whose weight follows the adapter's state) counts as plain.
 """
 
 from __future__ import annotations
@@ -146,13 +147,23 @@ def inner_model(model: torch.nn.Module) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _original(module: Any) -> Any:
+    """A head trained whole under LoRA (model.lora.modules_to_save=[lm_head]) is peft's
+    ModulesToSaveWrapper around the original Linear and its trainable copy; its `weight` and
+    `bias` are the copy's while the adapter is on and the original's while it is off (the
+    adapter-disabled reference), as its own forward would use. Any other module is itself."""
+    if type(module).__name__ == "ModulesToSaveWrapper":
+        return module.original_module
+    return module
+
+
 @dataclass
 class Head:
     """Where a model's last hidden state comes from (`backbone`'s output 0) and the Linear
     that turns it into logits."""
 
     backbone: torch.nn.Module
-    linear: torch.nn.Linear
+    linear: torch.nn.Module  # a Linear, or peft's ModulesToSaveWrapper of one (see `_original`)
     chunk: int
 
     @staticmethod
@@ -164,7 +175,7 @@ class Head:
         if transforms:
             return None, f"{type(inner).__name__} transforms its logits ({', '.join(transforms)})"
         linear = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-        if type(linear) is not torch.nn.Linear:
+        if type(_original(linear)) is not torch.nn.Linear:
             return None, f"its output layer is a {type(linear).__name__}, not a plain Linear"
         if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
             return None, f"{type(inner).__name__}.forward takes no logits_to_keep"

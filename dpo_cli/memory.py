@@ -21,7 +21,7 @@ import torch
 
 from dpo_cli.errors import ModelLoadError
 from dpo_cli.modeling import DTYPES, model_config, reference_config, resolve_attention
-from dpo_cli.modeling.options import LoraConfig, ModelConfig
+from dpo_cli.modeling.options import LoraConfig, ModelConfig, QuantizationConfig, peft_kwargs
 from dpo_cli.optimizers import StateSize, state_size
 from dpo_cli.schema import Config, as_plain
 
@@ -133,10 +133,9 @@ def add_lora(model: torch.nn.Module, lora: LoraConfig) -> tuple[torch.nn.Module,
     adapter count computed from the target layers' shapes (returned as the second value)."""
     from peft import LoraConfig, get_peft_model
 
-    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
-    peft_config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
-    )
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    peft_config = LoraConfig(**peft_kwargs(lora, tied))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # peft's notes on fan_in_fan_out etc.; not for this count
@@ -146,27 +145,77 @@ def add_lora(model: torch.nn.Module, lora: LoraConfig) -> tuple[torch.nn.Module,
         return model, f"from the target layers' shapes, r*(in+out) each (peft on the meta model failed: {e})"
 
 
-def lora_parameters(model: torch.nn.Module, r: int, target_modules: Any) -> int:
-    """LoRA's adapter parameters computed from shapes: r * (in + out) per targeted linear layer.
-    all-linear targets every linear layer but the output head, as peft does."""
+def _linear_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, int, int]]:
+    """(name, module, in, out) of every linear layer, GPT-2's transposed Conv1D ones included."""
     from transformers.pytorch_utils import Conv1D
 
-    head = model.get_output_embeddings()
-    total = 0
+    layers = []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
-            d_in, d_out = module.in_features, module.out_features
-        elif isinstance(module, Conv1D):  # GPT-2's transposed linear layers
-            d_in, d_out = module.weight.shape
-        else:
-            continue
-        if target_modules == "all-linear":
+            layers.append((name, module, module.in_features, module.out_features))
+        elif isinstance(module, Conv1D):
+            layers.append((name, module, *module.weight.shape))
+    return layers
+
+
+def lora_parameters(model: torch.nn.Module, lora: LoraConfig) -> int:
+    """LoRA's trainable parameters computed from shapes: r * (in + out) per targeted linear
+    layer, plus its out_features DoRA magnitudes with use_dora, plus a whole copy of each module
+    of modules_to_save. all-linear targets every linear layer but the output head, as peft does."""
+    head = model.get_output_embeddings()
+    total = 0
+    for name, module, d_in, d_out in _linear_layers(model):
+        if lora.target_modules == "all-linear":
             hit = module is not head
         else:
-            names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+            names = [lora.target_modules] if isinstance(lora.target_modules, str) else list(lora.target_modules)
             hit = any(name == t or name.endswith(f".{t}") for t in names)
-        total += r * (d_in + d_out) if hit else 0
-    return total
+        total += (lora.r * (d_in + d_out) + (d_out if lora.use_dora else 0)) if hit else 0
+    saved = set(lora.modules_to_save or [])
+    copies = {
+        id(p): p.numel() for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in saved for p in m.parameters()
+    }
+    return total + sum(copies.values())  # a weight shared by two saved modules (tied) is one copy
+
+
+# bitsandbytes' 4-bit layout: one absmax per 64-weight block; double quantization stores those
+# as 8 bits with one float32 absmax per 256 blocks, a 256-value float32 code and an offset.
+QUANT_BLOCK, NESTED_BLOCK = 64, 256
+
+
+def quantized_bytes(numel: int, out_features: int, q: QuantizationConfig) -> int:
+    """The bytes bitsandbytes stores one linear weight of `numel` values in. 4-bit: two values
+    per byte, a float32 absmax per block of 64 (or, with double quantization, a uint8 one plus
+    the second level's constants) and the 16-value float32 code; 8-bit: one byte per value and
+    a float32 scale per output row (LLM.int8()'s SCB)."""
+    if q.bits == 8:
+        return numel + 4 * out_features
+    blocks = -(-numel // QUANT_BLOCK)
+    if q.double_quant:
+        constants = blocks + 4 * -(-blocks // NESTED_BLOCK) + 4 * NESTED_BLOCK + 4
+    else:
+        constants = 4 * blocks
+    return -(-numel // 2) + constants + 4 * 16
+
+
+def _quantized_weights(model: torch.nn.Module) -> dict[int, int]:
+    """{id(weight): out_features} of the layers bitsandbytes quantizes: every linear layer but the
+    output head (and what is tied to it), as transformers' quantizer leaves those out."""
+    head = model.get_output_embeddings()
+    kept = {id(p) for p in head.parameters()} if head is not None else set()
+    return {
+        id(m.weight): d_out for _, m, _, d_out in _linear_layers(model) if m is not head and id(m.weight) not in kept
+    }
+
+
+def _weight_bytes(params: list[torch.nn.Parameter], quantized: dict[int, int], q: QuantizationConfig) -> int:
+    """The policy's weight bytes: quantized layers as `quantized_bytes` counts them; under
+    quantization every other tensor in float32, where peft's prepare_model_for_kbit_training
+    puts the unquantized base (embeddings, norms, head) and where the adapters and trained
+    copies stay; without it, every tensor in its own dtype."""
+    if q.bits is None:
+        return _bytes(params)
+    return sum(quantized_bytes(p.numel(), quantized[id(p)], q) if id(p) in quantized else 4 * p.numel() for p in params)
 
 
 def optimizer_states(node: object) -> StateSize:
@@ -273,21 +322,23 @@ def _policy(m: ModelConfig, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
     vocab = head.weight.shape[0] if head is not None else config.get_text_config().vocab_size
     base = list(model.parameters())
     c = dict(dtype=dtype, vocab=vocab, base_numel=sum(p.numel() for p in base), how=None)
+    quantized = _quantized_weights(model) if m.quantization.bits is not None else {}
     if m.lora.r is not None:
         model, c["how"] = add_lora(model, m.lora)
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
+    fp32 = m.quantization.bits is not None  # prepare_model_for_kbit_training: the trainable copies in float32
     c.update(
         numel=sum(p.numel() for p in params),
-        weights=_bytes(params),
+        weights=_weight_bytes(params, quantized, m.quantization),
         trainable=sum(p.numel() for p in trainable),
-        trainable_bytes=_bytes(trainable),
-        trainable_dtype=_dtype_names(trainable),
+        trainable_bytes=4 * sum(p.numel() for p in trainable) if fp32 else _bytes(trainable),
+        trainable_dtype="float32" if fp32 and trainable else _dtype_names(trainable),
     )
     if m.lora.r is not None and not trainable:
         # peft could not wrap the meta model: adapters from shapes, in float32 as peft keeps
         # them (its autocast_adapter_dtype) even on a 16-bit base.
-        adapters = lora_parameters(model, m.lora.r, m.lora.target_modules)
+        adapters = lora_parameters(model, m.lora)
         c.update(trainable=adapters, trainable_bytes=4 * adapters, trainable_dtype="float32")
         c.update(numel=c["numel"] + adapters, weights=c["weights"] + 4 * adapters)
     return config, c
@@ -331,11 +382,22 @@ def _hints(cfg: Config, live_reference: bool, reference_dtype: torch.dtype | Non
         hints.append("model.gradient_checkpointing=true (keeps one input per layer, recomputes the rest)")
     if m.lora.r is None:
         hints.append("model.lora.r=16 (train adapters only: no full gradients or optimizer state)")
+    if m.quantization.bits is None:
+        hints.append("model.quantization.bits=4 with LoRA (QLoRA: base linear layers in about 0.5 byte per weight)")
     if live_reference:
         hints.append("reference.precompute=true (no reference model during training)")
     if reference_dtype == torch.float32:
         hints.append("reference.dtype=bfloat16 (halves the reference's weights)")
     return hints
+
+
+def _weights_dtype(m: ModelConfig, dtype: torch.dtype) -> str:
+    """How the policy's weights are stored, for the estimate's weights line."""
+    q = m.quantization
+    if q.bits is None:
+        return dtype_name(dtype)
+    how = f"{q.quant_type}{' + double quant' if q.double_quant else ''}" if q.bits == 4 else "LLM.int8()"
+    return f"{q.bits}-bit ({how}) linear layers, the rest float32 (model.quantization)"
 
 
 def estimate(cfg: Config, tokenizer: Any, loss: Any, capacity_bytes: int | None = None) -> MemoryEstimate:
@@ -366,7 +428,7 @@ def estimate(cfg: Config, tokenizer: Any, loss: Any, capacity_bytes: int | None 
         )
     lora = f"; LoRA r={m.lora.r} adapters, counted by {c['how']}" if m.lora.r is not None else ""
     what = {
-        "weights": f"policy: {short_count(c['numel'])} parameters in {dtype_name(c['dtype'])}{lora}",
+        "weights": f"policy: {short_count(c['numel'])} parameters in {_weights_dtype(m, c['dtype'])}{lora}",
         "gradients": f"{short_count(c['trainable'])} trainable parameters in {c['trainable_dtype']}",
         "optimizer": states.what,
         "reference": ref_what,

@@ -122,9 +122,28 @@ def structure(m: ModelConfig, tokenizer: Any) -> str:
                 f"model.gradient_checkpointing=true: {type(meta).__name__} does not support gradient checkpointing; "
                 "set model.gradient_checkpointing=false"
             )
-    lora = f"LoRA r={m.lora.r} on {m.lora.target_modules}" if m.lora.r is not None else "full fine-tuning"
     checkpointing = ", gradient checkpointing" if m.gradient_checkpointing else ""
-    return "\n".join([f"model: {lora}{checkpointing}", *(f"  training would refuse this: {p}" for p in problems)])
+    return "\n".join(
+        [f"model: {_training(m)}{checkpointing}", *(f"  training would refuse this: {p}" for p in problems)]
+    )
+
+
+def _training(m: ModelConfig) -> str:
+    """What trains: every weight, or LoRA with its options, over a quantized base when asked."""
+    if m.lora.r is None:
+        return "full fine-tuning"
+    lora, q = m.lora, m.quantization
+    options = [
+        ("DoRA", lora.use_dora),
+        ("rsLoRA", lora.rslora),
+        (f"trained whole: {lora.modules_to_save}", lora.modules_to_save),
+    ]
+    text = f"LoRA r={lora.r} on {lora.target_modules}" + "".join(f", {name}" for name, on in options if on)
+    if q.bits == 4:
+        text += f", 4-bit {q.quant_type} base{' (double quant)' if q.double_quant else ''}"
+    elif q.bits == 8:
+        text += ", 8-bit base"
+    return text
 
 
 def generation(cfg: Config, tokenizer: Any, eval_pairs: list[dict]) -> str:

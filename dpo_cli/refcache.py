@@ -26,6 +26,7 @@ all-reduce assembles the tables on every process, and the main process writes th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -46,6 +47,7 @@ from dpo_cli.errors import ModelLoadError
 from dpo_cli.hub import hub_reachable, looks_like_path
 from dpo_cli.lmhead import Head
 from dpo_cli.logprobs import CHOSEN, REJECTED, SHARED
+from dpo_cli.lora import base_state_dict
 from dpo_cli.modeling.options import ModelConfig
 from dpo_cli.reference import (
     ModelReference,
@@ -127,8 +129,7 @@ def tensors_digest(model: torch.nn.Module) -> str:
     shape and bytes, in name order. Of a LoRA (peft) model, the base weights only, under the
     base model's own names: with the adapter off they are the reference, whatever the
     adapter's settings or values."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    tensors = {n.replace(".base_layer.", "."): t for n, t in base.state_dict().items() if "lora_" not in n}
+    tensors = base_state_dict(model) if hasattr(model, "get_base_model") else model.state_dict()
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach()
@@ -157,6 +158,12 @@ def _source(cfg: Config, tokenizer: Any, policy: torch.nn.Module, memo: dict) ->
     }
 
 
+def _quantized_reference(cfg: Config) -> bool:
+    """Whether the reference is the quantized base (its log-probs differ from the unquantized
+    model's); only then does the key name the quantization, so other runs' keys stay as they were."""
+    return cfg.model.quantization.bits is not None and not cfg.reference.name_or_path
+
+
 def entry_key(
     cfg: Config,
     tokenizer: Any,
@@ -177,6 +184,7 @@ def entry_key(
         "attn_implementation": cfg.model.attn_implementation,
         "mixed_precision": cfg.train.mixed_precision,
         "device": device,
+        **({"quantization": dataclasses.asdict(cfg.model.quantization)} if _quantized_reference(cfg) else {}),
         "train": [len(train_set), fingerprint(train_set)],
         "eval": [len(eval_set), fingerprint(eval_set)],
         "torch": torch.__version__,

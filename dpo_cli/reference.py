@@ -136,12 +136,14 @@ class PrecomputedReference:
 
 def reference_model_config(cfg: Config) -> ModelConfig:
     """The model section that loads `reference.name_or_path`: the policy's settings (attention,
-    remote code) with the reference's source and dtype, no LoRA, no gradient checkpointing."""
+    remote code) with the reference's source and dtype, no LoRA, no gradient checkpointing, and
+    not quantized (model.quantization is the policy's: a separate reference loads in
+    reference.dtype)."""
     r, m = cfg.reference, cfg.model
     return dataclasses.replace(
         m, name_or_path=r.name_or_path, revision=r.revision, gguf_file=r.gguf_file, tokenizer=None,
         random_init=None, dtype=r.dtype or m.dtype, gradient_checkpointing=False,
-        lora=dataclasses.replace(m.lora, r=None),
+        lora=dataclasses.replace(m.lora, r=None), quantization=dataclasses.replace(m.quantization, bits=None),
     )  # fmt: skip
 
 

@@ -68,7 +68,9 @@ def test_the_shape_fallback_for_lora_agrees_with_peft(targets):
 
     cfg = make_config([*BASE, "model.lora.r=8"])
     config = memory.model_config(cfg.model, byte_tokenizer())
-    shapes = memory.lora_parameters(memory.meta_model(config, torch.float32), 8, targets)
+    section = OmegaConf.to_object(cfg).model.lora
+    section.target_modules = targets
+    shapes = memory.lora_parameters(memory.meta_model(config, torch.float32), section)
     peft_model = get_peft_model(
         memory.meta_model(config, torch.float32), LoraConfig(r=8, target_modules=targets, task_type="CAUSAL_LM")
     )

@@ -14,6 +14,8 @@ import torch
 from dpo_cli.checkpoint.store import IO_HINTS, SPACE_FACTOR, SPACE_SLACK, gb, last_good
 from dpo_cli.distributed import first_failure, sharded
 from dpo_cli.errors import NonFiniteError, UserError
+from dpo_cli.lora import base_state_dict
+from dpo_cli.modeling.quantize import is_quantized, merged_dequantized
 
 log = logging.getLogger(__package__)  # lines name the package (as before its split into modules)
 
@@ -110,8 +112,13 @@ def _write_final(
     tokenizer.save_pretrained(tmp)
     if adapter and merge_lora:
         # Sharded weights (FSDP, ZeRO-3) cannot be merged in place: merge the adapter just
-        # written into its base, read back from disk.
-        merged = merged_from_disk(tmp) if sharded(accelerator) else unwrapped.merge_and_unload()
+        # written into its base, read back from disk. Quantized ones are dequantized first.
+        if is_quantized(unwrapped):  # a plain model, dequantized (quantize.merged_dequantized)
+            merged = merged_dequantized(unwrapped, tmp)
+        elif sharded(accelerator):
+            merged = merged_from_disk(tmp)
+        else:
+            merged = unwrapped.merge_and_unload()
         merged.save_pretrained(tmp / "merged", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "merged")
         log.info("saved the merged model (base + adapter) to %s", out_dir / "merged")
@@ -144,10 +151,32 @@ def _point_adapter_at_base(peft_model: Any, tokenizer: Any, base_dir: Path, name
         if os.path.isdir(os.path.expanduser(name)):
             config.base_model_name_or_path = str(Path(name).expanduser().resolve())
         return
-    # The base weights without the adapter layers: peft keeps each wrapped layer's own weight
-    # as `<layer>.base_layer.<param>`.
     base = peft_model.get_base_model()
-    state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
-    base.save_pretrained(base_dir, state_dict=state, safe_serialization=True)
+    state = base_state_dict(peft_model)
+    if is_quantized(base):
+        _save_quantized_base(base, state, base_dir)
+    else:
+        base.save_pretrained(base_dir, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(base_dir)
     config.base_model_name_or_path = str((named or base_dir).resolve())
+
+
+def _save_quantized_base(base: Any, state: dict, base_dir: Path) -> None:
+    """A quantized base as from_pretrained reads a pre-quantized bitsandbytes checkpoint: its
+    config (with quantization_config) and `state` in model.safetensors. (transformers'
+    save_pretrained of a quantized model writes the model's own state_dict, whatever state_dict
+    it is given: here that would be peft's wrapped names.) A tied output head is left out, as
+    save_pretrained leaves it: loading ties it to the input embedding again."""
+    from safetensors.torch import save_file
+
+    head = base.get_output_embeddings()
+    head_name = next((n for n, m in base.named_modules() if m is head), "")
+    in_head = {k for k in state if head_name and k.startswith(f"{head_name}.")}
+    others = {state[k].data_ptr() for k in state if k not in in_head}
+    tied = {k for k in in_head if state[k].data_ptr() in others}
+    kept = {k: v.detach().contiguous() for k, v in state.items() if k not in tied}
+    base_dir.mkdir(parents=True, exist_ok=True)
+    save_file(kept, str(base_dir / "model.safetensors"), metadata={"format": "pt"})
+    base.config.save_pretrained(base_dir)
+    if getattr(base, "generation_config", None) is not None:
+        base.generation_config.save_pretrained(base_dir)

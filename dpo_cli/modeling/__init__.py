@@ -22,6 +22,7 @@ from dpo_cli.modeling.load import (
     count_parameters,
     load_model,
     load_tokenizer,
+    quantized,
 )
 from dpo_cli.modeling.sources import (
     TOKENIZER_PROBE,
@@ -43,6 +44,7 @@ __all__ = [
     "count_parameters",
     "load_model",
     "load_tokenizer",
+    "quantized",
     "local_dir_problem",
     "max_positions",
     "model_config",

@@ -15,6 +15,7 @@ import torch
 from dpo_cli import distributed
 from dpo_cli.errors import ConfigError, ModelLoadError
 from dpo_cli.modeling.options import ModelConfig, section_problems
+from dpo_cli.modeling.quantize import quantization_problems
 from dpo_cli.modeling.sources import pretrained_kwargs, source_problems
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -181,8 +182,9 @@ def random_init_problems(arch: dict[str, Any], max_length: int | None = None) ->
 def model_problems(m: ModelConfig, max_length: int | None) -> list[str]:
     """Every problem of the model section: its own (`options.section_problems`), then what
     transformers says of a random init's architecture (`max_length`: data.max_length, against
-    its positions) and whether this machine has the attention back-end."""
-    p = section_problems(m)
+    its positions), whether this machine has the attention back-end, and whether this launch and
+    machine can run quantized weights."""
+    p = section_problems(m) + quantization_problems(m)
     if m.random_init is not None:
         p += random_init_problems(m.random_init, max_length)
     attention = attention_problem(m.attn_implementation)

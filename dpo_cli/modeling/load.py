@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import tempfile
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ from dpo_cli.errors import ConfigError, ModelLoadError
 from dpo_cli.hub import looks_like_path
 from dpo_cli.modeling.diagnostics import UNSET
 from dpo_cli.modeling.options import ModelConfig
+from dpo_cli.modeling.quantize import bnb_config, exact_cpu_matmuls, is_quantized
 from dpo_cli.modeling.sources import (
     TOKENIZER_PROBE,
     pretrained_kwargs,
@@ -80,7 +83,8 @@ def load_tokenizer(model: ModelConfig) -> Any:
 def load_model(model: ModelConfig, tokenizer: Any, seed: int) -> torch.nn.Module:
     """The policy: pretrained weights (model.name_or_path), or model.random_init's architecture
     initialised from `seed`, with vocab_size and special token ids taken from the tokenizer;
-    in model.dtype, with dropout off (model.disable_dropout) and gradient checkpointing on
+    in model.dtype (pretrained weights quantized as they load when model.quantization.bits is
+    set; a model built in memory is quantized later, by `quantized`), with dropout off (model.disable_dropout) and gradient checkpointing on
     (model.gradient_checkpointing) when asked."""
     if model.random_init is not None:
         config = random_init_config(model.random_init, tokenizer)
@@ -96,6 +100,30 @@ def load_model(model: ModelConfig, tokenizer: Any, seed: int) -> torch.nn.Module
     if model.gradient_checkpointing:
         _enable_checkpointing(policy)
     _log_attention(policy, model.attn_implementation)
+    return policy
+
+
+def quantized(policy: torch.nn.Module, m: ModelConfig) -> torch.nn.Module:
+    """`policy` with its linear layers quantized as model.quantization says. A pretrained model
+    is quantized as it loads (`load.load_model`), and is returned as it is; one built in memory
+    (a random init, after its warm start; a GGUF file's dequantized weights) goes through
+    save_pretrained and from_pretrained, the one path by which transformers quantizes. See
+    `quantize` for what bitsandbytes is told."""
+    if m.quantization.bits is None:
+        return policy
+    if not is_quantized(policy):
+        from transformers import AutoModelForCausalLM
+
+        source = policy.config.name_or_path  # what a LoRA adapter names as its base ("" for a random init)
+        with tempfile.TemporaryDirectory(prefix="dpo-cli-quantize-") as tmp:
+            policy.save_pretrained(tmp, safe_serialization=True)
+            policy = AutoModelForCausalLM.from_pretrained(
+                tmp, quantization_config=bnb_config(m), dtype=policy.dtype, attn_implementation=m.attn_implementation
+            )
+        policy.config.name_or_path = policy.name_or_path = source  # not the temporary directory
+        if m.gradient_checkpointing:  # a setting of the module, which the reload left behind
+            _enable_checkpointing(policy)
+    exact_cpu_matmuls(policy)
     return policy
 
 
@@ -131,11 +159,15 @@ def _pretrained_model(model: ModelConfig) -> torch.nn.Module:
             raise ModelLoadError(problem)
     # "auto": the dtype the checkpoint's config names (or its weights', where it names none).
     dtype = "auto" if model.dtype == "auto" else DTYPES[model.dtype]
+    # Quantized as it loads: the full-precision weights never exist whole in memory. (A GGUF
+    # file's are dequantized whole first: `quantized` quantizes them afterwards.)
+    quantize = model.quantization.bits is not None and not model.gguf_file
+    quantization = {"quantization_config": bnb_config(model)} if quantize else {}
     try:
         config = AutoConfig.from_pretrained(name, **kwargs)
         _disable_dropout(config, model)
         policy = AutoModelForCausalLM.from_pretrained(
-            name, config=config, dtype=dtype, attn_implementation=model.attn_implementation, **kwargs
+            name, config=config, dtype=dtype, attn_implementation=model.attn_implementation, **kwargs, **quantization
         )
     except (OSError, ValueError, ImportError) as e:
         raise ModelLoadError(f"could not load model {name!r}: {e}{_attention_hint(e, model)}") from None
@@ -217,6 +249,12 @@ def _enable_checkpointing(policy: torch.nn.Module) -> None:
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
+    """(trainable, total) parameter counts; a bitsandbytes 4-bit weight (two values per stored
+    byte) counts the values it holds, its quant_state's shape."""
+
+    def values(p: torch.nn.Parameter) -> int:
+        state = getattr(p, "quant_state", None)
+        return math.prod(state.shape) if state is not None and getattr(state, "shape", None) else p.numel()
+
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return sum(values(p) for p in params if p.requires_grad), sum(values(p) for p in params)

@@ -20,6 +20,31 @@ class LoraConfig:
     alpha: float = 16  # LoRA scaling numerator (the update is scaled by alpha / r)
     dropout: float = 0.0  # dropout on the LoRA branch, in [0, 1)
     target_modules: Any = "all-linear"  # peft's names: "all-linear" or a list of module names, e.g. [q_proj, v_proj]
+    use_dora: bool = (
+        False  # DoRA (Liu et al. 2024): adds a trainable magnitude vector per targeted layer (out_features values)
+    )
+    rslora: bool = (
+        False  # rank-stabilized LoRA (Kalajdzievski 2023): scale the update by alpha / sqrt(r) instead of alpha / r
+    )
+    modules_to_save: Optional[list[str]] = (
+        None  # whole modules trained (a full copy each) and saved with the adapter, e.g. [lm_head]
+    )
+
+
+QUANT_TYPES = ("nf4", "fp4")
+
+
+@dataclass
+class QuantizationConfig:
+    """The frozen base weights stored in 4 or 8 bits by bitsandbytes, under trainable LoRA
+    adapters (QLoRA, Dettmers et al. 2023)."""
+
+    bits: Optional[int] = None  # 4 (QLoRA) or 8 (LLM.int8()); null = no quantization. Needs LoRA (model.lora.r)
+    quant_type: str = "nf4"  # 4-bit only: nf4 (normal float, QLoRA's) or fp4
+    double_quant: bool = True  # 4-bit only: quantize the per-block scales too (about 0.37 bits per parameter less)
+    compute_dtype: Optional[str] = (
+        None  # dtype the dequantized weights multiply in: float32, bfloat16, float16; null = model.dtype
+    )
 
 
 @dataclass
@@ -53,6 +78,7 @@ class ModelConfig:
     disable_dropout: bool = True  # dropout off in policy and reference (as TRL): log-prob ratios stay deterministic
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, about 30% slower
     lora: LoraConfig = field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 
 
@@ -113,6 +139,48 @@ def lora_problems(lora: LoraConfig) -> list[str]:
             f"model.lora.target_modules={tm!r} must be all-linear or a list of module names, "
             "e.g. model.lora.target_modules=[q_proj,v_proj]"
         )
+    saved = lora.modules_to_save
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(x, str) and x for x in saved)):
+        p.append(f"model.lora.modules_to_save={saved!r} must be a list of module names, e.g. [lm_head]")
+    return p
+
+
+def peft_kwargs(lora: LoraConfig, tied: bool) -> dict[str, Any]:
+    """peft.LoraConfig's arguments for the section model.lora. With modules_to_save, on a model
+    that ties its input and output embeddings (`tied`), peft's ensure_weight_tying keeps the
+    copies tied: a trained lm_head copy is then the trained input embedding too, as the model
+    itself has one matrix for both (and the merged model, saved tied, keeps the trained values)."""
+    targets = lora.target_modules
+    saved = list(lora.modules_to_save) if lora.modules_to_save else None
+    return dict(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=list(targets) if isinstance(targets, (list, tuple)) else str(targets),
+        use_dora=lora.use_dora, use_rslora=lora.rslora, modules_to_save=saved, ensure_weight_tying=bool(saved) and tied,
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
+
+
+def quantization_problems(m: ModelConfig) -> list[str]:
+    """model.quantization against the rest of the section: bitsandbytes' settings, and LoRA, since
+    quantized weights cannot be trained (only adapters beside them)."""
+    q = m.quantization
+    if q.bits is None:
+        return []
+    if q.bits not in (4, 8):
+        return [f"model.quantization.bits={q.bits!r} is not one of 4, 8 (or null: no quantization)"]
+    p = choice("model.quantization.quant_type", q.quant_type, QUANT_TYPES)
+    if q.bits == 8 and (q.quant_type != "nf4" or not q.double_quant):
+        p.append(
+            "model.quantization.quant_type and model.quantization.double_quant are 4-bit settings; 8-bit "
+            "(LLM.int8()) has neither: remove them, or set model.quantization.bits=4"
+        )
+    if q.compute_dtype is not None:
+        p += choice("model.quantization.compute_dtype", q.compute_dtype, DTYPES)
+    if m.lora.r is None:
+        p.append(
+            f"model.quantization.bits={q.bits} needs LoRA: quantized base weights stay frozen, only adapters "
+            "beside them train; set model.lora.r (e.g. model.lora.r=16), or remove model.quantization.bits"
+        )
     return p
 
 
@@ -139,7 +207,8 @@ def section_problems(m: ModelConfig) -> list[str]:
     p = _source_problems(m)
     if m.gguf_file is not None and m.name_or_path is None:
         p.append("model.gguf_file needs model.name_or_path (the directory or hub id holding the file)")
-    return p + choice("model.dtype", m.dtype, MODEL_DTYPES) + lora_problems(m.lora) + warm_start_problems(m)
+    p += choice("model.dtype", m.dtype, MODEL_DTYPES) + lora_problems(m.lora) + quantization_problems(m)
+    return p + warm_start_problems(m)
 
 
 def reference_problems(r: ReferenceConfig, m: ModelConfig, needs_reference: bool, kl_rows: bool) -> list[str]:
