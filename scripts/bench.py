@@ -38,7 +38,9 @@ Each tool runs twice, for A and B optimizer steps (--steps A,B), on A x batch an
 (the first of which are the same): one epoch each, so both tools train on exactly the same pairs and
 the extra B - A steps cover the same (B - A) x batch pairs. Per-step time = (time_B - time_A) / (B -
 A), which cancels start-up (model loading, tokenizing, saving) and the first steps' warm-up (A >= 2
-in the defaults); on CUDA each child calls torch.cuda.synchronize() before it reads its clock.
+in the defaults); on CUDA each child calls torch.cuda.synchronize() before it reads its clock. When
+other work on the machine makes the B-step run no longer than the A-step one, the median of the
+B-step run's own logged step times (after its first) is used, and the row's `timed_by` says so.
 Prints figures only; asserts nothing: the targets (TARGETS) are printed, met or not.
 Achieved FLOP/s credits each pair with the tokens a padded trainer computes (the prompt once per
 response); a dpo-cli layout that computes a shared prompt once does less work than it is credited.
@@ -599,16 +601,27 @@ def measure(label: str, a: dict, b: dict, steps: tuple[int, int], batch: int) ->
     extra = steps[1] - steps[0]
     row = {"label": label, "all_tok_pair": b["tokens"] / (steps[1] * batch)}
     seconds = b["seconds"] - a["seconds"]
-    if seconds <= 0:
+    inner = b["step_seconds"][1:] or b["step_seconds"]
+    if seconds > 0:
+        per_step, timed_by = seconds / extra, "difference of the two run lengths"
+    elif inner:  # start-up noise (other work on the machine) swamped the extra steps' time
+        per_step = statistics.median(inner)
+        timed_by = (
+            f"in-run median step: the {steps[1]}-step run took no longer than the {steps[0]}-step run "
+            f"({b['seconds']:.1f}s vs {a['seconds']:.1f}s); for a clean figure: --repeat 2, or more steps"
+        )
+        print(f"bench: {label}: timed by the {timed_by}", file=sys.stderr)
+    else:
         return row | {
             "error": f"its {steps[1]}-step run took no longer than its {steps[0]}-step run ({b['seconds']:.1f}s vs "
-            f"{a['seconds']:.1f}s): other work on the machine, or too few steps; try --repeat 2, or more steps"
+            f"{a['seconds']:.1f}s) and logged no step times: other work on the machine, or too few steps; try "
+            "--repeat 2, or more steps"
         }
-    per_step = seconds / extra + batch * (b.get("precompute_s_per_pair") or 0.0)
+    per_step += batch * (b.get("precompute_s_per_pair") or 0.0)
     pairs_s = batch / per_step
     tok_pair = (b["tokens"] - a["tokens"]) / (extra * batch)
-    inner = b["step_seconds"][1:] or b["step_seconds"]
     row |= {
+        "timed_by": timed_by,
         "s/step": per_step,
         "in-run": statistics.median(inner) if inner else float("nan"),
         "pairs/s": pairs_s,
@@ -1158,6 +1171,7 @@ def json_row(r: dict) -> dict:
         "padding_percent": r["pad%"],
         "step_seconds": r["s/step"],
         "in_run_step_seconds": _finite(r["in-run"]),
+        "timed_by": r["timed_by"],
         "run_b_step_seconds": r["step_seconds"],
         "flops_per_s": _finite(r["flops"]),
         "mfu": _finite(r.get("share")),

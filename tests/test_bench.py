@@ -65,6 +65,24 @@ def test_mfu_arithmetic():
     assert bench.mfu(1e5, 10**8, 6, 400e12) == pytest.approx(0.15)
 
 
+def _run(seconds: float, tokens: float, step_seconds: list[float]) -> dict:
+    return {"seconds": seconds, "tokens": tokens, "step_seconds": step_seconds, "pad_share": 0.0, "peak_rss": 1,
+            "factor": 8, "linear_params": 10}  # fmt: skip
+
+
+def test_per_step_time_is_the_difference_of_two_run_lengths_unless_noise_swamps_it():
+    """2 and 10 steps of batch 2: 8 extra steps in 4 s is 0.5 s a step. When the 10-step run took no
+    longer than the 2-step one (start-up noise on a busy machine), the median of the longer run's own
+    step times after its first (0.3 s) is used instead, and the row says so."""
+    a, b = _run(6.0, 40.0, [0.9, 0.5]), _run(10.0, 200.0, [0.9, 0.2, 0.3, 0.4])
+    row = bench.measure("dpo-cli", a, b, (2, 10), 2)
+    assert row["s/step"] == pytest.approx(0.5) and row["timed_by"] == "difference of the two run lengths"
+    assert row["tok/pair"] == pytest.approx(10.0) and row["pairs/s"] == pytest.approx(4.0)
+    noisy = bench.measure("dpo-cli", _run(10.5, 40.0, [0.9, 0.5]), b, (2, 10), 2)
+    assert noisy["s/step"] == pytest.approx(0.3) and noisy["timed_by"].startswith("in-run median step")
+    assert "error" in bench.measure("dpo-cli", _run(10.5, 40.0, []), _run(10.0, 200.0, []), (2, 10), 2)
+
+
 def _row(label, tokens_s):
     return {"model": "qwen05", "seq": 2048, "label": label, "tokens/s": tokens_s, "pairs/s": tokens_s / 4096}
 
