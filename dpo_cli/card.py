@@ -27,6 +27,8 @@ HELD_OUT = (
     ("eval_loss", "loss", "{:.4f}"),
     ("eval_rewards/accuracies", "reward accuracy", "{:.4f}"),
     ("eval_rewards/margins", "reward margin", "{:.4f}"),
+    ("eval_accuracy", "accuracy (reward model: chosen scored higher)", "{:.4f}"),
+    ("eval_margin", "margin (reward model: mean chosen - rejected score)", "{:.4f}"),
     ("eval_win_rate", "win rate against the reference (judge)", "{:.4f}"),
     ("eval_tie_rate", "tie rate", "{:.4f}"),
 )

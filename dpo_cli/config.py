@@ -15,6 +15,7 @@ import copy
 import logging
 import numbers
 import os
+from collections.abc import Sequence
 from dataclasses import fields as dataclass_fields
 from dataclasses import is_dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dpo_cli import options, tracking
+from dpo_cli import options, tasks, tracking
 from dpo_cli.batch import KL_ROWS
 from dpo_cli.compiling import compiler_problem
 from dpo_cli.data.options import data_problems, input_files
@@ -42,6 +43,7 @@ from dpo_cli.optimizers import missing_package, optimizer_problems, run_device
 from dpo_cli.publish import push_problems
 from dpo_cli.schema import (
     MODES,
+    TASKS,
     Config,
     as_plain,
     eval_problems,
@@ -223,10 +225,12 @@ def typed(cfg: DictConfig) -> Config:
         raise ConfigError([f"{getattr(e, 'full_key', '') or 'config'}: {str(e).splitlines()[0]}"]) from None
 
 
-def validate(cfg: DictConfig, quiet: bool = False) -> Config:
+def validate(cfg: DictConfig, quiet: bool = False, command_line: Sequence[str] = ()) -> Config:
     """Check the whole composed config; raise one ConfigError listing every problem found, or
     return it typed. Each section checks itself; the loss is built here so that its own range
-    checks run. `quiet`: no warnings (the command line's check before Hydra runs)."""
+    checks run. `quiet`: no warnings (the command line's check before Hydra runs).
+    `command_line`: the overrides given, which the task (`tasks.problems`) checks against what
+    it reads."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError([f"{k} is required (it is ??? in the config); set {k}=<value>" for k in missing])
@@ -234,7 +238,7 @@ def validate(cfg: DictConfig, quiet: bool = False) -> Config:
     c = typed(_without_orphan_judge(cfg, quiet))
     if c.train.mixed_precision == "auto":
         c.train.mixed_precision = auto_precision(quiet)
-    p: list[str] = unknown + choice("mode", c.mode, MODES)
+    p: list[str] = unknown + choice("mode", c.mode, MODES) + choice("task", c.task, TASKS)
     if c.inspect.examples < 0:
         p.append(f"inspect.examples={c.inspect.examples} must be >= 0")
     _check_export(p, c)
@@ -242,7 +246,10 @@ def validate(cfg: DictConfig, quiet: bool = False) -> Config:
     p.extend(data_problems(c.data))
     found, terms = loss_problems(c.loss, unpaired=unpaired_data(c.data), micro_batch_size=c.train.micro_batch_size)
     p.extend(found)
+    if c.task in TASKS:
+        p.extend(tasks.problems(c, command_line, unpaired_data(c.data)))
     needs_reference = any(getattr(t, "requires_reference", True) for t in terms.values()) or not terms
+    needs_reference = needs_reference and c.task == "dpo"  # other tasks load no reference
     kl_rows = any(KL_ROWS in getattr(t, "needs", ()) for t in terms.values())
     p.extend(reference_problems(c.reference, c.model, needs_reference, kl_rows))
     if c.export.merge_lora and c.model.lora.r is None:
@@ -256,6 +263,7 @@ def validate(cfg: DictConfig, quiet: bool = False) -> Config:
     p.extend(eval_problems(c.eval, c.judge is not None))
     if p:
         raise ConfigError(list(dict.fromkeys(p)))  # a key two checks both refuse is one problem
+    tasks.settle(c, quiet)
     return c
 
 

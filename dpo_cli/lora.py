@@ -19,8 +19,11 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
-def apply_lora(model: torch.nn.Module, lora: options.LoraConfig, gradient_checkpointing: bool) -> torch.nn.Module:
-    """`model` wrapped with LoRA adapters as `lora` (the config section model.lora) says."""
+def apply_lora(
+    model: torch.nn.Module, lora: options.LoraConfig, gradient_checkpointing: bool, task_type: str = "CAUSAL_LM"
+) -> torch.nn.Module:
+    """`model` wrapped with LoRA adapters as `lora` (the config section model.lora) says. `task_type`:
+    peft's, which decides what else trains (SEQ_CLS: the new score head, whole, modules_to_save)."""
     from peft import LoraConfig, get_peft_model
 
     targets = lora.target_modules
@@ -30,7 +33,7 @@ def apply_lora(model: torch.nn.Module, lora: options.LoraConfig, gradient_checkp
         # non-reentrant checkpointing handles that, and this keeps reentrant variants right too.
         model.enable_input_require_grads()
     config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type=task_type
     )
     try:
         with warnings.catch_warnings():  # peft calls a transformers property deprecated for v6

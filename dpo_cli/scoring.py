@@ -15,6 +15,7 @@ from dpo_cli.lmhead import Head
 from dpo_cli.logprobs import KL, KL_ROWS, SHARED, WHOLE, batch_logps
 from dpo_cli.losses import Loss
 from dpo_cli.losses.base import Reduce, local
+from dpo_cli.reward import RewardObjective
 
 Parts = dict[str, tuple[torch.Tensor, torch.Tensor]]  # metric name -> (sum, count)
 REFERENCE_EXTRAS = frozenset({SHARED})
@@ -23,7 +24,7 @@ REFERENCE_EXTRAS = frozenset({SHARED})
 def batch_loss(
     policy: torch.nn.Module,
     reference: Callable[..., Any] | None,
-    loss_fn: Loss,
+    loss_fn: Loss | RewardObjective,
     batch: dict[str, torch.Tensor],
     reduce: Reduce = local,
     head: Head | None = None,
@@ -44,6 +45,8 @@ def batch_loss(
     per example of the whole optimizer step or eval set (`collate.chosen_token_means`), so that
     a token-mean NLL term is one mean over all of them (None: over this batch's own tokens).
     """
+    if isinstance(loss_fn, RewardObjective):  # task=reward: the model scores each sequence itself
+        return loss_fn.score(policy, batch)
     # The reference needs only what losses read from it (LD-DPO's shared part); WPO's weights
     # and the whole-sequence NLL come from the policy alone. It runs first: its forward holds
     # no graph, so its memory is free again before the policy's activations are built.
@@ -118,6 +121,7 @@ class Averages:
         row = {prefix + n: s / c for n, (s, c) in zip(names, totals, strict=True) if c > 0}
         if (
             prefix + "rewards/margins" not in row
+            and prefix + "margin" not in row  # task=reward's rows carry their own
             and {prefix + "rewards/chosen", prefix + "rewards/rejected"} <= row.keys()
         ):
             row[prefix + "rewards/margins"] = row[prefix + "rewards/chosen"] - row[prefix + "rewards/rejected"]
