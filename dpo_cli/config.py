@@ -217,6 +217,20 @@ def _check_export(p: list[str], cfg: Config) -> None:
         p.append(f"inspect.export={export!r} already exists; choose another file, or set inspect.overwrite=true")
 
 
+def _objective_problems(c: Config, command_line: Sequence[str]) -> list[str]:
+    """The task's own checks, and the loss against the data and the reference section: a task
+    that trains with its own objective (task=reward) reads neither loss nor reference, and
+    refuses reference settings itself (`tasks.problems`)."""
+    unpaired = unpaired_data(c.data)
+    p = tasks.problems(c, command_line, unpaired) if c.task in TASKS else []
+    if c.task in TASKS and not tasks.of(c).reads_loss:
+        return p
+    found, terms = loss_problems(c.loss, unpaired=unpaired, micro_batch_size=c.train.micro_batch_size)
+    needs_reference = any(getattr(t, "requires_reference", True) for t in terms.values()) or not terms
+    kl_rows = any(KL_ROWS in getattr(t, "needs", ()) for t in terms.values())
+    return p + found + reference_problems(c.reference, c.model, needs_reference, kl_rows)
+
+
 def typed(cfg: DictConfig) -> Config:
     """The composed config as the schema's objects (interpolations resolved): what the parts read."""
     try:
@@ -244,14 +258,7 @@ def validate(cfg: DictConfig, quiet: bool = False, command_line: Sequence[str] =
     _check_export(p, c)
     p.extend(model_problems(c.model, c.data.max_length))
     p.extend(data_problems(c.data))
-    found, terms = loss_problems(c.loss, unpaired=unpaired_data(c.data), micro_batch_size=c.train.micro_batch_size)
-    p.extend(found)
-    if c.task in TASKS:
-        p.extend(tasks.problems(c, command_line, unpaired_data(c.data)))
-    needs_reference = any(getattr(t, "requires_reference", True) for t in terms.values()) or not terms
-    needs_reference = needs_reference and c.task == "dpo"  # other tasks load no reference
-    kl_rows = any(KL_ROWS in getattr(t, "needs", ()) for t in terms.values())
-    p.extend(reference_problems(c.reference, c.model, needs_reference, kl_rows))
+    p.extend(_objective_problems(c, command_line))
     if c.export.merge_lora and c.model.lora.r is None:
         p.append("export.merge_lora=true needs LoRA (model.lora.r); a full fine-tune already exports the whole model")
     p.extend(push_problems(c.export, c.mode))  # last of the export checks: it may ask the network

@@ -30,9 +30,8 @@ def batch_loss(
     head: Head | None = None,
     token_means: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, Parts]:
-    """The batch's loss (with grad) and its metrics as (sum, count) parts (no grad).
-
-    Metric names and definitions follow TRL's DPOTrainer, so curves compare across tools:
+    """The batch's loss (with grad) and its metrics as (sum, count) parts (no grad); task=reward's
+    objective scores the batch itself (`reward.RewardObjective.score`). Metric names and definitions follow TRL's DPOTrainer, so curves compare across tools:
     rewards/* and logps/* are means over sequences of that role (logps/* are the log-probs the
     loss works with: summed, or per-token means for SimPO and ORPO); with a reference,
     logps/chosen_change is the mean of policy - reference summed log-prob of the chosen
@@ -45,7 +44,7 @@ def batch_loss(
     per example of the whole optimizer step or eval set (`collate.chosen_token_means`), so that
     a token-mean NLL term is one mean over all of them (None: over this batch's own tokens).
     """
-    if isinstance(loss_fn, RewardObjective):  # task=reward: the model scores each sequence itself
+    if isinstance(loss_fn, RewardObjective):
         return loss_fn.score(policy, batch)
     # The reference needs only what losses read from it (LD-DPO's shared part); WPO's weights
     # and the whole-sequence NLL come from the policy alone. It runs first: its forward holds

@@ -17,7 +17,7 @@ from typing import Any
 
 from dpo_cli.losses.options import build_loss
 from dpo_cli.reward import RewardObjective
-from dpo_cli.schema import Config
+from dpo_cli.schema import Config, as_plain, schema_default
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,13 @@ class Task:
     layout: str | None = None  # the layout its scoring needs (None: dpo_cli.layout chooses)
     layout_why: str = ""  # why it needs it, for the log and the refusal of another
     # Config sections and keys the task does not read: refused when given on the command line,
-    # and said in the log when a group or a default set them.
+    # and said in the log when a group or a default set them (reference settings: refused).
     unused: tuple[str, ...] = ()
+
+    @property
+    def reads_loss(self) -> bool:
+        """Whether loss=... is its objective (else: the task's own, and no reference)."""
+        return "loss" not in self.unused
 
     def objective(self, cfg: Config) -> Any:
         """How a batch becomes a loss: the loss=... object, or the task's own objective."""
@@ -55,7 +60,7 @@ TASKS = {
         num_labels=1,
         layout="padded",
         layout_why=PADDED_REASON,
-        unused=("loss", "judge", "eval", "model.warm_start", "train.logits_chunk", "reference"),
+        unused=("loss", "judge", "eval", "model.warm_start", "train.logits_chunk"),
     ),
 }
 
@@ -101,11 +106,18 @@ def problems(c: Config, command_line: Sequence[str] = (), unpaired: bool = False
         p.append(
             "task=reward trains on pairs (chosen, rejected); this data holds unpaired examples: choose paired data"
         )
+    p += _reference_problems(c)
     if c.train.layout not in ("auto", task.layout):
         p.append(f"train.layout={c.train.layout}: {task.layout_why}; set train.layout=padded (or auto)")
     if c.mode == "eval":
         p.append("mode=eval evaluates a causal LM's preference metrics; task=reward has no eval mode yet")
     return p
+
+
+def _reference_problems(c: Config) -> list[str]:
+    """Reference settings, which a task with its own objective would ignore: refused."""
+    given = {k: v for k, v in as_plain(c.reference).items() if v != schema_default(f"reference.{k}", v)}
+    return [f"reference.{k}={v!r}: task={c.task} loads no reference model; remove it" for k, v in given.items()]
 
 
 def settle(c: Config, quiet: bool = False) -> None:

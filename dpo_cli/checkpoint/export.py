@@ -129,9 +129,12 @@ def _replace_dir(new: Path, old: Path) -> None:
 
 def merged_from_disk(adapter_dir: Path) -> Any:
     """The base model with the saved adapter in `adapter_dir` merged in, loaded from disk."""
-    from peft import AutoPeftModelForCausalLM  # here: peft is a heavy import, for LoRA runs only
+    # here: peft is a heavy import, for LoRA runs only
+    from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification, PeftConfig
 
-    return AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype="auto").merge_and_unload()
+    classifier = PeftConfig.from_pretrained(adapter_dir).task_type == "SEQ_CLS"  # a reward model (task=reward)
+    auto = AutoPeftModelForSequenceClassification if classifier else AutoPeftModelForCausalLM
+    return auto.from_pretrained(adapter_dir, dtype="auto").merge_and_unload()
 
 
 def _point_adapter_at_base(peft_model: Any, tokenizer: Any, base_dir: Path, named: Path | None = None) -> None:
@@ -145,9 +148,15 @@ def _point_adapter_at_base(peft_model: Any, tokenizer: Any, base_dir: Path, name
             config.base_model_name_or_path = str(Path(name).expanduser().resolve())
         return
     # The base weights without the adapter layers: peft keeps each wrapped layer's own weight
-    # as `<layer>.base_layer.<param>`.
+    # as `<layer>.base_layer.<param>`, and a module it trains whole (modules_to_save: a reward
+    # model's score head) as `<module>.original_module.<param>` beside the trained copy, which
+    # the adapter holds.
     base = peft_model.get_base_model()
-    state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+    state = {
+        k.replace(".base_layer.", ".").replace(".original_module.", "."): v
+        for k, v in base.state_dict().items()
+        if "lora_" not in k and ".modules_to_save." not in k
+    }
     base.save_pretrained(base_dir, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(base_dir)
     config.base_model_name_or_path = str((named or base_dir).resolve())
