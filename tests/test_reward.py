@@ -168,6 +168,8 @@ def test_final_loads_as_a_sequence_classifier_and_as_the_reward_model_judge(rewa
     with torch.no_grad():
         want = [float(model(**tok([t], return_tensors="pt")).logits[0, 0]) for t in ("sort 3917: 1379", "sort 21: 12")]
     assert got == pytest.approx(want, abs=1e-5)
+    card = (final / "README.md").read_text()
+    assert "pipeline_tag: text-classification" in card and "AutoModelForSequenceClassification" in card
 
 
 @pytest.mark.integration
