@@ -90,6 +90,25 @@ def test_the_objective_pairs_chosen_with_rejected_and_names_metrics_as_trl():
     assert loss.requires_grad
 
 
+def test_lora_on_a_reward_model_trains_the_score_head_whole_and_saves_a_plain_base(tmp_path):
+    """peft's SEQ_CLS: adapters on the body, the new score head trained whole (modules_to_save);
+    final/base/ (a random-init base) holds the head as `score.weight`, not peft's copies."""
+    from safetensors.torch import load_file
+
+    from dpo_cli.checkpoint.export import _point_adapter_at_base
+    from dpo_cli.lora import apply_lora
+    from dpo_cli.modeling import byte_tokenizer
+    from dpo_cli.modeling.options import LoraConfig
+
+    model = apply_lora(_classifier().float(), LoraConfig(r=4), False, "SEQ_CLS")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".score." in n and "modules_to_save" in n for n in trainable), trainable
+    assert any("lora_A" in n for n in trainable) and not any("embed_tokens" in n for n in trainable)
+    _point_adapter_at_base(model, byte_tokenizer(), tmp_path / "base")
+    keys = set(load_file(tmp_path / "base" / "model.safetensors"))
+    assert "score.weight" in keys and not any("modules_to_save" in k or "original_module" in k for k in keys)
+
+
 def _job_problems(args: list[str]) -> list[str]:
     """What the command line `dpo-train ARGS` is refused for, before Hydra runs it."""
     cli.register()
