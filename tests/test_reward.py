@@ -130,6 +130,12 @@ def test_settings_the_reward_task_does_not_read_are_refused_before_weights_load(
     assert any("read by task=reward only" in p for p in _job_problems(["reward.center_coefficient=0.1"]))
 
 
+def test_every_task_the_schema_allows_is_described():
+    from dpo_cli import schema, tasks
+
+    assert set(tasks.TASKS) == set(schema.TASKS) and schema.Config().task == "dpo"
+
+
 def test_the_task_logs_what_a_group_set_and_it_does_not_use(caplog):
     """data=synthetic chooses loss=rpo and judge=sort, model=tiny a warm start: not used by
     task=reward, said in the log, and the judge and warm start turned off."""
