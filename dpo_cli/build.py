@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from dpo_cli import checkpoint, config, evalgen, layout, rundir, slurm, tracking
+from dpo_cli import checkpoint, config, evalgen, layout, rundir, slurm, tasks, tracking
 from dpo_cli.compiling import compile_layers
 from dpo_cli.data.batching import steps_per_epoch
 from dpo_cli.data.prepare import prepare
@@ -24,7 +24,6 @@ from dpo_cli.guard import Guard
 from dpo_cli.launch import accumulation_plugin, check_environment, configure_deepspeed
 from dpo_cli.lora import apply_lora, check_targets
 from dpo_cli.losses import Loss
-from dpo_cli.losses.options import build_loss
 from dpo_cli.metrics import JsonlSink, MetricLogger, ProgressSink, WandbSink, resolve_wandb_mode
 from dpo_cli.modeling import check_max_length, count_parameters, load_model, load_tokenizer, quantized
 from dpo_cli.modeling.quantize import is_quantized, trainable_checkpoints
@@ -63,12 +62,13 @@ def build(cfg: Config, run_dir: Path, held: ExitStack, stop: StopOnSignal) -> Ru
     if resume_from is not None:
         checkpoint.check_compatible(resume_from, run_shape)
 
-    loss_fn = build_loss(cfg.loss)
+    task = tasks.of(cfg)
+    loss_fn = task.objective(cfg)  # how a batch becomes a loss
     # Generation evaluation's judge, loaded before the weights: a judge that cannot be had fails first.
     generation = evalgen.setup(cfg, accelerator, tokenizer, eval_pairs, run_dir)
-    policy, parameters = _policy(cfg, data, loss_fn, accelerator, run_dir, stop)
+    policy, parameters = _policy(cfg, task, data, loss_fn, accelerator, run_dir, stop)
     policy, optimization = _optimization(cfg, policy, accelerator, warmup, n_steps)
-    models = _models(cfg, data, loss_fn, policy, parameters, accelerator)
+    models = _models(cfg, task, data, loss_fn, policy, parameters, accelerator)
     if generation is not None:
         evalgen.reference_samples(generation, cfg, accelerator, tokenizer, models.reference, models.unwrapped)
     state = checkpoint.load(accelerator, resume_from, run_dir) if resume_from is not None else {"step": 0}
@@ -219,17 +219,17 @@ def _data(cfg: Config, tokenizer: Any) -> tuple[Data, list[dict], int]:
 
 
 def _policy(
-    cfg: Config, data: Data, loss_fn: Loss, accelerator: Any, run_dir: Path, stop: StopOnSignal
+    cfg: Config, task: tasks.Task, data: Data, loss_fn: Any, accelerator: Any, run_dir: Path, stop: StopOnSignal
 ) -> tuple[Any, int]:
-    """The policy to train, loaded, warm-started and wrapped with LoRA when asked, and its
-    number of parameters."""
+    """The policy to train, as the task's model class, loaded, warm-started and wrapped with
+    LoRA when asked, and its number of parameters."""
     check_targets(cfg.model, data.tokenizer)  # LoRA target modules, on the meta device: before the weights load
-    policy = load_model(cfg.model, data.tokenizer, cfg.train.seed)
+    policy = load_model(cfg.model, data.tokenizer, cfg.train.seed, task.auto_class, task.num_labels)
     if cfg.model.warm_start.steps:
         _warm_start(cfg, policy, data.train, data.tokenizer.pad_token_id, accelerator, run_dir, stop)
     policy = quantized(policy, cfg.model)  # after the warm start, which trains every weight; a no-op unless asked
     if cfg.model.lora.r is not None:
-        policy = apply_lora(policy, cfg.model.lora, cfg.model.gradient_checkpointing)
+        policy = apply_lora(policy, cfg.model.lora, cfg.model.gradient_checkpointing, task.lora_task_type)
     trainable, total = count_parameters(policy)
     log.info(
         "model: %s | %.2fM trainable / %.2fM parameters | loss: %r",
@@ -286,16 +286,23 @@ def _optimization(cfg: Config, policy: Any, accelerator: Any, warmup: int, n_ste
     return policy, optimization
 
 
-def _models(cfg: Config, data: Data, loss_fn: Loss, policy: Any, parameters: int, accelerator: Any) -> Models:
+def _models(
+    cfg: Config, task: tasks.Task, data: Data, loss_fn: Any, policy: Any, parameters: int, accelerator: Any
+) -> Models:
     """The prepared policy (of `parameters` parameters) with its layout, LM head and reference
     (from the policy before any update, or its own weights)."""
     t = cfg.train
     unwrapped = accelerator.unwrap_model(policy)
-    auto_attention = cfg.model.attn_implementation is None
-    choice = layout.choose(t.layout, t.logits_chunk, unwrapped, sharded(accelerator), auto_attention)
-    choice = layout.probe(choice, unwrapped, data.train, data.tokenizer.pad_token_id, loss_fn.needs, t.micro_batch_size)
-    layout.apply(choice, unwrapped)
-    log.info("batches: %s", choice.describe())
+    if task.layout is not None:  # the task's scoring needs this layout; no LM head (its model has none)
+        choice = layout.Choice(task.layout, None, task.layout_why, sharded(accelerator))
+        log.info("batches: layout %s: %s", task.layout, task.layout_why)
+    else:
+        auto_attention = cfg.model.attn_implementation is None
+        choice = layout.choose(t.layout, t.logits_chunk, unwrapped, sharded(accelerator), auto_attention)
+        pad_id, needs = data.tokenizer.pad_token_id, loss_fn.needs
+        choice = layout.probe(choice, unwrapped, data.train, pad_id, needs, t.micro_batch_size)
+        layout.apply(choice, unwrapped)
+        log.info("batches: %s", choice.describe())
     if t.compile:  # after the start-up check, which tries several back-ends and layouts, uncompiled
         log.info("train.compile: compiled %s (the first steps include compiling)", compile_layers(unwrapped))
     # The reference comes from the policy before any update (or its own weights). On resume it

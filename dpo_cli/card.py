@@ -27,12 +27,24 @@ HELD_OUT = (
     ("eval_loss", "loss", "{:.4f}"),
     ("eval_rewards/accuracies", "reward accuracy", "{:.4f}"),
     ("eval_rewards/margins", "reward margin", "{:.4f}"),
+    ("eval_accuracy", "accuracy (reward model: chosen scored higher)", "{:.4f}"),
+    ("eval_margin", "margin (reward model: mean chosen - rejected score)", "{:.4f}"),
     ("eval_win_rate", "win rate against the reference (judge)", "{:.4f}"),
     ("eval_tie_rate", "tie rate", "{:.4f}"),
 )
 
 
 OPTIMIZER_KEYS = ("lr", "betas", "weight_decay", "momentum", "alpha")  # the optimizer's settings worth a line
+# What final/ is, by the config's `task`: the transformers and peft classes that load it, its Hub pipeline.
+KINDS = {
+    "dpo": ("AutoModelForCausalLM", "AutoPeftModelForCausalLM", "text-generation"),
+    "reward": ("AutoModelForSequenceClassification", "AutoPeftModelForSequenceClassification", "text-classification"),
+}
+
+
+def _reward(config: dict[str, Any]) -> bool:
+    """Whether the run trained a reward model (task=reward) rather than a policy."""
+    return config.get("task", "dpo") == "reward"
 
 
 def base_model(model: dict[str, Any]) -> str | None:
@@ -73,8 +85,11 @@ def _read_yaml(path: Path) -> Any:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.is_file() else None
 
 
-def loss_name(run_dir: Path, loss: dict[str, Any]) -> str:
-    """The conf/loss choice (dpo, simpo, ...) Hydra recorded; else the class's name without Loss."""
+def loss_name(run_dir: Path, loss: dict[str, Any], reward: bool = False) -> str:
+    """The conf/loss choice (dpo, simpo, ...) Hydra recorded; else the class's name without Loss;
+    a reward model's: bradley_terry."""
+    if reward:
+        return "bradley_terry"
     choices = ((_read_yaml(run_dir / ".hydra" / "hydra.yaml") or {}).get("hydra") or {}).get("runtime", {})
     chosen = (choices.get("choices") or {}).get("loss")
     if chosen:
@@ -124,9 +139,11 @@ def _training(config: dict[str, Any], name: str, steps: int, kept: dict[str, int
     lines = [f"- base model: {_model_line(model)}"]
     if lora.get("r"):
         lines.append(f"- LoRA: r={lora['r']}, alpha={lora.get('alpha')}, target modules {lora.get('target_modules')}")
+    if _reward(config):
+        loss = {"center_coefficient": (config.get("reward") or {}).get("center_coefficient")}
     return [
         *lines,
-        f"- loss: `{name}` ({loss.get('_target_')}): {_params(loss)}",
+        f"- loss: `{name}` ({loss.get('_target_', 'dpo_cli.reward.bradley_terry')}): {_params(loss)}",
         f"- data: `{where}`; {kept.get('train', 0)} training {unit} kept, {kept.get('eval', 0)} held out; "
         f"max_length {data.get('max_length')}, max_prompt_length {data.get('max_prompt_length')}",
         f"- optimization: {steps} optimizer steps of {t['batch_size']} {unit} (micro batch {t['micro_batch_size']}); "
@@ -137,22 +154,24 @@ def _training(config: dict[str, Any], name: str, steps: int, kept: dict[str, int
 
 def body(run_dir: Path, config: dict[str, Any], steps: int, kept: dict[str, int], unit: str, adapter: bool) -> str:
     """The card's text below the metadata; named after the Hub repo it is pushed to, if any."""
-    name = loss_name(run_dir, config["loss"])
+    name = loss_name(run_dir, config["loss"], _reward(config))
     repo = (config.get("export") or {}).get("push_to_hub")
     model_id = repo or str(run_dir.resolve() / "final")
     step, results = held_out(run_dir)
     table = ["| metric | value |", "|---|---|", *(f"| {label} | {value} |" for label, value in results)]
-    loader = "peft import AutoPeftModelForCausalLM" if adapter else "transformers import AutoModelForCausalLM"
+    auto, peft_auto, _ = KINDS[config.get("task", "dpo")]
+    loader = f"peft import {peft_auto}" if adapter else f"transformers import {auto}"
     cls = loader.rpartition(" ")[2]
     lora = bool((config["model"].get("lora") or {}).get("r"))
     what = "A LoRA adapter" if adapter else "The base model with a LoRA adapter merged in," if lora else "A model"
+    what += " (a reward model: one score per sequence)" if _reward(config) else ""
     local_base = adapter and base_model(config["model"]) is None
     note = "adapter_config.json names its base by a local path: where that is missing, point it at a copy."
     return "\n".join(
         [
             f"# {repo.rpartition('/')[2] if repo else run_dir.name}",
             "",
-            f"{what} aligned to preference data with the `{name}` loss by "
+            f"{what} {'trained on' if _reward(config) else 'aligned to'} preference data with the `{name}` loss by "
             f"[dpo-cli](https://pypi.org/project/dpo-cli/) {__version__}.",
             "",
             "## Training",
@@ -194,13 +213,15 @@ def build(
     `kept`: how many examples it trained on ("train") and held out ("eval"); `adapter`: final/
     holds a LoRA adapter (peft) rather than a whole model (transformers)."""
     model = config["model"]
-    tags = ["dpo-cli", "dpo", loss_name(run_dir, config["loss"])] + (["lora"] if adapter else [])
+    reward = _reward(config)
+    kind = ["reward-model"] if reward else ["dpo"]
+    tags = ["dpo-cli", *kind, loss_name(run_dir, config["loss"], reward)] + (["lora"] if adapter else [])
     data = ModelCardData(
         base_model=base_model(model),
         datasets=hub_datasets(config["data"]) or None,
         library_name="peft" if adapter else "transformers",
         license=base_license(model),
-        pipeline_tag="text-generation",
+        pipeline_tag=KINDS[config.get("task", "dpo")][2],
         tags=list(dict.fromkeys(tags)),
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body(run_dir, config, steps, kept, unit, adapter)}")

@@ -157,6 +157,8 @@ def old_spellings(argv: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     from dpo_cli import preflight, slurm, train
 
     slurm.export_distributed_env()  # a multi-task SLURM job from the submitit launcher
@@ -164,7 +166,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     for note in _notes if main_process else ():
         log.info("%s", note)
     try:
-        typed = config.validate(cfg)  # the one conversion: every part below reads the typed config
+        # The one conversion: every part below reads the typed config.
+        typed = config.validate(cfg, command_line=list(HydraConfig.get().overrides.task))
         if typed.mode == "inspect":
             preflight.run(typed)
         elif typed.mode == "eval":

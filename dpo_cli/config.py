@@ -15,6 +15,7 @@ import copy
 import logging
 import numbers
 import os
+from collections.abc import Sequence
 from dataclasses import fields as dataclass_fields
 from dataclasses import is_dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dpo_cli import harness, options, tracking
+from dpo_cli import harness, options, tasks, tracking
 from dpo_cli.batch import KL_ROWS
 from dpo_cli.compiling import compiler_problem
 from dpo_cli.data.options import data_problems, input_files
@@ -42,6 +43,7 @@ from dpo_cli.optimizers import missing_package, optimizer_problems, run_device
 from dpo_cli.publish import push_problems
 from dpo_cli.schema import (
     MODES,
+    TASKS,
     Config,
     as_plain,
     eval_problems,
@@ -216,6 +218,20 @@ def _check_export(p: list[str], cfg: Config) -> None:
         p.append(f"inspect.export={export!r} already exists; choose another file, or set inspect.overwrite=true")
 
 
+def _objective_problems(c: Config, command_line: Sequence[str]) -> tuple[list[str], bool]:
+    """The task's own checks, and the loss against the data and the reference section, with
+    whether the loss needs a reference: a task that trains with its own objective (task=reward)
+    reads neither loss nor reference, and refuses reference settings itself (`tasks.problems`)."""
+    unpaired = unpaired_data(c.data)
+    p = tasks.problems(c, command_line, unpaired) if c.task in TASKS else []
+    if c.task in TASKS and not tasks.of(c).reads_loss:
+        return p, False
+    found, terms = loss_problems(c.loss, unpaired=unpaired, micro_batch_size=c.train.micro_batch_size)
+    needs_reference = any(getattr(t, "requires_reference", True) for t in terms.values()) or not terms
+    kl_rows = any(KL_ROWS in getattr(t, "needs", ()) for t in terms.values())
+    return p + found + reference_problems(c.reference, c.model, needs_reference, kl_rows), needs_reference
+
+
 def typed(cfg: DictConfig) -> Config:
     """The composed config as the schema's objects (interpolations resolved): what the parts read."""
     try:
@@ -224,10 +240,12 @@ def typed(cfg: DictConfig) -> Config:
         raise ConfigError([f"{getattr(e, 'full_key', '') or 'config'}: {str(e).splitlines()[0]}"]) from None
 
 
-def validate(cfg: DictConfig, quiet: bool = False) -> Config:
+def validate(cfg: DictConfig, quiet: bool = False, command_line: Sequence[str] = ()) -> Config:
     """Check the whole composed config; raise one ConfigError listing every problem found, or
     return it typed. Each section checks itself; the loss is built here so that its own range
-    checks run. `quiet`: no warnings (the command line's check before Hydra runs)."""
+    checks run. `quiet`: no warnings (the command line's check before Hydra runs).
+    `command_line`: the overrides given, which the task (`tasks.problems`) checks against what
+    it reads."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError([f"{k} is required (it is ??? in the config); set {k}=<value>" for k in missing])
@@ -235,17 +253,14 @@ def validate(cfg: DictConfig, quiet: bool = False) -> Config:
     c = typed(_without_orphan_judge(cfg, quiet))
     if c.train.mixed_precision == "auto":
         c.train.mixed_precision = auto_precision(quiet)
-    p: list[str] = unknown + choice("mode", c.mode, MODES)
+    p: list[str] = unknown + choice("mode", c.mode, MODES) + choice("task", c.task, TASKS)
     if c.inspect.examples < 0:
         p.append(f"inspect.examples={c.inspect.examples} must be >= 0")
     _check_export(p, c)
     p.extend(model_problems(c.model, c.data.max_length))
     p.extend(data_problems(c.data))
-    found, terms = loss_problems(c.loss, unpaired=unpaired_data(c.data), micro_batch_size=c.train.micro_batch_size)
+    found, needs_reference = _objective_problems(c, command_line)
     p.extend(found)
-    needs_reference = any(getattr(t, "requires_reference", True) for t in terms.values()) or not terms
-    kl_rows = any(KL_ROWS in getattr(t, "needs", ()) for t in terms.values())
-    p.extend(reference_problems(c.reference, c.model, needs_reference, kl_rows))
     if c.export.merge_lora and c.model.lora.r is None:
         p.append("export.merge_lora=true needs LoRA (model.lora.r); a full fine-tune already exports the whole model")
     p.extend(push_problems(c.export, c.mode))  # last of the export checks: it may ask the network
@@ -258,6 +273,7 @@ def validate(cfg: DictConfig, quiet: bool = False) -> Config:
     p.extend(_harness_problems(c, needs_reference))
     if p:
         raise ConfigError(list(dict.fromkeys(p)))  # a key two checks both refuse is one problem
+    tasks.settle(c, quiet)
     return c
 
 

@@ -14,6 +14,7 @@ from dpo_cli.data.tokenize import Tokenized
 from dpo_cli.distributed import in_lockstep
 from dpo_cli.lmhead import Head
 from dpo_cli.losses import Loss
+from dpo_cli.reward import RewardObjective
 from dpo_cli.scoring import Averages, batch_loss, make_batch
 
 
@@ -21,7 +22,7 @@ from dpo_cli.scoring import Averages, batch_loss, make_batch
 def evaluate(
     policy: torch.nn.Module,
     reference: Callable[..., Any] | None,
-    loss_fn: Loss,
+    loss_fn: Loss | RewardObjective,
     examples: list[Tokenized],
     accelerator: Any,
     micro_batch_size: int,

@@ -26,8 +26,11 @@ def tied_embeddings(model: torch.nn.Module) -> bool:
     return head is not None and embed is not None and head.weight is embed.weight
 
 
-def apply_lora(model: torch.nn.Module, lora: options.LoraConfig, gradient_checkpointing: bool) -> torch.nn.Module:
-    """`model` wrapped with LoRA adapters as `lora` (the config section model.lora) says. Over
+def apply_lora(
+    model: torch.nn.Module, lora: options.LoraConfig, gradient_checkpointing: bool, task_type: str = "CAUSAL_LM"
+) -> torch.nn.Module:
+    """`model` wrapped with LoRA adapters as `lora` (the config section model.lora) says; `task_type`
+    is peft's, which decides what else trains (SEQ_CLS: the new score head, whole). Over
     quantized weights, peft's prepare_model_for_kbit_training first (QLoRA's recipe): every
     base parameter frozen, and the unquantized ones (embeddings, norms, output head) in float32
     so that the adapters' gradients flow through full-precision norms. Gradient checkpointing
@@ -42,7 +45,7 @@ def apply_lora(model: torch.nn.Module, lora: options.LoraConfig, gradient_checkp
         # With the embeddings frozen, checkpointed blocks would see inputs that need no grad;
         # non-reentrant checkpointing handles that, and this keeps reentrant variants right too.
         model.enable_input_require_grads()
-    config = LoraConfig(**kwargs)
+    config = LoraConfig(**{**kwargs, "task_type": task_type})
     try:
         with warnings.catch_warnings():  # peft calls a transformers property deprecated for v6
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -89,8 +89,9 @@ class ProgressSink:
         shown = {}
         if "loss" in row:
             shown["loss"] = f"{row['loss']:.4f}"
-        if "rewards/accuracies" in row:  # pairs only: unpaired data has no accuracy
-            shown["acc"] = f"{row['rewards/accuracies']:.3f}"
+        accuracy = row.get("rewards/accuracies", row.get("accuracy"))  # a reward model's: accuracy
+        if accuracy is not None:  # pairs only: unpaired data has no accuracy
+            shown["acc"] = f"{accuracy:.3f}"
         if row.get("nonfinite_steps"):
             shown["skipped"] = str(row["nonfinite_steps"])
         self.bar.set_postfix(shown, refresh=False)

@@ -249,7 +249,7 @@ def job_problems(cfg: DictConfig, full: bool) -> list[str]:
     if found:
         return found
     try:
-        typed = config.validate(task, quiet=True)
+        typed = config.validate(task, quiet=True, command_line=list(cfg.hydra.overrides.task))
         if world_size_from_env() > 1:
             config.check_world(typed.train, world_size_from_env())
     except ConfigError as e:

@@ -17,6 +17,7 @@ from dpo_cli.guard import Guard
 from dpo_cli.lmhead import Head
 from dpo_cli.losses import Loss
 from dpo_cli.metrics import MetricLogger
+from dpo_cli.reward import RewardObjective
 from dpo_cli.schema import EvalConfig
 
 
@@ -45,7 +46,7 @@ class Models:
 
     policy: Any  # prepared by accelerate (DDP-wrapped under several processes)
     unwrapped: Any  # the policy itself, for evaluation and export
-    loss: Loss
+    loss: Loss | RewardObjective  # how a batch becomes a loss (the task's objective)
     reference: Any = None  # a source of reference log-probs (dpo_cli.reference), or None
     eval_reference: Any = None  # the same for the eval set (a precomputed table is per dataset)
     layout: str = "padded"  # dpo_cli.layout

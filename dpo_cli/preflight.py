@@ -12,14 +12,13 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 
-from dpo_cli import config, harness, layout, memory
+from dpo_cli import config, harness, layout, memory, tasks
 from dpo_cli.data.batching import steps_per_epoch
 from dpo_cli.data.prepare import Prepared, check_prepared, prepare
 from dpo_cli.data.summary import export, report
 from dpo_cli.distributed import cpu_only, world_size_from_env
 from dpo_cli.errors import ConfigError, DataError, UserError
 from dpo_cli.lora import check_targets
-from dpo_cli.losses.options import build_loss
 from dpo_cli.modeling import check_max_length, load_tokenizer, resolve_attention
 from dpo_cli.modeling.options import ModelConfig
 from dpo_cli.reference import check_reference_tokenizer, reference_model_config
@@ -59,7 +58,7 @@ def run(cfg: Config) -> str:
     text += "\n\n" + structure(cfg.model, tokenizer)
     text += "\n\n" + batches(cfg, tokenizer)
     text += "\n\n" + generation(cfg, tokenizer, data.eval_pairs) + "\n" + harness.plan(cfg.eval.harness)
-    text += "\n\n" + memory.estimate(cfg, tokenizer, build_loss(cfg.loss)).report()
+    text += "\n\n" + memory.estimate(cfg, tokenizer, tasks.of(cfg).objective(cfg)).report()
     log.info("preflight report (mode=inspect; no model weights loaded):\n%s", text)
     problems = refusals(text)
     if problems:
@@ -172,6 +171,9 @@ def generation(cfg: Config, tokenizer: Any, eval_pairs: list[dict]) -> str:
 def batches(cfg: Config, tokenizer: Any) -> str:
     """Which layout and LM-head path training will use, and why (from the model's config on
     the meta device; training checks them against the plain path on real examples at start)."""
+    task = tasks.of(cfg)
+    if task.layout is not None:
+        return f"batches: layout {task.layout}: {task.layout_why}"
     m = cfg.model
     config = memory.model_config(m, tokenizer)
     attention = resolve_attention(config, m.attn_implementation)  # null: the best the model supports, as loading picks

@@ -6,11 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-# (label, metric name, format) for the train and held-out lines; absent metrics are left out.
+# (label, metric name, format) for the train and held-out lines; absent metrics are left out
+# (a DPO run logs rewards/*, a reward model accuracy and margin).
 PREFERENCE = (
     ("loss", "loss", "{:.4f}"),
     ("reward accuracy", "rewards/accuracies", "{:.3f}"),
     ("margin", "rewards/margins", "{:.3f}"),
+    ("accuracy", "accuracy", "{:.3f}"),  # a reward model's (task=reward): its chosen score higher
+    ("margin", "margin", "{:.3f}"),  # a reward model's: mean chosen - rejected score
     ("chosen reward", "rewards/chosen", "{:.3f}"),
     ("rejected reward", "rewards/rejected", "{:.3f}"),
     ("chosen log-prob change", "logps/chosen_change", "{:+.2f}"),

@@ -20,11 +20,23 @@ from pathlib import Path
 from typing import Any
 
 # (title, [(metrics key, legend label), ...]). Any key may be missing: generation eval is
-# optional, reference-free losses log no chosen_change, unpaired data (KTO) no accuracies.
+# optional, reference-free losses log no chosen_change, unpaired data (KTO) no accuracies;
+# a reward model (task=reward) logs accuracy and margin.
 PANELS = (
     ("loss", [("loss", "train"), ("eval_loss", "eval")]),
-    ("reward accuracy", [("rewards/accuracies", "train"), ("eval_rewards/accuracies", "eval")]),
-    ("reward margin", [("rewards/margins", "train"), ("eval_rewards/margins", "eval")]),
+    (
+        "reward accuracy",
+        [
+            ("rewards/accuracies", "train"),
+            ("eval_rewards/accuracies", "eval"),
+            ("accuracy", "train"),
+            ("eval_accuracy", "eval"),
+        ],
+    ),
+    (
+        "reward margin",
+        [("rewards/margins", "train"), ("eval_rewards/margins", "eval"), ("margin", "train"), ("eval_margin", "eval")],
+    ),
     (
         "chosen / rejected reward",
         [
@@ -54,6 +66,8 @@ TRAIN_SUMMARY = (
     "loss",
     "rewards/accuracies",
     "rewards/margins",
+    "accuracy",
+    "margin",
     "rewards/chosen",
     "rewards/rejected",
     "logps/chosen",

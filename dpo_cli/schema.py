@@ -25,6 +25,7 @@ from dpo_cli.modeling.options import ModelConfig, ReferenceConfig, choice, posit
 from dpo_cli.schedule import NAMES as SCHEDULES
 
 MODES = ("train", "inspect", "eval")
+TASKS = ("dpo", "reward")  # what a run trains (dpo_cli/tasks.py)
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 WANDB_MODES = ("online", "offline", "disabled")
 
@@ -171,8 +172,19 @@ class EvalConfig:
 
 
 @dataclass
+class RewardConfig:
+    """task=reward: a reward model trained on the pairs with the Bradley-Terry loss (dpo_cli/reward.py)."""
+
+    # Weight of the auxiliary loss mean((r_chosen + r_rejected)^2), which centres the rewards on 0
+    # (Eisenstein et al., 2023; TRL's center_rewards_coefficient, e.g. 0.01); null or 0 = off
+    center_coefficient: Optional[float] = None
+
+
+@dataclass
 class Config:
     mode: str = "train"  # train; inspect (validate, tokenize and report the data; no weights); eval (evaluate model.name_or_path)
+    task: str = "dpo"  # dpo (align the policy to the pairs, loss=...); reward (train a reward model on them, reward.*)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     inspect: InspectConfig = field(default_factory=InspectConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)

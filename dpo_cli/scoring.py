@@ -15,6 +15,7 @@ from dpo_cli.lmhead import Head
 from dpo_cli.logprobs import KL, KL_ROWS, SHARED, WHOLE, batch_logps
 from dpo_cli.losses import Loss
 from dpo_cli.losses.base import Reduce, local
+from dpo_cli.reward import RewardObjective
 
 Parts = dict[str, tuple[torch.Tensor, torch.Tensor]]  # metric name -> (sum, count)
 REFERENCE_EXTRAS = frozenset({SHARED})
@@ -23,15 +24,14 @@ REFERENCE_EXTRAS = frozenset({SHARED})
 def batch_loss(
     policy: torch.nn.Module,
     reference: Callable[..., Any] | None,
-    loss_fn: Loss,
+    loss_fn: Loss | RewardObjective,
     batch: dict[str, torch.Tensor],
     reduce: Reduce = local,
     head: Head | None = None,
     token_means: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, Parts]:
-    """The batch's loss (with grad) and its metrics as (sum, count) parts (no grad).
-
-    Metric names and definitions follow TRL's DPOTrainer, so curves compare across tools:
+    """The batch's loss (with grad) and its metrics as (sum, count) parts (no grad); task=reward's
+    objective scores the batch itself (`reward.RewardObjective.score`). Metric names and definitions follow TRL's DPOTrainer, so curves compare across tools:
     rewards/* and logps/* are means over sequences of that role (logps/* are the log-probs the
     loss works with: summed, or per-token means for SimPO and ORPO); with a reference,
     logps/chosen_change is the mean of policy - reference summed log-prob of the chosen
@@ -44,6 +44,8 @@ def batch_loss(
     per example of the whole optimizer step or eval set (`collate.chosen_token_means`), so that
     a token-mean NLL term is one mean over all of them (None: over this batch's own tokens).
     """
+    if isinstance(loss_fn, RewardObjective):
+        return loss_fn.score(policy, batch)
     # The reference needs only what losses read from it (LD-DPO's shared part); WPO's weights
     # and the whole-sequence NLL come from the policy alone. It runs first: its forward holds
     # no graph, so its memory is free again before the policy's activations are built.
@@ -118,6 +120,7 @@ class Averages:
         row = {prefix + n: s / c for n, (s, c) in zip(names, totals, strict=True) if c > 0}
         if (
             prefix + "rewards/margins" not in row
+            and prefix + "margin" not in row  # task=reward's rows carry their own
             and {prefix + "rewards/chosen", prefix + "rewards/rejected"} <= row.keys()
         ):
             row[prefix + "rewards/margins"] = row[prefix + "rewards/chosen"] - row[prefix + "rewards/rejected"]

@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, ...]] = [
     # check themselves on it, and the config schema, which holds the data section's dataclasses.
     ("dpo_cli.data", "dpo_cli.layout", "dpo_cli.schema"),
     # The parts a run is built from: checkpoints, references, metrics and trackers, memory, LoRA,
-    # optimizers, reports, the model card and its push, judges, benchmarks.
+    # optimizers, reports, the model card and its push, judges, benchmarks, the tasks' objectives.
     (
         "dpo_cli.checkpoint",
         "dpo_cli.reference",
@@ -56,6 +56,8 @@ LAYERS: list[tuple[str, ...]] = [
         "dpo_cli.card",
         "dpo_cli.publish",
         "dpo_cli.harness",
+        "dpo_cli.reward",
+        "dpo_cli.tasks",
     ),
     # The whole config's validation, and the checks before a run: they read every part.
     ("dpo_cli.keys", "dpo_cli.config", "dpo_cli.preflight"),

@@ -136,9 +136,12 @@ def _replace_dir(new: Path, old: Path) -> None:
 
 def merged_from_disk(adapter_dir: Path) -> Any:
     """The base model with the saved adapter in `adapter_dir` merged in, loaded from disk."""
-    from peft import AutoPeftModelForCausalLM  # here: peft is a heavy import, for LoRA runs only
+    # here: peft is a heavy import, for LoRA runs only
+    from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification, PeftConfig
 
-    return AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype="auto").merge_and_unload()
+    classifier = PeftConfig.from_pretrained(adapter_dir).task_type == "SEQ_CLS"  # a reward model (task=reward)
+    auto = AutoPeftModelForSequenceClassification if classifier else AutoPeftModelForCausalLM
+    return auto.from_pretrained(adapter_dir, dtype="auto").merge_and_unload()
 
 
 def _point_adapter_at_base(peft_model: Any, tokenizer: Any, base_dir: Path, named: Path | None = None) -> None:
@@ -151,6 +154,8 @@ def _point_adapter_at_base(peft_model: Any, tokenizer: Any, base_dir: Path, name
         if os.path.isdir(os.path.expanduser(name)):
             config.base_model_name_or_path = str(Path(name).expanduser().resolve())
         return
+    # (base_state_dict: the base weights without the adapter layers; a module trained whole, a
+    # reward model's score head, under its own name)
     base = peft_model.get_base_model()
     state = base_state_dict(peft_model)
     if is_quantized(base):

@@ -80,18 +80,29 @@ def load_tokenizer(model: ModelConfig) -> Any:
     return tokenizer
 
 
-def load_model(model: ModelConfig, tokenizer: Any, seed: int) -> torch.nn.Module:
+def load_model(
+    model: ModelConfig,
+    tokenizer: Any,
+    seed: int,
+    auto_class: str = "AutoModelForCausalLM",
+    num_labels: int | None = None,
+) -> torch.nn.Module:
     """The policy: pretrained weights (model.name_or_path), or model.random_init's architecture
     initialised from `seed`, with vocab_size and special token ids taken from the tokenizer;
     in model.dtype (pretrained weights quantized as they load when model.quantization.bits is
-    set; a model built in memory is quantized later, by `quantized`), with dropout off (model.disable_dropout) and gradient checkpointing on
-    (model.gradient_checkpointing) when asked."""
+    set; a model built in memory is quantized later, by `quantized`), with dropout off
+    (model.disable_dropout) and gradient checkpointing on (model.gradient_checkpointing) when
+    asked. `auto_class`: the transformers class it is built as (a task's:
+    AutoModelForSequenceClassification for a reward model, whose new head has `num_labels`
+    outputs and whose pooling finds the tokenizer's pad token)."""
+    head = {} if num_labels is None else {"num_labels": num_labels, "pad_token_id": tokenizer.pad_token_id}
     if model.random_init is not None:
         config = random_init_config(model.random_init, tokenizer)
         _disable_dropout(config, model)
-        policy = _random_model(config, model, seed)
+        _set(config, head)
+        policy = _random_model(config, model, seed, auto_class)
     else:
-        policy = _pretrained_model(model)
+        policy = _pretrained_model(model, auto_class, head)
     if model.disable_dropout:
         # nn.Dropout modules built with a rate of their own (the config's are zeroed above).
         for module in policy.modules():
@@ -112,12 +123,10 @@ def quantized(policy: torch.nn.Module, m: ModelConfig) -> torch.nn.Module:
     if m.quantization.bits is None:
         return policy
     if not is_quantized(policy):
-        from transformers import AutoModelForCausalLM
-
         source = policy.config.name_or_path  # what a LoRA adapter names as its base ("" for a random init)
         with tempfile.TemporaryDirectory(prefix="dpo-cli-quantize-") as tmp:
             policy.save_pretrained(tmp, safe_serialization=True)
-            policy = AutoModelForCausalLM.from_pretrained(
+            policy = type(policy).from_pretrained(  # its own class: a causal LM, or a reward model's
                 tmp, quantization_config=bnb_config(m), dtype=policy.dtype, attn_implementation=m.attn_implementation
             )
         policy.config.name_or_path = policy.name_or_path = source  # not the temporary directory
@@ -137,19 +146,32 @@ def _log_attention(policy: torch.nn.Module, requested: str | None) -> None:
         log.info("attention: %s (model.attn_implementation=%s)", used, requested)
 
 
-def _random_model(config: Any, model: ModelConfig, seed: int) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
+def _set(config: Any, values: dict[str, Any]) -> None:
+    """Set `values` on a transformers config before a model is built from it."""
+    for key, value in values.items():
+        setattr(config, key, value)
 
+
+def _auto(auto_class: str) -> Any:
+    import transformers
+
+    return getattr(transformers, auto_class)
+
+
+def _random_model(config: Any, model: ModelConfig, seed: int, auto_class: str) -> torch.nn.Module:
     # dtype=auto means the checkpoint's dtype; a random architecture has no checkpoint: float32.
     dtype = DTYPES.get(model.dtype, torch.float32)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=model.attn_implementation).to(dtype)
+    return _auto(auto_class).from_config(config, attn_implementation=model.attn_implementation).to(dtype)
 
 
-def _pretrained_model(model: ModelConfig) -> torch.nn.Module:
-    """model.name_or_path's weights. The config is loaded first and changed (dropout off)
-    before the modules are built from it: modules copy their rates from it when built."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _pretrained_model(model: ModelConfig, auto_class: str, head: dict[str, Any]) -> torch.nn.Module:
+    """model.name_or_path's weights. The config is loaded first and changed (dropout off, the
+    `head` values) before the modules are built from it: modules copy their rates from it when
+    built. A head the checkpoint lacks (a reward model's score head) is new."""
+    from transformers import AutoConfig
+
+    auto = _auto(auto_class)
 
     name = model.name_or_path
     kwargs = pretrained_kwargs(model)
@@ -166,7 +188,8 @@ def _pretrained_model(model: ModelConfig) -> torch.nn.Module:
     try:
         config = AutoConfig.from_pretrained(name, **kwargs)
         _disable_dropout(config, model)
-        policy = AutoModelForCausalLM.from_pretrained(
+        _set(config, head)
+        policy = auto.from_pretrained(
             name, config=config, dtype=dtype, attn_implementation=model.attn_implementation, **kwargs, **quantization
         )
     except (OSError, ValueError, ImportError) as e:
@@ -181,7 +204,7 @@ def _pretrained_model(model: ModelConfig) -> torch.nn.Module:
         plain_config = copy.deepcopy(policy.config)
         if hasattr(plain_config, "quantization_config"):
             del plain_config.quantization_config
-        plain = AutoModelForCausalLM.from_config(plain_config, attn_implementation=model.attn_implementation)
+        plain = auto.from_config(plain_config, attn_implementation=model.attn_implementation)
         plain = plain.to(policy.dtype)
         plain.load_state_dict(policy.state_dict())
         policy = plain
