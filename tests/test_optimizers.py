@@ -148,12 +148,26 @@ def test_cpu_offload_is_refused_without_a_gpu_and_with_settings_it_would_skip():
 
 @pytest.mark.gpu
 def test_cpu_offload_steps_on_a_gpu():
+    pytest.importorskip("torchao", reason="torchao is not installed (scripts/gpu/wheels.sh does not carry it)")
     cfg = validate(make_config(["optimizer=cpu_offload_adamw", "train.max_grad_norm=null"]))
     model = tiny().cuda()
     optimizer = instantiate(cfg.optimizer)(params=list(model.parameters()))
     before = model.weight.detach().clone()
     train_steps(model, optimizer, make_scheduler(optimizer, "constant", 0, 2), range(2))
     assert not torch.equal(model.weight, before)
+
+
+@pytest.mark.gpu
+def test_paged_8bit_states_step_on_a_gpu():
+    """On CUDA the paged optimizer's states live in unified memory (on a CPU it falls back)."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (scripts/gpu/wheels.sh carries it)")
+    cfg = validate(make_config(["optimizer=paged_adamw8bit"]))
+    model = tiny().cuda()
+    optimizer = instantiate(cfg.optimizer)(params=list(model.parameters()))
+    before = model.weight.detach().clone()
+    train_steps(model, optimizer, make_scheduler(optimizer, "constant", 0, 2), range(2))
+    assert not torch.equal(model.weight, before)
+    assert optimizer.state[model.weight]["state1"].dtype == torch.uint8  # 8-bit states
 
 
 def measured_bytes(state: dict) -> int:

@@ -86,6 +86,22 @@ def test_a_training_step_changes_only_the_adapters_and_the_base_stays_quantized(
     assert q_proj.weight.dtype == (torch.int8 if layer == "Linear8bitLt" else torch.uint8)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("overrides", [[], ["model.quantization.bits=8", "model.lora.use_dora=true"]])
+def test_a_step_on_a_gpu_changes_only_the_adapters(overrides):
+    """On CUDA, bitsandbytes' own kernels: 4-bit QLoRA, and DoRA over 8-bit layers (refused on a
+    CPU, where bitsandbytes fails inside it)."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (scripts/gpu/wheels.sh carries it)")
+    model = policy([*QLORA, *overrides]).cuda()
+    ids = batch().cuda()
+    before = snapshot(model)
+    losses = [step(model, ids) for _ in range(2)]
+    assert all(torch.isfinite(loss) for loss in losses)
+    after = snapshot(model)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed) and is_quantized(model)
+
+
 def test_gradient_checkpointing_survives_quantizing_a_model_built_in_memory():
     """A random-init model is quantized by a save and reload, which builds new modules: the
     checkpointing that load_model switched on is switched on again, and the adapters train."""

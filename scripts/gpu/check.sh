@@ -7,7 +7,8 @@
 #    the machine lacks the packages; no network is used.
 # 2. Runs these stages, each under its own time limit (seconds), each output kept:
 #      env        15  nvidia-smi, the device, library versions, whether dpo-cli imports
-#      gpu_tests 100  pytest -m gpu tests/test_gpu.py (skipped without CUDA; all skipped counts as skipped)
+#      gpu_tests 100  pytest -m gpu tests/test_gpu.py, test_optimizers.py, test_qlora.py (skipped without
+#                     CUDA; all skipped counts as skipped; the CPU-offload test needs torchao, not carried)
 #      head       15  scripts/bench_head.py: the LM head alone, full logits vs chunked (float32 / bf16 GEMM)
 #      bench     150  scripts/bench.py --models qwen05 --steps 2,5: dpo-cli's defaults against TRL's at 1024
 #                     and 2048 tokens (--device cpu --dry-run on CPU); BENCH_ARGS replaces its arguments
@@ -129,7 +130,7 @@ stage env 15 bash -c 'command -v nvidia-smi >/dev/null && nvidia-smi; "$@"' _ \
     "$PY" scripts/gpu/env_probe.py --json "$WORK/env.json" "${wheels[@]}"
 
 # 2. gpu tests (the gpu mark replaces pyproject's -m "not slow")
-stage gpu_tests 100 "$PY" -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider  # -v: each result as it comes
+stage gpu_tests 100 "$PY" -m pytest -m gpu tests/test_gpu.py tests/test_optimizers.py tests/test_qlora.py -v -p no:cacheprovider  # -v: each result as it comes
 
 # 3. the LM head alone (Qwen2.5's 151936 x 896 head, 16384 positions on a GPU; small on a CPU)
 head_args=(--json "$WORK/head.json")

@@ -11,8 +11,10 @@
 #   hydra-core, omegaconf, antlr4-python3-runtime 4.9.3 (omegaconf pins 4.9.*): the config
 #   datasets, and its needs missing there: dill, multiprocess (py312 wheel)
 #   trl: scripts/bench.py's baseline and the TRL parity tests (its needs are all there, datasets aside)
+#   bitsandbytes: QLoRA and the 8-bit/paged optimizers on CUDA (the gpu tests of test_qlora.py and
+#   test_optimizers.py); 43 MB. torchao is not carried: its release must match the machine's torch.
 # Not carried: wandb (dpo_cli imports it only when logger.wandb.mode is not disabled, TRL only if
-# installed), hydra-submitit-launcher (SLURM sweeps only). About 2.2 MB in all (limit: 64 MiB a call).
+# installed), hydra-submitit-launcher (SLURM sweeps only). About 45 MB in all (limit: 64 MiB a call).
 # antlr4-python3-runtime 4.9.3 exists only as a source archive: it is built here into a pure-Python
 # (py3-none-any) wheel.
 set -euo pipefail
@@ -27,6 +29,7 @@ WHEELS=(
     dill==0.4.1
     multiprocess==0.70.19
     trl==1.16.0
+    bitsandbytes==0.50.2
 )
 SOURCE_ONLY=(antlr4-python3-runtime==4.9.3)
 
@@ -42,7 +45,7 @@ fi
 rm -rf "$DEST"
 mkdir -p "$DEST"
 platforms=()
-for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
+for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
     platforms+=(--platform "$p")
 done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
