@@ -178,7 +178,8 @@ def _hydra_main(cfg: DictConfig) -> None:
             train.run(typed)
     except UserError as e:
         if main_process:
-            log.error("%s", e)
+            if not getattr(e, "reported", False):  # (train reports an error every process met itself)
+                log.error("%s", e)
             _undo_start()
         _tell_launcher(e)
         sys.exit(e.exit_code)

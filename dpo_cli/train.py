@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 from contextlib import ExitStack
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -54,8 +55,8 @@ def run(cfg: Config) -> dict[str, float]:
                     slurm.hand_on(signum, stop.previous(signum))
                 _part()
                 raise
-            except UserError:  # non-finite, disk, a refusal in build: the processes still part cleanly
-                _part()
+            except UserError as e:  # non-finite, disk, a refusal in build: the processes still part cleanly
+                _part(e)
                 raise
         # The model card in final/ and the push, with the signal handlers restored: Ctrl-C or a
         # SIGTERM stops an upload (final/ is complete by now) rather than waiting for a next step.
@@ -68,11 +69,29 @@ def _kept(r: Run) -> dict[str, int]:
     return {"train": len(r.data.train), "eval": len(r.data.eval)}
 
 
-def _part() -> None:
+# How long the other processes wait for the main one to report an error they all met.
+REPORT_WAIT = timedelta(seconds=10)
+
+
+def _part(error: UserError | None = None) -> None:
     """Tear down the process group (what accelerator.end_training does without trackers), so
-    that processes leaving on an error exit cleanly."""
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    that processes leaving on an error exit cleanly. With an `error`, the main process reports it
+    first (cli then leaves it reported) and, on gloo, the others wait for that at a barrier: a
+    launcher stops every process as soon as one has exited, which cut the main process's report
+    short when the others left first. The barrier gives up after REPORT_WAIT (an error met by
+    some processes only: the others are elsewhere)."""
+    if not torch.distributed.is_initialized():
+        return
+    if error is not None:
+        if torch.distributed.get_rank() == 0:
+            logging.getLogger("dpo_cli").error("%s", error)  # as cli reports errors
+            error.reported = True
+        if torch.distributed.get_backend() == "gloo":
+            try:
+                torch.distributed.monitored_barrier(timeout=REPORT_WAIT)
+            except RuntimeError:
+                pass  # a process that did not come: its own error, or none, reaches the launcher
+    torch.distributed.destroy_process_group()
 
 
 def train(r: Run, stop: StopOnSignal) -> dict[str, float]:
