@@ -5,19 +5,16 @@ as a sequence-classification model and as `judge=reward_model`; a resume is bit-
 from __future__ import annotations
 
 import math
-import shutil
 
 import pytest
 import torch
-from conftest import make_config, read_metrics, train_once
+from conftest import make_config, read_metrics, resumed_like_uninterrupted, train_once
 from hydra import initialize_config_dir
 
 from dpo_cli import cli, overrides, preflight
 from dpo_cli.batch import CHOSEN, REJECTED
 from dpo_cli.config import validate
 from dpo_cli.reward import RewardObjective, bradley_terry, sequence_rewards
-
-THROUGHPUT = {"tokens_per_s", "pairs_per_s"}
 
 
 def test_bradley_terry_matches_a_float64_hand_computation():
@@ -199,19 +196,4 @@ def test_final_loads_as_a_sequence_classifier_and_as_the_reward_model_judge(rewa
 
 @pytest.mark.integration
 def test_a_resumed_reward_run_is_bit_equal_to_the_uninterrupted_one(reward_run, tmp_path):
-    from safetensors.torch import load_file
-
-    full_dir = reward_run[1]
-    resumed_dir = tmp_path / "resumed"
-    (resumed_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full_dir / "checkpoints" / "step-2", resumed_dir / "checkpoints" / "step-2")
-    shutil.copy(full_dir / "metrics.jsonl", resumed_dir / "metrics.jsonl")  # the resume drops rows after step 2
-    rows = read_metrics(full_dir)
-    train_once(resumed_dir, [*RUN, "train.eval_every=null", "train.resume=auto"])
-
-    def exact(row: dict) -> dict:
-        return {k: v for k, v in row.items() if k not in THROUGHPUT}
-
-    assert [exact(r) for r in read_metrics(resumed_dir)] == [exact(r) for r in rows]
-    a, b = load_file(full_dir / "final" / "model.safetensors"), load_file(resumed_dir / "final" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumed_like_uninterrupted(reward_run[1], 2, tmp_path / "resumed", [*RUN, "train.eval_every=null"])
