@@ -27,6 +27,7 @@ from dpo_cli.losses import Loss
 from dpo_cli.metrics import JsonlSink, MetricLogger, ProgressSink, WandbSink, resolve_wandb_mode
 from dpo_cli.modeling import check_max_length, count_parameters, load_model, load_tokenizer, quantized
 from dpo_cli.modeling.quantize import is_quantized, trainable_checkpoints
+from dpo_cli.optimizers import sync_offloaded
 from dpo_cli.parts import Cadence, Checkpointer, Data, Models, Optimization, Outputs, Run
 from dpo_cli.reference import (
     ModelReference,
@@ -71,7 +72,10 @@ def build(cfg: Config, run_dir: Path, held: ExitStack, stop: StopOnSignal) -> Ru
     models = _models(cfg, task, data, loss_fn, policy, parameters, accelerator)
     if generation is not None:
         evalgen.reference_samples(generation, cfg, accelerator, tokenizer, models.reference, models.unwrapped)
-    state = checkpoint.load(accelerator, resume_from, run_dir) if resume_from is not None else {"step": 0}
+    state = {"step": 0}
+    if resume_from is not None:
+        state = checkpoint.load(accelerator, resume_from, run_dir)
+        sync_offloaded(optimization.optimizer)  # CPU offload's host copies of the restored parameters
     resume_step = state["step"] if resume_from is not None else None
     sinks = _sinks(cfg, accelerator, run_dir, wandb_mode, resume_step, state["step"], n_steps)
     return Run(

@@ -282,7 +282,7 @@ def _harness_problems(c: Config, needs_reference: bool) -> list[str]:
     names and datasets; and a reference to evaluate at the end of training."""
     h = c.eval.harness
     p = harness_problems(h, c.mode)
-    if h.reference and h.at_end and c.mode == "train" and c.model.lora.r is None:
+    if h.reference and h.at_end and c.mode == "train":  # (under LoRA too: the reference is the source's)
         if not needs_reference or c.reference.precompute:
             why = "reference.precompute=true" if needs_reference else "no loss term needs a reference"
             p.append(

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from dpo_cli.distributed import world_size_from_env
 from dpo_cli.schema import TrainConfig
 
 # The pip requirement for each optional optimizer package (what `make install` installs).
@@ -138,18 +139,39 @@ def bnb_problems(target: str, device: str) -> list[str]:
     ]
 
 
+def sync_offloaded(optimizer: Any) -> None:
+    """After a checkpoint restored the parameters in place: torchao's CPUOffloadOptimizer steps a
+    host copy of each offloaded parameter, taken when it was built, and copies it back; its
+    load_state_dict restores the AdamW states only. The copies are refreshed from the restored
+    parameters, or the first resumed step would undo the training before the checkpoint. Any
+    other optimizer is left as it is."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    with torch.no_grad():
+        for device_param, host_param in getattr(inner, "param_d2h_map", {}).items():
+            host_param.copy_(device_param.detach())
+
+
 def offload_problems(fields: dict[str, Any], device: str, train: TrainConfig) -> list[str]:
     """CPU offload needs a CUDA (or XPU) device to offload from, and copies each gradient to the
     host inside backward, before clipping and fp16 unscaling change it: both would be skipped for
     the offloaded parameters without a word, so they are refused, as is offload_gradients with
-    gradient accumulation (the device gradient is freed after the first micro batch)."""
+    gradient accumulation (the device gradient is freed after the first micro batch). One process
+    only: the hook copies each process's own gradient, before DDP averages it, so processes
+    would train apart."""
+    p = []
+    processes = world_size_from_env()
+    if processes > 1:
+        p.append(
+            f"optimizer=cpu_offload_adamw copies each gradient to the host before the {processes} processes average "
+            "it, so each would train on its own gradients; launch one process (torchao's CPUOffloadOptimizer is "
+            "for single-GPU training), or choose optimizer=adamw8bit"
+        )
     if device not in ("cuda", "xpu"):
-        return [
+        return p + [
             f"optimizer=cpu_offload_adamw moves the optimizer state from a GPU to host RAM; this machine trains on "
             f"{device}, where there is nothing to offload (torchao's CPUOffloadOptimizer needs CUDA or XPU); "
             "choose optimizer=adamw"
         ]
-    p = []
     if train.max_grad_norm is not None:
         p.append(
             "optimizer=cpu_offload_adamw copies each gradient to the host during backward, before clipping: "

@@ -126,9 +126,10 @@ def train(r: Run, stop: StopOnSignal) -> dict[str, float]:
             if signal_name:
                 path = out.checkpointer.path(done) if saved else _save(r, window, done)
                 raise _interrupted(r, stop, signal_name, done, path)
-        out.checkpointer.export(models.policy, r.data.tokenizer)  # final/ first: the benchmarks cannot lose it
-        if benchmarks is not None:
-            last.update(_benchmarks(r, metrics, benchmarks))
+        failed = _benchmarks(r, metrics, benchmarks, last) if benchmarks is not None else None
+        out.checkpointer.export(models.policy, r.data.tokenizer)  # final/, whatever the benchmarks did
+        if failed is not None:
+            raise failed
     _finish(r, last)
     return last
 
@@ -223,16 +224,22 @@ def _interrupted(r: Run, stop: StopOnSignal, signal_name: str, done: int, path: 
     )
 
 
-def _benchmarks(r: Run, metrics: MetricLogger, h: HarnessConfig) -> dict[str, float]:
+def _benchmarks(r: Run, metrics: MetricLogger, h: HarnessConfig, last: dict[str, float]) -> Exception | None:
     """eval.harness.at_end: the tasks on the trained policy (and the reference), on the main
-    process, logged as one row at the last step."""
+    process, logged as one row at the last step (and into `last`). They run before final/ is
+    written, since export.merge_lora takes the policy apart in memory; what they raise is
+    returned, for the loop to raise once final/ is written."""
     m = r.models
     held = functools.partial(harness.held_reference, m.eval_reference)
     run_dir, main_process = r.outputs.run_dir, r.accelerator.is_main_process
-    values = harness.evaluate(h, m.unwrapped, r.data.tokenizer, held, run_dir, main_process)
+    try:
+        values = harness.evaluate(h, m.unwrapped, r.data.tokenizer, held, run_dir, main_process)
+    except Exception as e:  # noqa: BLE001 - raised again by the loop, after the export
+        return e
     if values:
         metrics.log({"step": r.cadence.n_steps, **values})
-    return values
+        last.update(values)
+    return None
 
 
 def _finish(r: Run, last: dict[str, float]) -> None:

@@ -202,6 +202,9 @@ def test_a_reference_the_run_will_not_hold_at_its_end_is_refused_before_anything
         config.validate(make_config([*args, "loss=simpo"]), quiet=True)
     (problem,) = e.value.problems
     assert "this run keeps none (no loss term needs a reference); set eval.harness.reference=false" in problem
-    # Under LoRA the adapter switched off is the reference, whatever the loss.
-    lora = make_config([*args, "loss=simpo", "model.lora.r=4", f"eval.harness.include_path={EXAMPLE}"])
+    # Under LoRA the run holds the adapter switched off as its reference when its loss needs one;
+    # with a reference-free loss it holds none (the benchmarks used to fail after training).
+    with pytest.raises(ConfigError, match="no loss term needs a reference"):
+        config.validate(make_config([*args, "loss=simpo", "model.lora.r=4"]), quiet=True)
+    lora = make_config([*args, "loss=dpo", "model.lora.r=4", f"eval.harness.include_path={EXAMPLE}"])
     assert config.validate(lora, quiet=True).eval.harness.tasks == ["sort_choice"]

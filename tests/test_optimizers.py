@@ -40,7 +40,7 @@ def train_steps(model: torch.nn.Module, optimizer, scheduler, steps: range) -> N
     """Optimizer steps `steps` of a fixed regression, each batch drawn from the step's own seed."""
     for step in steps:
         x = torch.randn(4, 128, generator=torch.Generator().manual_seed(step))
-        model(x).pow(2).mean().backward()
+        model(x.to(model.weight.device)).pow(2).mean().backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -144,6 +144,14 @@ def test_cpu_offload_is_refused_without_a_gpu_and_with_settings_it_would_skip():
     assert optimizers.offload_problems({}, "cuda", TrainConfig(max_grad_norm=None)) == []
 
 
+def test_cpu_offload_is_refused_on_several_processes(monkeypatch):
+    """Its hook copies each process's own gradient before DDP averages them: the processes would
+    train apart."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    found = optimizers.offload_problems({}, "cuda", TrainConfig(max_grad_norm=None))
+    assert len(found) == 1 and "before the 2 processes average it" in found[0] and "launch one process" in found[0]
+
+
 @pytest.mark.gpu
 def test_cpu_offload_steps_on_a_gpu():
     pytest.importorskip("torchao", reason="torchao is not installed (scripts/gpu/wheels.sh does not carry it)")
@@ -153,6 +161,32 @@ def test_cpu_offload_steps_on_a_gpu():
     before = model.weight.detach().clone()
     train_steps(model, optimizer, make_scheduler(optimizer, "constant", 0, 2), range(2))
     assert not torch.equal(model.weight, before)
+
+
+@pytest.mark.gpu
+def test_cpu_offload_resumes_from_the_restored_parameters_not_its_stale_host_copies():
+    """torchao's CPUOffloadOptimizer steps host copies of the parameters taken when it was built,
+    and its load_state_dict restores the AdamW states only: after a checkpoint restored the
+    parameters, optimizers.sync_offloaded refreshes those copies. Two steps in a row equal one
+    step, a save, a fresh model and optimizer loaded from it, and one more step."""
+    pytest.importorskip("torchao", reason="torchao is not installed (scripts/gpu/wheels.sh does not carry it)")
+    cfg = validate(make_config(["optimizer=cpu_offload_adamw", "train.max_grad_norm=null"]))
+
+    def fresh():
+        model = tiny().cuda()
+        optimizer = instantiate(cfg.optimizer)(params=list(model.parameters()))
+        return model, optimizer, make_scheduler(optimizer, "constant", 0, 2)
+
+    model, optimizer, scheduler = fresh()
+    train_steps(model, optimizer, scheduler, range(1))
+    saved = ({k: v.clone() for k, v in model.state_dict().items()}, optimizer.state_dict())
+    train_steps(model, optimizer, scheduler, range(1, 2))
+    again, optimizer2, scheduler2 = fresh()
+    again.load_state_dict(saved[0])
+    optimizer2.load_state_dict(saved[1])
+    optimizers.sync_offloaded(optimizer2)
+    train_steps(again, optimizer2, scheduler2, range(1, 2))
+    assert torch.equal(again.weight, model.weight)
 
 
 @pytest.mark.gpu

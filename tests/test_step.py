@@ -197,6 +197,30 @@ def test_the_loop_logs_evaluates_and_saves_when_due(tmp_path, monkeypatch):
     assert r.outputs.checkpointer.exported == 1  # final/
 
 
+def test_the_end_benchmarks_run_before_final_and_their_error_waits_for_it(tmp_path, monkeypatch):
+    """export.merge_lora takes the policy apart in memory, so eval.harness.at_end's benchmarks run
+    first; when they fail, final/ is still written, and then their error ends the run."""
+    from dpo_cli import harness
+    from dpo_cli.schema import EvalConfig, HarnessConfig
+
+    order = []
+
+    def benchmarks(*args):
+        order.append("benchmarks")
+        raise RuntimeError("lm_eval failed")
+
+    monkeypatch.setattr(train, "train_step", lambda acc, data, models, opt, step, window: (torch.tensor(1.0), LR))
+    monkeypatch.setattr(train, "_log", lambda *args: {})
+    monkeypatch.setattr(harness, "check_launch", lambda h, accelerator: None)
+    monkeypatch.setattr(harness, "evaluate", benchmarks)
+    r = _loop_run(tmp_path, Cadence(2))
+    r.outputs.eval_settings = EvalConfig(harness=HarnessConfig(tasks=["sort_choice"], at_end=True))
+    monkeypatch.setattr(r.outputs.checkpointer, "export", lambda policy, tokenizer: order.append("final/"))
+    with pytest.raises(RuntimeError, match="lm_eval failed"):
+        train.train(r, StopOnSignal())
+    assert order == ["benchmarks", "final/"]
+
+
 def test_the_loop_stops_at_the_guards_limit_with_a_checkpoint(tmp_path, monkeypatch):
     """Every step non-finite, train.max_nonfinite_steps=3: the loop saves after step 3 and
     raises NonFiniteError naming that checkpoint; final/ is not written."""

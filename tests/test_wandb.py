@@ -218,6 +218,11 @@ def test_a_slurm_job_id_reaches_the_run_directory_and_the_wandb_run(wandb_env, m
     job = json.loads((run_dir / "slurm.jsonl").read_text())
     assert (job["job_id"], job["partition"], job["nodes"]) == ("4242", "gpu", "node1")
     # An offline run keeps its config in the run's record log (protobuf; the value as JSON).
+    # W&B's service writes it on its own: wait for it (up to 30 s; once, a finished run's log
+    # held only its header when read at once).
     (record_log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + 30
+    while b"slurm" not in record_log.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert b"slurm" in record_log.read_bytes()
     assert b'{"job_id":"4242","partition":"gpu","nodes":"node1"}' in record_log.read_bytes()

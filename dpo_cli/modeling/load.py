@@ -104,10 +104,7 @@ def load_model(
     else:
         policy = _pretrained_model(model, auto_class, head)
     if model.disable_dropout:
-        # nn.Dropout modules built with a rate of their own (the config's are zeroed above).
-        for module in policy.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        _zero_dropout(policy)
     if model.gradient_checkpointing:
         _enable_checkpointing(policy)
     _log_attention(policy, model.attn_implementation)
@@ -130,10 +127,20 @@ def quantized(policy: torch.nn.Module, m: ModelConfig) -> torch.nn.Module:
                 tmp, quantization_config=bnb_config(m), dtype=policy.dtype, attn_implementation=m.attn_implementation
             )
         policy.config.name_or_path = policy.name_or_path = source  # not the temporary directory
+        if m.disable_dropout:  # the reload built new modules, with their own rates
+            _zero_dropout(policy)
         if m.gradient_checkpointing:  # a setting of the module, which the reload left behind
             _enable_checkpointing(policy)
     exact_cpu_matmuls(policy)
     return policy
+
+
+def _zero_dropout(policy: torch.nn.Module) -> None:
+    """model.disable_dropout for nn.Dropout modules built with a rate of their own (the config's
+    rates are zeroed before the model is built)."""
+    for module in policy.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 def _log_attention(policy: torch.nn.Module, requested: str | None) -> None:
