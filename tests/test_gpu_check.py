@@ -30,20 +30,17 @@ def _check(out: Path, *args: str, env: dict | None = None) -> tuple[subprocess.C
     return proc, data
 
 
+QUICK = STAGES[:6]  # the suite's; the kill-and-resume stages (resume, fsdp) run in make test-all
+
+
 @pytest.mark.integration
 def test_the_cpu_dry_run_passes_every_stage_or_skips_it_with_a_reason(tmp_path):
-    # The fsdp stage's launch, kill and resume through the DDP config (accelerate runs FSDP only on
-    # a GPU, where check.sh skips the stage): a launcher whose worker runs in a session of its own
-    # is killed whole, and the resumed run is bit-equal to the uninterrupted one.
-    proc, data = _check(tmp_path, env={"FSDP_STAGE_CONFIG": "scripts/accelerate/ddp.yaml"})
+    proc, data = _check(tmp_path, "--stages", ",".join(QUICK))
     assert proc.returncode == 0, proc.stdout + proc.stderr + (tmp_path / "summary.md").read_text()
     stages = {s["name"]: s for s in data["stages"]}
-    assert list(stages) == STAGES
+    assert list(stages) == QUICK
     assert all(s["status"] in ("pass", "skipped") and s["reason"] for s in stages.values()), stages
     assert stages["env"]["status"] == "pass" and data["device"] == "cpu" and data["dry_run"]
-    assert stages["resume"]["status"] == "pass" and stages["resume"]["figures"]["exact"] == "bit-equal"
-    assert stages["resume"]["figures"]["max_row_diff"] == 0 and stages["resume"]["figures"]["max_weight_diff"] == 0
-    assert stages["fsdp"]["status"] == "pass" and stages["fsdp"]["figures"]["exact"] == "bit-equal", stages["fsdp"]
     assert stages["compile"] == {**stages["compile"], "status": "skipped"}  # minutes of compiling on a CPU
     assert stages["gpu_tests"]["status"] == "skipped"  # no CUDA here: every gpu test is skipped
     assert all(stages[name]["status"] == "pass" for name in ("head", "bench", "profile"))
@@ -55,11 +52,30 @@ def test_the_cpu_dry_run_passes_every_stage_or_skips_it_with_a_reason(tmp_path):
     assert data["profile"]["step_seconds"] > 0 and data["profile"]["top_cpu"]
     bench_dry_run_figures(json.loads((tmp_path / "bench.json").read_text()))
     md = (tmp_path / "summary.md").read_text()
-    assert md.startswith("# GPU check: PASS") and all(f"| {name} |" in md for name in STAGES)
+    assert md.startswith("# GPU check: PASS") and all(f"| {name} |" in md for name in QUICK)
     assert "## LM head" in md and "## Where a step's time goes" in md and "| qwen05 | 64 | TRL |" in md
     # What the device tool brings back: at most 8 plain files, none in a folder.
     files = list(tmp_path.iterdir())
     assert len(files) <= 8 and all(f.is_file() for f in files), files
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_cpu_dry_runs_kill_and_resume_stages_are_bit_equal(tmp_path):
+    """The resume stage, and the fsdp stage's launch, kill and resume through the DDP config
+    (accelerate runs FSDP only on a GPU, where check.sh skips the stage): a launcher whose worker
+    runs in a session of its own is killed whole, and the resumed run is bit-equal to the
+    uninterrupted one. Six processes: in make test-all (the suite's other tests kill and resume)."""
+    kill_and_resume = STAGES[6:]
+    proc, data = _check(
+        tmp_path, "--stages", ",".join(kill_and_resume), env={"FSDP_STAGE_CONFIG": "scripts/accelerate/ddp.yaml"}
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr + (tmp_path / "summary.md").read_text()
+    stages = {s["name"]: s for s in data["stages"]}
+    assert list(stages) == kill_and_resume == ["resume", "fsdp"]
+    assert stages["resume"]["status"] == "pass" and stages["resume"]["figures"]["exact"] == "bit-equal"
+    assert stages["resume"]["figures"]["max_row_diff"] == 0 and stages["resume"]["figures"]["max_weight_diff"] == 0
+    assert stages["fsdp"]["status"] == "pass" and stages["fsdp"]["figures"]["exact"] == "bit-equal", stages["fsdp"]
     logs = (tmp_path / "logs.txt").read_text()
     assert "===== resume/runs.log =====" in logs
     assert "accelerate_cli launch --config_file scripts/accelerate/ddp.yaml" in logs
