@@ -47,3 +47,10 @@ class NonFiniteError(UserError):
     """Too many consecutive non-finite steps: the run stopped with its last good state saved."""
 
     exit_code = EXIT_NONFINITE
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line
+    warnings and errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
 
+from dpo_cli.errors import first_line
 from dpo_cli.hub import endpoint_reachable
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ class WandbSink:
                 )
                 return
             except Exception as e:  # whatever wandb raises, training goes on (metrics.jsonl has every row)
-                log.warning("wandb: starting the %s W&B run failed: %s", attempt, _first_line(e))
+                log.warning("wandb: starting the %s W&B run failed: %s", attempt, first_line(e))
         log.warning("wandb: continuing without W&B; metrics.jsonl has every row")
 
     def log(self, row: Row) -> None:
@@ -220,7 +221,7 @@ class WandbSink:
         try:
             self.run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         except Exception as e:  # e.g. wandb's service process died: stop sending, keep training
-            log.warning("wandb: logging failed (%s); continuing without W&B", _first_line(e))
+            log.warning("wandb: logging failed (%s); continuing without W&B", first_line(e))
             self.run = None
 
     def table(self, name: str, rows: list[Row], step: int) -> None:
@@ -239,7 +240,7 @@ class WandbSink:
             data = [[cell(row.get(c)) for c in columns] for row in rows]
             self.run.log({name: wandb.Table(columns=columns, data=data)}, step=step)
         except Exception as e:  # as for rows: W&B failing never stops training
-            log.warning("wandb: logging the %s table failed (%s); continuing without W&B", name, _first_line(e))
+            log.warning("wandb: logging the %s table failed (%s); continuing without W&B", name, first_line(e))
             self.run = None
 
     def close(self, failed: bool = False) -> None:
@@ -248,12 +249,7 @@ class WandbSink:
         try:
             self.run.finish(exit_code=1 if failed else 0)
         except Exception as e:
-            log.warning("wandb: finishing the W&B run failed: %s", _first_line(e))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+            log.warning("wandb: finishing the W&B run failed: %s", first_line(e))
 
 
 class MetricLogger:

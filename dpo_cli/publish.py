@@ -17,15 +17,11 @@ import threading
 from pathlib import Path
 
 from dpo_cli import card
-from dpo_cli.errors import UserError
+from dpo_cli.errors import UserError, first_line
 from dpo_cli.hub import hub_reachable, offline_setting
 from dpo_cli.schema import Config, ExportConfig, as_plain
 
 log = logging.getLogger(__name__)
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 WHOAMI_TIMEOUT = 20.0  # seconds the Hub gets to answer whether it accepts the token
@@ -46,7 +42,7 @@ def _whoami_problem(endpoint: str, token: str) -> str | None:
             HfApi(endpoint=endpoint).whoami(token=token)
             found.append(None)
         except Exception as e:  # noqa: BLE001 - an HTTP 401, or whatever the connection raised
-            found.append(_first_line(e))
+            found.append(first_line(e))
 
     thread = threading.Thread(target=ask, daemon=True, name="hub-whoami")
     thread.start()
@@ -65,7 +61,7 @@ def push_problems(e: ExportConfig, mode: str) -> list[str]:
     try:
         validate_repo_id(e.push_to_hub)
     except HFValidationError as err:
-        return [f"{key} is not a Hub repo id: {_first_line(err)}; use e.g. export.push_to_hub=your-name/model-name"]
+        return [f"{key} is not a Hub repo id: {first_line(err)}; use e.g. export.push_to_hub=your-name/model-name"]
     if mode == "eval":  # mode=inspect checks it, as the preflight of the training run it will be
         return [f"{key} pushes a training run's final/; mode=eval writes none: remove it"]
     later = "or remove export.push_to_hub and push final/ later with `hf upload REPO_ID <run dir>/final .`"
@@ -115,7 +111,7 @@ def push(final_dir: Path, e: ExportConfig) -> str:
             commit_message=f"dpo-cli: upload {final_dir.parent.name}/final",
         )  # fmt: skip
     except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - HTTP errors, a dropped connection, Ctrl-C
-        why = "interrupted (Ctrl-C)" if isinstance(err, KeyboardInterrupt) else _first_line(err)
+        why = "interrupted (Ctrl-C)" if isinstance(err, KeyboardInterrupt) else first_line(err)
         raise UserError(
             f"could not push {final_dir} to the Hub repo {repo}: {why}. The trained model is kept "
             f"in {final_dir}; push it by hand with: {manual_command(final_dir, e)}"
@@ -132,7 +128,7 @@ def finish(cfg: Config, run_dir: Path, steps: int, kept: dict[str, int], unit: s
         for path in card.write(final_dir, run_dir, as_plain(cfg), steps, kept, unit):
             log.info("wrote the model card %s", path)
     except Exception as e:  # noqa: BLE001 - a full disk, an odd config: the model itself is saved
-        log.warning("could not write the model card in %s: %s", final_dir, _first_line(e))
+        log.warning("could not write the model card in %s: %s", final_dir, first_line(e))
     if cfg.export.push_to_hub:
         url = push(final_dir, cfg.export)
         log.info("pushed %s to the Hub: %s", final_dir, url)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from dpo_cli.errors import first_line
 from dpo_cli.hub import endpoint_reachable
 from dpo_cli.metrics import Row
 from dpo_cli.schema import LoggerConfig, MlflowConfig
@@ -187,7 +188,7 @@ class MlflowSink:
             log.info("mlflow: run %s in experiment %r at %s", self.run_id, settings.experiment, uri)
         except Exception as e:  # whatever mlflow raises, training goes on (metrics.jsonl has every row)
             log.warning(
-                "mlflow: starting the MLflow run at %s failed (%s); continuing without MLflow", uri, _first_line(e)
+                "mlflow: starting the MLflow run at %s failed (%s); continuing without MLflow", uri, first_line(e)
             )
 
     def _open(self, client: Any, settings: MlflowConfig, run_dir: Path, resume: bool) -> str:
@@ -199,7 +200,7 @@ class MlflowSink:
                 run = client.get_run(stored)
             except Exception as e:  # e.g. another tracking_uri than the first run's
                 log.warning(
-                    "mlflow: the stored run %s cannot be continued (%s); starting a new one", stored, _first_line(e)
+                    "mlflow: the stored run %s cannot be continued (%s); starting a new one", stored, first_line(e)
                 )
             else:
                 client.update_run(stored, status="RUNNING")
@@ -245,7 +246,7 @@ class MlflowSink:
             for i in range(0, len(values), METRICS_PER_BATCH):
                 self.client.log_batch(self.run_id, metrics=values[i : i + METRICS_PER_BATCH])
         except Exception as e:  # e.g. the server went away: stop sending, keep training
-            log.warning("mlflow: logging failed (%s); continuing without MLflow", _first_line(e))
+            log.warning("mlflow: logging failed (%s); continuing without MLflow", first_line(e))
             self.client = None
 
     def close(self, failed: bool = False) -> None:
@@ -254,9 +255,4 @@ class MlflowSink:
         try:
             self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
         except Exception as e:
-            log.warning("mlflow: ending the MLflow run failed: %s", _first_line(e))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+            log.warning("mlflow: ending the MLflow run failed: %s", first_line(e))
