@@ -39,6 +39,7 @@ OPTIMIZER_KEYS = ("lr", "betas", "weight_decay", "momentum", "alpha")  # the opt
 KINDS = {
     "dpo": ("AutoModelForCausalLM", "AutoPeftModelForCausalLM", "text-generation"),
     "reward": ("AutoModelForSequenceClassification", "AutoPeftModelForSequenceClassification", "text-classification"),
+    "iterative": ("AutoModelForCausalLM", "AutoPeftModelForCausalLM", "text-generation"),
 }
 
 
@@ -141,6 +142,13 @@ def _training(config: dict[str, Any], name: str, steps: int, kept: dict[str, int
         lines.append(f"- LoRA: r={lora['r']}, alpha={lora.get('alpha')}, target modules {lora.get('target_modules')}")
     if _reward(config):
         loss = {"center_coefficient": (config.get("reward") or {}).get("center_coefficient")}
+    if config.get("task") == "iterative":
+        it = config.get("iterative") or {}
+        lines.append(
+            f"- iterative DPO: {it.get('rounds')} rounds, each on pairs of the policy's own samples ({it.get('samples')} "
+            f"per prompt, pairs {it.get('pairs')}, min_gap {it.get('min_gap')}) scored by the judge "
+            f"`{str((config.get('judge') or {}).get('_target_')).rpartition('.')[2]}`; reference: {it.get('reference')}"
+        )
     return [
         *lines,
         f"- loss: `{name}` ({loss.get('_target_', 'dpo_cli.reward.bradley_terry')}): {_params(loss)}",

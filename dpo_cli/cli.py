@@ -174,6 +174,10 @@ def _hydra_main(cfg: DictConfig) -> None:
             from dpo_cli import evalmode
 
             evalmode.run(typed, train.run_dir_of())
+        elif typed.task == "iterative":
+            from dpo_cli import rounds
+
+            rounds.run(typed, train.run_dir_of())
         else:
             train.run(typed)
     except UserError as e:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 
-from dpo_cli import config, harness, layout, memory, tasks
+from dpo_cli import config, harness, layout, memory, roundconfig, tasks
 from dpo_cli.data.batching import steps_per_epoch
 from dpo_cli.data.prepare import Prepared, check_prepared, prepare
 from dpo_cli.data.summary import export, report
@@ -58,6 +58,9 @@ def run(cfg: Config) -> str:
     text += "\n\n" + structure(cfg.model, tokenizer)
     text += "\n\n" + batches(cfg, tokenizer)
     text += "\n\n" + generation(cfg, tokenizer, data.eval_pairs) + "\n" + harness.plan(cfg.eval.harness)
+    if cfg.task == "iterative":
+        prompts = len({tuple(example["prompt_ids"]) for example in data.train})
+        text += "\n\n" + roundconfig.plan(cfg, prompts, instantiate(cfg.judge).describe())
     text += "\n\n" + memory.estimate(cfg, tokenizer, tasks.of(cfg).objective(cfg)).report()
     log.info("preflight report (mode=inspect; no model weights loaded):\n%s", text)
     problems = refusals(text)

@@ -17,7 +17,12 @@ def saved_config(path: Any) -> Config:
     """A run's recorded config (its .hydra/config.yaml), typed. What an earlier version recorded
     is read as this version records it (`compat.migrated`: renamed keys, a format by name), and
     keys this version no longer has (or that the recorded `_target_` does not take) are dropped."""
-    recorded = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    return typed_record(OmegaConf.to_container(OmegaConf.load(path), resolve=False), path)
+
+
+def typed_record(recorded: Any, path: Any = "the config") -> Config:
+    """A recorded config's plain values (as .hydra/config.yaml holds them), typed as `saved_config`
+    types them; `path` names it in an error."""
     register_configs()  # the schemas of the `_target_`s it may name (registering again changes nothing)
     base, registered = OmegaConf.structured(Config), registered_keys()
     flat = migrated(_flat(recorded))

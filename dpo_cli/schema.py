@@ -25,7 +25,7 @@ from dpo_cli.modeling.options import ModelConfig, ReferenceConfig, choice, posit
 from dpo_cli.schedule import NAMES as SCHEDULES
 
 MODES = ("train", "inspect", "eval")
-TASKS = ("dpo", "reward")  # what a run trains (dpo_cli/tasks.py)
+TASKS = ("dpo", "reward", "iterative")  # what a run trains (dpo_cli/tasks.py)
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 WANDB_MODES = ("online", "offline", "disabled")
 
@@ -180,11 +180,36 @@ class RewardConfig:
     center_coefficient: Optional[float] = None
 
 
+PAIR_RULES = ("best_worst", "all")  # how a prompt's scored samples become pairs (dpo_cli/pairing.py)
+ROUND_REFERENCES = ("previous", "initial")
+
+
+@dataclass
+class IterativeConfig:
+    """task=iterative: rounds of sample -> judge -> pair -> train (dpo_cli/rounds.py). Each round
+    trains as a task=dpo run with the train section as given (train.max_steps steps, or
+    train.epochs passes over the round's pairs)."""
+
+    rounds: int = 3  # rounds of sampling, judging and training
+    prompts: Optional[int] = None  # prompts sampled per round (the next N of the shuffled training prompts); null = all
+    samples: int = 4  # responses sampled per prompt (k)
+    pairs: str = "best_worst"  # best_worst: one pair per prompt (highest vs lowest score); all: every two samples apart by min_gap
+    min_gap: float = 0.0  # keep a pair only when chosen's score - rejected's >= min_gap (ties, gap 0, are always dropped)
+    reference: str = "previous"  # previous: each round's reference is the policy it starts from; initial: round 1's, every round
+    temperature: float = 1.0  # sampling temperature of the rounds' responses (> 0)
+    top_p: float = 1.0  # nucleus sampling of the rounds' responses; 1.0 = off
+    max_new_tokens: Optional[int] = None  # longest sampled response, in tokens; null = eval.max_new_tokens
+    rounds_per_job: Optional[int] = (
+        None  # stop after this many rounds and leave rounds/pending for the next job (SLURM chains); null = all
+    )
+
+
 @dataclass
 class Config:
     mode: str = "train"  # train; inspect (validate, tokenize and report the data; no weights); eval (evaluate model.name_or_path)
-    task: str = "dpo"  # dpo (align the policy to the pairs, loss=...); reward (train a reward model on them, reward.*)
+    task: str = "dpo"  # dpo (align the policy to the pairs, loss=...); reward (a reward model, reward.*); iterative (rounds, iterative.*)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    iterative: IterativeConfig = field(default_factory=IterativeConfig)
     inspect: InspectConfig = field(default_factory=InspectConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)

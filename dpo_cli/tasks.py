@@ -5,7 +5,9 @@ same for every task (DESIGN.md, "Tasks share the loop"); they ask the `Task` her
 
 - dpo: align a causal LM to the pairs with loss=... (a DPO-family loss, a reference when it needs one);
 - reward: train a reward model on the pairs, `AutoModelForSequenceClassification` with one output,
-  with the Bradley-Terry loss (dpo_cli/reward.py, reward.*); no reference, no generation.
+  with the Bradley-Terry loss (dpo_cli/reward.py, reward.*); no reference, no generation;
+- iterative: rounds of sampling from the policy, judging, pairing and DPO training on the pairs
+  (dpo_cli/rounds.py, iterative.*); each round trains as task=dpo.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ TASKS = {
         layout_why=PADDED_REASON,
         unused=("loss", "judge", "eval", "model.warm_start", "train.logits_chunk"),
     ),
+    "iterative": Task("iterative", "AutoModelForCausalLM", "CAUSAL_LM"),
 }
 
 
@@ -89,11 +92,16 @@ def problems(c: Config, command_line: Sequence[str] = (), unpaired: bool = False
     """What the task refuses in this config, before any weights load: `command_line` (the
     overrides given) setting what it does not read, data or settings it cannot train with."""
     task = of(c)
-    if task.name == "dpo":
+    if task.name != "reward":
         coefficient = c.reward.center_coefficient
-        return (
-            [f"reward.center_coefficient={coefficient} is read by task=reward only; remove it"] if coefficient else []
-        )
+        p = [f"reward.center_coefficient={coefficient} is read by task=reward only; remove it"] if coefficient else []
+        if task.name == "iterative":
+            return p + iterative_problems(c, unpaired, command_line)
+        return p + [
+            f"{o}: iterative.* is read by task=iterative only; add task=iterative, or remove it"
+            for o in command_line
+            if _given(o, "iterative")
+        ]
     p = [
         f"{o}: task={task.name} does not read {section} (it trains with the Bradley-Terry loss, reward.*); remove it"
         for o in command_line
@@ -125,7 +133,7 @@ def settle(c: Config, quiet: bool = False) -> None:
     are refused by `problems`): said in the log, and the judge and warm start turned off so that
     nothing builds them."""
     task = of(c)
-    if task.name == "dpo":
+    if task.name != "reward":
         return
     unused = [f"the loss section (loss: {type(c.loss).__name__.removesuffix('Options')})"]
     if c.model.warm_start.steps:
@@ -142,3 +150,51 @@ def settle(c: Config, quiet: bool = False) -> None:
             c.reward.center_coefficient,
             "; ".join(unused),
         )
+
+
+def iterative_problems(c: Config, unpaired: bool, command_line: Sequence[str] = ()) -> list[str]:
+    """task=iterative's settings, and what it cannot run with (before any weights load);
+    eval.generate_every, which a default sets, is refused when `command_line` gives it."""
+    from dpo_cli.distributed import world_size_from_env
+    from dpo_cli.modeling.options import choice, positive
+    from dpo_cli.schema import PAIR_RULES, ROUND_REFERENCES
+
+    it = c.iterative
+    p = positive("iterative.rounds", it.rounds) + positive("iterative.prompts", it.prompts, allow_none=True)
+    p += positive("iterative.temperature", it.temperature) + positive("iterative.max_new_tokens", it.max_new_tokens,
+                                                                        allow_none=True)  # fmt: skip
+    p += positive("iterative.rounds_per_job", it.rounds_per_job, allow_none=True)
+    p += choice("iterative.pairs", it.pairs, PAIR_RULES) + choice("iterative.reference", it.reference, ROUND_REFERENCES)
+    if not isinstance(it.samples, int) or it.samples < 2:
+        p.append(f"iterative.samples={it.samples} must be >= 2: a pair needs two responses to one prompt")
+    if it.min_gap < 0:
+        p.append(f"iterative.min_gap={it.min_gap} must be >= 0 (ties are always dropped)")
+    if not 0 < it.top_p <= 1:
+        p.append(f"iterative.top_p={it.top_p} must be in (0, 1]")
+    if c.judge is None:
+        p.append(
+            "task=iterative scores the policy's samples with a judge, and none is set: choose one (judge=sort with "
+            "data=synthetic, judge=reward_model judge.name_or_path=DIR, e.g. a task=reward run's final/)"
+        )
+    if unpaired or not _paired_loss(c):
+        p.append("task=iterative trains a paired DPO-family loss on pairs of its samples: choose paired data and loss")
+    if c.train.resume not in (None, "auto"):
+        p.append(f"train.resume={c.train.resume!r}: task=iterative resumes its rounds with train.resume=auto")
+    if any(_given(o, "eval.generate_every") for o in command_line):
+        p.append(
+            "eval.generate_every: task=iterative evaluates generation after each round (eval.prompts held-out "
+            "prompts against the initial policy); remove it"
+        )
+    if world_size_from_env() > 1:
+        p.append(
+            f"task=iterative runs in one process for now ({world_size_from_env()} launched): launch it without "
+            "accelerate launch / torchrun (one GPU or the CPU), or train each round's pairs with task=dpo"
+        )
+    return p
+
+
+def _paired_loss(c: Config) -> bool:
+    try:
+        return bool(getattr(build_loss(c.loss), "paired", True))
+    except Exception:  # noqa: BLE001 - a loss that cannot be built: the loss's own checks say why
+        return True

@@ -36,14 +36,15 @@ def run_dir_of() -> Path:
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(os.getcwd())
 
 
-def run(cfg: Config) -> dict[str, float]:
-    """Train the policy described by `cfg`; return the last train and eval metrics. Signals
+def run(cfg: Config, run_dir: Path | None = None) -> dict[str, float]:
+    """Train the policy described by `cfg` in `run_dir` (default: Hydra's output directory; a
+    task=iterative round's directory); return the last train and eval metrics. Signals
     (SIGTERM, SIGINT, SIGUSR1) are caught from the start: during the loop they end the run
     after the current step, with a checkpoint (see `train`)."""
     with ExitStack() as held:  # the run directory's lock, held until the push is done
         with StopOnSignal() as stop:
             try:
-                r = build(cfg, run_dir_of(), held, stop)
+                r = build(cfg, run_dir or run_dir_of(), held, stop)
                 last = train(r, stop)
             except Interrupted as e:
                 # Under SLURM a warning signal requeues the job, once the checkpoint is saved and the
