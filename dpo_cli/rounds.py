@@ -261,7 +261,7 @@ def _train(r: Rounds, n: int, pairs: int) -> None:
         )  # fmt: skip
         _hand_on(r, n, cfg)
     else:
-        train.run(cfg, d)
+        train.run(cfg, d, r.stop)
         steps = max(row["step"] for row in files.read_jsonl(d / "metrics.jsonl") or [{"step": steps}])
     files.write_json(d / files.TRAINED, {"steps": steps})
 
@@ -421,7 +421,9 @@ def _signal_name(stop: StopOnSignal) -> str | None:
 def _check_stop(stop: StopOnSignal, where: str) -> None:
     name = _signal_name(stop)
     if name:
-        raise Interrupted(f"{name}: stopped {where}", signum=stop.received)
+        e = Interrupted(f"{name}: stopped {where}", signum=stop.received)
+        e.between_rounds = True  # type: ignore[attr-defined]
+        raise e
 
 
 def _resumable(e: Interrupted, n: int, run_dir: Path, stop: StopOnSignal) -> Interrupted:
@@ -429,10 +431,10 @@ def _resumable(e: Interrupted, n: int, run_dir: Path, stop: StopOnSignal) -> Int
     own directory), with the SLURM requeue a warning signal asks for (a round's training run has
     asked for it itself)."""
     where = str(e).split(";")[0]
-    if e.signum is not None and stop.received is not None:  # stopped here, not inside a round's training run
+    if getattr(e, "between_rounds", False) and e.signum is not None:  # (a round's training run hands on itself)
         slurm.hand_on(e.signum, stop.previous(e.signum))
     return Interrupted(
-        f"{where} (round {n}); the rounds' saved samples, scores, pairs and checkpoints are kept. Continue with the same "
+        f"{where}{'' if 'round' in where else f' in round {n}'}; the rounds' saved samples, scores, pairs and checkpoints are kept. Continue with the same "
         f"command plus train.resume=auto hydra.run.dir={run_dir}",
         signum=e.signum,
     )

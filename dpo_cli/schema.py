@@ -194,8 +194,12 @@ class IterativeConfig:
     prompts: Optional[int] = None  # prompts sampled per round (the next N of the shuffled training prompts); null = all
     samples: int = 4  # responses sampled per prompt (k)
     pairs: str = "best_worst"  # best_worst: one pair per prompt (highest vs lowest score); all: every two samples apart by min_gap
-    min_gap: float = 0.0  # keep a pair only when chosen's score - rejected's >= min_gap (ties, gap 0, are always dropped)
-    reference: str = "previous"  # previous: each round's reference is the policy it starts from; initial: round 1's, every round
+    min_gap: float = (
+        0.0  # keep a pair only when chosen's score - rejected's >= min_gap (ties, gap 0, are always dropped)
+    )
+    reference: str = (
+        "previous"  # previous: each round's reference is the policy it starts from; initial: round 1's, every round
+    )
     temperature: float = 1.0  # sampling temperature of the rounds' responses (> 0)
     top_p: float = 1.0  # nucleus sampling of the rounds' responses; 1.0 = off
     max_new_tokens: Optional[int] = None  # longest sampled response, in tokens; null = eval.max_new_tokens

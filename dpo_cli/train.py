@@ -7,7 +7,7 @@ import functools
 import logging
 import os
 import signal
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -36,13 +36,15 @@ def run_dir_of() -> Path:
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(os.getcwd())
 
 
-def run(cfg: Config, run_dir: Path | None = None) -> dict[str, float]:
+def run(cfg: Config, run_dir: Path | None = None, stop: StopOnSignal | None = None) -> dict[str, float]:
     """Train the policy described by `cfg` in `run_dir` (default: Hydra's output directory; a
-    task=iterative round's directory); return the last train and eval metrics. Signals
+    task=iterative round's directory); return the last train and eval metrics. `stop`: the
+    caller's signal handlers (task=iterative's), which a signal before the run started may
+    already have reached; default: the run's own. Signals
     (SIGTERM, SIGINT, SIGUSR1) are caught from the start: during the loop they end the run
     after the current step, with a checkpoint (see `train`)."""
     with ExitStack() as held:  # the run directory's lock, held until the push is done
-        with StopOnSignal() as stop:
+        with StopOnSignal() if stop is None else nullcontext(stop) as stop:
             try:
                 r = build(cfg, run_dir or run_dir_of(), held, stop)
                 last = train(r, stop)
