@@ -58,11 +58,14 @@ LAYERS: list[tuple[str, ...]] = [
         "dpo_cli.harness",
         "dpo_cli.reward",
         "dpo_cli.tasks",
+        "dpo_cli.pairing",
+        "dpo_cli.roundfiles",
     ),
-    # The whole config's validation, and the checks before a run: they read every part.
-    ("dpo_cli.keys", "dpo_cli.config", "dpo_cli.preflight"),
-    # The training loop and evaluation (APP).
-    ("dpo_cli.train", "dpo_cli.evaluate", "dpo_cli.evalmode", "dpo_cli.throughput"),
+    # The whole config's validation, a recorded config read back, the rounds' configs, and the
+    # checks before a run: they read every part.
+    ("dpo_cli.keys", "dpo_cli.config", "dpo_cli.recorded", "dpo_cli.roundconfig", "dpo_cli.preflight"),
+    # The training loop, the rounds that run it, and evaluation (APP).
+    ("dpo_cli.train", "dpo_cli.rounds", "dpo_cli.evaluate", "dpo_cli.evalmode", "dpo_cli.throughput"),
     # The entry point and its command line, on top.
     ("dpo_cli.cli", "dpo_cli.overrides", "dpo_cli.__main__"),
 ]
