@@ -36,6 +36,7 @@ from dpo_cli.reference import (
     place_reference,
     reference_model_config,
 )
+from dpo_cli.reward import check_margins
 from dpo_cli.schedule import make_scheduler, warmup_steps
 from dpo_cli.schema import Config, TrainConfig, as_plain
 from dpo_cli.signals import StopOnSignal
@@ -65,6 +66,7 @@ def build(cfg: Config, run_dir: Path, held: ExitStack, stop: StopOnSignal) -> Ru
 
     task = tasks.of(cfg)
     loss_fn = task.objective(cfg)  # how a batch becomes a loss
+    check_margins(loss_fn, data.train, data.eval)  # data=pairs' margins: read by task=reward only
     # Generation evaluation's judge, loaded before the weights: a judge that cannot be had fails first.
     generation = evalgen.setup(cfg, accelerator, tokenizer, eval_pairs, run_dir)
     policy, parameters = _policy(cfg, task, data, loss_fn, accelerator, run_dir, stop)

@@ -2,8 +2,11 @@
 
     dpo-train mode=eval model.name_or_path=outputs/RUN/final          # against that run's reference
     dpo-train mode=eval model.name_or_path=A/final reference.name_or_path=B/final judge=...  # A vs B
+    dpo-train mode=eval task=reward model.name_or_path=outputs/RUN/final  # a reward model (task=reward)
 
-The model is a full model directory or a LoRA adapter (final/ of a LoRA run). Its reference:
+The model is a full model directory or a LoRA adapter (final/ of a LoRA run). A reward model
+(task=reward) has no reference: its Bradley-Terry loss, accuracy, margin and rewards are computed
+on the data's eval split as the run's own evaluation computes them. A policy's reference:
 reference.name_or_path when set; else, for an adapter, its base model (the adapter switched
 off); else, for a dpo-cli run's final/, the reference that run trained against (its
 reference.name_or_path, or its initial policy, rebuilt from the run's saved config: the same
@@ -28,19 +31,19 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from dpo_cli import checkpoint, config, evalgen, harness, layout, recorded, rundir, tracking
+from dpo_cli import checkpoint, config, evalgen, harness, layout, recorded, rundir, tasks, tracking
 from dpo_cli.data.prepare import prepare
 from dpo_cli.data.tokenize import Tokenized
 from dpo_cli.errors import ConfigError, UserError
 from dpo_cli.evaluate import evaluate
 from dpo_cli.losses import Loss
-from dpo_cli.losses.options import build_loss
 from dpo_cli.metrics import JsonlSink, MetricLogger, WandbSink, resolve_wandb_mode
 from dpo_cli.modeling import load_model, load_tokenizer
 from dpo_cli.modeling.options import ModelConfig
 from dpo_cli.recap import summary
 from dpo_cli.reference import AdapterReference, ModelReference, check_reference_tokenizer, generating_model
 from dpo_cli.report import write_reports
+from dpo_cli.reward import RewardObjective, check_margins
 from dpo_cli.schema import Config
 
 log = logging.getLogger(__name__)
@@ -66,15 +69,17 @@ def _section(model: ModelConfig, name_or_path: str) -> ModelConfig:
     )  # fmt: skip
 
 
-def load_saved(model: ModelConfig, path: str, tokenizer: Any) -> Any:
-    """The model saved at `path`: a full model directory (or hub id), or a LoRA adapter over
-    the base its adapter_config.json names (a peft model, adapter active)."""
+def load_saved(model: ModelConfig, path: str, tokenizer: Any, task: tasks.Task = tasks.TASKS["dpo"]) -> Any:
+    """The model saved at `path` as `task`'s model class (a causal LM; a reward model for
+    task=reward): a full model directory (or hub id), or a LoRA adapter over the base its
+    adapter_config.json names (a peft model, adapter active)."""
     base = adapter_base(path)
     if base is None:
-        return load_model(_section(model, path), tokenizer, 0)
+        return load_model(_section(model, path), tokenizer, 0, task.auto_class, task.num_labels)
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(load_model(_section(model, base), tokenizer, 0), path, is_trainable=False)
+    inner = load_model(_section(model, base), tokenizer, 0, task.auto_class, task.num_labels)
+    return PeftModel.from_pretrained(inner, path, is_trainable=False)
 
 
 TRAINING_OUTPUTS = ("final", "checkpoints", "warm_start")
@@ -206,7 +211,9 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
 
     if cfg.model.name_or_path is None:
         raise ConfigError(["mode=eval evaluates a saved model: set model.name_or_path=RUN/final (or a hub id)"])
-    check_reference_known(cfg)
+    task = tasks.of(cfg)
+    if task.reads_loss:  # a reward model (task=reward) has no reference
+        check_reference_known(cfg)
     check_output_dir(run_dir)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu_only())
     harness.check_launch(cfg.eval.harness, accelerator)
@@ -215,8 +222,9 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
         data = prepare(cfg.data, tokenizer, cfg.train.seed, check=False)
         if not data.eval:
             raise ConfigError(["mode=eval needs held-out data: the data config gives no eval split"])
-        loss_fn = build_loss(cfg.loss)
-        generation = evalgen.setup(cfg, accelerator, tokenizer, data.eval_pairs, run_dir)
+        loss_fn = task.objective(cfg)
+        check_margins(loss_fn, data.eval)
+        generation = evalgen.setup(cfg, accelerator, tokenizer, data.eval_pairs, run_dir)  # none for task=reward
         policy, reference, what, choice = _models(cfg, accelerator, tokenizer, data.eval, loss_fn)
         log.info("mode=eval: %s against %s on %d held-out %s", cfg.model.name_or_path, what, len(data.eval), data.unit)
         ref_source = reference if loss_fn.requires_reference else None
@@ -247,11 +255,15 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
 
 
 def _models(
-    cfg: Config, accelerator: Any, tokenizer: Any, eval_set: list[Tokenized], loss_fn: Loss
+    cfg: Config, accelerator: Any, tokenizer: Any, eval_set: list[Tokenized], loss_fn: Loss | RewardObjective
 ) -> tuple[Any, Any, str, layout.Choice]:
     """The saved policy and its reference on the device, what the reference is, and the layout
-    and LM head (`layout.Choice`) both score the eval set with."""
-    policy = load_saved(cfg.model, cfg.model.name_or_path, tokenizer).to(accelerator.device).eval()
+    and LM head (`layout.Choice`) both score the eval set with. A reward model (task=reward): no
+    reference, its task's layout."""
+    task = tasks.of(cfg)
+    policy = load_saved(cfg.model, cfg.model.name_or_path, tokenizer, task).to(accelerator.device).eval()
+    if not task.reads_loss:
+        return policy, None, f"no reference (task={task.name})", layout.Choice(task.layout, None, task.layout_why)
     reference, what = _reference(cfg, policy, tokenizer)
     if isinstance(reference, ModelReference):
         reference.model.to(accelerator.device)

@@ -7,7 +7,8 @@ prompt (evalgen.py); a judge never sees which model wrote a response.
 - `SortJudge`: exact, for the built-in task (data=synthetic): 1 when the response is the
   prompt's digits in ascending order, else 0.
 - `RewardModelJudge`: any Hugging Face sequence-classification model with one output (a reward
-  model), by local directory or hub id, with its own tokenizer and input format.
+  model), by local directory or hub id, with its own tokenizer and input format (a task=reward
+  run's final/: its inputs built as training built them, `dpo_cli.rewardformat`).
 
 A prompt is what the data holds: a string, or a list of {role, content} messages.
 """
@@ -23,6 +24,7 @@ import torch
 
 from dpo_cli.errors import ModelLoadError
 from dpo_cli.hub import looks_like_path
+from dpo_cli.rewardformat import FORMAT, RECORD, encode, read
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,8 @@ def as_messages(prompt: Prompt, response: str) -> list[dict[str, str]]:
     return [*head, {"role": "assistant", "content": response.strip()}]
 
 
-INPUT_FORMATS = ("auto", "chat", "pair", "text")
+INPUT_FORMATS = ("auto", "chat", "pair", "text", "dpo_cli")
+MAX_LENGTH = 1024  # tokens of a judge's input when judge.max_length is null (but with dpo_cli inputs)
 
 
 class RewardModelJudge:
@@ -95,7 +98,11 @@ class RewardModelJudge:
       chat: prompt and response as messages through the reward model's own chat template;
       pair: (prompt, response) as a text pair (e.g. OpenAssistant's DeBERTa reward models);
       text: prompt followed by the response, one text;
-      auto: chat when the reward model's tokenizer has a chat template, else text.
+      dpo_cli: as a task=reward run of dpo-cli built its inputs (final/dpo_cli_reward.json, see
+        `dpo_cli.rewardformat`): prompt + response + EOS, or messages through the chat template;
+      auto: dpo_cli when the reward model has that record, else chat when its tokenizer has a chat
+        template, else text.
+    `max_length`: None = the training run's data.max_length (dpo_cli inputs), else 1024.
     Loaded once, on first use (validation builds the object without loading anything)."""
 
     def __init__(
@@ -104,14 +111,14 @@ class RewardModelJudge:
         revision: str | None = None,
         tokenizer: str | None = None,
         input_format: str = "auto",
-        max_length: int = 1024,
+        max_length: int | None = None,
         batch_size: int = 8,
         dtype: str = "float32",
         trust_remote_code: bool = False,
     ):
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"input_format={input_format!r} must be one of {', '.join(INPUT_FORMATS)}")
-        if max_length < 1 or batch_size < 1:
+        if (max_length is not None and max_length < 1) or batch_size < 1:
             raise ValueError("max_length and batch_size must be >= 1")
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={dtype!r} must be float32, bfloat16 or float16")
@@ -120,6 +127,7 @@ class RewardModelJudge:
         self.dtype, self.trust_remote_code = dtype, trust_remote_code
         self.model: Any = None
         self.tokenizer: Any = None
+        self.saved: dict[str, Any] | None = None  # the training run's record (dpo_cli inputs)
 
     def describe(self) -> str:
         return f"reward model {self.name_or_path}"
@@ -159,6 +167,11 @@ class RewardModelJudge:
             raise ModelLoadError(f"could not load the config of the reward model {name!r}: {e}") from None
         if config.num_labels != 1:
             raise ModelLoadError(f"{name!r} has {config.num_labels} outputs; a reward model has one (num_labels=1)")
+        if self.input_format == "dpo_cli" and read(name, revision=self.revision, **kwargs) is None:
+            raise ModelLoadError(
+                f"judge.input_format=dpo_cli: {name!r} has no {RECORD} (a task=reward run of dpo-cli writes it in "
+                "final/); choose another judge.input_format (auto, chat, text, pair)"
+            )
         return kwargs
 
     def load(self, device: Any = "cpu") -> None:
@@ -188,14 +201,19 @@ class RewardModelJudge:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = model.to(device).eval()
         fmt = self.input_format
+        if fmt in ("auto", "dpo_cli"):
+            self.saved = read(name, revision=self.revision, **kwargs)
         if fmt == "auto":
-            fmt = "chat" if getattr(self.tokenizer, "chat_template", None) else "text"
+            fmt = FORMAT if self.saved else "chat" if getattr(self.tokenizer, "chat_template", None) else "text"
         self.format = fmt
         log.info("judge: reward model %s (%s inputs)", name, fmt)
 
     def _encode(self, prompts: list[Prompt], responses: list[str]) -> Any:
         tok = self.tokenizer
-        limits = dict(truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        if self.format == FORMAT:  # exactly as training built them: a padded batch, one row each
+            batch = encode(tok, self.saved, prompts, responses, self.max_length)
+            return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        limits = dict(truncation=True, max_length=self.max_length or MAX_LENGTH, padding=True, return_tensors="pt")
         if self.format == "pair":
             firsts = [p if isinstance(p, str) else conversation_text(p, "") for p in prompts]
             return tok(firsts, list(responses), **limits)

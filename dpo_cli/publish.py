@@ -16,7 +16,7 @@ import shlex
 import threading
 from pathlib import Path
 
-from dpo_cli import card
+from dpo_cli import card, rewardformat
 from dpo_cli.errors import UserError, first_line
 from dpo_cli.hub import hub_reachable, offline_setting
 from dpo_cli.schema import Config, ExportConfig, as_plain
@@ -120,10 +120,18 @@ def push(final_dir: Path, e: ExportConfig) -> str:
 
 
 def finish(cfg: Config, run_dir: Path, steps: int, kept: dict[str, int], unit: str) -> None:
-    """On the main process, after final/ is written: its model card, then the push when asked.
+    """On the main process, after final/ is written: a reward model's input record, its model card,
+    then the push when asked.
     A card that cannot be written is a warning (final/ is complete without it); a failed push
     a UserError (see `push`)."""
     final_dir = run_dir / "final"
+    if cfg.task == "reward":  # how its inputs were built, for judge=reward_model (dpo_cli.rewardformat)
+        try:
+            for path in rewardformat.write(final_dir, cfg.data):
+                log.info("wrote %s (how the reward model's inputs were built)", path)
+        except OSError as e:
+            log.warning("could not write %s in %s (%s): judge=reward_model will not find how this reward model's "
+                        "inputs were built", rewardformat.RECORD, final_dir, first_line(e))  # fmt: skip
     try:
         for path in card.write(final_dir, run_dir, as_plain(cfg), steps, kept, unit):
             log.info("wrote the model card %s", path)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from dpo_cli.batch import CHOSEN, REJECTED
+from dpo_cli.errors import DataError
 
 Parts = dict[str, tuple[torch.Tensor, torch.Tensor]]  # metric name -> (sum, count), as scoring.Parts
 
@@ -57,6 +58,7 @@ class RewardObjective:
     requires_reference = False
     paired = True
     needs: frozenset[str] = frozenset()
+    reads_margin = True  # data=pairs' per-pair `margin` (batch["margin"]); see `check_margins`
 
     def __init__(self, center_coefficient: float | None = None):
         self.center_coefficient = center_coefficient
@@ -88,3 +90,17 @@ class RewardObjective:
                 "rewards/rejected": total(rejected),
             }
         return loss, parts
+
+
+def check_margins(objective: object, *splits: list[dict]) -> None:
+    """DataError when tokenized examples carry data=pairs' per-pair `margin` and `objective` does
+    not read it (DPO-family losses): a column that changes nothing is refused, not ignored."""
+    if getattr(objective, "reads_margin", False):
+        return
+    n = sum("margin" in example for split in splits for example in split)
+    if n:
+        raise DataError(
+            f"{n} pairs of the data carry a 'margin' field (a per-pair margin, which only task=reward's Bradley-Terry "
+            "loss reads); the DPO losses do not read it: remove the field from the rows, or train a reward model "
+            "with task=reward"
+        )

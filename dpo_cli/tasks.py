@@ -117,8 +117,6 @@ def problems(c: Config, command_line: Sequence[str] = (), unpaired: bool = False
     p += _reference_problems(c)
     if c.train.layout not in ("auto", task.layout):
         p.append(f"train.layout={c.train.layout}: {task.layout_why}; set train.layout=padded (or auto)")
-    if c.mode == "eval":
-        p.append("mode=eval evaluates a causal LM's preference metrics; task=reward has no eval mode yet")
     return p
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from dpo_cli.batch import CHOSEN, IGNORE_INDEX, KL, LAYOUTS, REJECTED, RESPONSE_ROLES, TARGET_FIELDS
-from dpo_cli.data.tokenize import Tokenized, responses_by_role
+from dpo_cli.data.tokenize import EXTRAS, Tokenized, responses_by_role
 
 
 @dataclass
@@ -198,6 +198,9 @@ def collate(
         **{name: t[:, k] for k, name in enumerate(TARGET_FIELDS)},
         "whole": torch.tensor(whole),
     }
+    for key in EXTRAS:
+        if any(key in ex for ex in examples):
+            batch[key] = torch.tensor([float(ex.get(key, 0.0)) for ex in examples], dtype=torch.float32)
     if layout == "padded":
         batch["labels"] = _labels(t, grid["input_ids"].shape)
     else:

@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from dpo_cli.data import Pair, Pairs, chat, load_pairs, tokenize
 from dpo_cli.data.options import DataConfig, is_mixture, unpaired
-from dpo_cli.data.tokenize import Tokenized, TruncationStats, check_kept, tokenize_pairs
+from dpo_cli.data.tokenize import EXTRAS, Tokenized, TruncationStats, check_kept, tokenize_pairs
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,9 @@ def _cache_key(pairs: Pairs, template: str | None, tokenizer: Any, lengths: dict
 
 
 def _pack(examples: list[Tokenized]) -> dict[str, Any]:
-    """Examples as flat int32 tensors (values and lengths per key): torch.load reads tensors at
-    disk speed, while nested Python lists go through its slow safe unpickler."""
+    """Examples as flat tensors (values and lengths per key of ids, int32; a float extra such
+    as `margin` as float64, NaN where an example holds none): torch.load reads tensors at disk
+    speed, while nested Python lists go through its slow safe unpickler."""
     if not examples:
         return {}
     packed = {}
@@ -101,8 +103,9 @@ def _pack(examples: list[Tokenized]) -> dict[str, Any]:
         if isinstance(first, list):
             packed[f"{key}/lengths"] = torch.tensor([len(e[key]) for e in examples], dtype=torch.int32)
             packed[f"{key}/values"] = torch.tensor([t for e in examples for t in e[key]], dtype=torch.int32)
-        else:
-            packed[key] = torch.tensor([e[key] for e in examples], dtype=torch.int32)
+    for key in EXTRAS:
+        if any(key in e for e in examples):
+            packed[key] = torch.tensor([float(e.get(key, math.nan)) for e in examples], dtype=torch.float64)
     return packed
 
 
@@ -117,7 +120,12 @@ def _unpack(packed: dict[str, Any]) -> list[Tokenized]:
             ends = list(itertools.accumulate(lengths))
             columns[key] = [values[end - n : end] for n, end in zip(lengths, ends, strict=True)]
     n = len(next(iter(columns.values()))) if columns else 0
-    return [{key: col[i] for key, col in columns.items()} for i in range(n)]
+    rows = [{key: col[i] for key, col in columns.items()} for i in range(n)]
+    for row in rows:  # an extra an example did not hold (NaN) is left out again
+        for key in EXTRAS:
+            if key in row and math.isnan(row[key]):
+                del row[key]
+    return rows
 
 
 def _load_cached(path: Path) -> tuple[list, list, TruncationStats, TruncationStats] | None:

@@ -19,6 +19,10 @@ from dpo_cli.errors import DataError
 # `responses_by_role` and never ask which kind of data they hold.
 Tokenized = dict[str, Any]
 RESPONSE_KEYS = {role: f"{ROLE_NAMES[role]}_ids" for role in RESPONSE_ROLES}
+# Per-example values a pair may carry beside its ids, from the normalized pair to the batch
+# (`collate`): `margin`, data=pairs' per-pair margin (a float), which task=reward's loss reads.
+# An example holds one only when its pair did (the cache stores a missing one as NaN).
+EXTRAS = ("margin",)
 
 # Why a pair or an example is dropped (keys of TruncationStats.dropped).
 IDENTICAL = "identical chosen and rejected"
@@ -202,7 +206,7 @@ def tokenize_pairs(
     out and counted by reason in `stats.dropped`: identical chosen and rejected ids, before or
     after truncation (their loss is log 2 whatever the model does), or a response truncated to
     nothing; unpaired examples whose completion was truncated to nothing. `check_kept` refuses
-    data that is mostly dropped.
+    data that is mostly dropped. A pair's `EXTRAS` (its margin) go to its tokenized example.
     """
     stats = TruncationStats()
     if not pairs:
@@ -231,7 +235,7 @@ def tokenize_pairs(
         return out, stats
     chosen = _responses(tokenizer, texts, prompts, [p["chosen"] for p in pairs], stats, chat)
     rejected = _responses(tokenizer, texts, prompts, [p["rejected"] for p in pairs], stats, chat)
-    for p, c, r in zip(prompts, chosen, rejected, strict=True):
+    for p, c, r, pair in zip(prompts, chosen, rejected, pairs, strict=True):
         if c == r:
             drop(IDENTICAL)
             continue
@@ -241,7 +245,7 @@ def tokenize_pairs(
         elif t["chosen_ids"] == t["rejected_ids"]:
             drop(IDENTICAL_AFTER_TRUNCATION)
         else:
-            out.append(t)
+            out.append(t | {k: pair[k] for k in EXTRAS if k in pair})
     return out, stats
 
 
@@ -279,4 +283,7 @@ def fingerprint(pairs: list[Tokenized]) -> str:
         for ids in parts:
             h.update(array("q", ids).tobytes())
             h.update(b"|")
+        for key in EXTRAS:  # only when held: data without them keeps its fingerprint
+            if key in p:
+                h.update(f"{key}={p[key]!r}|".encode())
     return h.hexdigest()[:16]

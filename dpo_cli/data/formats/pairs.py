@@ -15,10 +15,15 @@ later with the chat template. The prompt is
 The responses are what follows the prompt; they must be assistant turns.
 
 Rows whose two sides share no prompt, or that leave a response empty, are dropped with the reason.
+
+Optional `margin`: a number per pair, how much more the chosen response is preferred (Llama 2's
+margin, e.g. from the gap between two ratings); task=reward subtracts it in the Bradley-Terry
+loss (dpo_cli/reward.py), a row without one has margin 0, and task=dpo refuses data carrying it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from dataclasses import field as option
@@ -98,7 +103,27 @@ def same_kind(name: str, value: Any, other: str, other_value: Any) -> None:
         raise RowError(name, f"field {name!r} must be {kind}, like field {other!r}")
 
 
+def margin_of(row: dict) -> float | None:
+    """The row's `margin` field as a float (None when absent or null: margin 0): a finite number
+    (not a boolean), else a RowError."""
+    value = row.get("margin")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RowError("margin", f"field 'margin' must be a finite number, got {value!r}")
+    return float(value)
+
+
 def normalize(row: dict) -> dict[str, Any] | str:
+    """{prompt, chosen, rejected} (and `margin` when the row has one), or why the row is dropped."""
+    margin = margin_of(row)
+    pair = _normalize(row)
+    if margin is not None and not isinstance(pair, str):
+        pair["margin"] = margin
+    return pair
+
+
+def _normalize(row: dict) -> dict[str, Any] | str:
     chosen, rejected = text_or_messages(row, "chosen"), text_or_messages(row, "rejected")
     same_kind("rejected", rejected, "chosen", chosen)
     prompt = text_or_messages(row, "prompt") if "prompt" in row else None
@@ -121,7 +146,7 @@ class Pairs(Format):
 
     name: ClassVar[str] = "pairs"
     fields: ClassVar[tuple[str, ...]] = ("chosen", "rejected")
-    optional: ClassVar[tuple[str, ...]] = ("prompt",)
+    optional: ClassVar[tuple[str, ...]] = ("prompt", "margin")
     hint: ClassVar[tuple[frozenset[str], str]] = (
         frozenset({"chosen", "rejected"}),
         "these rows hold chosen/rejected texts: use data=pairs (explicit or implicit prompt)",
