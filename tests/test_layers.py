@@ -57,6 +57,7 @@ LAYERS: list[tuple[str, ...]] = [
         "dpo_cli.publish",
         "dpo_cli.harness",
         "dpo_cli.reward",
+        "dpo_cli.rewardformat",
         "dpo_cli.tasks",
         "dpo_cli.pairing",
         "dpo_cli.roundfiles",
