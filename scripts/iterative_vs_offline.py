@@ -49,8 +49,9 @@ def main() -> None:
     p.add_argument("--eval-prompts", type=int, default=256)
     p.add_argument("--loss", default="rpo")
     p.add_argument("--out", type=Path, default=Path("outputs/iterative_vs_offline"))
+    p.add_argument("overrides", nargs="*", help="further overrides, given to both runs (e.g. scheduler.warmup_steps=4)")
     a = p.parse_args()
-    common = [f"loss={a.loss}", f"eval.prompts={a.eval_prompts}", "train.eval_every=null"]
+    common = [f"loss={a.loss}", f"eval.prompts={a.eval_prompts}", "train.eval_every=null", *a.overrides]
     table: dict[str, list[dict[str, float]]] = {"offline": [], "iterative": []}
     for seed in a.seeds:
         s = [f"train.seed={seed}", *common]
@@ -68,7 +69,7 @@ def main() -> None:
                 ],
             )  # fmt: skip
         )
-    print(f"\nloss={a.loss}, {a.rounds * a.steps} optimizer steps each, {a.eval_prompts} held-out prompts, "
+    print(f"\nloss={a.loss} {' '.join(a.overrides)}, {a.rounds * a.steps} optimizer steps each, {a.eval_prompts} held-out prompts, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")  # fmt: skip
     print("| run | seed | judge score | initial policy's score | win rate vs initial (95% interval) |")
     print("|---|---|---|---|---|")
