@@ -10,7 +10,8 @@ Round N's training run is the run's own config with
 - data: data=pairs on rounds/N/pairs.jsonl, evaluated on rounds/eval.jsonl (the run's held-out
   pairs), with the run's lengths and chat template;
 - no judge (the rounds are judged against the initial policy by the run itself), no report and
-  no push (the run's own, at its end), train.resume=auto (a resumed round continues), its
+  no push (the run's own, at its end), train.resume=auto once it has started (a resumed round
+  continues), its
   own seed (train.seed + N - 1), and W&B runs named <run>-round-N in group <run>.
 """
 
@@ -69,20 +70,22 @@ def round_config(cfg: Config, run_dir: Path, n: int, initial: Initial, write: bo
         else:
             m = cfg.model
             reference.update(name_or_path=m.name_or_path, revision=m.revision, gguf_file=m.gguf_file)
-    d = cfg.data
+    data = cfg.data
     plain["data"] = {
         "format": "pairs",
         "path": str(round_dir(run_dir, n) / PAIRS),
         "eval_path": str(run_dir / ROUNDS / EVAL_PAIRS),
-        "max_length": d.max_length,
-        "max_prompt_length": d.max_prompt_length,
-        "truncation_mode": d.truncation_mode,
-        "chat_template": d.chat_template,
+        "max_length": data.max_length,
+        "max_prompt_length": data.max_prompt_length,
+        "truncation_mode": data.truncation_mode,
+        "chat_template": data.chat_template,
         "cache_dir": None,
         "max_train_pairs": None,
         "max_eval_pairs": None,
     }
-    plain["train"].update(resume="auto", seed=cfg.train.seed + n - 1)
+    d = round_dir(run_dir, n)
+    started = (d / "checkpoints").is_dir() or (d / "metrics.jsonl").is_file()  # continued (or set aside) as any run
+    plain["train"].update(resume="auto" if started else None, seed=cfg.train.seed + n - 1)
     plain["export"].update(push_to_hub=None, merge_lora=cfg.model.lora.r is not None or cfg.export.merge_lora)
     plain["eval"]["generate_every"] = None
     plain["eval"]["harness"]["at_end"] = cfg.eval.harness.at_end and n == it.rounds

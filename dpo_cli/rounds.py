@@ -140,7 +140,7 @@ def _round(r: Rounds, n: int) -> None:
     evaluation = _evaluate(r, n, offset + trained["steps"])
     files.write_json(d / files.DONE, {"round": n, "steps": trained["steps"], "stats": stats, "eval": evaluation})
     files.compose_metrics(r.run_dir, r.cfg.iterative.rounds)
-    log.info("round %d done: %s", n, " ".join(f"{k}={_fmt(v)}" for k, v in {**stats, **evaluation}.items()))
+    log.info("round %d done: %s", n, _line(files.read_json(d / files.DONE)))
 
 
 def _prompts(r: Rounds, n: int) -> list[GenPrompt]:
@@ -381,16 +381,24 @@ def _finish(r: Rounds) -> dict[str, float]:
     last = files.read_json(files.round_dir(r.run_dir, rounds) / files.DONE)
     lines = [f"done: {rounds} rounds, {steps} optimizer steps; run directory {r.run_dir}; final/ is round {rounds}'s"]
     for n in range(1, rounds + 1):
-        done = files.read_json(files.round_dir(r.run_dir, n) / files.DONE)
-        lines.append(
-            f"  round {n}: " + " ".join(f"{k}={_fmt(v)}" for k, v in {**done["stats"], **done["eval"]}.items())
-        )
+        lines.append(f"  round {n}: {_line(files.read_json(files.round_dir(r.run_dir, n) / files.DONE))}")
     log.info("%s", "\n".join(lines))
     return {**last["stats"], **(last["eval"] or {})}
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+def _line(done: dict[str, Any]) -> str:
+    """A complete round in one line: its samples and pairs, its steps, its evaluation."""
+    s, e = done["stats"], done["eval"] or {}
+    text = (
+        f"{s['round/pairs']} pairs from {s['round/prompts']} prompts (samples' mean score {s['round/sample_score']:.3f}, "
+        f"{s['round/ties_dropped']} ties dropped), {done['steps']} steps"
+    )
+    if e:
+        text += (
+            f"; held out: judge score {e['eval_judge_score']:.3f} (initial policy {e['eval_reference_judge_score']:.3f}), "
+            f"win rate {e['eval_win_rate']:.3f} ({e['eval_win_rate_low']:.3f}-{e['eval_win_rate_high']:.3f})"
+        )
+    return text
 
 
 def _accelerator(cfg: Config) -> Any:

@@ -191,7 +191,7 @@ class IterativeConfig:
     train.epochs passes over the round's pairs)."""
 
     rounds: int = 3  # rounds of sampling, judging and training
-    prompts: Optional[int] = None  # prompts sampled per round (the next N of the shuffled training prompts); null = all
+    prompts: Optional[int] = 1024  # prompts sampled per round (the next N of the shuffled training prompts); null = all
     samples: int = 4  # responses sampled per prompt (k)
     pairs: str = "best_worst"  # best_worst: one pair per prompt (highest vs lowest score); all: every two samples apart by min_gap
     min_gap: float = (

@@ -60,7 +60,7 @@ def test_round_configs_chain_the_rounds_models_and_references(tmp_path):
     initial = Initial(run_dir / files.ROUNDS / files.INITIAL)
     cfg = _typed(["train.seed=7", "model.lora.r=4"])
     first = roundconfig.round_config(cfg, run_dir, 1, initial)
-    assert first.task == "dpo" and first.judge is None and first.train.resume == "auto" and first.train.seed == 7
+    assert first.task == "dpo" and first.judge is None and first.train.resume is None and first.train.seed == 7
     assert first.model.name_or_path == str(initial.saved) and first.model.random_init is None
     assert first.model.warm_start.steps == 0 and first.model.lora.r == 4
     assert first.reference.name_or_path is None  # round 1: the initial policy (the base, adapter off)
@@ -72,6 +72,8 @@ def test_round_configs_chain_the_rounds_models_and_references(tmp_path):
     second = roundconfig.round_config(cfg, run_dir, 2, initial)
     assert second.model.name_or_path == str(run_dir / "rounds" / "1" / "final" / "merged")
     assert second.reference.name_or_path is None and second.train.seed == 8  # previous: its starting policy
+    (run_dir / "rounds" / "2" / "checkpoints").mkdir(parents=True)
+    assert roundconfig.round_config(cfg, run_dir, 2, initial).train.resume == "auto"  # started: continued
     fixed = roundconfig.round_config(_typed(["iterative.reference=initial"]), run_dir, 2, initial)
     assert fixed.reference.name_or_path == str(initial.saved)
     assert fixed.logger.wandb.name == "run-round-2" and fixed.logger.wandb.group == "run"
