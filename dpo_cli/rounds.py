@@ -119,10 +119,9 @@ def _round(r: Rounds, n: int) -> None:
     """Round `n`, each step skipped when its output is saved (see the module docstring)."""
     d = files.round_dir(r.run_dir, n)
     log.info("round %d of %d", n, r.cfg.iterative.rounds)
-    prompts = _prompts(r, n)
     samples = files.read_jsonl(d / files.SAMPLES)
     if samples is None:
-        samples = _sample(r, n, prompts)
+        samples = _sample(r, n, _prompts(r, n))
         _check_stop(r.stop, f"after round {n}'s samples")
     else:
         log.info("round %d: the samples saved in %s", n, d / files.SAMPLES)

@@ -257,13 +257,9 @@ def test_sigterm_and_kill_9_mid_round_resume_to_the_same_weights_recomputing_not
     assert exact(read_metrics(run_dir)) == exact(read_metrics(full_dir))
 
 
-@pytest.mark.integration
-def test_inspect_reports_the_round_plan(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    out = subprocess.run(
-        [str(BIN / "dpo-train"), *RUN, "mode=inspect", f"hydra.run.dir={tmp_path / 'x'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout + out.stderr
-    text = out.stdout + out.stderr
+def test_inspect_reports_the_round_plan():
+    from dpo_cli import preflight
+
+    cfg = config.validate(make_config([*RUN, "mode=inspect"]), quiet=True)
+    text = preflight.run(cfg)
     assert "rounds: 2 (task=iterative; 2 per job)" in text and "1024 sampled responses (at most 8192 tokens)" in text
