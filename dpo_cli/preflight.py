@@ -22,6 +22,7 @@ from dpo_cli.lora import check_targets
 from dpo_cli.modeling import check_max_length, load_tokenizer, resolve_attention
 from dpo_cli.modeling.options import ModelConfig
 from dpo_cli.reference import check_reference_tokenizer, reference_model_config
+from dpo_cli.reward import check_margins
 from dpo_cli.schedule import warmup_steps
 from dpo_cli.schema import Config
 
@@ -95,6 +96,7 @@ def data_problem(cfg: Config, data: Prepared) -> str | None:
     t = cfg.train
     try:
         check_prepared(data)
+        check_margins(tasks.of(cfg).objective(cfg), data.train, data.eval)
     except DataError as e:
         return str(e)
     per_epoch = steps_per_epoch(len(data.train), t.batch_size)

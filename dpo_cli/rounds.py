@@ -35,9 +35,11 @@ from dpo_cli import roundfiles as files
 from dpo_cli.data import load_pairs
 from dpo_cli.errors import ConfigError, Interrupted, UserError
 from dpo_cli.evalgen import GenPrompt, eval_prompts
+from dpo_cli.losses.options import build_loss
 from dpo_cli.metrics import MetricLogger
 from dpo_cli.modeling import load_model, load_tokenizer
 from dpo_cli.report import write_reports
+from dpo_cli.reward import check_margins
 from dpo_cli.roundconfig import Initial
 from dpo_cli.schema import Config, as_plain
 from dpo_cli.signals import StopOnSignal
@@ -89,6 +91,7 @@ def _setup(cfg: Config, run_dir: Path, stop: StopOnSignal) -> Rounds:
 
     tokenizer = load_tokenizer(cfg.model)
     pairs = load_pairs(cfg.data, cfg.train.seed)
+    check_margins(build_loss(cfg.loss), pairs.train, pairs.eval)  # a column the rounds would not read
     judge = instantiate(cfg.judge)
     problem = judge.check([p["prompt"] for p in pairs.train[:64]]) if hasattr(judge, "check") else None
     if problem:

@@ -166,6 +166,21 @@ def test_dpo_refuses_data_with_margins_before_weights_load(tmp_path, train_run):
         train_run(["data=pairs", f"data.path={path}", "data.format.columns.margin=gap"])
 
 
+def test_inspect_reports_the_margin_refusal_as_training_would(tmp_path):
+    from conftest import make_config
+
+    from dpo_cli import config, preflight
+    from dpo_cli.errors import UserError
+
+    path = _write_rows(tmp_path / "p.jsonl", _margin_rows())
+    args = ["mode=inspect", "data=pairs", f"data.path={path}", "data.format.columns.margin=gap", "data.eval_holdout=4",
+            "data.cache_dir=null", "train.batch_size=4", "train.micro_batch_size=4", "judge=none"]  # fmt: skip
+    with pytest.raises(UserError, match=r"carry a 'margin' field"):
+        preflight.run(config.validate(make_config(args), quiet=True))
+    reward = config.validate(make_config([*args, "task=reward"]), quiet=True)
+    assert "training would refuse" not in preflight.run(reward)  # task=reward reads them
+
+
 # --- the judge's inputs: as training built them -------------------------------------------------
 
 
