@@ -35,18 +35,26 @@ FAST = ["debug=default", "loss=dpo"]
 _RUNNING: dict[str, pytest.Item] = {}
 
 
-# The files that take longest (SLURM jobs, multi-process runs, signals, the default run): run
-# first, so that on several workers (make test: pytest-xdist, one file per worker at a time) the
-# short files fill in at the end instead of one worker finishing them alone.
+# The files that take longest (test_slurm's jobs when a cluster runs; then by the seconds of their
+# tests among the 80 slowest of a `make test` on 2 cores: scale 217, gpu_check 195, evalmode 174,
+# cli 157, interrupt 135, e2e 115, cli_errors 97, harness 82, model_loading 37, reference 32,
+# preflight 31): run first, so that on several workers (make test: pytest-xdist, one file per
+# worker at a time) the short files fill in at the end instead of one worker finishing them alone.
+# test_gpu_check before test_scale: its one long test (scripts/gpu/check.sh's CPU dry run, 188 s)
+# is the longest of the suite.
 SLOW_FILES = (
     "test_slurm",
     "test_gpu_check",
     "test_scale",
+    "test_evalmode",
+    "test_cli",
     "test_interrupt",
     "test_e2e",
-    "test_evalmode",
+    "test_cli_errors",
+    "test_harness",
+    "test_model_loading",
     "test_reference",
-    "test_cli",
+    "test_preflight",
 )
 
 

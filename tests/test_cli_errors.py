@@ -394,12 +394,15 @@ def test_a_failed_start_leaves_no_run_directory(tmp_path):
 
 @pytest.mark.integration
 def test_a_failed_start_in_an_existing_directory_keeps_it_as_it_was(tmp_path):
+    """A missing local data file is one clear error naming the key and the cause (exit 2), and
+    the directory the run was given keeps what it held."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "notes.txt").write_text("mine\n")
     proc = run_cli(
         ["dpo-train", "data=hh", "data.path=nowhere.jsonl", *QUIET, f"hydra.run.dir={run_dir}"], cwd=tmp_path
     )
+    assert_one_clear_error(proc, "data.path='nowhere.jsonl'", "no such file")
     assert proc.returncode == 2, proc.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 from conftest import BIN, QUIET, REPO, free_port, read_metrics, run_cli
 
+from dpo_cli import launch
 from dpo_cli.launch import grad_norm_of
 
-STEPS = 3
+STEPS = 6
 # Batch 8 with a logged row per step: the losses and gradient norms step by step.
 COMMON = [
     "train.max_steps=3",
@@ -26,6 +27,12 @@ COMMON = [
     "model.warm_start.steps=0",  # its weights depend on the number of threads: 1 process is compared with 2 and 4
     *QUIET,
 ]
+# The layouts' runs (one module-scoped launch each, shared): 6 steps, a checkpoint after step 3
+# (test_resume_on_another_number_of_processes_keeps_training resumes the 4-process one's).
+LAYOUT_RUN = [f"train.max_steps={STEPS}", "train.save_every=3"]
+# Batch 8 as 1 process x micro 8, 1 x micro 2 x accumulation 4, 2 processes x micro 2 x 2, and 4
+# processes x micro 2 x 1: name -> (processes, micro batch).
+LAYOUTS = {"1x8": (1, 8), "1x2x4": (1, 2), "2x2x2": (2, 2), "4x2x1": (4, 2)}
 
 
 def _launch(
@@ -55,20 +62,27 @@ def _train_rows(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir) if "loss" in r]
 
 
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory) -> Path:
+    """The directory holding one run per layout of LAYOUTS (LAYOUT_RUN), each under its name."""
+    root = tmp_path_factory.mktemp("layouts")
+    for name, (processes, micro) in LAYOUTS.items():
+        proc = _launch(root, name, processes, micro, extra=LAYOUT_RUN)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return root
+
+
 @pytest.mark.integration
 @pytest.mark.distributed
-def test_global_batch_is_the_same_optimization_for_any_world_size(tmp_path):
+def test_global_batch_is_the_same_optimization_for_any_world_size(layouts):
     """Batch 8 as 1 process x micro 8, 1 x micro 2 x accumulation 4, 2 processes x micro 2 x 2,
     and 4 processes x micro 2 x 1: the same losses and gradient norms at every step."""
-    layouts = {"1x8": (1, 8), "1x2x4": (1, 2), "2x2x2": (2, 2), "4x2x1": (4, 2)}
     rows = {}
-    for name, (processes, micro) in layouts.items():
-        proc = _launch(tmp_path, name, processes, micro)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        log = (tmp_path / name / "train.log").read_text()
+    for name, (processes, micro) in LAYOUTS.items():
+        log = (layouts / name / "train.log").read_text()
         accum = 8 // (processes * micro)
         assert f"batch 8 = micro {micro} x accumulation {accum} x processes {processes}" in log
-        rows[name] = _train_rows(tmp_path / name)
+        rows[name] = _train_rows(layouts / name)
     base = rows.pop("1x8")
     assert [r["step"] for r in base] == list(range(1, STEPS + 1))
     for name, got in rows.items():
@@ -99,18 +113,17 @@ def test_token_mean_terms_do_not_depend_on_how_the_step_is_split(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.distributed
-def test_resume_on_another_number_of_processes_keeps_training(tmp_path):
-    """A checkpoint of 4 processes x micro 2 (accumulation 1) at step 3, resumed by 2 processes x
-    micro 2 x accumulation 2: the same rows as the uninterrupted 4-process run. accelerate counts
-    micro batches to decide when to synchronize, and the checkpoint restored its count (3): the
-    2-process run then synchronized on the first micro batch of every step, so the optimizer
-    step was skipped and the weights never changed again."""
-    four = _launch(tmp_path, "four", 4, 2, extra=["train.max_steps=6", "train.save_every=3"])
-    assert four.returncode == 0, four.stdout + four.stderr
-    step3 = tmp_path / "four" / "checkpoints" / "step-3"
-    resumed = _launch(tmp_path, "two", 2, 2, extra=["train.max_steps=6", f"train.resume={step3}"])
+def test_resume_on_another_number_of_processes_keeps_training(layouts, tmp_path):
+    """A checkpoint of 4 processes x micro 2 (accumulation 1) at step 3 (the 4x2x1 layout's run),
+    resumed by 2 processes x micro 2 x accumulation 2: the same rows as the uninterrupted
+    4-process run. accelerate counts micro batches to decide when to synchronize, and the
+    checkpoint restored its count (3): the 2-process run then synchronized on the first micro
+    batch of every step, so the optimizer step was skipped and the weights never changed again."""
+    four = layouts / "4x2x1"
+    step3 = four / "checkpoints" / "step-3"
+    resumed = _launch(tmp_path, "two", 2, 2, extra=[f"train.max_steps={STEPS}", f"train.resume={step3}"])
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    want = {r["step"]: r for r in _train_rows(tmp_path / "four")}
+    want = {r["step"]: r for r in _train_rows(four)}
     got = _train_rows(tmp_path / "two")
     assert [r["step"] for r in got] == [4, 5, 6]
     for row in got:
@@ -140,16 +153,17 @@ def test_all_finite_means_every_process(tmp_path):
 
 
 @pytest.mark.integration
-def test_launcher_accumulation_setting_does_not_scale_the_loss_again(tmp_path):
+def test_launcher_accumulation_setting_does_not_scale_the_loss_again(layouts, tmp_path):
     """Known defect: accelerate reads ACCELERATE_GRADIENT_ACCUMULATION_STEPS (set by DeepSpeed
     launches or by hand) and its backward divided the loss by it on top of dpo-cli's own
-    division, halving the gradients (and the logged grad_norm) at accumulation 2."""
-    plain = _launch(tmp_path, "plain", 1, 4)
-    assert plain.returncode == 0, plain.stderr
-    env = {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"}  # the same value as the config's 8 / 4
-    with_env = _launch(tmp_path, "env", 1, 4, env=env)
+    division, dividing the gradients (and the logged grad_norm) by the accumulation again. The
+    run without the variable: the 1x2x4 layout's (1 process x micro 2 x accumulation 4)."""
+    env = {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}  # the same value as the config's 8 / 2
+    with_env = _launch(tmp_path, "env", 1, 2, env=env, extra=LAYOUT_RUN)
     assert with_env.returncode == 0, with_env.stderr
-    for a, b in zip(_train_rows(tmp_path / "plain"), _train_rows(tmp_path / "env"), strict=True):
+    plain = _train_rows(layouts / "1x2x4")
+    assert len(plain) == STEPS
+    for a, b in zip(plain, _train_rows(tmp_path / "env"), strict=True):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6), (a, b)
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), (a, b)
 
@@ -244,19 +258,21 @@ def test_loop_survives_a_launcher_that_reports_no_grad_norm(train_run, monkeypat
 
 
 @pytest.mark.integration
-def test_wait_for_main_process(tmp_path):
+def test_wait_for_main_process(tmp_path, capsys):
     """The sbatch template's check that a node reaches the main process: a clear message and
-    exit 2 when nothing answers, exit 0 when the port accepts connections."""
+    exit 2 when nothing answers, exit 0 when the port accepts connections. The command as the
+    template runs it once; its other answers from the same entry point (launch.main) in process."""
     cmd = [str(BIN / "python"), "-m", "dpo_cli.launch", "wait-for"]
     port = free_port()
     proc = subprocess.run([*cmd, "127.0.0.1", str(port), "--timeout", "2"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "cannot reach the main process" in proc.stderr and f"127.0.0.1:{port}" in proc.stderr
     assert "Traceback" not in proc.stderr
-    bad = subprocess.run([*cmd, "no-such-host.invalid", "1", "--timeout", "1"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "does not resolve" in bad.stderr
+    with pytest.raises(SystemExit) as bad:
+        launch.main(["wait-for", "no-such-host.invalid", "1", "--timeout", "1"])
+    assert bad.value.code == 2 and "does not resolve" in capsys.readouterr().err
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
-        ok = subprocess.run([*cmd, "127.0.0.1", str(server.getsockname()[1]), "--timeout", "5"], capture_output=True)
-    assert ok.returncode == 0, ok.stderr
+        launch.main(["wait-for", "127.0.0.1", str(server.getsockname()[1]), "--timeout", "5"])  # returns: exit 0
+    assert capsys.readouterr().err == ""
