@@ -157,7 +157,7 @@ def _readme_commands() -> list[list[str]]:
     text = (REPO / "README.md").read_text()
     commands = []
     for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, flags=re.S):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # a command continued with "\" is one line
             line = line.split(" #")[0].strip().removeprefix("$ ")
             m = re.search(r"(?:^|\s)(?:dpo-train|-m dpo_cli)(\s.*|$)", line)
             if m and not line.startswith(("pip", "make")):
