@@ -24,6 +24,7 @@ import gc
 import json
 import logging
 import random
+from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,7 @@ def _setup(cfg: Config, run_dir: Path, stop: StopOnSignal) -> Rounds:
         files.write_jsonl(eval_file, [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs.eval])
     train_pairs = list(pairs.train)
     random.Random(cfg.train.seed).shuffle(train_pairs)
-    log.info("%s", roundconfig.plan(cfg, _distinct_prompts(train_pairs), judge.describe()))
+    log.info("%s", roundconfig.plan(cfg, len(_distinct(train_pairs)), judge.describe()))
     generation = None
     if cfg.eval.prompts:
         prompts = eval_prompts(pairs.eval, tokenizer, cfg.data, cfg.eval.prompts)
@@ -131,9 +132,11 @@ def _round(r: Rounds, n: int) -> None:
     scores = files.read_jsonl(d / files.SCORES)
     if scores is None:
         scores = _judge(r, d, samples)
+    it = r.cfg.iterative
+    found, dropped = pairing.make_pairs([s["scores"] for s in scores], it.pairs, it.min_gap)
     if not (d / files.PAIRS).is_file():
-        _pair(r, d, samples, scores)
-    stats = _stats(r, d, samples, scores)
+        _pair(d, samples, scores, found)
+    stats = _stats(samples, scores, found, dropped)
     if not (d / files.TRAINED).is_file():
         _check_stop(r.stop, f"before round {n}'s training")
         _train(r, n, stats["round/pairs"])
@@ -148,18 +151,19 @@ def _round(r: Rounds, n: int) -> None:
 def _prompts(r: Rounds, n: int) -> list[GenPrompt]:
     """Round `n`'s prompts: the next iterative.prompts distinct training prompts (all with null),
     in the order of the run's seeded shuffle, starting over when they run out."""
-    distinct: dict[str, dict] = {}
-    for pair in r.train_pairs:
-        distinct.setdefault(json.dumps(pair["prompt"], sort_keys=True), pair)
-    everything = list(distinct.values())
+    everything = _distinct(r.train_pairs)
     size = min(r.cfg.iterative.prompts or len(everything), len(everything))
     start = (n - 1) * size % len(everything)
     chosen = (everything * 2)[start : start + size]
     return eval_prompts(chosen, r.tokenizer, r.cfg.data, size)
 
 
-def _distinct_prompts(pairs: list[dict]) -> int:
-    return len({json.dumps(p["prompt"], sort_keys=True) for p in pairs})
+def _distinct(pairs: list[dict]) -> list[dict]:
+    """The first pair of each distinct prompt, in order."""
+    distinct: dict[str, dict] = {}
+    for pair in pairs:
+        distinct.setdefault(json.dumps(pair["prompt"], sort_keys=True), pair)
+    return list(distinct.values())
 
 
 def _sample(r: Rounds, n: int, prompts: list[GenPrompt]) -> list[dict]:
@@ -174,7 +178,8 @@ def _sample(r: Rounds, n: int, prompts: list[GenPrompt]) -> list[dict]:
     model = load_model(section, r.tokenizer, cfg.train.seed).to(accelerator.device)
     repeated = [p for p in prompts for _ in range(it.samples)]
     out = evalgen.generate(model, repeated, r.tokenizer, settings, accelerator)
-    _free(model)
+    del model
+    _free()
     k = it.samples
     samples = [
         {"prompt": p.prompt, "responses": [s.text for s in out[i * k : (i + 1) * k]],
@@ -208,10 +213,8 @@ def _judge(r: Rounds, d: Path, samples: list[dict]) -> list[dict]:
     return rows
 
 
-def _pair(r: Rounds, d: Path, samples: list[dict], scores: list[dict]) -> None:
+def _pair(d: Path, samples: list[dict], scores: list[dict], found: list[list[pairing.Pair]]) -> None:
     """The round's preference pairs (its training data), saved as data=pairs reads them."""
-    it = r.cfg.iterative
-    found, _ = pairing.make_pairs([s["scores"] for s in scores], it.pairs, it.min_gap)
     rows = []
     for sample, score, pairs in zip(samples, scores, found, strict=True):
         for c, j in pairs:
@@ -227,19 +230,18 @@ def _response(sample: dict, i: int) -> Any:
     return text if isinstance(sample["prompt"], str) else [{"role": "assistant", "content": text}]
 
 
-def _stats(r: Rounds, d: Path, samples: list[dict], scores: list[dict]) -> dict[str, float]:
+def _stats(
+    samples: list[dict], scores: list[dict], found: list[list[pairing.Pair]], dropped: Counter
+) -> dict[str, float]:
     """The round's `round/` metrics: what its samples scored and what became pairs."""
-    it = r.cfg.iterative
-    _, dropped = pairing.make_pairs([s["scores"] for s in scores], it.pairs, it.min_gap)
     flat = [x for s in scores for x in s["scores"]]
     tokens = [t for s in samples for t in s["tokens"]]
     unfinished = [not f for s in samples for f in s["finished"]]
-    pairs = files.read_jsonl(d / files.PAIRS) or []
     return {
         "round/prompts": len(samples),
         "round/sample_score": sum(flat) / len(flat),
         "round/best_score": sum(max(s["scores"]) for s in scores) / len(scores),
-        "round/pairs": len(pairs),
+        "round/pairs": sum(len(p) for p in found),
         "round/ties_dropped": dropped["tie"],
         "round/gap_dropped": dropped["gap"],
         "round/response_length": sum(tokens) / len(tokens),
@@ -291,7 +293,8 @@ def _evaluate(r: Rounds, n: int, step: int) -> dict[str, float]:
     section = roundconfig.sampling_section(r.cfg, r.run_dir, n + 1, r.initial)
     model = load_model(section, r.tokenizer, r.cfg.train.seed).to(accelerator.device)
     values = evalgen.run(r.generation, model, r.tokenizer, r.cfg.eval, accelerator, step, MetricLogger([]))
-    _free(model)
+    del model
+    _free()
     return values
 
 
@@ -317,7 +320,8 @@ def _initial(cfg: Config, run_dir: Path, tokenizer: Any, stop: StopOnSignal) -> 
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     tmp.rename(saved)
-    _free(model)
+    del model
+    _free()
     log.info("the initial policy, saved in %s", saved)
     return Initial(saved)
 
@@ -332,7 +336,8 @@ def _initial_answers(gen: evalgen.GenerationEval, cfg: Config, run_dir: Path, in
     section = roundconfig.sampling_section(cfg, run_dir, 1, initial)
     model = load_model(section, tokenizer, cfg.train.seed).to(accelerator.device)
     gen.set_reference(evalgen.generate(model, gen.prompts, tokenizer, cfg.eval, accelerator), fingerprint, True)
-    _free(model)
+    del model
+    _free()
 
 
 def _check_plan(cfg: Config, run_dir: Path, judge: str) -> None:
@@ -415,8 +420,8 @@ def _accelerator(cfg: Config) -> Any:
     return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu_only())
 
 
-def _free(model: Any) -> None:
-    del model
+def _free() -> None:
+    """Return the memory of a model the caller has just dropped (`del model`) before the next loads."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
